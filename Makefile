@@ -1,0 +1,29 @@
+# Two entry points for a fresh machine: `make demo` and `make test`. Each creates .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+# torch first, pinned to a pair known to work together (timm needs torchvision); override for other platforms.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+BIN := $(VENV)/bin
+
+$(BIN)/lorafair: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(BIN)/lorafair
+
+.PHONY: install demo test lint bench
+install: $(BIN)/lorafair
+
+demo: install
+	$(BIN)/lorafair fit --config configs/demo.yaml
+
+test: install
+	$(BIN)/ruff check lorafair tests benchmarks scripts
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check lorafair tests benchmarks scripts
+
+bench: install
+	$(BIN)/python benchmarks/aggregation.py

@@ -1,0 +1,5 @@
+import sys
+
+from lorafair.cli import main
+
+sys.exit(main())

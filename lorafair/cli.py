@@ -1,0 +1,109 @@
+"""`lorafair {fit,data,compare,report}`: jsonargparse parsers over the typed settings of `lorafair.config`.
+
+Every user error (unknown key, wrong type, impossible value, missing dataset) ends as one line on stderr and
+exit code 2; tracebacks are kept for bugs.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+
+from lorafair.config import FitConfig
+from lorafair.errors import UserError
+
+_FIT_KEYS = {f.name for f in fields(FitConfig)}
+
+
+def _with_fit_config(parser: ArgumentParser) -> ArgumentParser:
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML config (configs/); later flags override it.")
+    parser.add_class_arguments(FitConfig, as_group=False)
+    return parser
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="lorafair", description="Federated LoRA fine-tuning of vision foundation models.",
+                            exit_on_error=False)
+    commands = parser.add_subcommands(dest="command")
+
+    fit = _with_fit_config(ArgumentParser(description="Run one federated fine-tuning job.", exit_on_error=False))
+    commands.add_subcommand("fit", fit, help="Run one federated fine-tuning job.")
+
+    data = _with_fit_config(ArgumentParser(description="Build the datasets and client partition of a config and "
+                                           "print one row per client and per domain.", exit_on_error=False))
+    data.add_argument("--plot", type=Path | None, default=None, help="Also write a client x class heatmap PNG here.")
+    commands.add_subcommand("data", data, help="Show the datasets and client partition of a config.")
+
+    compare = _with_fit_config(ArgumentParser(description="Run several methods (seeds, grid points) with everything "
+                                              "else identical and write paper-style tables and plots.",
+                                              exit_on_error=False))
+    compare.add_argument("--methods", type=str, default="fedit,ffa_lora,flora,flexlora,lorafair,florana",
+                         help="Comma-separated methods to compare.")
+    compare.add_argument("--seeds", type=list[int] | None, default=None,
+                         help="Seeds to repeat every run with, e.g. --seeds [0,1,2] (default: the config's seed).")
+    compare.add_argument("--grid", type=str | None, default=None,
+                         help="Sweep one key, e.g. server.lam=0,0.001,0.01 or lora.r=4,8,16.")
+    commands.add_subcommand("compare", compare, help="Compare methods on one config.")
+
+    report = ArgumentParser(description="Rebuild comparison tables and plots from existing run folders.",
+                            exit_on_error=False)
+    report.add_argument("dir", type=Path, help="A compare output folder.")
+    commands.add_subcommand("report", report, help="Rebuild tables and plots from run folders.")
+    return parser
+
+
+def fit_config(parser: ArgumentParser, namespace: Namespace) -> FitConfig:
+    """Turn a parsed namespace of a fit-like command into a validated FitConfig."""
+    values = parser.instantiate(namespace)
+    cfg = FitConfig(**{k: values[k] for k in _FIT_KEYS})
+    cfg.validate()
+    return cfg
+
+
+def _run(argv: list[str] | None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command = args.command
+    sub = args[command]
+    sub_parser = parser._subcommands_action._name_parser_map[command]
+    if command == "report":
+        from lorafair.report import report
+
+        report(sub.dir)
+        return 0
+    cfg = fit_config(sub_parser, sub)
+    if command == "fit":
+        from lorafair.trainer import fit
+
+        fit(cfg)
+    elif command == "data":
+        from lorafair.data.summary import summarize
+
+        summarize(cfg, plot=sub.plot)
+    elif command == "compare":
+        from lorafair.compare import compare
+
+        compare(cfg, methods=[m.strip() for m in sub.methods.split(",") if m.strip()], seeds=sub.seeds,
+                grid=sub.grid)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return _run(argv)
+    except UserError as err:
+        print(f"lorafair: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        if type(err).__name__ == "ArgumentError" or type(err).__module__.startswith("jsonargparse"):
+            message = " ".join(str(err).split())
+            print(f"lorafair: error: {message}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

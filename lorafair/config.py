@@ -1,0 +1,214 @@
+"""Typed settings for every command. One dataclass per section of a YAML config (litgpt style).
+
+Field docstrings are what `lorafair fit --help` prints, so they say what a value means and which values are valid.
+Checks that need more than one section live in `FitConfig.validate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from lorafair.errors import UserError
+
+
+class ConfigError(UserError):
+    """A setting is impossible. The message names the key and the valid values; the CLI prints it as one line."""
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass
+class ModelConfig:
+    """The frozen backbone."""
+
+    name: str = "vit_base_patch16_224.augreg_in21k"
+    """timm model name, e.g. vit_base_patch16_224.augreg_in21k or mixer_b16_224.goog_in21k."""
+    pretrained: bool = False
+    """Let timm fetch the pretrained weights for `name` from a model hub (needs network)."""
+    weights: Path | None = None
+    """Local weight file (.safetensors, .npz or .pth) loaded into the backbone; the classifier head is dropped."""
+    kwargs: dict = field(default_factory=dict)
+    """Extra keyword arguments for timm.create_model (e.g. depth, embed_dim, img_size for small models)."""
+
+    def validate(self) -> None:
+        _require(bool(self.name), "model.name", "must be a timm model name")
+
+
+@dataclass
+class LoraConfig:
+    """The LoRA adapters (peft) placed on the backbone's linear layers."""
+
+    r: int = 16
+    """LoRA rank, > 0."""
+    alpha: float = 16.0
+    """LoRA alpha; the update is (alpha / r) * B @ A."""
+    dropout: float = 0.0
+    """Dropout on the LoRA branch input, in [0, 1)."""
+    target_modules: str | None = None
+    """Regex matched against full module names. None uses the model's default (ViT: attn.proj and mlp.fc2;
+    Mixer: mlp_tokens.fc2 and mlp_channels.fc2), which never touches patch_embed."""
+
+    def validate(self) -> None:
+        _require(self.r > 0, "lora.r", f"must be a positive integer, got {self.r}")
+        _require(self.alpha > 0, "lora.alpha", f"must be > 0, got {self.alpha}")
+        _require(0 <= self.dropout < 1, "lora.dropout", f"must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are loaded."""
+
+    name: Literal["domainnet", "nicopp", "folders", "digits"] = "domainnet"
+    """Dataset: domainnet, nicopp, folders (<root>/<domain>/<class>/<image>) or digits (embedded offline demo)."""
+    root: Path | None = None
+    """Dataset root folder (not used by digits)."""
+    domains: list[str] | None = None
+    """Domains to use, in this order. None uses all of the dataset's domains."""
+    num_classes: int | None = None
+    """Keep classes whose label is below this (DomainNet default 100 as in the paper). None uses the default."""
+    test_fraction: float = 0.2
+    """Share of each domain held out for testing where the dataset has no split files (folders, digits)."""
+    image_size: int | None = None
+    """Override the input size; None takes it from the model's timm data config."""
+    augment: bool = False
+    """Random resized crop and horizontal flip at train time (off in the paper)."""
+    batch_size: int = 128
+    """Local training batch size."""
+    eval_batch_size: int = 256
+    """Evaluation batch size."""
+    num_workers: int = 4
+    """DataLoader worker processes per rank (0 loads in the main process)."""
+    on_bad_image: Literal["error", "skip"] = "error"
+    """What to do with an unreadable image: stop with its path, or skip it and report the count."""
+
+    def validate(self) -> None:
+        _require(self.name == "digits" or self.root is not None, "data.root",
+                 f"is required for data.name={self.name}: pass --data.root DIR")
+        _require(0 < self.test_fraction < 1, "data.test_fraction", f"must be in (0, 1), got {self.test_fraction}")
+        _require(self.batch_size > 0, "data.batch_size", f"must be > 0, got {self.batch_size}")
+        _require(self.eval_batch_size > 0, "data.eval_batch_size", f"must be > 0, got {self.eval_batch_size}")
+        _require(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
+        _require(self.num_classes is None or self.num_classes > 0, "data.num_classes",
+                 f"must be > 0, got {self.num_classes}")
+
+
+@dataclass
+class FederationConfig:
+    """How the data is split into clients and how rounds proceed."""
+
+    rounds: int = 50
+    """Communication rounds."""
+    partition: Literal["feature", "feature_label", "iid"] = "feature"
+    """feature: one client per domain; feature_label: clients_per_domain clients per domain with Dirichlet label
+    skew; iid: num_clients clients drawn uniformly from all domains."""
+    clients_per_domain: int = 1
+    """Clients per domain for the feature_label partition."""
+    num_clients: int = 6
+    """Number of clients for the iid partition."""
+    dirichlet_alpha: float = 0.5
+    """Dirichlet concentration of the label skew (smaller is more skewed)."""
+    min_client_samples: int = 10
+    """A feature_label draw leaving a client with fewer samples is re-drawn."""
+    clients_per_round: int | None = None
+    """Clients sampled each round; None means all."""
+    eval_every: int = 1
+    """Evaluate the global model every this many rounds (and always after the last)."""
+    on_bad_update: Literal["drop", "error"] = "drop"
+    """A client update with NaN/Inf or a diverged loss: drop it from the round, or stop the run."""
+
+    def validate(self) -> None:
+        _require(self.rounds > 0, "federation.rounds", f"must be > 0, got {self.rounds}")
+        _require(self.clients_per_domain > 0, "federation.clients_per_domain",
+                 f"must be > 0, got {self.clients_per_domain}")
+        _require(self.num_clients > 0, "federation.num_clients", f"must be > 0, got {self.num_clients}")
+        _require(self.dirichlet_alpha > 0, "federation.dirichlet_alpha", f"must be > 0, got {self.dirichlet_alpha}")
+        _require(self.min_client_samples >= 1, "federation.min_client_samples",
+                 f"must be >= 1, got {self.min_client_samples}")
+        _require(self.clients_per_round is None or self.clients_per_round > 0, "federation.clients_per_round",
+                 f"must be > 0, got {self.clients_per_round}")
+        _require(self.eval_every > 0, "federation.eval_every", f"must be > 0, got {self.eval_every}")
+
+
+@dataclass
+class ClientConfig:
+    """Local training on each client (SGD, as in the paper and its public code)."""
+
+    local_epochs: int = 2
+    """Passes over the client's data per round."""
+    max_local_steps: int | None = None
+    """Cap on optimizer steps per round; None means no cap."""
+    lr: float = 0.01
+    """SGD learning rate."""
+    momentum: float = 0.9
+    """SGD momentum (optimizer state is reset every round)."""
+    weight_decay: float = 1e-5
+    """SGD weight decay."""
+    grad_clip: float | None = 10.0
+    """Clip the gradient norm to this value; None disables clipping."""
+
+    def validate(self) -> None:
+        _require(self.local_epochs > 0, "client.local_epochs", f"must be > 0, got {self.local_epochs}")
+        _require(self.max_local_steps is None or self.max_local_steps > 0, "client.max_local_steps",
+                 f"must be > 0, got {self.max_local_steps}")
+        _require(self.lr > 0, "client.lr", f"must be > 0, got {self.lr}")
+        _require(0 <= self.momentum < 1, "client.momentum", f"must be in [0, 1), got {self.momentum}")
+        _require(self.weight_decay >= 0, "client.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _require(self.grad_clip is None or self.grad_clip > 0, "client.grad_clip",
+                 f"must be > 0 or null, got {self.grad_clip}")
+
+
+METHODS = ("fedit", "ffa_lora", "flora", "flexlora", "lorafair", "florana", "fedex_lora")
+
+
+@dataclass
+class ServerConfig:
+    """The aggregation strategy. Options a method does not use are ignored by it."""
+
+    method: Literal["fedit", "ffa_lora", "flora", "flexlora", "lorafair", "florana", "fedex_lora"] = "lorafair"
+    """Aggregation rule: fedit, ffa_lora, flora, flexlora, lorafair, florana or fedex_lora."""
+    lam: float = 0.01
+    """lorafair: weight of the ||dB||^2 regulariser that keeps B' close to the averaged B."""
+    objective: Literal["cosine", "column_cosine", "frobenius"] = "cosine"
+    """lorafair: cosine (paper Eq. 8), column_cosine (public code) or frobenius (closed-form ridge)."""
+    steps: int = 500
+    """lorafair / florana: server optimisation steps."""
+    lr: float = 0.01
+    """lorafair / florana: server SGD learning rate."""
+    init: Literal["zero", "xavier"] = "zero"
+    """lorafair: start of dB, zero (B' starts at B_bar) or xavier (public code)."""
+    residual_on: Literal["A", "B"] = "B"
+    """lorafair: which factor receives the residual correction (paper Table 3)."""
+
+    def validate(self) -> None:
+        _require(self.lam >= 0, "server.lam", f"must be >= 0, got {self.lam}")
+        _require(self.steps >= 0, "server.steps", f"must be >= 0, got {self.steps}")
+        _require(self.lr > 0, "server.lr", f"must be > 0, got {self.lr}")
+
+
+@dataclass
+class FitConfig:
+    """Everything `lorafair fit` needs; the YAML configs mirror this structure."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    seed: int = 0
+    out_dir: Path = Path("runs/lorafair")
+    resume: str | None = None
+    accelerator: str = "auto"
+    precision: str | None = None
+    num_nodes: int = 1
+
+    def validate(self) -> None:
+        for section in (self.model, self.lora, self.data, self.federation, self.client, self.server):
+            section.validate()
+        _require(self.resume in (None, "auto") or Path(self.resume).exists(), "resume",
+                 f"must be 'auto' or an existing checkpoint file, got {self.resume!r}")
