@@ -6,6 +6,8 @@ exit code 2; tracebacks are kept for bugs.
 
 from __future__ import annotations
 
+import difflib
+import re
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -91,6 +93,33 @@ def _run(argv: list[str] | None) -> int:
     return 0
 
 
+def _known_keys(parser: ArgumentParser) -> list[str]:
+    keys = []
+    for sub in parser._subcommands_action._name_parser_map.values():
+        keys += [a.dest for a in sub._actions if a.dest not in ("help", "config")]
+    return sorted(set(keys))
+
+
+def explain_parse_error(message: str, known_keys: list[str]) -> str:
+    """Rewrite jsonargparse's messages into one line naming the key, the valid values and a likely fix."""
+    message = " ".join(message.split())
+    unknown = re.search(r"(?:unrecognized arguments: --|does not accept option ')([\w.]+)", message)
+    if unknown:
+        key = unknown.group(1)
+        close = difflib.get_close_matches(key, known_keys, n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see `lorafair fit --help` for the valid keys"
+        return f"unknown config key '{key}'{hint}"
+    literal = re.search(r'Parser key "([\w.]+)": Expected a typing.Literal\[(.*?)\]\. Got value: (.*)', message)
+    if literal:
+        key, choices, got = literal.groups()
+        return f"{key}: {got!r} is not valid; choose one of {choices.replace(chr(39), '')}"
+    typed = re.search(r"Parser key \"([\w.]+)\": Expected a <class '(\w+)'>\. Got value: (.*)", message)
+    if typed:
+        key, kind, got = typed.groups()
+        return f"{key}: expected a value of type {kind}, got {got!r}"
+    return message
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         return _run(argv)
@@ -99,8 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as err:
         if type(err).__name__ == "ArgumentError" or type(err).__module__.startswith("jsonargparse"):
-            message = " ".join(str(err).split())
-            print(f"lorafair: error: {message}", file=sys.stderr)
+            print(f"lorafair: error: {explain_parse_error(str(err), _known_keys(build_parser()))}", file=sys.stderr)
             return 2
         raise
 

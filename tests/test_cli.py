@@ -1,0 +1,47 @@
+"""Every config error exits with code 2 and one line that names the key and the fix, never a traceback."""
+
+import pytest
+
+from lorafair.cli import main
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--federation.roundz", "3"], "unknown config key 'federation.roundz'; did you mean federation.rounds"),
+        (["--bogus", "1"], "unknown config key 'bogus'"),
+        (["--lora.r", "abc"], "lora.r: expected a value of type int, got 'abc'"),
+        (["--lora.r", "0"], "lora.r: must be a positive integer, got 0"),
+        (["--data.name", "digits", "--client.lr", "-0.1"], "client.lr: must be > 0, got -0.1"),
+        (["--data.name", "digits", "--federation.rounds", "0"], "federation.rounds: must be > 0"),
+        (["--data.name", "digits", "--lora.dropout", "1.5"], "lora.dropout: must be in [0, 1)"),
+        (["--server.method", "fedavg"], "server.method: 'fedavg' is not valid; choose one of fedit, ffa_lora"),
+        (["--data.root", "x", "--data.on_bad_image", "maybe"], "data.on_bad_image: 'maybe' is not valid"),
+        ([], "data.root: is required for data.name=domainnet"),
+        (["--data.name", "digits", "--resume", "nowhere.ckpt"], "resume: must be 'auto' or an existing checkpoint"),
+    ],
+)
+def test_config_errors_are_one_line(capsys, args, expected):
+    assert main(["fit", *args]) == 2
+    err = capsys.readouterr().err
+    assert expected in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_unknown_key_in_yaml_is_named(tmp_path, capsys):
+    config = tmp_path / "typo.yaml"
+    config.write_text("federation:\n  rounds: 2\n  clients_per_rond: 3\n")
+    assert main(["fit", "--config", str(config)]) == 2
+    assert "federation.clients_per_rond; did you mean federation.clients_per_round" in capsys.readouterr().err.replace(
+        "'", ""
+    )
+
+
+def test_help_lists_every_section(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for key in ("--federation.rounds", "--federation.clients_per_round", "--server.method", "--server.lam", "--seed",
+                "--out_dir", "--resume", "--lora.r", "--data.root"):
+        assert key in out
