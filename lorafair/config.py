@@ -201,14 +201,23 @@ class FitConfig:
     client: ClientConfig = field(default_factory=ClientConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     seed: int = 0
+    """Seeds everything: the partition, client sampling, LoRA inits and each client's local training."""
     out_dir: Path = Path("runs/lorafair")
+    """Run folder: config.yaml, classes.json, results.json, tensorboard/ and checkpoints/."""
     resume: str | None = None
+    """auto: continue from the newest checkpoint in out_dir (start fresh if none); a path: from that checkpoint;
+    null: start a new run (removing out_dir's old checkpoints)."""
     accelerator: str = "auto"
-    precision: str | None = None
+    """Lightning Fabric accelerator: auto, cpu, cuda or gpu."""
+    precision: Literal["32-true", "bf16-mixed"] | None = None
+    """Numerics of local training and evaluation; None: bf16-mixed on CUDA, 32-true otherwise."""
     num_nodes: int = 1
+    """Nodes of a torchrun job (each runs one process per device); 1 for a single machine."""
 
     def validate(self) -> None:
         for section in (self.model, self.lora, self.data, self.federation, self.client, self.server):
             section.validate()
+        _require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        _require(self.num_nodes >= 1, "num_nodes", f"must be >= 1, got {self.num_nodes}")
         _require(self.resume in (None, "auto") or Path(self.resume).exists(), "resume",
                  f"must be 'auto' or an existing checkpoint file, got {self.resume!r}")

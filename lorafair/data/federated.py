@@ -1,0 +1,92 @@
+"""From the data and federation settings to clients and per-domain test sets: the one entry point of the trainer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from torch.utils.data import ConcatDataset, Dataset, Subset
+
+from lorafair.config import DataConfig, FederationConfig
+from lorafair.data import digits
+from lorafair.data.image_files import DOMAINNET, NICOPP, ImageFileDataset, read_image_folders, read_split_file_dataset
+from lorafair.data.partition import partition
+from lorafair.data.transforms import image_transforms, with_image_size
+from lorafair.errors import UserError
+
+MIXED_DOMAIN = "mixed"
+"""The domain of a client drawn from all domains (iid partition)."""
+
+
+@dataclass
+class Client:
+    """One client's private training data. `id` is its position in FederatedData.clients."""
+
+    id: int
+    domain: str
+    dataset: Dataset
+    num_samples: int
+    class_counts: list[int]
+
+
+@dataclass
+class FederatedData:
+    clients: list[Client]
+    test: dict[str, Dataset]
+    """Each domain's test set, in domain order."""
+    domains: list[str]
+    classes: list[str]
+    """Class names; label i is classes[i]."""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+@dataclass
+class _Domain:
+    name: str
+    train: Dataset
+    test: Dataset
+    train_labels: np.ndarray
+
+
+def _read_domains(data_cfg: DataConfig, seed: int, data_config: dict) -> tuple[list[_Domain], list[str]]:
+    if data_cfg.name == "digits":
+        built = digits.build_domains(seed, data_cfg.test_fraction, data_config, data_cfg.domains,
+                                     data_cfg.num_classes, data_cfg.augment)
+        classes = list(digits.CLASSES[:data_cfg.num_classes])
+        return [_Domain(d.name, d.train, d.test, d.train.labels.numpy()) for d in built], classes
+    root = data_cfg.root
+    if data_cfg.name == "folders":
+        files, classes = read_image_folders(root, data_cfg.domains, data_cfg.num_classes, data_cfg.test_fraction, seed)
+    else:
+        layout = DOMAINNET if data_cfg.name == "domainnet" else NICOPP
+        files, classes = read_split_file_dataset(root, layout, data_cfg.domains, data_cfg.num_classes)
+    train_transform, eval_transform = image_transforms(data_config, data_cfg)
+    domains = []
+    for domain in files:
+        train = ImageFileDataset(domain.train, train_transform, data_cfg.on_bad_image)
+        test = ImageFileDataset(domain.test, eval_transform, data_cfg.on_bad_image)
+        domains.append(_Domain(domain.name, train, test, train.labels))
+    return domains, classes
+
+
+def build_federated_data(data_cfg: DataConfig, federation_cfg: FederationConfig, seed: int,
+                         data_config: dict) -> FederatedData:
+    """Read the datasets, render them for the model's timm `data_config` (data.image_size overrides its size) and
+    partition the training samples into clients. A pure function of the settings, the seed and the files, so every
+    rank builds the same clients."""
+    if data_cfg.domains is not None and len(set(data_cfg.domains)) != len(data_cfg.domains):
+        raise UserError(f"data.domains lists a domain twice: {data_cfg.domains}")
+    domains, classes = _read_domains(data_cfg, seed, with_image_size(data_config, data_cfg.image_size))
+    names = [domain.name for domain in domains]
+    all_train = ConcatDataset([domain.train for domain in domains])
+    all_labels = np.concatenate([domain.train_labels for domain in domains])
+    parts = partition([domain.train_labels for domain in domains], names, federation_cfg, seed)
+    clients = [Client(id=i, domain=MIXED_DOMAIN if part.domain is None else names[part.domain],
+                      dataset=Subset(all_train, part.indices.tolist()), num_samples=len(part.indices),
+                      class_counts=np.bincount(all_labels[part.indices], minlength=len(classes)).tolist())
+               for i, part in enumerate(parts)]
+    return FederatedData(clients=clients, test={domain.name: domain.test for domain in domains}, domains=names,
+                         classes=classes)

@@ -1,0 +1,262 @@
+"""Datasets on disk: miniature DomainNet, NICO++ and image-folder trees with real JPEGs, and every bad-input message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lorafair.cli import main
+from lorafair.config import DataConfig, FederationConfig
+from lorafair.data import build_federated_data, make_loader
+from lorafair.data.image_files import DOMAINNET, NICOPP, read_image_folders, read_split_file_dataset
+from lorafair.errors import UserError
+
+DATA_CONFIG = {"input_size": (3, 16, 16), "interpolation": "bicubic", "mean": (0.5, 0.5, 0.5),
+               "std": (0.5, 0.5, 0.5), "crop_pct": 0.9, "crop_mode": "center"}
+
+# label -> class folder. Labels are not in sorted-name order, the names mix case, and 120 and 150 are above the
+# paper's 100-class cut.
+DOMAINNET_CLASSES = {0: "zebra", 1: "Aircraft_Carrier", 2: "bat", 120: "yoga", 150: "Apple"}
+
+
+def write_jpeg(path: Path, value: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (12, 10), (value, 255 - value, 40)).save(path, format="JPEG")
+
+
+def make_domainnet(root: Path, domains=("clipart", "sketch"), per_class=(6, 2), flat_layout=False) -> None:
+    """Official layout: <root>/splits/<domain>_<split>.txt (or <root>/<domain>_<split>.txt with flat_layout)."""
+    split_dir = root if flat_layout else root / "splits"
+    split_dir.mkdir(parents=True, exist_ok=True)
+    for domain in domains:
+        for split, count in zip(("train", "test"), per_class, strict=True):
+            lines = []
+            for label, name in DOMAINNET_CLASSES.items():
+                for i in range(count):
+                    relative = f"{domain}/{name}/{domain}_{label:03d}_{split}{i:03d}.jpg"
+                    write_jpeg(root / relative, (label * 7 + i) % 256)
+                    lines.append(f"{relative} {label}")
+            (split_dir / f"{domain}_{split}.txt").write_text("\n".join(lines) + "\n")
+
+
+def make_nicopp(root: Path) -> None:
+    """NICO++ split files at the root; class folders with spaces in their names."""
+    classes = {3: "hot air balloon", 59: "Sailboat", 10: "dog"}
+    for domain in ("autumn", "dim"):
+        for split, count in (("train", 4), ("test", 2)):
+            lines = []
+            for label, name in classes.items():
+                for i in range(count):
+                    relative = f"{domain}/{name}/{split} image {i}.jpg"
+                    write_jpeg(root / relative, label + i)
+                    lines.append(f"{relative} {label}")
+            (root / f"{domain}_{split}.txt").write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture
+def domainnet(tmp_path: Path) -> Path:
+    make_domainnet(tmp_path / "domainnet")
+    return tmp_path / "domainnet"
+
+
+def test_domainnet_labels_come_from_split_files_and_the_class_filter_keeps_labels_below_100(domainnet):
+    domains, classes = read_split_file_dataset(domainnet, DOMAINNET, ["clipart", "sketch"], None)
+    assert classes == ["zebra", "Aircraft_Carrier", "bat"]
+    for domain in domains:
+        assert {label for _, label in domain.train} == {0, 1, 2}
+        assert len(domain.train) == 3 * 6 and len(domain.test) == 3 * 2
+        for path, label in domain.train + domain.test:
+            assert Path(path).is_file()
+            assert Path(path).parent.name == DOMAINNET_CLASSES[label]
+            assert Path(path).parent.parent.name == domain.name
+
+    _, classes = read_split_file_dataset(domainnet, DOMAINNET, ["clipart"], 2)
+    assert classes == ["zebra", "Aircraft_Carrier"]
+    domains, classes = read_split_file_dataset(domainnet, DOMAINNET, ["clipart"], 1000)
+    assert len(classes) == 151 and classes[120] == "yoga" and classes[150] == "Apple" and classes[5] == "class_5"
+    assert {label for _, label in domains[0].train} == {0, 1, 2, 120, 150}
+
+
+def test_domainnet_flat_split_file_layout_reads_the_same(tmp_path, domainnet):
+    make_domainnet(tmp_path / "flat", flat_layout=True)
+    official, _ = read_split_file_dataset(domainnet, DOMAINNET, ["clipart", "sketch"], None)
+    flat, _ = read_split_file_dataset(tmp_path / "flat", DOMAINNET, ["clipart", "sketch"], None)
+    relative = [[Path(p).relative_to(root) for p, _ in d.train] for d, root in
+                [(official[0], domainnet), (flat[0], tmp_path / "flat")]]
+    assert relative[0] == relative[1]
+
+
+def test_build_federated_domainnet_yields_normalised_images_at_model_size(domainnet):
+    data = DataConfig(name="domainnet", root=domainnet, domains=["clipart", "sketch"], num_workers=0)
+    fd = build_federated_data(data, FederationConfig(partition="feature"), 0, DATA_CONFIG)
+    assert fd.domains == ["clipart", "sketch"] and fd.num_classes == 3
+    assert [(c.id, c.domain, c.num_samples) for c in fd.clients] == [(0, "clipart", 18), (1, "sketch", 18)]
+    assert fd.clients[0].class_counts == [6, 6, 6]
+    assert list(fd.test) == ["clipart", "sketch"] and len(fd.test["sketch"]) == 6
+    images, labels = next(iter(make_loader(fd.clients[1].dataset, 5, shuffle=False, seed=0, num_workers=0)))
+    assert images.shape == (5, 3, 16, 16) and images.dtype == torch.float32 and labels.dtype == torch.int64
+    assert images.min() >= -1 and images.max() <= 1 and images.min() < 0  # (x - 0.5) / 0.5
+
+    fd = build_federated_data(DataConfig(name="domainnet", root=domainnet, domains=["clipart"], image_size=8),
+                              FederationConfig(), 0, DATA_CONFIG)
+    assert fd.test["clipart"][0][0].shape == (3, 8, 8)
+
+
+def test_nicopp_paths_with_spaces(tmp_path):
+    make_nicopp(tmp_path)
+    domains, classes = read_split_file_dataset(tmp_path, NICOPP, ["autumn", "dim"], None)
+    assert len(classes) == 60 and classes[3] == "hot air balloon" and classes[59] == "Sailboat"
+    assert any(" " in path for path, _ in domains[0].train)
+    data = DataConfig(name="nicopp", root=tmp_path, domains=["autumn", "dim"])
+    fd = build_federated_data(data, FederationConfig(partition="iid", num_clients=3), 1, DATA_CONFIG)
+    assert [c.domain for c in fd.clients] == ["mixed"] * 3 and sum(c.num_samples for c in fd.clients) == 24
+    image, label = fd.test["dim"][0]
+    assert image.shape == (3, 16, 16) and label in (3, 10, 59)
+
+
+def make_folders(root: Path) -> None:
+    for domain, classes in (("photo", ("cat", "dog")), ("sketch", ("dog", "emu", "Bee"))):
+        for name in classes:
+            for i in range(10):
+                write_jpeg(root / domain / name / f"{i}.jpg", i)
+
+
+def test_image_folders_classes_are_the_sorted_union_and_the_split_is_seeded(tmp_path):
+    make_folders(tmp_path)
+    domains, classes = read_image_folders(tmp_path, None, None, 0.3, seed=0)
+    assert classes == ["Bee", "cat", "dog", "emu"]
+    assert [d.name for d in domains] == ["photo", "sketch"]
+    photo = domains[0]
+    assert len(photo.test) == 6 and len(photo.train) == 14  # 3 of 10 per class
+    assert not {p for p, _ in photo.train} & {p for p, _ in photo.test}
+    assert {label for _, label in photo.train} == {1, 2}
+    again, _ = read_image_folders(tmp_path, None, None, 0.3, seed=0)
+    other, _ = read_image_folders(tmp_path, None, None, 0.3, seed=1)
+    assert again[0].test == photo.test and other[0].test != photo.test
+
+    _, cut = read_image_folders(tmp_path, ["sketch"], 2, 0.3, seed=0)
+    assert cut == ["Bee", "dog"]  # the union over the chosen domains only
+
+
+def test_image_folders_use_split_files_when_present(tmp_path):
+    make_folders(tmp_path)
+    (tmp_path / "photo_train.txt").write_text("photo/cat/0.jpg\nphoto/dog/1.jpg\n")
+    (tmp_path / "photo_test.txt").write_text("photo/dog/2.jpg\n")
+    domains, classes = read_image_folders(tmp_path, ["photo"], None, 0.3, seed=0)
+    assert classes == ["cat", "dog"]
+    assert domains[0].train == [(str(tmp_path / "photo/cat/0.jpg"), 0), (str(tmp_path / "photo/dog/1.jpg"), 1)]
+    assert domains[0].test == [(str(tmp_path / "photo/dog/2.jpg"), 1)]
+
+    (tmp_path / "photo_test.txt").write_text("photo/dog/2.jpg\nphoto/stray.jpg\n")
+    write_jpeg(tmp_path / "photo" / "stray.jpg", 0)
+    with pytest.raises(UserError, match=r"photo_test.txt:2 lists .*photo/stray.jpg, which is not in a class folder"):
+        read_image_folders(tmp_path, ["photo"], None, 0.3, seed=0)
+
+
+def test_image_folders_refuse_classes_that_differ_only_in_case(tmp_path):
+    make_folders(tmp_path)
+    write_jpeg(tmp_path / "photo" / "Dog" / "0.jpg", 1)
+    with pytest.raises(UserError, match="'Dog' and 'dog'"):
+        read_image_folders(tmp_path, None, None, 0.3, seed=0)
+
+
+# ---- bad input: each message names the path and shows the expected layout ----
+
+def test_missing_root(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(UserError) as err:
+        build_federated_data(DataConfig(name="domainnet", root=missing), FederationConfig(), 0, DATA_CONFIG)
+    message = str(err.value)
+    assert str(missing) in message and "clipart/aircraft_carrier/clipart_001_000001.jpg 0" in message
+    with pytest.raises(UserError, match=r"nowhere.*<root>/<domain>/<class>/<image>"):
+        read_image_folders(missing, None, None, 0.2, 0)
+
+
+def test_missing_split_file(domainnet):
+    with pytest.raises(UserError) as err:
+        read_split_file_dataset(domainnet, DOMAINNET, ["clipart", "quickdraw"], None)
+    message = str(err.value)
+    assert str(domainnet / "splits" / "quickdraw_train.txt") in message
+    assert "clipart/aircraft_carrier/clipart_001_000001.jpg 0" in message
+
+
+def test_split_line_pointing_to_a_missing_image(domainnet):
+    lines = (domainnet / "splits" / "sketch_test.txt").read_text().splitlines()
+    lines[2] = "sketch/zebra/not_there.jpg 0"
+    (domainnet / "splits" / "sketch_test.txt").write_text("\n".join(lines))
+    with pytest.raises(UserError) as err:
+        read_split_file_dataset(domainnet, DOMAINNET, ["clipart", "sketch"], None)
+    message = str(err.value)
+    assert f"sketch_test.txt:3 lists image {domainnet / 'sketch/zebra/not_there.jpg'}" in message
+    assert "clipart/aircraft_carrier/clipart_001_000001.jpg 0" in message
+
+
+def test_split_line_without_a_label(tmp_path):
+    make_nicopp(tmp_path)
+    with (tmp_path / "dim_test.txt").open("a") as f:
+        f.write("dim/dog/no label.jpg\n")
+    with pytest.raises(UserError, match=r"dim_test.txt:7: cannot read 'dim/dog/no label.jpg' as '<path> <label>'"):
+        read_split_file_dataset(tmp_path, NICOPP, ["autumn", "dim"], None)
+
+
+@pytest.fixture
+def corrupt_client(domainnet):
+    """A domainnet tree whose clipart/bat training images are all broken; returns a builder of its one client."""
+    for path in (domainnet / "clipart" / "bat").glob("*train*.jpg"):
+        path.write_bytes(b"not a jpeg")
+
+    def build(on_bad_image):
+        data = DataConfig(name="domainnet", root=domainnet, domains=["clipart"], on_bad_image=on_bad_image)
+        return build_federated_data(data, FederationConfig(), 0, DATA_CONFIG).clients[0].dataset
+
+    return build
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_corrupt_image_error_names_the_file(corrupt_client, num_workers):
+    loader = make_loader(corrupt_client("error"), 4, shuffle=False, seed=0, num_workers=num_workers)
+    with pytest.raises(UserError) as err:
+        list(loader)
+    message = str(err.value)
+    assert message.startswith("cannot read image ") and "/clipart/bat/" in message
+    assert "data.on_bad_image=skip" in message and "Traceback" not in message
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_corrupt_images_skipped_and_counted(corrupt_client, num_workers):
+    loader = make_loader(corrupt_client("skip"), 4, shuffle=True, seed=0, num_workers=num_workers)
+    labels = torch.cat([labels for _, labels in loader])
+    assert loader.skipped == 6
+    assert len(labels) == 12 and 2 not in labels.tolist()
+    list(loader)
+    assert loader.skipped == 12  # counts add up over epochs
+
+
+def test_loader_order_is_a_pure_function_of_the_seed(domainnet):
+    dataset = build_federated_data(DataConfig(name="domainnet", root=domainnet, domains=["clipart"]),
+                                   FederationConfig(), 0, DATA_CONFIG).clients[0].dataset
+
+    def order(seed, num_workers=0):
+        loader = make_loader(dataset, 5, shuffle=True, seed=seed, num_workers=num_workers)
+        return [images[:, 0, 0, 0] for images, _ in loader]
+
+    first = torch.cat(order(3))
+    assert torch.equal(first, torch.cat(order(3, num_workers=2)))
+    assert not torch.equal(first, torch.cat(order(4)))
+    assert np.allclose(sorted(first.tolist()), sorted(torch.cat(order(4)).tolist()))
+
+
+def test_cli_data_on_a_domainnet_tree_with_the_shipped_config(tmp_path, capsys):
+    root = tmp_path / "domainnet"
+    make_domainnet(root, domains=DOMAINNET.domains)
+    config = Path(__file__).resolve().parents[1] / "configs" / "vit_domainnet.yaml"
+    assert main(["data", "--config", str(config), "--data.root", str(root), "--plot", str(tmp_path / "c.png")]) == 0
+    out = capsys.readouterr().out
+    assert "domainnet: 6 domains, 3 classes, 6 clients (feature partition, seed 0), images 224x224" in out
+    rows = [line.split() for line in out.splitlines()]
+    assert [row[1:] for row in rows if row[:1] and row[0].isdigit()] == [[d, "18", "3"] for d in DOMAINNET.domains]
+    assert ["total", "108", "3"] in rows and ["total", "36"] in rows and (tmp_path / "c.png").is_file()
