@@ -44,8 +44,8 @@ def build_parser() -> ArgumentParser:
                                               exit_on_error=False))
     compare.add_argument("--methods", type=str, default="fedit,ffa_lora,flora,flexlora,lorafair,florana",
                          help="Comma-separated methods to compare.")
-    compare.add_argument("--seeds", type=list[int] | None, default=None,
-                         help="Seeds to repeat every run with, e.g. --seeds [0,1,2] (default: the config's seed).")
+    compare.add_argument("--seeds", type=int, nargs="+", default=None,
+                         help="Seeds to repeat every run with, e.g. --seeds 0 1 2 (default: the config's seed).")
     compare.add_argument("--grid", type=str | None, default=None,
                          help="Sweep one key, e.g. server.lam=0,0.001,0.01 or lora.r=4,8,16.")
     commands.add_subcommand("compare", compare, help="Compare methods on one config.")

@@ -1,0 +1,181 @@
+"""`lorafair compare`: one config run once per method, seed and grid value, then one paper-style report.
+
+Runs go one after another into `<out_dir>/<method>[-<key>=<value>]/seed<seed>/`, so `tensorboard --logdir out_dir`
+shows them side by side. Calling compare again with the same arguments picks up where it stopped: finished runs
+are kept, a run with checkpoints resumes, the rest start.
+
+Under torchrun every rank walks the same list and calls fit with the same config; rank 0 writes the report. Ranks
+may not share a disk, so there no run is skipped by what one rank sees on its disk: every run goes to fit with
+resume="auto", whose rank 0 finds the checkpoint and tells the others (a finished run then trains no more rounds).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass, fields, is_dataclass, replace
+from pathlib import Path
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+from jsonargparse import ArgumentParser
+
+from lorafair.aggregation import method_options
+from lorafair.config import METHODS, FitConfig
+from lorafair.errors import UserError
+from lorafair.report import RUN_IDENTITY_KEYS, flatten_config, format_value, is_finished, report, run_config
+
+RunStatus = Literal["done", "resume", "new"]
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One fit of a comparison: everything but method, seed and the grid value equals the base config."""
+
+    method: str
+    seed: int
+    override: tuple[str, Any] | None
+    """(key, value) of the grid point, None without --grid."""
+    cfg: FitConfig
+    """The config this run fits with; cfg.out_dir is the run folder."""
+
+
+def _holds_collection(hint: Any) -> bool:
+    members = get_args(hint) if get_origin(hint) in (Union, UnionType) else (hint,)
+    return any((get_origin(member) or member) in (list, dict, tuple) for member in members)
+
+
+def grid_keys() -> dict[str, Any]:
+    """Every key --grid can sweep, with the type its values are parsed as (scalars only; method and seed have
+    their own options)."""
+    keys: dict[str, Any] = {}
+    top_hints = get_type_hints(FitConfig)
+    for top in fields(FitConfig):
+        hint = top_hints[top.name]
+        if is_dataclass(hint):
+            section_hints = get_type_hints(hint)
+            keys.update({f"{top.name}.{f.name}": section_hints[f.name] for f in fields(hint)})
+        else:
+            keys[top.name] = hint
+    return {key: hint for key, hint in sorted(keys.items())
+            if key not in RUN_IDENTITY_KEYS and not _holds_collection(hint)}
+
+
+def _describe(hint: Any) -> str:
+    if get_origin(hint) is Literal:
+        return "one of " + ", ".join(map(str, get_args(hint)))
+    return getattr(hint, "__name__", str(hint))
+
+
+def parse_grid(grid: str) -> tuple[str, list[Any]]:
+    """'server.lam=0,0.001,0.01' -> ('server.lam', [0.0, 0.001, 0.01]), each value parsed as the field's type."""
+    key, sep, text = grid.partition("=")
+    key = key.strip()
+    valid = grid_keys()
+    if key in ("server.method", "seed"):
+        raise UserError(f"--grid: {key} has its own option, use --{'methods' if key == 'server.method' else 'seeds'}")
+    if not sep or key not in valid:
+        raise UserError(f"--grid: expected KEY=V1,V2,... with KEY one of {', '.join(valid)}; got {grid!r}")
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--value", type=valid[key])
+    values: list[Any] = []
+    for item in (part.strip() for part in text.split(",")):
+        try:
+            value = parser.parse_args(["--value", item]).value
+        except Exception as err:
+            raise UserError(f"--grid: {key}={item!r} is not valid, expected {_describe(valid[key])}") from err
+        if value not in values:
+            values.append(value)
+    return key, values
+
+
+def _with_override(cfg: FitConfig, key: str, value: Any) -> FitConfig:
+    section, _, name = key.rpartition(".")
+    if not section:
+        return replace(cfg, **{name: value})
+    return replace(cfg, **{section: replace(getattr(cfg, section), **{name: value})})
+
+
+def plan_runs(cfg: FitConfig, methods: list[str], seeds: list[int] | None, grid: str | None) -> list[PlannedRun]:
+    """Every run of a comparison, seed by seed (a full table exists after the first seed), validated up front."""
+    unknown = [method for method in methods if method not in METHODS]
+    if unknown or not methods:
+        raise UserError(f"--methods: unknown method {', '.join(unknown) or '(none given)'}; "
+                        f"valid: {', '.join(METHODS)}")
+    if cfg.resume not in (None, "auto"):
+        raise UserError("resume: compare resumes each run from its own folder; drop --resume or pass 'auto'")
+    methods = list(dict.fromkeys(methods))
+    seeds = list(dict.fromkeys(seeds)) if seeds else [cfg.seed]
+    key, values = parse_grid(grid) if grid else (None, [None])
+    planned = []
+    for seed in seeds:
+        for value in values:
+            for method in methods:
+                name = method if key is None else f"{method}-{key}={format_value(value).replace(os.sep, '_')}"
+                run_cfg = replace(cfg, seed=seed, resume=None, out_dir=Path(cfg.out_dir) / name / f"seed{seed}",
+                                  server=replace(cfg.server, method=method))
+                if key is not None:
+                    run_cfg = _with_override(run_cfg, key, value)
+                run_cfg.validate()
+                planned.append(PlannedRun(method, seed, None if key is None else (key, value), run_cfg))
+    return planned
+
+
+def run_status(folder: Path) -> RunStatus:
+    """done: results.json holds the final evaluation; resume: a checkpoint was written; new: anything else."""
+    results = folder / "results.json"
+    if results.is_file():
+        try:
+            if is_finished(json.loads(results.read_text())):
+                return "done"
+        except json.JSONDecodeError:
+            pass
+    checkpoints = folder / "checkpoints"
+    return "resume" if checkpoints.is_dir() and any(p.is_file() for p in checkpoints.rglob("*")) else "new"
+
+
+def config_differences(folder: Path, cfg: FitConfig) -> list[str]:
+    """Keys where a finished run's recorded config differs from the planned one (its folder is reused as is)."""
+    recorded = flatten_config(run_config(folder, json.loads((folder / "results.json").read_text())))
+    planned = flatten_config(json.loads(json.dumps(asdict(cfg), default=str)))
+    return [f"{key}: {format_value(recorded[key])} -> {format_value(planned[key])}"
+            for key in sorted(recorded.keys() & planned.keys() - RUN_IDENTITY_KEYS) if recorded[key] != planned[key]]
+
+
+def _is_rank_zero() -> bool:
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def compare(cfg: FitConfig, methods: list[str], seeds: list[int] | None, grid: str | None) -> None:
+    """Fit every planned run that is not finished yet, then write the report into cfg.out_dir."""
+    from lorafair.trainer import fit
+
+    runs = plan_runs(cfg, methods, seeds, grid)
+    statuses = [run_status(run.cfg.out_dir) for run in runs]
+    lead = _is_rank_zero()
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if lead:
+        print(f"lorafair compare: {len(runs)} runs in {cfg.out_dir}, {statuses.count('done')} finished earlier")
+        key = runs[0].override[0] if runs[0].override else ""
+        for method in dict.fromkeys(run.method for run in runs):
+            if key.startswith("server.") and key.removeprefix("server.") not in method_options(method):
+                print(f"lorafair compare: note: {method} ignores {key}: its runs for each value are the same",
+                      file=sys.stderr)
+    for index, (run, status) in enumerate(zip(runs, statuses, strict=True), start=1):
+        where = f"[{index}/{len(runs)}] {run.cfg.out_dir}"
+        if status == "done" and not distributed:
+            changed = config_differences(run.cfg.out_dir, run.cfg)
+            if changed:
+                print(f"lorafair compare: warning: {where} finished with another config ({'; '.join(changed)}); "
+                      "its results are kept: delete the folder to run it again", file=sys.stderr)
+            continue
+        if lead:
+            print(f"lorafair compare: {where}: {'starting' if status == 'new' else 'resuming'}")
+        fit(replace(run.cfg, resume=None if status == "new" and not distributed else "auto"))
+    if lead:
+        report(cfg.out_dir)

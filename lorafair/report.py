@@ -1,0 +1,419 @@
+"""Paper-style tables and plots from finished run folders: `lorafair report DIR`, also the last step of compare.
+
+Everything is rebuilt from the `results.json` files under DIR, so a report written by `compare` and one written
+later by `report` are the same bytes. A row is one method (and one value of every setting that differs between
+runs, e.g. a swept `server.lam`); its cells are mean +- std over the row's seeds.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib.style
+import yaml
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from lorafair.config import METHODS
+from lorafair.errors import UserError
+
+METHOD_NAMES = {
+    "fedit": "FedIT",
+    "ffa_lora": "FFA-LoRA",
+    "flora": "FLoRA",
+    "flexlora": "FlexLoRA",
+    "lorafair": "LoRA-FAIR",
+    "florana": "FLoRA-NA",
+    "fedex_lora": "FedEx-LoRA",
+}
+"""How the paper writes each method."""
+
+RUN_IDENTITY_KEYS = frozenset({"seed", "out_dir", "resume", "server.method"})
+"""Config keys that differ between the runs of one comparison by design, so they never make a row of their own."""
+
+TABLE_NAME = "comparison.md"
+CSV_NAME = "comparison.csv"
+ROUNDS_PLOT_NAME = "accuracy_vs_round.png"
+COMMUNICATION_PLOT_NAME = "communication.png"
+PNG_METADATA = {"Software": None}
+"""Leave matplotlib's version out of the PNGs so that reruns give the same bytes."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """One finished `lorafair fit` run, read from its results.json."""
+
+    folder: str
+    """Run folder relative to the report folder, with / separators."""
+    method: str
+    seed: int
+    config: dict[str, Any]
+    """Resolved config flattened to dotted keys (server.lam, lora.r, ...)."""
+    rounds: list[dict]
+    final: dict
+
+
+@dataclass(frozen=True)
+class Row:
+    """The runs that differ only by seed: one line of the table."""
+
+    method: str
+    setting: tuple[tuple[str, Any], ...]
+    """(key, value) of every config key that varies across the report's runs, e.g. (("server.lam", 0.01),)."""
+    runs: tuple[Run, ...]
+
+    @property
+    def label(self) -> str:
+        name = METHOD_NAMES.get(self.method, self.method)
+        if not self.setting:
+            return name
+        return f"{name} ({', '.join(f'{key}={format_value(value)}' for key, value in self.setting)})"
+
+    @property
+    def seeds(self) -> list[int]:
+        return [run.seed for run in self.runs]
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean and sample std (None with one seed) of one table cell, in percent or bytes."""
+
+    mean: float
+    std: float | None
+
+    @classmethod
+    def of(cls, values: list[float]) -> Stat:
+        return cls(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None)
+
+
+def format_value(value: Any) -> str:
+    """A config value as YAML writes it (null, true, 0.01); also names the folders of a sweep."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    return str(value)
+
+
+def flatten_config(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested config sections as dotted keys: {"server": {"lam": 0.01}} -> {"server.lam": 0.01}."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _sort_key(value: Any) -> tuple:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, value, "")
+    return (1, 0, json.dumps(value, sort_keys=True))
+
+
+def _method_rank(method: str) -> int:
+    """Position in the canonical method order (also picks the method's colour); unknown methods go last."""
+    return METHODS.index(method) if method in METHODS else len(METHODS)
+
+
+def is_finished(results: dict) -> bool:
+    """A run is complete once its results.json holds the final evaluation."""
+    return isinstance(results.get("final"), dict)
+
+
+def run_config(folder: Path, results: dict) -> dict[str, Any]:
+    """The run's resolved config: the "config" entry of results.json, else the config.yaml beside it."""
+    if isinstance(results.get("config"), dict):
+        return results["config"]
+    path = folder / "config.yaml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
+def load_runs(directory: Path) -> tuple[list[Run], list[str]]:
+    """Every complete run under `directory`, and one line for each run that is not (yet) complete."""
+    runs, incomplete = [], []
+    results_files = sorted(directory.rglob("results.json"))
+    for path in results_files:
+        folder = path.parent.relative_to(directory).as_posix()
+        try:
+            results = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            incomplete.append(f"{folder}: unreadable results.json ({err})")
+            continue
+        config = run_config(path.parent, results)
+        if not is_finished(results):
+            planned = config.get("federation", {}).get("rounds", "?")
+            incomplete.append(f"{folder}: {len(results.get('rounds', []))} of {planned} rounds, not finished")
+            continue
+        method = results.get("method") or config.get("server", {}).get("method", "?")
+        runs.append(Run(folder=folder, method=method, seed=int(results.get("seed", config.get("seed", 0))),
+                        config=flatten_config(config), rounds=results.get("rounds", []), final=results["final"]))
+    started = {path.parent for path in directory.rglob("config.yaml")} - {path.parent for path in results_files}
+    incomplete += [f"{folder.relative_to(directory).as_posix()}: started, no round finished" for folder in
+                   sorted(started)]
+    return runs, incomplete
+
+
+def group_rows(runs: list[Run]) -> list[Row]:
+    """Group runs into rows: same method and same value of every varying config key; canonical method order."""
+    keys = sorted({key for run in runs for key in run.config} - RUN_IDENTITY_KEYS)
+    varying = [key for key in keys
+               if len({json.dumps(run.config.get(key), sort_keys=True) for run in runs}) > 1]
+    groups: dict[tuple, list[Run]] = {}
+    for run in runs:
+        setting = tuple((key, run.config.get(key)) for key in varying)
+        identity = (run.method, json.dumps(setting, sort_keys=True))
+        groups.setdefault(identity, []).append(run)
+
+    def order(group: list[Run]) -> tuple:
+        method = group[0].method
+        return (_method_rank(method), method, *(_sort_key(group[0].config.get(key)) for key in varying))
+
+    return [Row(method=group[0].method, setting=tuple((key, group[0].config.get(key)) for key in varying),
+                runs=tuple(sorted(group, key=lambda run: (run.seed, run.folder))))
+            for group in sorted(groups.values(), key=order)]
+
+
+def _domains(runs: Iterable[Run]) -> list[str]:
+    domains: dict[str, None] = {}
+    for run in runs:
+        domains.update(dict.fromkeys(run.final.get("accuracy", {})))
+    return list(domains)
+
+
+def accuracy_stats(row: Row, domains: list[str]) -> dict[str, Stat | None]:
+    """Final accuracy in percent per domain plus "Average", over the row's seeds (None where no run has it)."""
+    stats: dict[str, Stat | None] = {}
+    for domain in domains:
+        values = [100 * run.final["accuracy"][domain] for run in row.runs if domain in run.final.get("accuracy", {})]
+        stats[domain] = Stat.of(values) if values else None
+    stats["Average"] = Stat.of([100 * run.final["mean_accuracy"] for run in row.runs])
+    return stats
+
+
+def bytes_stats(row: Row, direction: str) -> Stat:
+    """Bytes per client per round ("bytes_up" or "bytes_down"), averaged over rounds, then over seeds."""
+    per_run = [statistics.fmean(r[direction] for r in run.rounds) for run in row.runs if run.rounds]
+    return Stat.of(per_run) if per_run else Stat(0.0, None)
+
+
+def aggregation_stats(row: Row) -> dict[str, float]:
+    """The server's per-round aggregation metrics (cosines to the ideal update, ...), mean over rounds and seeds."""
+    values: dict[str, list[float]] = {}
+    for run in row.runs:
+        for record in run.rounds:
+            for name, value in record.get("aggregation", {}).items():
+                values.setdefault(name, []).append(value)
+    return {name: statistics.fmean(found) for name, found in sorted(values.items())}
+
+
+def _cell(stat: Stat | None, bold: bool) -> str:
+    if stat is None:
+        return "-"
+    text = f"{stat.mean:.2f}" if stat.std is None else f"{stat.mean:.2f} ± {stat.std:.2f}"
+    return f"**{text}**" if bold else text
+
+
+def _human_bytes(count: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= size:
+            return f"{count / size:.2f} {unit}"
+    return f"{count:.0f} B"
+
+
+def _seed_note(rows: list[Row]) -> list[str]:
+    all_seeds = sorted({seed for row in rows for seed in row.seeds})
+    if len(all_seeds) == 1:
+        lines = [f"Seed {all_seeds[0]}."]
+    else:
+        lines = [f"Mean ± sample std over seeds {', '.join(map(str, all_seeds))}."]
+    for row in rows:
+        missing = sorted(set(all_seeds) - set(row.seeds))
+        if missing:
+            lines.append(f"Missing: {row.label} has no finished run for seed {', '.join(map(str, missing))}.")
+        repeated = sorted({seed for seed in row.seeds if row.seeds.count(seed) > 1})
+        if repeated:
+            lines.append(f"Repeated: {row.label} has several finished runs for seed {', '.join(map(str, repeated))}.")
+    return lines
+
+
+def markdown_table(rows: list[Row], incomplete: list[str]) -> str:
+    """comparison.md: accuracy per method and domain like the paper's Table 1, then the communication per round."""
+    domains = _domains(run for row in rows for run in row.runs)
+    columns = [*domains, "Average"]
+    setting_keys = [key for key, _ in rows[0].setting]
+    stats = [accuracy_stats(row, domains) for row in rows]
+    best = {column: max((round(s[column].mean, 2) for s in stats if s[column] is not None), default=None)
+            for column in columns}
+
+    lines = ["## Top-1 accuracy (%)", "",
+             "| " + " | ".join(["Method", *setting_keys, *columns]) + " |",
+             "| " + " | ".join([":--"] * (1 + len(setting_keys)) + ["--:"] * len(columns)) + " |"]
+    for row, row_stats in zip(rows, stats, strict=True):
+        cells = [METHOD_NAMES.get(row.method, row.method), *(format_value(value) for _, value in row.setting)]
+        for column in columns:
+            stat = row_stats[column]
+            is_best = len(rows) > 1 and stat is not None and round(stat.mean, 2) == best[column]
+            cells.append(_cell(stat, is_best))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Accuracy of the global model on each domain's test split after the last round; Average is the "
+              "mean over domains. " + " ".join(_seed_note(rows)) + " Best per column in bold."]
+    if incomplete:
+        lines += ["", "Not included (not finished): " + "; ".join(incomplete) + "."]
+
+    lines += ["", "## Communication per client per round", "",
+              "| " + " | ".join(["Method", *setting_keys, "Upload", "Download"]) + " |",
+              "| " + " | ".join([":--"] * (1 + len(setting_keys)) + ["--:", "--:"]) + " |"]
+    for row in rows:
+        cells = [METHOD_NAMES.get(row.method, row.method), *(format_value(value) for _, value in row.setting),
+                 _human_bytes(bytes_stats(row, "bytes_up").mean), _human_bytes(bytes_stats(row, "bytes_down").mean)]
+        lines.append("| " + " | ".join(cells) + " |")
+
+    metrics = [aggregation_stats(row) for row in rows]
+    names = sorted({name for found in metrics for name in found})
+    if names:
+        lines += ["", "## Server aggregation metrics", "",
+                  "Logged by the aggregation method every round, mean over rounds and seeds; - where a method does "
+                  "not log it.", "",
+                  "| " + " | ".join(["Method", *setting_keys, *names]) + " |",
+                  "| " + " | ".join([":--"] * (1 + len(setting_keys)) + ["--:"] * len(names)) + " |"]
+        for row, found in zip(rows, metrics, strict=True):
+            cells = [METHOD_NAMES.get(row.method, row.method), *(format_value(value) for _, value in row.setting),
+                     *(f"{found[name]:.6f}" if name in found else "-" for name in names)]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def csv_table(rows: list[Row]) -> str:
+    """comparison.csv: the numbers of comparison.md, one row per table row, std empty with a single seed."""
+    domains = _domains(run for row in rows for run in row.runs)
+    setting_keys = [key for key, _ in rows[0].setting]
+    header = ["method", "name", *setting_keys, "seeds"]
+    for column in [*domains, "average"]:
+        header += [f"{column}_mean", f"{column}_std"]
+    header += ["bytes_up", "bytes_down"]
+    metrics = [aggregation_stats(row) for row in rows]
+    names = sorted({name for found in metrics for name in found})
+    header += names
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    for row, found in zip(rows, metrics, strict=True):
+        stats = accuracy_stats(row, domains)
+        line = [row.method, METHOD_NAMES.get(row.method, row.method),
+                *(format_value(value) for _, value in row.setting), " ".join(map(str, row.seeds))]
+        for column in [*domains, "Average"]:
+            stat = stats[column]
+            line += ["", ""] if stat is None else [f"{stat.mean:.2f}", "" if stat.std is None else f"{stat.std:.2f}"]
+        line += [f"{bytes_stats(row, 'bytes_up').mean:.0f}", f"{bytes_stats(row, 'bytes_down').mean:.0f}"]
+        line += [f"{found[name]:.6f}" if name in found else "" for name in names]
+        writer.writerow(line)
+    return buffer.getvalue()
+
+
+def _save(fig: Figure, path: Path) -> None:
+    fig.savefig(path, dpi=120, metadata=PNG_METADATA)
+
+
+def plot_accuracy_vs_round(rows: list[Row], path: Path) -> None:
+    """Mean accuracy per round per row, shaded +- std over seeds (the paper's Figure 4)."""
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.subplots()
+    for index, row in enumerate(rows):
+        per_round: dict[int, list[float]] = {}
+        for run in row.runs:
+            for entry in run.rounds:
+                if "mean_accuracy" in entry:
+                    per_round.setdefault(int(entry["round"]), []).append(100 * entry["mean_accuracy"])
+        rounds = sorted(per_round)
+        stats = [Stat.of(per_round[r]) for r in rounds]
+        color = f"C{(index if row.setting else _method_rank(row.method)) % 10}"
+        ax.plot(rounds, [s.mean for s in stats], marker="o", markersize=3, color=color, label=row.label)
+        if len(row.runs) > 1:
+            ax.fill_between(rounds, [s.mean - (s.std or 0) for s in stats], [s.mean + (s.std or 0) for s in stats],
+                            color=color, alpha=0.2, linewidth=0)
+    ax.set_xlabel("Round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("Average accuracy over domains (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    _save(fig, path)
+
+
+def plot_communication(rows: list[Row], path: Path) -> None:
+    """Upload and download bytes per client per round per row (the paper's Figure 5)."""
+    up = [bytes_stats(row, "bytes_up").mean for row in rows]
+    down = [bytes_stats(row, "bytes_down").mean for row in rows]
+    unit, size = next(((u, s) for u, s in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)) if max(up + down) >= s), ("B", 1))
+    fig = Figure(figsize=(max(5.0, 1.1 * len(rows) + 2), 4.5), layout="constrained")
+    ax = fig.subplots()
+    positions = range(len(rows))
+    ax.bar([p - 0.2 for p in positions], [u / size for u in up], width=0.4, label="Upload")
+    ax.bar([p + 0.2 for p in positions], [d / size for d in down], width=0.4, label="Download")
+    ax.set_xticks(list(positions), [row.label for row in rows], rotation=30 if len(rows) > 4 else 0, ha="right"
+                  if len(rows) > 4 else "center")
+    ax.set_ylabel(f"{unit} per client per round")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(ncols=2, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    _save(fig, path)
+
+
+def plot_sweep(rows: list[Row], path: Path) -> None:
+    """Final average accuracy against the one swept value, one line per method (the paper's Figures 6 and 7)."""
+    key = rows[0].setting[0][0]
+    values = sorted({json.dumps(row.setting[0][1]) for row in rows}, key=lambda text: _sort_key(json.loads(text)))
+    position = {text: index for index, text in enumerate(values)}
+    fig = Figure(figsize=(6, 4.5), layout="constrained")
+    ax = fig.subplots()
+    methods = list(dict.fromkeys(row.method for row in rows))
+    for method in methods:
+        method_rows = [row for row in rows if row.method == method]
+        xs = [position[json.dumps(row.setting[0][1])] for row in method_rows]
+        stats = [Stat.of([100 * run.final["mean_accuracy"] for run in row.runs]) for row in method_rows]
+        ax.errorbar(xs, [s.mean for s in stats], yerr=[s.std or 0 for s in stats], marker="o", capsize=3,
+                    color=f"C{_method_rank(method) % 10}", label=METHOD_NAMES.get(method, method))
+    ax.set_xticks(range(len(values)), [format_value(json.loads(text)) for text in values])
+    ax.set_xlabel(key)
+    ax.set_ylabel("Final average accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    _save(fig, path)
+
+
+def sweep_plot_name(key: str) -> str:
+    return f"accuracy_vs_{key}.png"
+
+
+def report(dir: Path) -> None:
+    """Write comparison.md, comparison.csv and the plots into `dir` from every finished run below it."""
+    directory = Path(dir)
+    if not directory.is_dir():
+        raise UserError(f"report: {directory} is not a folder; pass the --out_dir of a compare or fit run")
+    runs, incomplete = load_runs(directory)
+    for line in incomplete:
+        print(f"lorafair report: not finished, left out: {line}", file=sys.stderr)
+    if not runs:
+        raise UserError(f"report: no finished run under {directory} (no results.json with a 'final' entry); "
+                        "run `lorafair compare` or `lorafair fit` with --out_dir inside it first")
+    rows = group_rows(runs)
+    table = markdown_table(rows, incomplete)
+    (directory / TABLE_NAME).write_text(table)
+    (directory / CSV_NAME).write_text(csv_table(rows))
+    written = [TABLE_NAME, CSV_NAME, ROUNDS_PLOT_NAME, COMMUNICATION_PLOT_NAME]
+    with matplotlib.style.context("default"):
+        plot_accuracy_vs_round(rows, directory / ROUNDS_PLOT_NAME)
+        plot_communication(rows, directory / COMMUNICATION_PLOT_NAME)
+        if len(rows[0].setting) == 1:
+            name = sweep_plot_name(rows[0].setting[0][0])
+            plot_sweep(rows, directory / name)
+            written.append(name)
+    print(table)
+    print(f"lorafair report: wrote {', '.join(written)} in {directory}")

@@ -1,0 +1,199 @@
+"""`lorafair compare`: run planning, resuming an interrupted comparison, the paper configs, one real tiny compare."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+from conftest import tiny_args
+
+from lorafair.cli import build_parser, fit_config, main
+from lorafair.compare import compare, grid_keys, parse_grid, plan_runs, run_status
+from lorafair.config import METHODS, ConfigError, DataConfig, FitConfig
+from lorafair.errors import UserError
+from lorafair.report import report
+
+PAPER_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "paper"
+
+
+def base_config(out_dir: Path) -> FitConfig:
+    return FitConfig(data=DataConfig(name="digits"), out_dir=out_dir)
+
+
+def test_a_sweep_plans_one_run_per_method_seed_and_value(tmp_path: Path) -> None:
+    cfg = base_config(tmp_path)
+    runs = plan_runs(cfg, ["lorafair", "fedit"], [0, 1], "lora.r=4,8,16")
+    assert len(runs) == 2 * 2 * 3
+    assert len({run.cfg.out_dir for run in runs}) == len(runs)
+    assert [run.seed for run in runs[:6]] == [0] * 6  # seed by seed: a full table after the first seed
+    for run in runs:
+        key, value = run.override
+        assert key == "lora.r" and isinstance(value, int)
+        assert run.cfg.out_dir == tmp_path / f"{run.method}-lora.r={value}" / f"seed{run.seed}"
+        assert (run.cfg.server.method, run.cfg.seed, run.cfg.lora.r) == (run.method, run.seed, value)
+        reset = dataclasses.replace(run.cfg, seed=cfg.seed, out_dir=cfg.out_dir,
+                                    server=dataclasses.replace(run.cfg.server, method=cfg.server.method),
+                                    lora=dataclasses.replace(run.cfg.lora, r=cfg.lora.r))
+        assert reset == cfg  # everything else identical
+    assert {(run.method, run.seed, run.override[1]) for run in runs} == {
+        (method, seed, r) for method in ("lorafair", "fedit") for seed in (0, 1) for r in (4, 8, 16)}
+
+
+def test_without_grid_or_seeds_each_method_runs_once_with_the_config_seed(tmp_path: Path) -> None:
+    cfg = dataclasses.replace(base_config(tmp_path), seed=7)
+    runs = plan_runs(cfg, ["flora", "flora", "ffa_lora"], None, None)
+    assert [(run.method, run.seed, run.override, run.cfg.out_dir) for run in runs] == [
+        ("flora", 7, None, tmp_path / "flora" / "seed7"), ("ffa_lora", 7, None, tmp_path / "ffa_lora" / "seed7")]
+
+
+def test_grid_values_are_parsed_with_the_field_type() -> None:
+    assert parse_grid("server.lam=0, 1e-3,0.01,0.010") == ("server.lam", [0.0, 0.001, 0.01])
+    assert parse_grid("server.residual_on=A,B") == ("server.residual_on", ["A", "B"])
+    assert parse_grid("federation.clients_per_round=null,3") == ("federation.clients_per_round", [None, 3])
+    assert "data.domains" not in grid_keys() and "server.method" not in grid_keys()
+
+
+@pytest.mark.parametrize(("methods", "grid", "error", "message"), [
+    (["fedit", "fedavg"], None, UserError, "unknown method fedavg; valid: " + ", ".join(METHODS)),
+    (["fedit"], "server.lamda=0,1", UserError, "KEY one of .*server.lam, server.lr"),
+    (["fedit"], "lora.r=4,4.5", UserError, "lora.r='4.5' is not valid, expected int"),
+    (["fedit"], "server.residual_on=A,C", UserError, "expected one of A, B"),
+    (["fedit"], "server.method=fedit", UserError, "use --methods"),
+    (["fedit"], "lora.r=0,4", ConfigError, "lora.r: must be a positive integer"),
+])
+def test_bad_methods_and_grids_are_user_errors(tmp_path: Path, methods, grid, error, message) -> None:
+    with pytest.raises(error, match=message):
+        plan_runs(base_config(tmp_path), methods, None, grid)
+
+
+def test_run_status_reads_the_folder(tmp_path: Path) -> None:
+    assert run_status(tmp_path / "absent") == "new"
+    (tmp_path / "checkpoints").mkdir()
+    assert run_status(tmp_path) == "new"
+    (tmp_path / "checkpoints" / "round_2.pt").write_bytes(b"x")
+    (tmp_path / "results.json").write_text(json.dumps({"rounds": [{}, {}], "final": None}))
+    assert run_status(tmp_path) == "resume"
+    (tmp_path / "results.json").write_text(json.dumps({"rounds": [{}], "final": {"mean_accuracy": 0.5}}))
+    assert run_status(tmp_path) == "done"
+
+
+class FakeTrainer:
+    """Stands in for lorafair.trainer: writes what fit writes, and can crash in the middle of a run."""
+
+    def __init__(self, crash_on_call: int | None = None) -> None:
+        self.calls: list[FitConfig] = []
+        self.crash_on_call = crash_on_call
+
+    def fit(self, cfg: FitConfig) -> dict:
+        self.calls.append(cfg)
+        cfg.out_dir.mkdir(parents=True, exist_ok=True)
+        (cfg.out_dir / "checkpoints").mkdir(exist_ok=True)
+        (cfg.out_dir / "checkpoints" / "last.pt").write_bytes(b"state")
+        if len(self.calls) == self.crash_on_call:
+            raise KeyboardInterrupt
+        accuracy = {"a": 0.5 + 0.01 * cfg.seed + 0.1 * METHODS.index(cfg.server.method), "b": 0.4 + 0.02 * cfg.seed}
+        record = {"round": 1, "accuracy": accuracy, "mean_accuracy": sum(accuracy.values()) / 2,
+                  "bytes_up": 100, "bytes_down": 200}
+        results = {"method": cfg.server.method, "seed": cfg.seed, "rounds": [record],
+                   "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
+                   "final": {"accuracy": accuracy, "mean_accuracy": record["mean_accuracy"]}}
+        (cfg.out_dir / "results.json").write_text(json.dumps(results))
+        return results
+
+
+def use_trainer(monkeypatch, trainer: FakeTrainer) -> None:
+    monkeypatch.setitem(sys.modules, "lorafair.trainer", types.SimpleNamespace(fit=trainer.fit))
+
+
+def test_an_interrupted_compare_keeps_finished_runs_and_resumes_the_partial_one(tmp_path, monkeypatch, capsys) -> None:
+    cfg = base_config(tmp_path)
+    methods, seeds = ["fedit", "lorafair", "flora"], [0, 1]
+    crashing = FakeTrainer(crash_on_call=3)
+    use_trainer(monkeypatch, crashing)
+    with pytest.raises(KeyboardInterrupt):
+        compare(cfg, methods, seeds, None)
+    assert not (tmp_path / "comparison.md").exists()
+
+    trainer = FakeTrainer()
+    use_trainer(monkeypatch, trainer)
+    compare(cfg, methods, seeds, None)
+    called = [(c.server.method, c.seed, c.resume) for c in trainer.calls]
+    assert called == [("flora", 0, "auto"), ("fedit", 1, None), ("lorafair", 1, None), ("flora", 1, None)]
+    table = (tmp_path / "comparison.md").read_text()
+    assert all(name in table for name in ("| FedIT |", "| LoRA-FAIR |", "| FLoRA |"))
+
+    written = {name: (tmp_path / name).read_bytes() for name in ("comparison.md", "comparison.csv")}
+    report(tmp_path)
+    assert {name: (tmp_path / name).read_bytes() for name in written} == written
+
+    again = FakeTrainer()
+    use_trainer(monkeypatch, again)
+    capsys.readouterr()
+    compare(dataclasses.replace(cfg, client=dataclasses.replace(cfg.client, lr=0.02)), methods, seeds, None)
+    assert again.calls == []
+    assert "finished with another config (client.lr: 0.01 -> 0.02)" in capsys.readouterr().err
+
+
+def test_a_sweep_of_a_server_option_notes_the_methods_that_ignore_it(tmp_path, monkeypatch, capsys) -> None:
+    trainer = FakeTrainer()
+    use_trainer(monkeypatch, trainer)
+    compare(base_config(tmp_path), ["fedit", "lorafair"], [0], "server.lam=0,0.01")
+    assert len(trainer.calls) == 4
+    err = capsys.readouterr().err
+    assert "fedit ignores server.lam" in err and "lorafair ignores" not in err
+    assert (tmp_path / "accuracy_vs_server.lam.png").is_file()
+
+
+def test_under_torchrun_every_run_goes_to_fit_and_only_rank_zero_writes_the_report(tmp_path, monkeypatch) -> None:
+    cfg = base_config(tmp_path)
+    use_trainer(monkeypatch, FakeTrainer())
+    compare(cfg, ["fedit"], [0], None)  # finished before the torchrun job below
+    (tmp_path / "comparison.md").unlink()
+
+    trainer = FakeTrainer()
+    use_trainer(monkeypatch, trainer)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    compare(cfg, ["fedit", "lorafair"], [0, 1], None)
+    # ranks may not share a disk: none skips by what it sees, the trainer's rank 0 resumes (or finds it finished)
+    assert [(c.server.method, c.seed, c.resume) for c in trainer.calls] == [
+        ("fedit", 0, "auto"), ("lorafair", 0, "auto"), ("fedit", 1, "auto"), ("lorafair", 1, "auto")]
+    assert not (tmp_path / "comparison.md").exists()
+
+
+def test_every_paper_config_parses_and_plans_its_runs() -> None:
+    parser = build_parser()
+    names = sorted(path.name for path in PAPER_CONFIGS.glob("*.yaml"))
+    tables = [f"table{t}_{m}_{d}.yaml" for t in (1, 2) for m in ("vit", "mixer") for d in ("domainnet", "nicopp")]
+    assert set(tables) | {"table3_residual.yaml", "figure6_lam.yaml", "figure7_rank.yaml"} == set(names)
+    for name in names:
+        args = parser.parse_args(["compare", "--config", str(PAPER_CONFIGS / name)])
+        cfg = fit_config(parser._subcommands_action._name_parser_map["compare"], args.compare)
+        methods = args.compare.methods.split(",")
+        runs = plan_runs(cfg, methods, args.compare.seeds, args.compare.grid)
+        grid_points = len(parse_grid(args.compare.grid)[1]) if args.compare.grid else 1
+        assert len(runs) == len(methods) * 3 * grid_points, name
+        assert cfg.out_dir == Path("runs/paper") / name.removesuffix(".yaml")
+        assert cfg.federation.rounds == (50 if cfg.data.name == "domainnet" else 30), name
+        label_skew = name.startswith("table2")
+        assert cfg.federation.partition == ("feature_label" if label_skew else "feature"), name
+        assert cfg.federation.clients_per_round == (18 if label_skew else None), name
+        assert cfg.client.local_epochs == (5 if label_skew else 2), name
+        assert (cfg.client.lr, cfg.data.batch_size, cfg.server.lam) == (0.01, 128, 0.01), name
+
+
+def test_a_tiny_compare_through_the_cli_writes_tables_and_plots(tmp_path: Path) -> None:
+    args = ["compare", "--methods", "fedit,lorafair", *tiny_args(tmp_path, "--federation.rounds", "1")]
+    assert main(args) == 0
+    table = (tmp_path / "comparison.md").read_text()
+    assert "| FedIT |" in table and "| LoRA-FAIR |" in table
+    for name in ("comparison.csv", "accuracy_vs_round.png", "communication.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert sorted(p.parent.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("results.json")) == [
+        "fedit/seed0", "lorafair/seed0"]
+    assert main(["report", str(tmp_path)]) == 0
+    assert (tmp_path / "comparison.md").read_text() == table

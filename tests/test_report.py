@@ -1,0 +1,162 @@
+"""`lorafair report`: tables and plots rebuilt from synthetic run folders."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+import statistics
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from lorafair.cli import main
+from lorafair.errors import UserError
+from lorafair.report import METHOD_NAMES, report
+
+DOMAINS = ["clipart", "infograph", "sketch"]
+SEEDS = [0, 1]
+ROUNDS = 3
+
+
+def write_run(folder: Path, method: str, seed: int, *, finished: bool = True, lam: float = 0.01,
+              bytes_down: int = 4000) -> dict[str, float]:
+    """A results.json as `lorafair fit` writes it; returns the final per-domain accuracies."""
+    rng = random.Random(f"{method}-{seed}-{lam}")
+    rounds = []
+    for t in range(1, ROUNDS + 1):
+        entry = {"round": t, "bytes_up": 4000, "bytes_down": bytes_down, "seconds": {"train": 1.0}}
+        if t != 2:  # round 2 without evaluation, as with eval_every > 1
+            accuracy = {domain: rng.uniform(0.2, 0.9) for domain in DOMAINS}
+            entry.update(accuracy=accuracy, mean_accuracy=statistics.fmean(accuracy.values()))
+        rounds.append(entry)
+    results = {"method": method, "seed": seed, "rounds": rounds,
+               "config": {"seed": seed, "out_dir": str(folder), "resume": None, "federation": {"rounds": ROUNDS},
+                          "server": {"method": method, "lam": lam}, "lora": {"r": 16}}}
+    if finished:
+        results["final"] = {"accuracy": rounds[-1]["accuracy"], "mean_accuracy": rounds[-1]["mean_accuracy"]}
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps(results))
+    return rounds[-1]["accuracy"]
+
+
+def markdown_rows(text: str, heading: str) -> tuple[list[str], list[list[str]]]:
+    lines = text.splitlines()
+    start = lines.index(heading) + 2
+    table = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        table.append([cell.strip() for cell in line.strip("|").split("|")])
+    return table[0], table[2:]
+
+
+def expected_cell(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values)
+
+
+@pytest.fixture
+def comparison(tmp_path: Path) -> tuple[Path, dict[tuple[str, int], dict[str, float]]]:
+    """flora, fedit, lorafair (written in that order) with two seeds each."""
+    finals = {}
+    for method in ["flora", "lorafair", "fedit"]:
+        for seed in SEEDS:
+            finals[method, seed] = write_run(tmp_path / method / f"seed{seed}", method, seed,
+                                             bytes_down=12000 if method == "flora" else 4000)
+    return tmp_path, finals
+
+
+def test_table_has_every_method_and_domain_with_mean_std_and_best_in_bold(comparison) -> None:
+    directory, finals = comparison
+    report(directory)
+    header, rows = markdown_rows((directory / "comparison.md").read_text(), "## Top-1 accuracy (%)")
+    assert header == ["Method", *DOMAINS, "Average"]
+    methods = ["fedit", "flora", "lorafair"]  # canonical order, not the order the folders were written in
+    assert [row[0] for row in rows] == [METHOD_NAMES[m] for m in methods]
+    for column, domain in enumerate([*DOMAINS, "Average"], start=1):
+        means = {}
+        for method, row in zip(methods, rows, strict=True):
+            per_seed = [100 * (statistics.fmean(finals[method, s].values()) if domain == "Average"
+                               else finals[method, s][domain]) for s in SEEDS]
+            mean, std = expected_cell(per_seed)
+            means[method] = round(mean, 2)
+            assert row[column].strip("*") == f"{mean:.2f} ± {std:.2f}"
+        best = max(means.values())
+        for method, row in zip(methods, rows, strict=True):
+            assert row[column].startswith("**") == (means[method] == best)
+
+
+def test_csv_holds_the_numbers_of_the_markdown_table(comparison) -> None:
+    directory, _ = comparison
+    report(directory)
+    text = (directory / "comparison.md").read_text()
+    header, md_rows = markdown_rows(text, "## Top-1 accuracy (%)")
+    csv_rows = list(csv.DictReader(io.StringIO((directory / "comparison.csv").read_text())))
+    assert [row["name"] for row in csv_rows] == [row[0] for row in md_rows]
+    for csv_row, md_row in zip(csv_rows, md_rows, strict=True):
+        assert csv_row["seeds"] == "0 1"
+        for column, name in enumerate(header[1:], start=1):
+            key = name.lower()
+            assert md_row[column].strip("*") == f"{csv_row[f'{key}_mean']} ± {csv_row[f'{key}_std']}"
+    by_method = {row["method"]: row for row in csv_rows}
+    assert by_method["flora"]["bytes_down"] == "12000" and by_method["fedit"]["bytes_down"] == "4000"
+    _, comm_rows = markdown_rows(text, "## Communication per client per round")
+    assert [row[1:] for row in comm_rows] == [["4.00 kB", "4.00 kB"], ["4.00 kB", "12.00 kB"], ["4.00 kB", "4.00 kB"]]
+
+
+def test_plots_are_png_and_a_rerun_writes_the_same_bytes(comparison) -> None:
+    directory, _ = comparison
+    names = ["comparison.md", "comparison.csv", "accuracy_vs_round.png", "communication.png"]
+    report(directory)
+    first = {name: (directory / name).read_bytes() for name in names}
+    for name in names[2:]:
+        with Image.open(directory / name) as image:
+            image.verify()
+            assert image.format == "PNG" and min(image.size) > 100
+    report(directory)
+    assert {name: (directory / name).read_bytes() for name in names} == first
+
+
+def test_unfinished_runs_are_named_and_left_out(comparison, capsys) -> None:
+    directory, _ = comparison
+    write_run(directory / "flexlora" / "seed0", "flexlora", 0, finished=False)
+    (directory / "florana" / "seed0").mkdir(parents=True)
+    (directory / "florana" / "seed0" / "config.yaml").write_text("seed: 0\n")
+    write_run(directory / "fedit" / "seed2", "fedit", 2)
+    trainer_layout = directory / "ffa_lora" / "seed0"  # final is null until the last round; config in config.yaml
+    trainer_layout.mkdir(parents=True)
+    (trainer_layout / "config.yaml").write_text("seed: 0\nserver:\n  method: ffa_lora\n  lam: 0.01\n")
+    (trainer_layout / "results.json").write_text(json.dumps({"method": "ffa_lora", "rounds": [], "final": None}))
+    report(directory)
+    text = (directory / "comparison.md").read_text()
+    _, rows = markdown_rows(text, "## Top-1 accuracy (%)")
+    assert "FlexLoRA" not in [row[0] for row in rows] and "FLoRA-NA" not in [row[0] for row in rows]
+    assert "flexlora/seed0: 3 of 3 rounds, not finished" in text
+    assert "florana/seed0: started, no round finished" in text
+    assert "ffa_lora/seed0: 0 of ? rounds, not finished" in text
+    assert "Missing: FLoRA has no finished run for seed 2." in text
+    assert "flexlora/seed0" in capsys.readouterr().err
+
+
+def test_a_sweep_gets_one_row_per_value_and_an_accuracy_vs_value_plot(tmp_path: Path) -> None:
+    for lam in [0.1, 0.0, 0.01]:
+        for method in ["lorafair", "fedit"]:
+            for seed in SEEDS:
+                write_run(tmp_path / f"{method}-server.lam={lam}" / f"seed{seed}", method, seed, lam=lam)
+    report(tmp_path)
+    header, rows = markdown_rows((tmp_path / "comparison.md").read_text(), "## Top-1 accuracy (%)")
+    assert header[:2] == ["Method", "server.lam"]
+    assert [row[:2] for row in rows] == [["FedIT", "0.0"], ["FedIT", "0.01"], ["FedIT", "0.1"],
+                                         ["LoRA-FAIR", "0.0"], ["LoRA-FAIR", "0.01"], ["LoRA-FAIR", "0.1"]]
+    with Image.open(tmp_path / "accuracy_vs_server.lam.png") as image:
+        assert image.format == "PNG"
+
+
+def test_no_finished_run_is_a_user_error(tmp_path: Path, capsys) -> None:
+    write_run(tmp_path / "fedit" / "seed0", "fedit", 0, finished=False)
+    with pytest.raises(UserError, match="no finished run"):
+        report(tmp_path)
+    assert main(["report", str(tmp_path / "absent")]) == 2
+    assert "not a folder" in capsys.readouterr().err
