@@ -27,11 +27,14 @@ class ModelConfig:
     """The frozen backbone."""
 
     name: str = "vit_base_patch16_224.augreg_in21k"
-    """timm model name, e.g. vit_base_patch16_224.augreg_in21k or mixer_b16_224.goog_in21k."""
+    """timm model name, e.g. vit_base_patch16_224.augreg_in21k or mixer_b16_224.goog_in21k; or mlp_mixer for timm's
+    MlpMixer built from kwargs alone (timm's mixer_* names reject overrides such as num_blocks or embed_dim)."""
     pretrained: bool = False
     """Let timm fetch the pretrained weights for `name` from a model hub (needs network)."""
     weights: Path | None = None
-    """Local weight file (.safetensors, .npz or .pth) loaded into the backbone; the classifier head is dropped."""
+    """Local weight file (.safetensors, .npz or .pth) loaded into the backbone; the classifier head is dropped.
+    Takes precedence over pretrained. A relative path is looked up in the working directory, then beside the
+    installed package (so lorafair/assets/demo_vit.safetensors works from anywhere)."""
     kwargs: dict = field(default_factory=dict)
     """Extra keyword arguments for timm.create_model (e.g. depth, embed_dim, img_size for small models)."""
 
@@ -176,18 +179,23 @@ class ServerConfig:
     objective: Literal["cosine", "column_cosine", "frobenius"] = "cosine"
     """lorafair: cosine (paper Eq. 8), column_cosine (public code) or frobenius (closed-form ridge)."""
     steps: int = 500
-    """lorafair / florana: server optimisation steps."""
+    """lorafair: server SGD steps (cosine objectives)."""
     lr: float = 0.01
-    """lorafair / florana: server SGD learning rate."""
+    """lorafair: server SGD learning rate (cosine objectives)."""
     init: Literal["zero", "xavier"] = "zero"
     """lorafair: start of dB, zero (B' starts at B_bar) or xavier (public code)."""
     residual_on: Literal["A", "B"] = "B"
     """lorafair: which factor receives the residual correction (paper Table 3)."""
+    sweeps: int = 1
+    """florana: alternating least-squares sweeps (B, then A) from the averaged pair; 0 sends the plain averages."""
 
     def validate(self) -> None:
         _require(self.lam >= 0, "server.lam", f"must be >= 0, got {self.lam}")
         _require(self.steps >= 0, "server.steps", f"must be >= 0, got {self.steps}")
         _require(self.lr > 0, "server.lr", f"must be > 0, got {self.lr}")
+        _require(self.sweeps >= 0, "server.sweeps", f"must be >= 0, got {self.sweeps}")
+        _require(self.objective == "frobenius" or self.lr * self.lam < 1, "server.lam",
+                 f"must be below 1 / server.lr = {1 / self.lr:g} for the server SGD to converge, got {self.lam}")
 
 
 @dataclass

@@ -1,0 +1,150 @@
+"""Server aggregation at ViT-B/16 sizes: each method's fast (low-rank) path against its dense textbook reference.
+
+    python benchmarks/aggregation.py                      # K in {6, 18, 30} x r in {4, 16, 32}
+    python benchmarks/aggregation.py --quick              # K = 6, r = 16 only
+    python benchmarks/aggregation.py --out benchmarks/results/aggregation.json
+
+Layers: 12 blocks x (attn.proj 768 x 768, mlp.fc2 768 out x 3072 in) = 24 LoRA layers, float32, random factors
+with unequal client weights. Seconds are wall time of one call (best of three for calls under a second), both paths
+measured in the same run. Peak memory is the highest total of torch CPU allocations during the call, read from the
+torch profiler's allocation events (inputs excluded; tracemalloc does not see torch's allocator).
+
+Extrapolation, marked "~" in the table: the dense LoRA-FAIR SGD runs 0 and --dense-steps steps and its time is
+extrapolated linearly to --steps. The peak memory of every SGD run (fast and dense) is measured over --dense-steps
+steps: it does not grow with the step count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep the profiler quiet on machines without a GPU
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from lorafair.aggregation import ClientUpdate, build_aggregator
+from lorafair.aggregation.reference import dense_reference
+
+VIT_B_LAYERS = {f"blocks.{b}.{kind}": shape for b in range(12)
+                for kind, shape in (("attn.proj", (768, 768)), ("mlp.fc2", (768, 3072)))}
+"""name -> (out, in)."""
+VARIANTS = [
+    ("fedit", {}), ("ffa_lora", {}), ("flora", {}), ("flexlora", {}),
+    ("lorafair", {"objective": "cosine"}), ("lorafair", {"objective": "column_cosine"}),
+    ("lorafair", {"objective": "frobenius"}), ("florana", {}), ("fedex_lora", {}),
+]
+
+
+def make_updates(clients: int, rank: int, dtype: torch.dtype, seed: int = 0) -> list[ClientUpdate]:
+    """Factors at the scale of trained LoRA: A like its Kaiming start, B small."""
+    generator = torch.Generator().manual_seed(seed)
+    updates = []
+    for client in range(clients):
+        lora = {name: (torch.randn(rank, fan_in, generator=generator, dtype=dtype) / fan_in**0.5,
+                       0.01 * torch.randn(fan_out, rank, generator=generator, dtype=dtype))
+                for name, (fan_out, fan_in) in VIT_B_LAYERS.items()}
+        updates.append(ClientUpdate(weight=100 + 37 * client, lora=lora))
+    return updates
+
+
+def shared_A_updates(updates: list[ClientUpdate]) -> list[ClientUpdate]:
+    """Every client with client 0's A, as FFA-LoRA requires."""
+    first = updates[0].lora
+    return [ClientUpdate(u.weight, {n: (first[n][0], B) for n, (_, B) in u.lora.items()}) for u in updates]
+
+
+def seconds(call: Callable[[], object]) -> float:
+    """Wall time of one call; best of three when a call takes under a second."""
+    start = time.perf_counter()
+    call()
+    best = time.perf_counter() - start
+    if best < 1.0:
+        for _ in range(2):
+            start = time.perf_counter()
+            call()
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
+def peak_bytes(call: Callable[[], object]) -> int:
+    """Highest total of torch CPU allocations made during the call (profiler allocation events)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        call()
+    peak, stack = 0, list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.tag == torch._C._profiler._EventType.Allocation:
+            peak = max(peak, node.extra_fields.total_allocated)
+        stack.extend(node.children)
+    return peak
+
+
+def measure(method: str, options: dict, updates: list[ClientUpdate], steps: int, dense_steps: int) -> dict:
+    sgd = method == "lorafair" and options["objective"] != "frobenius"
+    fast_options = {**options, "steps": steps} if sgd else options
+    fast = build_aggregator(method, **fast_options)
+    row = {"fast_s": seconds(lambda: fast.aggregate(updates))}
+    short = build_aggregator(method, **{**options, "steps": dense_steps}) if sgd else fast
+    row["fast_peak_bytes"] = peak_bytes(lambda: short.aggregate(updates))
+    if sgd:
+        setup = seconds(lambda: dense_reference(method, updates, **options, steps=0))
+        ran = seconds(lambda: dense_reference(method, updates, **options, steps=dense_steps))
+        row["dense_s"] = setup + (ran - setup) * steps / dense_steps
+        row["dense_peak_bytes"] = peak_bytes(lambda: dense_reference(method, updates, **options, steps=dense_steps))
+    else:
+        row["dense_s"] = seconds(lambda: dense_reference(method, updates, **options))
+        row["dense_peak_bytes"] = peak_bytes(lambda: dense_reference(method, updates, **options))
+    row["speedup"] = row["dense_s"] / row["fast_s"]
+    row["extrapolated"] = sgd
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="only K = 6, r = 16")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--steps", type=int, default=500, help="LoRA-FAIR SGD steps (fast path, and the dense "
+                                                                "time is extrapolated to this)")
+    parser.add_argument("--dense-steps", type=int, default=10, help="dense SGD steps actually run")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    grid = [(6, 16)] if args.quick else [(k, r) for k in (6, 18, 30) for r in (4, 16, 32)]
+    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+               "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+               "load_average_at_start": os.getloadavg()[0]}
+    rows = []
+    header = (f"{'K':>3} {'r':>3}  {'method':<24} {'fast s':>9} {'dense s':>10} {'speed-up':>9} "
+              f"{'fast MiB':>9} {'dense MiB':>10}")
+    print(f"ViT-B/16, 24 LoRA layers, float32, {machine['torch_threads']} torch threads, {machine['cores']} cores")
+    print(header)
+    for clients, rank in grid:
+        updates = make_updates(clients, rank, torch.float32)
+        for method, options in VARIANTS:
+            used = shared_A_updates(updates) if method == "ffa_lora" else updates
+            row = {"K": clients, "r": rank, "method": method, "options": options,
+                   **measure(method, options, used, args.steps, args.dense_steps)}
+            rows.append(row)
+            label = method + (f"[{options['objective']}]" if "objective" in options else "")
+            mark = "~" if row["extrapolated"] else " "
+            print(f"{clients:>3} {rank:>3}  {label:<24} {row['fast_s']:>9.3f} {mark}{row['dense_s']:>9.2f} "
+                  f"{mark}{row['speedup']:>8.1f} {row['fast_peak_bytes'] / 2**20:>9.1f} "
+                  f"{row['dense_peak_bytes'] / 2**20:>10.1f}", flush=True)
+    machine["load_average_at_end"] = os.getloadavg()[0]
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        result = {"machine": machine, "steps": args.steps, "dense_steps": args.dense_steps, "rows": rows}
+        args.out.write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

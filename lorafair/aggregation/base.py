@@ -1,0 +1,345 @@
+"""What every aggregation method shares: the update types, input checks, weights and the layer batches.
+
+A method only implements `Aggregator.combine`, which sees one `LayerGroup`: all layers of one shape, stacked so that
+the math runs as batched matrix products over layers and clients instead of Python loops.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from lorafair.aggregation import lowrank
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+
+@dataclass
+class ClientUpdate:
+    """One client's result of a round. A is r x in and B is out x r (peft); weight is usually its example count."""
+
+    weight: float
+    lora: dict[str, tuple[Tensor, Tensor]]
+    extra: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class GlobalUpdate:
+    """What the server sends back.
+
+    lora: name -> (A, B) every client starts the next round from; None when clients re-initialise their LoRA.
+    merge: name -> (A_m, B_m) whose product (times the LoRA scaling) every client adds to its frozen weight.
+    extra: weighted average of the non-LoRA trainable tensors.
+    metrics: floats for the logs (cosines to the ideal update summarised over layers, solve seconds, ...).
+    bytes_up / bytes_down: bytes one client sends / receives this round (LoRA factors and extra tensors).
+    """
+
+    lora: dict[str, tuple[Tensor, Tensor]] | None
+    merge: dict[str, tuple[Tensor, Tensor]] | None
+    extra: dict[str, Tensor]
+    metrics: dict[str, float]
+    bytes_up: int
+    bytes_down: int
+
+
+@dataclass
+class LayerGroup:
+    """All LoRA layers of one shape, stacked: A is [L, K, r, in] and B is [L, K, out, r] for L layers, K clients.
+
+    `weights` are the normalised client weights p_k. The ideal update of layer l is
+    dW_l = sum_k p_k B_k A_k = B_stack[l] @ A_stack[l] (the weights ride on B_stack; A_stack is a free view).
+    """
+
+    names: list[str]
+    A: Tensor
+    B: Tensor
+    weights: Tensor
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[-2]
+
+    @cached_property
+    def A_bar(self) -> Tensor:
+        return torch.einsum("k,lkri->lri", self.weights, self.A)
+
+    @cached_property
+    def B_bar(self) -> Tensor:
+        return torch.einsum("k,lkor->lor", self.weights, self.B)
+
+    @property
+    def A_stack(self) -> Tensor:
+        """[L, K r, in]: the rows A_1; ...; A_K."""
+        layers, clients, rank, fan_in = self.A.shape
+        return self.A.view(layers, clients * rank, fan_in)
+
+    @cached_property
+    def B_stack(self) -> Tensor:
+        """[L, out, K r]: the columns p_1 B_1 ... p_K B_K."""
+        layers, clients, fan_out, rank = self.B.shape
+        weighted = self.B * self.weights.view(1, -1, 1, 1)
+        return weighted.permute(0, 2, 1, 3).reshape(layers, fan_out, clients * rank)
+
+    @cached_property
+    def ideal_norm_sq(self) -> Tensor:
+        """||dW||_F^2 per layer, from the (K r x K r) Gram matrices."""
+        return lowrank.norm_sq(self.B_stack, self.A_stack)
+
+    def cosine_to_ideal(self, B: Tensor, A: Tensor) -> Tensor:
+        """cos(dW, B @ A) per layer without forming either product."""
+        inner = lowrank.inner(B, A, self.B_stack, self.A_stack)
+        return lowrank.cosine_from_parts(inner, lowrank.norm_sq(B, A), self.ideal_norm_sq)
+
+
+@dataclass
+class GroupResult:
+    """A method's answer for one LayerGroup, batched over its layers; metrics hold one value per layer."""
+
+    lora: tuple[Tensor, Tensor] | None = None
+    merge: tuple[Tensor, Tensor] | None = None
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+
+
+class Aggregator:
+    """Base of every method: checks the updates, batches the layers, calls `combine`, assembles the GlobalUpdate."""
+
+    name: ClassVar[str]
+    sends_A: ClassVar[bool] = True
+    """False when A stays frozen on the clients and never travels (FFA-LoRA)."""
+
+    def combine(self, group: LayerGroup) -> GroupResult:
+        raise NotImplementedError
+
+    def aggregate(self, updates: Sequence[ClientUpdate]) -> GlobalUpdate:
+        start = time.perf_counter()
+        weights = normalised_weights(updates)
+        groups = stack_layers(updates, weights)
+        extra = average_extra(updates, weights)
+        results = [self._combine_checked(group) for group in groups]
+        order = list(updates[0].lora)
+        lora = _by_layer(order, groups, [result.lora for result in results])
+        merge = _by_layer(order, groups, [result.merge for result in results])
+        metrics = _summarise([result.metrics for result in results])
+        metrics["solve_seconds"] = time.perf_counter() - start
+        extra_bytes = _nbytes(extra.values())
+        bytes_down = self._lora_bytes((lora or {}).values()) + sum(_nbytes(pair) for pair in (merge or {}).values())
+        return GlobalUpdate(lora=lora, merge=merge, extra=extra, metrics=metrics,
+                            bytes_up=self._lora_bytes(updates[0].lora.values()) + extra_bytes,
+                            bytes_down=bytes_down + extra_bytes)
+
+    def _combine_checked(self, group: LayerGroup) -> GroupResult:
+        """`combine`, plus the averaging bias every method logs. Finite inputs can still overflow (float32 with
+        huge entries): that becomes a ValueError naming the layer instead of NaN in the result."""
+        advice = f"the factors are too large for {group.A.dtype} (aggregate in float64 or check the clients)"
+        try:
+            result = self.combine(group)
+        except torch.linalg.LinAlgError as error:
+            raise ValueError(f"{self.name}: linear algebra failed on layers {group.names} ({error}); "
+                             f"with finite inputs this means {advice}") from error
+        result.metrics = {"cos_avg": group.cosine_to_ideal(group.B_bar, group.A_bar), **result.metrics}
+        for batched in (*(result.lora or ()), *(result.merge or ()), *result.metrics.values()):
+            finite = torch.isfinite(batched).reshape(len(group.names), -1).all(-1)
+            if not bool(finite.all()):
+                layer = group.names[int((~finite).nonzero()[0])]
+                raise ValueError(f"{self.name}: layer '{layer}' overflowed to NaN/Inf although every input was "
+                                 f"finite: {advice}")
+        return result
+
+    def _lora_bytes(self, pairs) -> int:
+        return sum(_nbytes(pair if self.sends_A else pair[1:]) for pair in pairs)
+
+
+def find_bad_updates(updates: Sequence[ClientUpdate]) -> dict[int, str]:
+    """Client index -> why its update cannot be used (NaN or Inf anywhere), so a caller can drop those clients."""
+    bad = {}
+    for index, update in enumerate(updates):
+        if not is_finite_number(update.weight):
+            bad[index] = f"weight is {update.weight}"
+            continue
+        tensors = [(f"layer '{name}' {factor}", tensor) for name, pair in update.lora.items()
+                   if isinstance(pair, tuple | list) for factor, tensor in zip("AB", pair, strict=False)]
+        tensors += [(f"extra tensor '{name}'", tensor) for name, tensor in update.extra.items()]
+        for where, tensor in tensors:
+            if isinstance(tensor, Tensor) and not bool(torch.isfinite(tensor).all()):
+                bad[index] = f"NaN or Inf in {where}"
+                break
+    return bad
+
+
+def normalised_weights(updates: Sequence[ClientUpdate]) -> list[float]:
+    """p_k = w_k / sum(w), after refusing an empty round and weights that are negative, NaN or all zero."""
+    if len(updates) == 0:
+        raise ValueError("aggregate() needs at least one ClientUpdate, got an empty list")
+    for index, update in enumerate(updates):
+        if not is_finite_number(update.weight) or update.weight < 0:
+            raise ValueError(f"client {index}: weight must be a finite number >= 0 (its example count), "
+                             f"got {update.weight!r}")
+    total = math.fsum(float(update.weight) for update in updates)
+    if total <= 0:
+        raise ValueError(f"the client weights sum to {total}: give at least one client a positive weight "
+                         "(its number of training examples)")
+    return [float(update.weight) / total for update in updates]
+
+
+def stack_layers(updates: Sequence[ClientUpdate], weights: list[float]) -> list[LayerGroup]:
+    """Check every LoRA layer of every client against client 0 and stack layers of equal shape into groups."""
+    first = updates[0].lora
+    if not isinstance(first, dict) or not first:
+        raise ValueError("client 0: lora must be a non-empty dict of layer name -> (A, B)")
+    for index, update in enumerate(updates):
+        _check_same_names(index, "LoRA layers", update.lora, first)
+    reference = _first_factors(updates)
+    shapes: dict[tuple, list[str]] = {}
+    for name in first:
+        _check_ranks(updates, name)
+        for index, update in enumerate(updates):
+            _check_factors(index, name, update.lora[name], first[name], reference)
+        A, B = first[name]
+        shapes.setdefault((tuple(A.shape), tuple(B.shape)), []).append(name)
+
+    dtype, device = reference.dtype, reference.device
+    p = torch.tensor(weights, dtype=dtype, device=device)
+    groups = []
+    for (a_shape, b_shape), names in shapes.items():
+        A = torch.stack([u.lora[n][0] for n in names for u in updates]).view(len(names), len(updates), *a_shape)
+        B = torch.stack([u.lora[n][1] for n in names for u in updates]).view(len(names), len(updates), *b_shape)
+        for factor, stacked in (("A", A), ("B", B)):
+            finite = torch.isfinite(stacked).flatten(2).all(-1)
+            if not bool(finite.all()):
+                layer, client = (~finite).nonzero()[0].tolist()
+                raise ValueError(f"client {client}: NaN or Inf in layer '{names[layer]}' {factor}; drop this client "
+                                 "(find_bad_updates lists them) or fix its training")
+        groups.append(LayerGroup(names=names, A=A, B=B, weights=p))
+    return groups
+
+
+def average_extra(updates: Sequence[ClientUpdate], weights: list[float]) -> dict[str, Tensor]:
+    """Weighted average of the non-LoRA trainable tensors (e.g. the classifier head)."""
+    first = updates[0].extra
+    for index, update in enumerate(updates):
+        _check_same_names(index, "extra tensors", update.extra, first)
+    averaged = {}
+    for name, reference in first.items():
+        for index, update in enumerate(updates):
+            tensor = update.extra[name]
+            where = f"client {index}, extra tensor '{name}'"
+            if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
+                raise ValueError(f"{where}: must be a floating-point tensor, got {_describe(tensor)}")
+            if (tensor.shape, tensor.dtype, tensor.device) != (reference.shape, reference.dtype, reference.device):
+                raise ValueError(f"{where}: {_describe(tensor)} differs from client 0's {_describe(reference)}")
+            if not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"{where}: has NaN or Inf; drop this client (find_bad_updates lists them)")
+        stacked = torch.stack([update.extra[name] for update in updates])
+        p = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device)
+        averaged[name] = torch.tensordot(p, stacked, dims=1)
+    return averaged
+
+
+def _check_same_names(index: int, what: str, names: dict, reference: dict) -> None:
+    if not isinstance(names, dict):
+        raise ValueError(f"client {index}: {what} must be a dict, got {type(names).__name__}")
+    if names.keys() != reference.keys():
+        missing = sorted(reference.keys() - names.keys())
+        unexpected = sorted(names.keys() - reference.keys())
+        raise ValueError(f"client {index}: {what} differ from client 0's: missing {missing}, unexpected {unexpected}")
+
+
+def _first_factors(updates: Sequence[ClientUpdate]) -> Tensor:
+    """Client 0's first A: its dtype and device are the ones every factor must share."""
+    name, pair = next(iter(updates[0].lora.items()))
+    _check_pair(0, name, pair)
+    return pair[0]
+
+
+def _check_pair(index: int, name: str, pair: object) -> None:
+    where = f"client {index}, layer '{name}'"
+    if not (isinstance(pair, tuple | list) and len(pair) == 2):
+        raise ValueError(f"{where}: expected a pair (A, B), got {type(pair).__name__}")
+    for factor, tensor in zip("AB", pair, strict=True):
+        if not isinstance(tensor, Tensor) or tensor.dim() != 2 or tensor.numel() == 0:
+            raise ValueError(f"{where}: {factor} must be a non-empty 2-D tensor, got {_describe(tensor)}")
+        if tensor.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{where}: {factor} is {tensor.dtype}; LoRA factors must be float32 or float64 "
+                             "(cast them with .float() before aggregating)")
+
+
+def _check_ranks(updates: Sequence[ClientUpdate], name: str) -> None:
+    clients_by_rank: dict[int, list[int]] = {}
+    for index, update in enumerate(updates):
+        _check_pair(index, name, update.lora[name])
+        clients_by_rank.setdefault(update.lora[name][0].shape[0], []).append(index)
+    if len(clients_by_rank) > 1:
+        ranks = "; ".join(f"rank {rank}: clients {clients}" for rank, clients in clients_by_rank.items())
+        raise ValueError(f"layer '{name}': clients have different LoRA ranks ({ranks}); heterogeneous ranks are "
+                         "not supported: give every client the same lora.r")
+
+
+def _check_factors(index: int, name: str, pair: tuple[Tensor, Tensor], first_pair: tuple[Tensor, Tensor],
+                   reference: Tensor) -> None:
+    """Shapes against client 0's same layer; dtype and device against client 0's first layer."""
+    where = f"client {index}, layer '{name}'"
+    A, B = pair
+    if A.shape[0] != B.shape[1]:
+        raise ValueError(f"{where}: A is r x in = {tuple(A.shape)} and B is out x r = {tuple(B.shape)}; "
+                         "their ranks differ")
+    for factor, tensor, first in (("A", A, first_pair[0]), ("B", B, first_pair[1])):
+        if tensor.shape != first.shape:
+            raise ValueError(f"{where}: {factor} has shape {tuple(tensor.shape)} but client 0's has "
+                             f"{tuple(first.shape)}")
+        if (tensor.dtype, tensor.device) != (reference.dtype, reference.device):
+            raise ValueError(f"{where}: {factor} is {tensor.dtype} on {tensor.device} but client 0's first layer is "
+                             f"{reference.dtype} on {reference.device}; all factors must share one dtype and device")
+
+
+def _by_layer(order: list[str], groups: list[LayerGroup],
+              batched: list[tuple[Tensor, Tensor] | None]) -> dict[str, tuple[Tensor, Tensor]] | None:
+    """Split each group's batched pair back into name -> (A, B), in the clients' layer order; None if none."""
+    found = {}
+    for group, pair in zip(groups, batched, strict=True):
+        if pair is not None:
+            found.update({name: (pair[0][i], pair[1][i]) for i, name in enumerate(group.names)})
+    return {name: found[name] for name in order if name in found} or None
+
+
+def _summarise(per_group: list[dict[str, Tensor]]) -> dict[str, float]:
+    """Per-layer metric values of all groups -> their mean and minimum over layers."""
+    metrics = {}
+    for key in per_group[0]:
+        values = torch.cat([metrics_of_group[key] for metrics_of_group in per_group])
+        metrics[f"{key}_mean"] = values.mean().item()
+        metrics[f"{key}_min"] = values.min().item()
+    return metrics
+
+
+def is_finite_number(value: object) -> bool:
+    """A finite real number (bool excluded)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _nbytes(tensors) -> int:
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)} on {value.device}"
+    return type(value).__name__
+
+
+def check_option(method: str, option: str, value: object, valid: bool, expected: str) -> None:
+    """Refuse a bad option value with a message naming the method, the option and what is valid."""
+    if not valid:
+        raise ValueError(f"{method}: option {option} must be {expected}, got {value!r}")
+
+
+def is_count(value: object) -> bool:
+    """An integer >= 0 (bool excluded)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0

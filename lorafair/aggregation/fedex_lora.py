@@ -1,0 +1,23 @@
+"""FedEx-LoRA: clients restart from the averages (A_bar, B_bar), and the residual
+sum p_k B_k A_k - B_bar A_bar is merged into every client's frozen weight, so the model update is exact.
+
+The residual is low rank: [p_1 B_1 ... p_K B_K, B_bar] @ [A_1; ...; A_K; -A_bar], so it travels as factors of
+rank (K + 1) r rather than as a dense out x in matrix.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from lorafair.aggregation.base import Aggregator, GroupResult, LayerGroup
+
+
+class FedExLoRA(Aggregator):
+    name: ClassVar[str] = "fedex_lora"
+
+    def combine(self, group: LayerGroup) -> GroupResult:
+        residual_A = torch.cat([group.A_stack, -group.A_bar], dim=-2)
+        residual_B = torch.cat([group.B_stack, group.B_bar], dim=-1)
+        return GroupResult(lora=(group.A_bar, group.B_bar), merge=(residual_A, residual_B))

@@ -1,0 +1,53 @@
+"""Every shipped config parses through the CLI and passes validation, and holds the settings it promises."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import parse_fit_args
+
+from lorafair.cli import main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+PAPER_MODELS = {"vit": "vit_base_patch16_224.augreg_in21k", "mixer": "mixer_b16_224.goog_in21k"}
+PAPER_ROUNDS = {"domainnet": 50, "nicopp": 30}
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda path: path.name)
+def test_every_config_parses_and_validates(path):
+    cfg = parse_fit_args(["--config", str(path)])
+    assert cfg.out_dir == Path("runs") / path.stem
+
+
+@pytest.mark.parametrize("model", sorted(PAPER_MODELS))
+@pytest.mark.parametrize("dataset", sorted(PAPER_ROUNDS))
+@pytest.mark.parametrize("label_skew", [False, True])
+def test_paper_configs_hold_the_paper_settings(model, dataset, label_skew):
+    stem = f"{model}_{dataset}" + ("_label_skew" if label_skew else "")
+    cfg = parse_fit_args(["--config", str(CONFIGS / f"{stem}.yaml")])
+    assert (cfg.model.name, cfg.model.weights, cfg.data.name) == (PAPER_MODELS[model], None, dataset)
+    assert (cfg.lora.r, cfg.data.batch_size, cfg.federation.rounds) == (16, 128, PAPER_ROUNDS[dataset])
+    client = cfg.client
+    assert (client.lr, client.momentum, client.weight_decay, client.grad_clip) == (0.01, 0.9, 1e-5, 10.0)
+    federation = cfg.federation
+    if label_skew:
+        assert (federation.partition, federation.clients_per_domain, federation.dirichlet_alpha) == (
+            "feature_label", 5, 0.5)
+        assert (federation.clients_per_round, client.local_epochs) == (18, 5)
+    else:
+        assert (federation.partition, federation.clients_per_round, client.local_epochs) == ("feature", None, 2)
+
+
+def test_the_demo_runs_offline_from_shipped_files():
+    cfg = parse_fit_args(["--config", str(CONFIGS / "demo.yaml")])
+    assert cfg.data.name == "digits" and not cfg.model.pretrained and cfg.data.num_workers == 0
+    assert (CONFIGS.parent / cfg.model.weights).is_file()
+
+
+def test_a_config_can_be_printed_and_overridden(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(CONFIGS / "vit_domainnet.yaml"), "--server.method", "fedit", "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "method: fedit" in printed and "name: vit_base_patch16_224.augreg_in21k" in printed

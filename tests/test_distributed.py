@@ -1,0 +1,96 @@
+"""Two gloo ranks on the CPU: the collectives of lorafair.comm, and torchrun against one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import tiny_args
+
+from lorafair import comm
+
+
+def _collectives(rank: int, store: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        counts = [2, 1]  # uneven: rank 1's single row is padded to two
+        rows = torch.arange(6.0).view(2, 3)[: counts[rank]] + 10 * rank
+        gathered = comm.gather_rows(rows, counts)
+        if rank == 0:
+            expected = torch.cat([torch.arange(6.0).view(2, 3), torch.arange(3.0).view(1, 3) + 10])
+            assert torch.equal(gathered, expected)
+        else:
+            assert gathered is None
+
+        sent = {"a": torch.linspace(0, 1, 7, dtype=torch.float64), "b": torch.randn(2, 3, generator=torch.Generator()
+                                                                                    .manual_seed(0))}
+        tensors, info = comm.broadcast_named(sent if rank == 0 else None, {"round": 3} if rank == 0 else None,
+                                             torch.device("cpu"))
+        assert info == {"round": 3} and list(tensors) == ["a", "b"]
+        assert tensors["a"].dtype == torch.float64 and torch.allclose(tensors["a"], sent["a"])
+        assert torch.equal(tensors["b"], sent["b"])
+
+        counts_tensor = comm.all_reduce_sum(torch.tensor([rank + 1.0, 2.0]))
+        assert torch.equal(counts_tensor, torch.tensor([3.0, 4.0]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gather_broadcast_and_reduce_across_two_ranks(tmp_path):
+    mp.spawn(_collectives, args=(str(tmp_path / "store"),), nprocs=2)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _environment(**settings: str) -> dict[str, str]:
+    return {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **settings}
+
+
+@pytest.mark.slow
+def test_torchrun_with_two_ranks_matches_one_process(tiny_run, tmp_path):
+    _, single = tiny_run
+    command = ["bash", str(ROOT / "launch" / "torchrun_single_node.sh"), "2", *tiny_args(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=_environment())
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("global model after round 2") == 1  # only rank 0 prints the table
+    distributed = json.loads(Path(tmp_path / "results.json").read_text())
+    for domain, accuracy in single["final"]["accuracy"].items():
+        assert abs(distributed["final"]["accuracy"][domain] - accuracy) <= 0.005
+    assert [r["clients"] for r in distributed["rounds"]] == [r["clients"] for r in single["rounds"]]
+    for record in distributed["rounds"]:  # 5 clients on 2 ranks: 3 + 2
+        assert sorted(list(record["ranks"].values()).count(rank) for rank in (0, 1)) == [2, 3]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_the_slurm_script_starts_a_rendezvous_job(tmp_path):
+    """Run the sbatch script as SLURM would on one node, with srun and scontrol standing in."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    for name, body in (("srun", 'exec "$@"'), ("scontrol", "echo 127.0.0.1")):
+        (fake_bin / name).write_text(f"#!/bin/sh\n{body}\n")
+        (fake_bin / name).chmod(0o755)
+    env = _environment(PATH=f"{fake_bin}:{os.environ['PATH']}", SLURM_JOB_NODELIST="node1", SLURM_NNODES="1",
+                       SLURM_JOB_ID="42", NPROC_PER_NODE="2", RDZV_PORT=str(_free_port()), MAX_RESTARTS="0")
+    out_dir = tmp_path / "run"
+    script = ROOT / "launch" / "slurm_multi_node.sbatch"
+    command = ["bash", str(script), *tiny_args(out_dir, "--federation.rounds", "1")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((out_dir / "results.json").read_text())
+    assert results["final"]["round"] == 1 and set(results["rounds"][0]["ranks"].values()) == {0, 1}
+    assert results["config"]["num_nodes"] == 1 and results["config"]["resume"] == "auto"

@@ -1,0 +1,186 @@
+"""End-to-end runs of the tiny job: outputs, exact resume, FLoRA's merges, FFA-LoRA's frozen A."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import parse_fit_args, tiny_args, tiny_config
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lorafair.checkpoint import list_checkpoints, load_checkpoint
+from lorafair.errors import UserError
+from lorafair.trainer import FederatedTrainer, fit, launch_fabric
+
+DOMAINS = ["plain", "inverted", "rotated", "blurred", "noisy", "coloured"]
+
+
+def test_a_run_writes_every_output(tiny_run):
+    out_dir, results = tiny_run
+    assert parse_fit_args(["--config", str(out_dir / "config.yaml")]) == tiny_config(out_dir)
+    assert json.loads((out_dir / "classes.json").read_text()) == [str(d) for d in range(10)]
+
+    assert (results["method"], results["seed"], results["domains"]) == ("lorafair", 0, DOMAINS)
+    assert [record["round"] for record in results["rounds"]] == [1, 2]
+    for record in results["rounds"]:
+        assert len(record["clients"]) == 5 and sorted(record["train_loss"]) == sorted(map(str, record["clients"]))
+        assert all(0 < loss < 10 for loss in record["train_loss"].values())
+        assert set(record["train_steps"].values()) == {3}
+        assert sorted(record["accuracy"]) == sorted(DOMAINS)
+        assert all(0 <= acc <= 1 for acc in record["accuracy"].values())
+        assert record["mean_accuracy"] == pytest.approx(sum(record["accuracy"].values()) / 6)
+        assert record["bytes_up"] > 0 and record["bytes_down"] > 0 and record["bad_updates"] == {}
+        assert -1 <= record["aggregation"]["cos_avg_mean"] <= 1
+        seconds = record["seconds"]
+        assert set(seconds) == {"train", "comm", "aggregate", "eval", "round"}
+        assert seconds["round"] >= seconds["train"] + seconds["aggregate"] > 0
+        assert record["overhead"] == pytest.approx((seconds["comm"] + seconds["aggregate"]) / seconds["round"])
+    assert results["rounds"][0]["clients"] != results["rounds"][1]["clients"]  # sampled anew each round
+    last = results["rounds"][-1]
+    assert results["final"] == {"round": 2, "accuracy": last["accuracy"], "mean_accuracy": last["mean_accuracy"]}
+
+    assert [path.name for path in list_checkpoints(out_dir / "checkpoints")] == ["round_00001.ckpt",
+                                                                                 "round_00002.ckpt"]
+    state = load_checkpoint(out_dir / "checkpoints" / "round_00002.ckpt")
+    assert state["round"] == 2 and state["results"]["final"] == results["final"]
+    assert state["base"] is None and set(state["extra"]) == {"head.weight", "head.bias"}
+
+    events = EventAccumulator(str(out_dir / "tensorboard")).Reload()
+    scalars = events.Tags()["scalars"]
+    for tag in [*(f"accuracy/{d}" for d in DOMAINS), "accuracy/mean", "train_loss/mean", "bytes/up_per_client",
+                "seconds/comm", "seconds/overhead_fraction", "aggregation/cos_avg_mean", "bad_updates"]:
+        assert tag in scalars
+        assert [event.step for event in events.Scalars(tag)] == [1, 2]
+    assert events.Scalars("accuracy/mean")[-1].value == pytest.approx(results["final"]["mean_accuracy"])
+    assert "_hparams_/experiment" in events.PluginTagToContent("hparams")
+    assert events.Scalars("hparams/mean_accuracy")[-1].value == pytest.approx(results["final"]["mean_accuracy"])
+
+
+def test_stopping_after_one_round_and_resuming_gives_the_same_results(tiny_run, tmp_path):
+    _, uninterrupted = tiny_run
+    fit(tiny_config(tmp_path, "--federation.rounds", "1"))
+    resumed = fit(tiny_config(tmp_path, "--resume", "auto"))
+    assert resumed["final"] == uninterrupted["final"]
+    assert [r["train_loss"] for r in resumed["rounds"]] == [r["train_loss"] for r in uninterrupted["rounds"]]
+
+    with pytest.raises(UserError, match=r"server.method: 'lorafair' -> 'fedit'"):
+        fit(tiny_config(tmp_path, "--resume", "auto", "--server.method", "fedit"))
+    with pytest.raises(UserError, match=r"federation.rounds: 1 is fewer than the 2 rounds already done"):
+        fit(tiny_config(tmp_path, "--resume", "auto", "--federation.rounds", "1"))
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(UserError, match=r"foreign.ckpt is not a lorafair checkpoint \(it lacks base, extra"):
+        fit(tiny_config(tmp_path, "--resume", str(foreign)))
+
+
+def test_a_run_killed_while_writing_a_checkpoint_resumes_exactly(tiny_run, tmp_path):
+    _, uninterrupted = tiny_run
+    env = {**os.environ, "LORAFAIR_FAIL_AT": "2:checkpoint", "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([sys.executable, "-m", "lorafair", "fit", *tiny_args(tmp_path)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    leftovers = sorted(path.name for path in (tmp_path / "checkpoints").iterdir())
+    assert leftovers == ["round_00001.ckpt", "round_00002.ckpt.tmp"]  # the complete previous one survives
+
+    resumed = fit(tiny_config(tmp_path, "--resume", "auto"))
+    assert resumed["final"] == uninterrupted["final"]
+    assert [record["round"] for record in resumed["rounds"]] == [1, 2]
+
+
+def _spy_on_updates(trainer: FederatedTrainer) -> list[list]:
+    """Record the ClientUpdates the server aggregates, one list per round."""
+    rounds, aggregate = [], trainer.aggregator.aggregate
+
+    def recording(updates):
+        rounds.append([(u.weight, {n: (a.clone(), b.clone()) for n, (a, b) in u.lora.items()}) for u in updates])
+        return aggregate(updates)
+
+    trainer.aggregator.aggregate = recording
+    return rounds
+
+
+def test_flora_merges_the_weighted_sum_of_client_products_into_the_frozen_weights(tmp_path):
+    cfg = tiny_config(tmp_path, "--server.method", "flora")
+    trainer = FederatedTrainer(cfg, launch_fabric(cfg))
+    base = {name: w.double() for name, w in trainer.model.base_state().items()}
+    rounds = _spy_on_updates(trainer)
+    trainer.run()
+
+    assert len(rounds) == 2
+    expected = dict(base)
+    for updates in rounds:
+        total = sum(weight for weight, _ in updates)
+        for name in expected:
+            expected[name] = expected[name] + trainer.model.scaling * sum(
+                (weight / total) * lora[name][1].double() @ lora[name][0].double() for weight, lora in updates)
+    merged = trainer.model.base_state()
+    for name, weight in expected.items():
+        assert (weight - base[name]).abs().max() > 1e-3  # the merges are far larger than the tolerance
+        torch.testing.assert_close(merged[name].double(), weight, rtol=0, atol=1e-6)
+    assert all(not b.any() for _, b in trainer.global_lora.values())  # clients restart from B = 0
+
+    state = load_checkpoint(tmp_path / "checkpoints" / "round_00002.ckpt")
+    assert all(torch.equal(state["base"][name], merged[name]) for name in merged)
+    resumed = FederatedTrainer(tiny_config(tmp_path, "--server.method", "flora", "--resume", "auto",
+                                           "--federation.rounds", "3"), trainer.fabric)
+    assert resumed.start_or_resume() == 3
+    assert all(torch.equal(resumed.model.base_state()[name], merged[name]) for name in merged)
+
+
+def test_ffa_lora_never_changes_a(tmp_path):
+    cfg = tiny_config(tmp_path, "--server.method", "ffa_lora")
+    trainer = FederatedTrainer(cfg, launch_fabric(cfg))
+    initial = {name: a.clone() for name, (a, _) in trainer.global_lora.items()}
+    rounds = _spy_on_updates(trainer)
+    trainer.run()
+
+    assert len(rounds) == 2
+    for updates in rounds:
+        for _, lora in updates:
+            assert all(torch.equal(lora[name][0], initial[name]) for name in initial)
+            assert any(b.any() for _, b in lora.values())  # B did train
+    assert all(torch.equal(trainer.global_lora[name][0], initial[name]) for name in initial)
+    assert all(torch.equal(a, initial[name]) for name, (a, _) in trainer.model.get_lora().items())
+
+
+def _poison(trainer: FederatedTrainer, victims: set[int]) -> None:
+    """Make the victims' uploads carry a NaN, as a diverged client's would."""
+    train_client = trainer.train_client
+
+    def poisoned(client, round_index):
+        payload, meta = train_client(client, round_index)
+        if client.id in victims:
+            payload = payload.clone()
+            payload[0] = float("nan")
+        return payload, meta
+
+    trainer.train_client = poisoned
+
+
+def test_a_nan_update_is_dropped_and_an_all_bad_round_keeps_the_global_model(tmp_path):
+    cfg = tiny_config(tmp_path / "one", "--federation.rounds", "1", "--federation.clients_per_round", "null")
+    trainer = FederatedTrainer(cfg, launch_fabric(cfg))
+    _poison(trainer, {2})
+    rounds = _spy_on_updates(trainer)
+    record = trainer.run()["rounds"][0]
+    assert list(record["bad_updates"]) == ["2"] and "NaN or Inf" in record["bad_updates"]["2"]
+    assert len(rounds[0]) == 5 and len(record["train_loss"]) == 6  # aggregated without client 2
+    assert 0 <= record["mean_accuracy"] <= 1
+
+    cfg = tiny_config(tmp_path / "all", "--federation.rounds", "1")
+    trainer = FederatedTrainer(cfg, launch_fabric(cfg))
+    start = {name: (a.clone(), b.clone()) for name, (a, b) in trainer.global_lora.items()}
+    _poison(trainer, set(range(6)))
+    record = trainer.run()["rounds"][0]
+    assert len(record["bad_updates"]) == 5 and record["bytes_down"] == 0
+    assert all(torch.equal(trainer.global_lora[n][i], start[n][i]) for n in start for i in (0, 1))
+
+    cfg = tiny_config(tmp_path / "error", "--federation.rounds", "1", "--federation.on_bad_update", "error")
+    trainer = FederatedTrainer(cfg, launch_fabric(cfg))
+    _poison(trainer, {0, 1, 2, 3, 4, 5})
+    with pytest.raises(UserError, match=r"round 1: bad client update \(client \d: NaN or Inf"):
+        trainer.run()
