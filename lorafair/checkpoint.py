@@ -19,9 +19,10 @@ from lorafair.errors import UserError
 
 _NAME = re.compile(r"round_(\d+)\.ckpt")
 
-RUN_ONLY_KEYS = frozenset({"out_dir", "resume", "accelerator", "precision", "num_nodes", "federation.rounds",
-                           "federation.eval_every", "data.num_workers", "data.eval_batch_size"})
-"""Settings that change how a run executes or how long it lasts but not its trajectory: free to change on resume."""
+RUN_ONLY_KEYS = frozenset({"out_dir", "resume", "accelerator", "precision", "num_nodes", "cpu_threads",
+                           "federation.rounds", "federation.eval_every", "data.num_workers", "data.eval_batch_size"})
+"""Settings free to change on resume: how long a run lasts and how it executes (accelerator and precision change
+the numerics a little, not the experiment)."""
 
 
 def checkpoint_path(directory: Path, round_index: int) -> Path:

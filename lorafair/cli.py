@@ -12,12 +12,13 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
 
 from lorafair.config import FitConfig
 from lorafair.errors import UserError
 
 _FIT_KEYS = {f.name for f in fields(FitConfig)}
+set_parsing_settings(docstring_parse_attribute_docstrings=True)  # field docstrings become --help text
 
 
 def _with_fit_config(parser: ArgumentParser) -> ArgumentParser:

@@ -58,7 +58,8 @@ def target_layers(backbone: nn.Module, pattern: str | None) -> list[str]:
     except re.error as err:
         raise UserError(f"lora.target_modules: {pattern!r} is not a valid regex ({err})") from err
     layers = [name for name in linear if regex.fullmatch(name)]
-    head = [name for name in layers if f"{name}.weight" in head_parameter_names(backbone)]
+    head_weights = head_parameter_names(backbone)
+    head = [name for name in layers if f"{name}.weight" in head_weights]
     if head:
         raise UserError(f"lora.target_modules: {pattern!r} matches the classifier head {head[0]!r}, which is trained "
                         "in full; leave it out of the regex")

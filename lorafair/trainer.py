@@ -70,6 +70,8 @@ def launch_fabric(cfg: FitConfig) -> Fabric:
     bf16-mixed on CUDA and 32-true elsewhere unless `precision` says otherwise. TensorBoard goes to
     out_dir/tensorboard (Fabric writes it from rank 0 only).
     """
+    if cfg.cpu_threads is not None:
+        torch.set_num_threads(cfg.cpu_threads)
     under_torchrun = "LOCAL_WORLD_SIZE" in os.environ
     on_cuda = cfg.accelerator in ("auto", "cuda", "gpu") and torch.cuda.is_available()
     precision = cfg.precision or ("bf16-mixed" if on_cuda else "32-true")
@@ -207,8 +209,9 @@ class FederatedTrainer:
         if cfg.client.max_local_steps is not None:
             total_steps = min(total_steps, cfg.client.max_local_steps)
         loss_sum, steps = torch.zeros((), device=self.device), 0
+        # per-client bars only on a terminal: in a log file they would bury the round bar
         bar = tqdm(total=total_steps, desc=f"round {round_index} client {client.id}", leave=False,
-                   disable=self.rank != 0, file=sys.stdout, dynamic_ncols=True)
+                   disable=self.rank != 0 or not sys.stdout.isatty(), file=sys.stdout, dynamic_ncols=True)
         for _ in range(cfg.client.local_epochs):
             for images, labels in loader:
                 if steps == total_steps:

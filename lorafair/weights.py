@@ -51,7 +51,7 @@ def create_backbone(model_cfg: ModelConfig, num_classes: int) -> nn.Module:
     if _hub_reachable():
         try:
             return create_architecture(model_cfg, num_classes, pretrained=True)
-        except OSError as err:
+        except (OSError, RuntimeError) as err:  # download failures; RuntimeError: timm has no weights for the name
             raise UserError(f"model.pretrained: could not fetch the weights of {model_cfg.name} ({err}); "
                             f"{_HOW_TO_GET_WEIGHTS}") from err
     with _hub_offline():  # the hub's local cache may still hold the file; without network, fail at once

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -184,3 +185,12 @@ def test_a_nan_update_is_dropped_and_an_all_bad_round_keeps_the_global_model(tmp
     _poison(trainer, {0, 1, 2, 3, 4, 5})
     with pytest.raises(UserError, match=r"round 1: bad client update \(client \d: NaN or Inf"):
         trainer.run()
+
+
+@pytest.mark.slow
+def test_the_demo_keeps_its_promise(tmp_path):
+    """configs/demo.yaml as the README runs it: every round, and a final mean accuracy of at least 50%."""
+    config = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    results = fit(parse_fit_args(["--config", str(config), "--out_dir", str(tmp_path)]))
+    assert len(results["rounds"]) == 20
+    assert results["final"]["mean_accuracy"] >= 0.5

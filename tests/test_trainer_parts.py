@@ -21,6 +21,7 @@ from lorafair.config import FitConfig
 from lorafair.errors import UserError
 from lorafair.federation import assign_to_ranks, derive_seed, sample_clients
 from lorafair.results import accuracy_table, config_to_dict, flatten_dict
+from lorafair.trainer import launch_fabric
 
 
 def test_sampling_is_a_seeded_sorted_subset_that_changes_with_the_round():
@@ -142,3 +143,12 @@ def test_fault_injection_checks_its_setting(monkeypatch):
     monkeypatch.setenv(faults.ENV_VAR, "2:train:1")
     faults.maybe_fail(2, "train", 0)  # another rank: nothing happens
     faults.maybe_fail(1, "train", 1)  # another round: nothing happens
+
+
+def test_cpu_threads_sets_torch_threads(tmp_path):
+    before = torch.get_num_threads()
+    try:
+        launch_fabric(FitConfig(out_dir=tmp_path, cpu_threads=before + 1))
+        assert torch.get_num_threads() == before + 1
+    finally:
+        torch.set_num_threads(before)

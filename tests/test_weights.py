@@ -190,3 +190,13 @@ def test_shipped_demo_backbone_recognises_its_pretraining_digits():
         accuracy = (model((images - mean) / std).argmax(-1) == labels).float().mean().item()
     assert accuracy > 0.5, f"chance is 0.1, got {accuracy:.3f}"
     assert accuracy == pytest.approx(record["train_accuracy"], abs=0.02)
+
+
+def test_relative_asset_paths_resolve_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    relative = Path("lorafair/assets/demo_vit.safetensors")
+    assert weights.resolve_weights_path(relative) == ASSETS / "demo_vit.safetensors"
+    (tmp_path / "lorafair" / "assets").mkdir(parents=True)
+    (tmp_path / relative).write_bytes(b"")  # a file in the working directory wins
+    assert weights.resolve_weights_path(relative) == relative
+    assert weights.resolve_weights_path(Path("elsewhere.safetensors")) == Path("elsewhere.safetensors")
