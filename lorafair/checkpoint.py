@@ -1,15 +1,19 @@
 """Per-round checkpoints that survive a kill at any moment, and the guard against resuming a different run.
 
 A checkpoint is written to a temporary file, fsynced, then renamed over its final name, so a file named
-`round_NNNNN.ckpt` is always complete; the previous one is deleted only after the new one exists. Loading uses
-`torch.load(weights_only=True)`: a checkpoint holds tensors, numbers, strings, lists and dicts only.
+`round_NNNNN.ckpt` is always complete; the previous one is deleted only after the new one exists. Each file carries a
+SHA-256 of its content, so a file damaged later (a flipped bit, a copy cut short) is told apart from a good one: torch's
+zip container alone does not notice changed tensor bytes. Loading uses `torch.load(weights_only=True)`: a checkpoint
+holds tensors, numbers, strings, lists and dicts only, and a file with any other pickled object is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import pickle
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +21,12 @@ import torch
 
 from lorafair.errors import UserError
 
+CHECKSUM_KEY = "sha256"
+"""The entry of a checkpoint file holding content_digest of everything else in it."""
+
 _NAME = re.compile(r"round_(\d+)\.ckpt")
 
-RUN_ONLY_KEYS = frozenset({"out_dir", "resume", "accelerator", "precision", "num_nodes", "cpu_threads",
+RUN_ONLY_KEYS = frozenset({"out_dir", "resume", "resume_force", "accelerator", "precision", "num_nodes", "cpu_threads",
                            "federation.rounds", "federation.eval_every", "data.num_workers", "data.eval_batch_size"})
 """Settings free to change on resume: how long a run lasts and how it executes (accelerator and precision change
 the numerics a little, not the experiment)."""
@@ -41,13 +48,14 @@ def save_checkpoint(directory: Path, round_index: int, state: Mapping[str, Any],
                     before_rename: Callable[[], None] | None = None) -> Path:
     """Write `state` as the checkpoint of `round_index` atomically and keep only the newest `keep` checkpoints.
 
-    `before_rename` runs once the temporary file is complete and synced (a fault-injection point for tests).
+    The file holds `state` plus its CHECKSUM_KEY. `before_rename` runs once the temporary file is complete and synced
+    (a fault-injection point for tests).
     """
     directory.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(directory, round_index)
     temporary = final.with_name(final.name + ".tmp")
     with open(temporary, "wb") as handle:
-        torch.save(dict(state), handle)
+        torch.save({**state, CHECKSUM_KEY: content_digest(state)}, handle)
         handle.flush()
         os.fsync(handle.fileno())
     if before_rename is not None:
@@ -60,12 +68,27 @@ def save_checkpoint(directory: Path, round_index: int, state: Mapping[str, Any],
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load one checkpoint on the CPU; a truncated or foreign file raises UserError naming it."""
+    """Load one checkpoint on the CPU and check its checksum (removed from the answer).
+
+    A truncated, corrupt or unsafe file raises UserError naming it. A file without a checksum is returned as it is:
+    the caller decides whether it is a lorafair checkpoint.
+    """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights only" not in str(err).lower():
+            raise UserError(f"checkpoint {path} cannot be read (UnpicklingError: {' '.join(str(err).split())[:200]})"
+                            ) from err
+        raise UserError(f"checkpoint {path} holds Python objects other than tensors and plain values; lorafair loads "
+                        f"checkpoints with weights_only=True and refuses it (pass a checkpoint lorafair wrote)") from err
     except Exception as err:
         raise UserError(f"checkpoint {path} cannot be read ({type(err).__name__}: {' '.join(str(err).split())[:200]})"
                         ) from err
+    if isinstance(state, dict) and CHECKSUM_KEY in state:
+        stored = state.pop(CHECKSUM_KEY)
+        if stored != content_digest(state):
+            raise UserError(f"checkpoint {path} is corrupt: its content does not match the checksum stored in it")
+    return state
 
 
 def load_latest(directory: Path, warn: Callable[[str], None]) -> tuple[Path, dict[str, Any]] | None:
@@ -78,9 +101,55 @@ def load_latest(directory: Path, warn: Callable[[str], None]) -> tuple[Path, dic
     return None
 
 
-def trajectory_identity(flat_config: Mapping[str, Any]) -> dict[str, Any]:
-    """The settings that determine a run's results, from a flat {dotted.key: value} config."""
-    return {key: value for key, value in flat_config.items() if key not in RUN_ONLY_KEYS}
+def content_digest(state: Any) -> str:
+    """SHA-256 over a nest of dicts, lists, tensors and plain values: keys, order, dtypes, shapes and every byte."""
+    digest = hashlib.sha256()
+
+    def feed(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous()
+            digest.update(f"tensor {tensor.dtype} {tuple(tensor.shape)};".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, Mapping):
+            digest.update(f"dict {len(value)};".encode())
+            for key, item in value.items():
+                feed(key)
+                feed(item)
+        elif isinstance(value, list | tuple):
+            digest.update(f"{type(value).__name__} {len(value)};".encode())
+            for item in value:
+                feed(item)
+        else:
+            digest.update(f"{type(value).__name__} {value!r};".encode())
+
+    feed(state)
+    return digest.hexdigest()
+
+
+def trajectory_identity(flat_config: Mapping[str, Any], partition: str) -> dict[str, Any]:
+    """The settings that determine a run's results, from a flat {dotted.key: value} config, plus the partition
+    fingerprint (the data behind the same config can change)."""
+    return {**{key: value for key, value in flat_config.items() if key not in RUN_ONLY_KEYS}, "partition": partition}
+
+
+def partition_fingerprint(clients: Iterable[tuple[int, str, int, list[int]]]) -> str:
+    """A short label of the client partition: client count, sample count and a hash of every client's
+    (id, domain, num_samples, class_counts)."""
+    clients = [(int(i), str(domain), int(size), [int(c) for c in counts]) for i, domain, size, counts in clients]
+    digest = hashlib.sha256(repr(clients).encode()).hexdigest()[:12]
+    return f"{len(clients)} clients, {sum(size for _, _, size, _ in clients)} samples, sha256 {digest}"
+
+
+def first_shape_mismatch(saved: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size]) -> str | None:
+    """The first tensor (in `expected`'s order) that is missing, extra or shaped differently in `saved`, described
+    in words; None when every tensor fits."""
+    for name, shape in expected.items():
+        if name not in saved:
+            return f"{name} is missing from the checkpoint"
+        if tuple(saved[name].shape) != tuple(shape):
+            return f"{name} has shape {tuple(saved[name].shape)} in the checkpoint but {tuple(shape)} in this model"
+    extra = [name for name in saved if name not in expected]
+    return f"{extra[0]} is in the checkpoint but not in this model" if extra else None
 
 
 def identity_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:

@@ -215,6 +215,9 @@ class FitConfig:
     resume: str | None = None
     """auto: continue from the newest checkpoint in out_dir (start fresh if none); a path: from that checkpoint;
     null: start a new run (removing out_dir's old checkpoints)."""
+    resume_force: bool = False
+    """Resume even from a checkpoint written with other settings (model, LoRA, partition, method, ...), listing the
+    differences as a warning. The results then match no uninterrupted run; tensors must still fit the model."""
     accelerator: str = "auto"
     """Lightning Fabric accelerator: auto, cpu, cuda or gpu."""
     precision: Literal["32-true", "bf16-mixed"] | None = None
@@ -234,3 +237,5 @@ class FitConfig:
                  f"must be >= 1 or null, got {self.cpu_threads}")
         _require(self.resume in (None, "auto") or Path(self.resume).exists(), "resume",
                  f"must be 'auto' or an existing checkpoint file, got {self.resume!r}")
+        _require(not self.resume_force or self.resume is not None, "resume_force",
+                 "only applies with --resume auto or --resume PATH")

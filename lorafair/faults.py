@@ -1,7 +1,12 @@
-"""Fault injection for the resume tests: kill this process at a named point of a round, as a pre-emption would.
+"""Fault injection for the reliability tests, read from environment variables; unset, they cost nothing.
 
-Set LORAFAIR_FAIL_AT=ROUND:PHASE (or ROUND:PHASE:RANK to kill one rank only). The process sends itself SIGKILL, so
-nothing gets a chance to clean up: exactly the situation the checkpoints must survive. Unset, it costs nothing.
+LORAFAIR_FAIL_AT=ROUND:PHASE (or ROUND:PHASE:RANK to kill one rank only) kills this process with SIGKILL at a named
+point of a round, as a pre-emption would: nothing gets a chance to clean up, exactly the situation the checkpoints
+must survive. It fires once per job: under torchrun only in the first attempt (TORCHELASTIC_RESTART_COUNT unset or
+0), so the processes torchrun restarts run through and resume.
+
+LORAFAIR_POISON=ROUND:CLIENT[,ROUND:CLIENT...] turns the update of that client in that round into NaN, as a
+diverged client's would be, so the server's dropping of bad updates can be tested end to end.
 """
 
 from __future__ import annotations
@@ -10,18 +15,32 @@ import os
 import signal
 
 ENV_VAR = "LORAFAIR_FAIL_AT"
+POISON_ENV_VAR = "LORAFAIR_POISON"
 PHASES = ("train", "gather", "aggregate", "eval", "checkpoint")
 """Where a round can be interrupted: during local training, the gather, the aggregation, the evaluation, and with
 the new checkpoint written but not yet renamed into place."""
 
 
 def maybe_fail(round_index: int, phase: str, rank: int) -> None:
-    """Kill this process if LORAFAIR_FAIL_AT names this round, phase (and rank)."""
+    """Kill this process if LORAFAIR_FAIL_AT names this round, phase (and rank), in a job's first attempt."""
     target = os.environ.get(ENV_VAR)
     if not target:
         return
     parts = target.split(":")
     if len(parts) not in (2, 3) or parts[1] not in PHASES:
         raise ValueError(f"{ENV_VAR}={target!r}: expected ROUND:PHASE[:RANK] with PHASE one of {', '.join(PHASES)}")
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
     if int(parts[0]) == round_index and parts[1] == phase and (len(parts) == 2 or int(parts[2]) == rank):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def is_poisoned(round_index: int, client_id: int) -> bool:
+    """Whether LORAFAIR_POISON names this client in this round."""
+    target = os.environ.get(POISON_ENV_VAR)
+    if not target:
+        return False
+    pairs = [item.split(":") for item in target.split(",")]
+    if not all(len(pair) == 2 and all(part.strip().isdigit() for part in pair) for pair in pairs):
+        raise ValueError(f"{POISON_ENV_VAR}={target!r}: expected ROUND:CLIENT[,ROUND:CLIENT...]")
+    return [round_index, client_id] in [[int(part) for part in pair] for pair in pairs]

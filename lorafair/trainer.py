@@ -30,10 +30,12 @@ from tqdm import tqdm
 from lorafair import comm, faults
 from lorafair.aggregation import ClientUpdate, build_aggregator, find_bad_updates, method_options
 from lorafair.checkpoint import (
+    first_shape_mismatch,
     identity_differences,
     list_checkpoints,
     load_checkpoint,
     load_latest,
+    partition_fingerprint,
     save_checkpoint,
     trajectory_identity,
 )
@@ -116,7 +118,8 @@ class FederatedTrainer:
         self.payload_shapes = {**{f"{name}.{factor}": tensor.shape for name, pair in self.global_lora.items()
                                   for factor, tensor in zip("AB", pair, strict=True)},
                                **{name: tensor.shape for name, tensor in self.global_extra.items()}}
-        self.identity = trajectory_identity(flatten_dict(config_to_dict(cfg)))
+        self.identity = trajectory_identity(flatten_dict(config_to_dict(cfg)), partition_fingerprint(
+            (c.id, c.domain, c.num_samples, c.class_counts) for c in clients))
         self.results: dict[str, Any] = {
             "method": cfg.server.method, "seed": cfg.seed, "config": config_to_dict(cfg), "domains": self.data.domains,
             "clients": [{"id": c.id, "domain": c.domain, "num_samples": c.num_samples} for c in clients],
@@ -232,6 +235,8 @@ class FederatedTrainer:
         lora = model.get_lora()
         payload = comm.flatten({**{f"{name}.{factor}": tensor for name, pair in lora.items()
                                    for factor, tensor in zip("AB", pair, strict=True)}, **model.get_extra()})
+        if faults.is_poisoned(round_index, client.id):
+            payload[0] = float("nan")
         train_loss = loss_sum.item() / steps if steps else float("nan")
         return payload, [client.id, client.num_samples, train_loss, steps, loader.skipped]
 
@@ -264,10 +269,12 @@ class FederatedTrainer:
             if self.cfg.federation.on_bad_update == "error":
                 return {}, {"error": f"round {round_index}: bad client update ({described}); federation.on_bad_update"
                                      f"=error stops the run, 'drop' leaves such clients out of the round"}
-            self.fabric.print(f"round {round_index}: dropping {len(bad_clients)} bad update(s): {described}")
+            self.fabric.print(f"warning: round {round_index}: dropping {len(bad_clients)} bad update(s), the "
+                              f"others are re-weighted: {described}")
         good = [update for position, update in enumerate(updates) if position not in bad]
+        record["skipped"] = not good
         if not good:
-            self.fabric.print(f"round {round_index}: no usable update, the global model stays as it was")
+            self.fabric.print(f"warning: round {round_index}: no usable update, the global model stays as it was")
             return {}, {"skipped": True, "record": record}
         result = self.aggregator.aggregate(good)
         tensors: dict[str, Tensor] = {}
@@ -337,10 +344,12 @@ class FederatedTrainer:
     def save(self, round_index: int, record: dict[str, Any]) -> None:
         """Rank 0: results.json, TensorBoard scalars, then the checkpoint of this round."""
         self.results["rounds"].append(record)
+        self.results["bad_updates_total"] = sum(len(r["bad_updates"]) for r in self.results["rounds"])
         if round_index == self.cfg.federation.rounds:
             self.results["final"] = final_accuracy(self.results)
         write_json(self.out_dir / "results.json", self.results)
-        self.fabric.log_dict(tensorboard_scalars(record), step=round_index)
+        self.fabric.log_dict({**tensorboard_scalars(record), "bad_updates_total": self.results["bad_updates_total"]},
+                             step=round_index)
         state = {"round": round_index, "identity": self.identity, "results": self.results,
                  "lora": {name: {"A": a.cpu(), "B": b.cpu()} for name, (a, b) in self.global_lora.items()},
                  "extra": {name: t.cpu() for name, t in self.global_extra.items()},
@@ -398,15 +407,27 @@ class FederatedTrainer:
         if missing:
             return {}, {"error": f"resume: {path} is not a lorafair checkpoint (it lacks {', '.join(missing)})"}
         differences = identity_differences(state["identity"], self.identity)
-        if differences:
+        if differences and not self.cfg.resume_force:
             return {}, {"error": f"resume: {path} was written by a run with other settings ({'; '.join(differences)});"
-                                 f" resume with the same settings, or start a new run in another out_dir"}
+                                 f" resume with the same settings, start a new run in another out_dir, or pass "
+                                 f"--resume_force true to continue anyway (the results then match no single run)"}
+        if differences:
+            self.fabric.print(f"warning: resume_force: continuing from {path}, written with other settings "
+                              f"({'; '.join(differences)})")
         if state["round"] > self.cfg.federation.rounds:
             return {}, {"error": f"federation.rounds: {self.cfg.federation.rounds} is fewer than the {state['round']} "
                                  f"rounds already done in {path}; raise it"}
         tensors = {f"lora/{name}/{factor}": pair[factor] for name, pair in state["lora"].items() for factor in "AB"}
         tensors.update({f"extra/{name}": t for name, t in state["extra"].items()})
         tensors.update({f"base/{name}": t for name, t in (state["base"] or {}).items()})
+        expected = {**{f"lora/{name}/{factor}": t.shape for name, pair in self.global_lora.items()
+                       for factor, t in zip("AB", pair, strict=True)},
+                    **{f"extra/{name}": t.shape for name, t in self.global_extra.items()},
+                    **{f"base/{name}": t.shape for name, t in self.model.base_state().items() if state["base"]}}
+        mismatch = first_shape_mismatch(tensors, expected)
+        if mismatch:
+            return {}, {"error": f"resume: {path} does not fit this model: {mismatch}; resume with the model and "
+                                 f"LoRA settings it was written with"}
         return tensors, {"round": state["round"], "results": state["results"], "path": str(path)}
 
 
