@@ -80,7 +80,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             raise UserError(f"checkpoint {path} cannot be read (UnpicklingError: {' '.join(str(err).split())[:200]})"
                             ) from err
         raise UserError(f"checkpoint {path} holds Python objects other than tensors and plain values; lorafair loads "
-                        f"checkpoints with weights_only=True and refuses it (pass a checkpoint lorafair wrote)") from err
+                        f"checkpoints with weights_only=True and refuses it (pass a checkpoint lorafair wrote)"
+                        ) from err
     except Exception as err:
         raise UserError(f"checkpoint {path} cannot be read ({type(err).__name__}: {' '.join(str(err).split())[:200]})"
                         ) from err

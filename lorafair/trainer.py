@@ -85,9 +85,10 @@ def launch_fabric(cfg: FitConfig) -> Fabric:
     return fabric
 
 
-def aggregator_options(cfg: FitConfig) -> dict[str, Any]:
-    """The method's options taken from the server section (and the run seed where the method draws randoms)."""
-    settings = {**vars(cfg.server), "seed": cfg.seed}
+def aggregator_options(cfg: FitConfig, round_index: int = 0) -> dict[str, Any]:
+    """The method's options taken from the server section, and a seed of (run seed, round) where the method draws
+    randoms: a round's draws then do not depend on the rounds before it, so a resumed run repeats them."""
+    settings = {**vars(cfg.server), "seed": derive_seed("server", cfg.seed, round_index)}
     return {name: settings[name] for name in method_options(cfg.server.method) if name in settings}
 
 
@@ -123,7 +124,7 @@ class FederatedTrainer:
         self.results: dict[str, Any] = {
             "method": cfg.server.method, "seed": cfg.seed, "config": config_to_dict(cfg), "domains": self.data.domains,
             "clients": [{"id": c.id, "domain": c.domain, "num_samples": c.num_samples} for c in clients],
-            "rounds": [],
+            "rounds": [], "bad_updates_total": 0,
         }
 
     # ---- the run --------------------------------------------------------------------------------------------
@@ -246,6 +247,8 @@ class FederatedTrainer:
         """Rank 0: aggregate the round's updates (in client order, whatever rank sent them) into the tensors every
         rank applies, and the round's record fields. Errors travel in `info` so every rank stops together."""
         faults.maybe_fail(round_index, "aggregate", self.rank)
+        if "seed" in method_options(self.cfg.server.method):
+            self.aggregator = build_aggregator(self.cfg.server.method, **aggregator_options(self.cfg, round_index))
         metas = [dict(zip(META, row, strict=True)) for row in meta_rows.tolist()]
         order = sorted(range(len(metas)), key=lambda i: metas[i]["client"])
         client_ids = [int(metas[i]["client"]) for i in order]
@@ -344,7 +347,7 @@ class FederatedTrainer:
     def save(self, round_index: int, record: dict[str, Any]) -> None:
         """Rank 0: results.json, TensorBoard scalars, then the checkpoint of this round."""
         self.results["rounds"].append(record)
-        self.results["bad_updates_total"] = sum(len(r["bad_updates"]) for r in self.results["rounds"])
+        self.results["bad_updates_total"] += len(record["bad_updates"])
         if round_index == self.cfg.federation.rounds:
             self.results["final"] = final_accuracy(self.results)
         write_json(self.out_dir / "results.json", self.results)
@@ -378,6 +381,7 @@ class FederatedTrainer:
             self.merged = True
         if self.rank == 0:
             self.results["rounds"] = info["results"]["rounds"]
+            self.results["bad_updates_total"] = sum(len(r["bad_updates"]) for r in self.results["rounds"])
             self.fabric.print(f"resuming after round {info['round']} from {info['path']}")
         return info["round"] + 1
 
@@ -420,10 +424,11 @@ class FederatedTrainer:
         tensors = {f"lora/{name}/{factor}": pair[factor] for name, pair in state["lora"].items() for factor in "AB"}
         tensors.update({f"extra/{name}": t for name, t in state["extra"].items()})
         tensors.update({f"base/{name}": t for name, t in (state["base"] or {}).items()})
+        base = self.model.base_state() if state["base"] else {}
         expected = {**{f"lora/{name}/{factor}": t.shape for name, pair in self.global_lora.items()
                        for factor, t in zip("AB", pair, strict=True)},
                     **{f"extra/{name}": t.shape for name, t in self.global_extra.items()},
-                    **{f"base/{name}": t.shape for name, t in self.model.base_state().items() if state["base"]}}
+                    **{f"base/{name}": t.shape for name, t in base.items()}}
         mismatch = first_shape_mismatch(tensors, expected)
         if mismatch:
             return {}, {"error": f"resume: {path} does not fit this model: {mismatch}; resume with the model and "

@@ -1,4 +1,4 @@
-"""Two gloo ranks on the CPU: the collectives of lorafair.comm, and torchrun against one process."""
+"""Two gloo ranks on the CPU: the collectives of lorafair.comm, torchrun against one process, elastic restarts."""
 
 from __future__ import annotations
 
@@ -55,19 +55,46 @@ def _environment(**settings: str) -> dict[str, str]:
     return {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **settings}
 
 
-@pytest.mark.slow
-def test_torchrun_with_two_ranks_matches_one_process(tiny_run, tmp_path):
-    _, single = tiny_run
-    command = ["bash", str(ROOT / "launch" / "torchrun_single_node.sh"), "2", *tiny_args(tmp_path)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=_environment())
+def _torchrun(out_dir: Path, **settings: str) -> subprocess.CompletedProcess:
+    """The tiny job on 2 gloo ranks via the launch script (torchrun --standalone, --resume auto)."""
+    command = ["bash", str(ROOT / "launch" / "torchrun_single_node.sh"), "2", *tiny_args(out_dir)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=_environment(**settings))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, dict]:
+    """The tiny job run once, uninterrupted, on 2 ranks: (the finished process, its results.json)."""
+    out_dir = tmp_path_factory.mktemp("two_ranks")
+    done = _torchrun(out_dir)
+    return done, json.loads((out_dir / "results.json").read_text())
+
+
+@pytest.mark.slow
+def test_torchrun_with_two_ranks_matches_one_process(tiny_run, two_rank_run):
+    _, single = tiny_run
+    done, distributed = two_rank_run
     assert done.stdout.count("global model after round 2") == 1  # only rank 0 prints the table
-    distributed = json.loads(Path(tmp_path / "results.json").read_text())
     for domain, accuracy in single["final"]["accuracy"].items():
         assert abs(distributed["final"]["accuracy"][domain] - accuracy) <= 0.005
     assert [r["clients"] for r in distributed["rounds"]] == [r["clients"] for r in single["rounds"]]
     for record in distributed["rounds"]:  # 5 clients on 2 ranks: 3 + 2
         assert sorted(list(record["ranks"].values()).count(rank) for rank in (0, 1)) == [2, 3]
+
+
+@pytest.mark.slow
+def test_an_elastic_restart_after_a_rank_dies_resumes_exactly(two_rank_run, tmp_path):
+    """Rank 1 is killed in round 2's local training; torchrun restarts both ranks, which resume from round 1."""
+    _, uninterrupted = two_rank_run
+    done = _torchrun(tmp_path, MAX_RESTARTS="1", LORAFAIR_FAIL_AT="2:train:1")
+    log = done.stdout + done.stderr
+    assert "resuming after round 1" in log and "SIGKILL" in log
+    restarted = json.loads((tmp_path / "results.json").read_text())
+    assert restarted["final"] == uninterrupted["final"]
+    for mine, theirs in zip(restarted["rounds"], uninterrupted["rounds"], strict=True):
+        assert (mine["clients"], mine["ranks"], mine["train_loss"]) == (theirs["clients"], theirs["ranks"],
+                                                                         theirs["train_loss"])
 
 
 def _free_port() -> int:

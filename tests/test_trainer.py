@@ -1,16 +1,13 @@
-"""End-to-end runs of the tiny job: outputs, exact resume, FLoRA's merges, FFA-LoRA's frozen A."""
+"""End-to-end runs of the tiny job: outputs, resume, FLoRA's merges, FFA-LoRA's frozen A (faults: test_reliability)."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import parse_fit_args, tiny_args, tiny_config
+from conftest import parse_fit_args, tiny_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lorafair.checkpoint import list_checkpoints, load_checkpoint
@@ -78,20 +75,6 @@ def test_stopping_after_one_round_and_resuming_gives_the_same_results(tiny_run, 
         fit(tiny_config(tmp_path, "--resume", str(foreign)))
 
 
-def test_a_run_killed_while_writing_a_checkpoint_resumes_exactly(tiny_run, tmp_path):
-    _, uninterrupted = tiny_run
-    env = {**os.environ, "LORAFAIR_FAIL_AT": "2:checkpoint", "OMP_NUM_THREADS": "1"}
-    killed = subprocess.run([sys.executable, "-m", "lorafair", "fit", *tiny_args(tmp_path)], env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert killed.returncode == -9, killed.stderr[-2000:]
-    leftovers = sorted(path.name for path in (tmp_path / "checkpoints").iterdir())
-    assert leftovers == ["round_00001.ckpt", "round_00002.ckpt.tmp"]  # the complete previous one survives
-
-    resumed = fit(tiny_config(tmp_path, "--resume", "auto"))
-    assert resumed["final"] == uninterrupted["final"]
-    assert [record["round"] for record in resumed["rounds"]] == [1, 2]
-
-
 def _spy_on_updates(trainer: FederatedTrainer) -> list[list]:
     """Record the ClientUpdates the server aggregates, one list per round."""
     rounds, aggregate = [], trainer.aggregator.aggregate
@@ -146,45 +129,6 @@ def test_ffa_lora_never_changes_a(tmp_path):
             assert any(b.any() for _, b in lora.values())  # B did train
     assert all(torch.equal(trainer.global_lora[name][0], initial[name]) for name in initial)
     assert all(torch.equal(a, initial[name]) for name, (a, _) in trainer.model.get_lora().items())
-
-
-def _poison(trainer: FederatedTrainer, victims: set[int]) -> None:
-    """Make the victims' uploads carry a NaN, as a diverged client's would."""
-    train_client = trainer.train_client
-
-    def poisoned(client, round_index):
-        payload, meta = train_client(client, round_index)
-        if client.id in victims:
-            payload = payload.clone()
-            payload[0] = float("nan")
-        return payload, meta
-
-    trainer.train_client = poisoned
-
-
-def test_a_nan_update_is_dropped_and_an_all_bad_round_keeps_the_global_model(tmp_path):
-    cfg = tiny_config(tmp_path / "one", "--federation.rounds", "1", "--federation.clients_per_round", "null")
-    trainer = FederatedTrainer(cfg, launch_fabric(cfg))
-    _poison(trainer, {2})
-    rounds = _spy_on_updates(trainer)
-    record = trainer.run()["rounds"][0]
-    assert list(record["bad_updates"]) == ["2"] and "NaN or Inf" in record["bad_updates"]["2"]
-    assert len(rounds[0]) == 5 and len(record["train_loss"]) == 6  # aggregated without client 2
-    assert 0 <= record["mean_accuracy"] <= 1
-
-    cfg = tiny_config(tmp_path / "all", "--federation.rounds", "1")
-    trainer = FederatedTrainer(cfg, launch_fabric(cfg))
-    start = {name: (a.clone(), b.clone()) for name, (a, b) in trainer.global_lora.items()}
-    _poison(trainer, set(range(6)))
-    record = trainer.run()["rounds"][0]
-    assert len(record["bad_updates"]) == 5 and record["bytes_down"] == 0
-    assert all(torch.equal(trainer.global_lora[n][i], start[n][i]) for n in start for i in (0, 1))
-
-    cfg = tiny_config(tmp_path / "error", "--federation.rounds", "1", "--federation.on_bad_update", "error")
-    trainer = FederatedTrainer(cfg, launch_fabric(cfg))
-    _poison(trainer, {0, 1, 2, 3, 4, 5})
-    with pytest.raises(UserError, match=r"round 1: bad client update \(client \d: NaN or Inf"):
-        trainer.run()
 
 
 @pytest.mark.slow

@@ -113,14 +113,14 @@ def test_checkpoints_are_atomic_keep_the_previous_one_and_skip_unreadable_ones(t
 
 
 def test_identity_ignores_how_a_run_executes_but_not_what_it_computes():
-    base = trajectory_identity(flatten_dict(config_to_dict(FitConfig())))
+    base = trajectory_identity(flatten_dict(config_to_dict(FitConfig())), "p")
     longer = FitConfig()
     longer.federation.rounds, longer.data.num_workers, longer.out_dir = 99, 0, "elsewhere"
-    assert identity_differences(base, trajectory_identity(flatten_dict(config_to_dict(longer)))) == []
+    assert identity_differences(base, trajectory_identity(flatten_dict(config_to_dict(longer)), "p")) == []
     other = FitConfig()
     other.server.method, other.lora.r = "fedit", 8
-    assert identity_differences(base, trajectory_identity(flatten_dict(config_to_dict(other)))) == [
-        "lora.r: 16 -> 8", "server.method: 'lorafair' -> 'fedit'"]
+    assert identity_differences(base, trajectory_identity(flatten_dict(config_to_dict(other)), "q")) == [
+        "lora.r: 16 -> 8", "partition: 'p' -> 'q'", "server.method: 'lorafair' -> 'fedit'"]
 
 
 def test_config_flattens_to_dotted_keys_with_plain_values():

@@ -1,4 +1,4 @@
-"""Products of LoRA factors measured without forming them (DESIGN.md section 4).
+"""Products of LoRA factors measured without forming them.
 
 Every function takes factors batched over leading dimensions (layers): B is [..., out, r] and A is [..., r, in],
 so B @ A would be out x in. Each works through r x r (or K r x K r) matrices instead, which costs
