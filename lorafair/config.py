@@ -186,6 +186,9 @@ class ServerConfig:
     """lorafair: start of dB, zero (B' starts at B_bar) or xavier (public code)."""
     residual_on: Literal["A", "B"] = "B"
     """lorafair: which factor receives the residual correction (paper Table 3)."""
+    relative: bool = True
+    """lorafair (cosine objectives): measure dB in units of ||B_bar||_F so lr and lam do not depend on the factors'
+    scale; false is the literal absolute form of Eq. 8, which overshoots when the factors are small."""
     sweeps: int = 1
     """florana: alternating least-squares sweeps (B, then A) from the averaged pair; 0 sends the plain averages."""
 

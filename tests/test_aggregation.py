@@ -27,6 +27,7 @@ CASES = [
     *[("lorafair", {"objective": objective, "residual_on": side})
       for objective in ("cosine", "column_cosine", "frobenius") for side in ("B", "A")],
     ("lorafair", {"objective": "cosine", "lr": 0.5, "steps": 50, "lam": 0.1}),
+    *[("lorafair", {"objective": objective, "relative": False}) for objective in ("cosine", "column_cosine")],
     ("florana", {}),
     ("florana", {"sweeps": 4}),
     ("fedex_lora", {}),
@@ -98,6 +99,24 @@ def test_lorafair_corrects_the_factor_and_raises_the_cosine(options):
         assert (out.lora[name][corrected] - averaged(updates, name, corrected)).norm() > 1e-3
     assert out.metrics["cos_mean"] > out.metrics["cos_avg_mean"] + 1e-3
     assert out.metrics["cos_min"] > out.metrics["cos_avg_min"]
+
+
+@pytest.mark.parametrize("objective", ["cosine", "column_cosine"])
+def test_relative_lorafair_is_scale_free_and_never_below_averaging_on_small_factors(objective):
+    """Factors at the size of early rounds (B ~ 1e-4): the literal absolute SGD overshoots, the relative one
+    improves on averaging and returns the same B' / ||B_bar|| at every scale."""
+    def scaled(updates, factor):
+        return [replace(u, lora={n: (A, factor * B) for n, (A, B) in u.lora.items()}) for u in updates]
+
+    updates = make_updates()
+    small, large = scaled(updates, 1e-4), scaled(updates, 1.0)
+    relative = build_aggregator("lorafair", objective=objective)
+    out_small, out_large = relative.aggregate(small), relative.aggregate(large)
+    for name in SHAPES:
+        torch.testing.assert_close(out_small.lora[name][1] * 1e4, out_large.lora[name][1], rtol=1e-6, atol=1e-9)
+    assert out_small.metrics["cos_mean"] > out_small.metrics["cos_avg_mean"]
+    literal = build_aggregator("lorafair", objective=objective, relative=False).aggregate(small)
+    assert literal.metrics["cos_factor_min"] < out_small.metrics["cos_factor_min"]
 
 
 def test_lorafair_metrics_equal_dense_cosines():

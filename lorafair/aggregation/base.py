@@ -1,7 +1,8 @@
 """What every aggregation method shares: the update types, input checks, weights and the layer batches.
 
 A method only implements `Aggregator.combine`, which sees one `LayerGroup`: all layers of one shape, stacked so that
-the math runs as batched matrix products over layers and clients instead of Python loops.
+the math runs as batched matrix products over layers and clients instead of Python loops (a method whose inner
+problem has the same size for every shape may batch all groups at once in `combine_groups`).
 """
 
 from __future__ import annotations
@@ -118,12 +119,16 @@ class Aggregator:
     def combine(self, group: LayerGroup) -> GroupResult:
         raise NotImplementedError
 
+    def combine_groups(self, groups: list[LayerGroup]) -> list[GroupResult]:
+        """`combine` for every group; a method overrides it to solve all groups in one batch."""
+        return [self.combine(group) for group in groups]
+
     def aggregate(self, updates: Sequence[ClientUpdate]) -> GlobalUpdate:
         start = time.perf_counter()
         weights = normalised_weights(updates)
         groups = stack_layers(updates, weights)
         extra = average_extra(updates, weights)
-        results = [self._combine_checked(group) for group in groups]
+        results = self._combine_checked(groups)
         order = list(updates[0].lora)
         lora = _by_layer(order, groups, [result.lora for result in results])
         merge = _by_layer(order, groups, [result.merge for result in results])
@@ -135,23 +140,25 @@ class Aggregator:
                             bytes_up=self._lora_bytes(updates[0].lora.values()) + extra_bytes,
                             bytes_down=bytes_down + extra_bytes)
 
-    def _combine_checked(self, group: LayerGroup) -> GroupResult:
-        """`combine`, plus the averaging bias every method logs. Finite inputs can still overflow (float32 with
-        huge entries): that becomes a ValueError naming the layer instead of NaN in the result."""
-        advice = f"the factors are too large for {group.A.dtype} (aggregate in float64 or check the clients)"
+    def _combine_checked(self, groups: list[LayerGroup]) -> list[GroupResult]:
+        """`combine_groups`, plus the averaging bias every method logs. Finite inputs can still overflow (float32
+        with huge entries): that becomes a ValueError naming the layer instead of NaN in the result."""
+        advice = f"the factors are too large for {groups[0].A.dtype} (aggregate in float64 or check the clients)"
         try:
-            result = self.combine(group)
+            results = self.combine_groups(groups)
         except torch.linalg.LinAlgError as error:
-            raise ValueError(f"{self.name}: linear algebra failed on layers {group.names} ({error}); "
+            names = [name for group in groups for name in group.names]
+            raise ValueError(f"{self.name}: linear algebra failed on layers {names} ({error}); "
                              f"with finite inputs this means {advice}") from error
-        result.metrics = {"cos_avg": group.cosine_to_ideal(group.B_bar, group.A_bar), **result.metrics}
-        for batched in (*(result.lora or ()), *(result.merge or ()), *result.metrics.values()):
-            finite = torch.isfinite(batched).reshape(len(group.names), -1).all(-1)
-            if not bool(finite.all()):
-                layer = group.names[int((~finite).nonzero()[0])]
-                raise ValueError(f"{self.name}: layer '{layer}' overflowed to NaN/Inf although every input was "
-                                 f"finite: {advice}")
-        return result
+        for group, result in zip(groups, results, strict=True):
+            result.metrics = {"cos_avg": group.cosine_to_ideal(group.B_bar, group.A_bar), **result.metrics}
+            for batched in (*(result.lora or ()), *(result.merge or ()), *result.metrics.values()):
+                finite = torch.isfinite(batched).reshape(len(group.names), -1).all(-1)
+                if not bool(finite.all()):
+                    layer = group.names[int((~finite).nonzero()[0])]
+                    raise ValueError(f"{self.name}: layer '{layer}' overflowed to NaN/Inf although every input was "
+                                     f"finite: {advice}")
+        return results
 
     def _lora_bytes(self, pairs) -> int:
         return sum(_nbytes(pair if self.sends_A else pair[1:]) for pair in pairs)

@@ -22,9 +22,14 @@ only r x r coefficients, see `_matrix_cosine_sgd`) and O((out + in) K r^2) for t
 O(out in r) for the dense SGD. Gradients are analytic (the tests check them against autograd SGD on the dense
 matrices), so aggregation also works under torch.no_grad or inference_mode; all layers of one shape step together.
 
-Step size: the cosine's curvature grows like 1 / ||B' A_bar||^2, so SGD at a fixed lr takes large steps when the
-factors are tiny (||B_bar A_bar|| well below sqrt(lr)); rounding alone can then move B' even where B_bar A_bar
-already equals dW. The frobenius objective has no step size.
+Scale (`relative`, default True): the cosine is scale-invariant, so its gradient grows like 1 / ||B'|| and plain
+SGD at a fixed lr overshoots when the factors are small, as they are after the first rounds of training from B = 0
+(measured on the demo: B moved 1000x its own size and the cosine to dW fell below plain averaging). With
+relative=True the correction is measured in units of the averaged factor, dB = ||B_bar||_F u, and SGD runs on
+1 - S + lam ||u||^2: lr and lam then mean the same at every scale, and lam keeps ||dB|| / ||B_bar|| small, the
+closeness the paper's Table 4 reports (S(B_bar, B') = 0.9998). relative=False is the literal Eq. 8 with lam on the
+absolute ||dB||^2, as the public code; both are checked against dense autograd SGD. The xavier start is the public
+code's absolute draw in either case. The frobenius objective has no step size and ignores `relative`.
 """
 
 from __future__ import annotations
@@ -72,6 +77,8 @@ class LoRAFAIR(Aggregator):
     """Seed of the xavier start; each aggregate() call draws the next values, so a run is reproducible."""
     residual_on: str = "B"
     """Which averaged factor receives the correction: B (the method) or A (the paper's ablation)."""
+    relative: bool = True
+    """Cosine objectives: measure the correction in units of ||B_bar||_F (scale-free SGD), or absolutely (False)."""
 
     name: ClassVar[str] = "lorafair"
     _generator: torch.Generator = field(init=False, repr=False, compare=False)
@@ -85,31 +92,52 @@ class LoRAFAIR(Aggregator):
         check_option(self.name, "seed", self.seed, is_count(self.seed), "an integer >= 0")
         check_option(self.name, "residual_on", self.residual_on, self.residual_on in RESIDUAL_ON,
                      f"one of {RESIDUAL_ON}")
+        check_option(self.name, "relative", self.relative, isinstance(self.relative, bool), "true or false")
         if self.objective != "frobenius":
             # Each step scales dB by (1 - 2 lr lam) before the similarity pulls it: beyond lr lam = 1 it diverges.
             check_option(self.name, "lam", self.lam, self.lr * self.lam < 1,
                          f"below 1 / lr = {1 / self.lr:g} for SGD to converge (or lower lr)")
         self._generator = torch.Generator().manual_seed(self.seed)
 
+    def combine_groups(self, groups: list[LayerGroup]) -> list[GroupResult]:
+        if self.objective != "cosine":
+            return super().combine_groups(groups)
+        # The coefficient problems of the whole-matrix cosine are 3r x r for every layer shape: one batch for all.
+        problems = [self._cosine_problem(group) for group in groups]
+        W = self._coefficient_sgd(*(torch.cat(parts) for parts in zip(*(p[3:] for p in problems), strict=True)))
+        sizes = [len(group.names) for group in groups]
+        return [self._result(group, start, unit * (basis @ W_group) - start)
+                for group, (start, unit, basis, *_), W_group in zip(groups, problems, W.split(sizes), strict=True)]
+
     def combine(self, group: LayerGroup) -> GroupResult:
+        start, _, C, G = self._tall_form(group)
+        if self.objective == "frobenius":
+            ridge = G + self.lam * torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
+            return self._result(group, start, (C - start @ G) @ torch.linalg.pinv(ridge, hermitian=True))
+        unit = self._unit(start)
+        column_norms = lowrank.clamped_norm(lowrank.column_norms_sq(group.B_stack, group.A_stack))
+        gradient = (_row_cosine_gradient(C, G, column_norms[:, :, None]) if self.residual_on == "A"
+                    else _column_cosine_gradient(group, column_norms[:, None, :]))
+        return self._result(group, start, unit * self._sgd(start / unit, self._initial_correction(start) / unit,
+                                                             gradient))
+
+    def _tall_form(self, group: LayerGroup) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(start X0, fixed factor F, C = dW F^T, G = F F^T) with the corrected factor in tall form."""
         if self.residual_on == "B":
             start, fixed = group.B_bar, group.A_bar
             C = group.B_stack @ (group.A_stack @ fixed.mT)
         else:
             start, fixed = group.A_bar.mT, group.B_bar.mT
             C = group.A_stack.mT @ (group.B_stack.mT @ group.B_bar)
-        G = fixed @ fixed.mT
-        if self.objective == "frobenius":
-            ridge = G + self.lam * torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
-            correction = (C - start @ G) @ torch.linalg.pinv(ridge, hermitian=True)
-        elif self.objective == "cosine":
-            ideal_norm = lowrank.clamped_norm(group.ideal_norm_sq)[:, None, None]
-            correction = self._matrix_cosine_sgd(start, self._initial_correction(start), C, G, ideal_norm)
-        else:
-            column_norms = lowrank.clamped_norm(lowrank.column_norms_sq(group.B_stack, group.A_stack))
-            gradient = (_row_cosine_gradient(C, G, column_norms[:, :, None]) if self.residual_on == "A"
-                        else _column_cosine_gradient(group, column_norms[:, None, :]))
-            correction = self._sgd(start, self._initial_correction(start), gradient)
+        return start, fixed, C, fixed @ fixed.mT
+
+    def _unit(self, start: Tensor) -> Tensor:
+        """S is scale-invariant in the corrected factor, so SGD on start / unit gives the correction in units."""
+        if self.relative:
+            return lowrank.clamped_norm(start.square().sum((-2, -1), keepdim=True))
+        return torch.ones_like(start[..., :1, :1])
+
+    def _result(self, group: LayerGroup, start: Tensor, correction: Tensor) -> GroupResult:
         corrected = start + correction
         A, B = (group.A_bar, corrected) if self.residual_on == "B" else (corrected.mT, group.B_bar)
         return GroupResult(lora=(A, B), metrics={
@@ -131,28 +159,36 @@ class LoRAFAIR(Aggregator):
             correction = correction - self.lr * gradient
         return correction
 
-    def _matrix_cosine_sgd(self, start: Tensor, correction: Tensor, C: Tensor, G: Tensor,
-                           ideal_norm: Tensor) -> Tensor:
-        """The same SGD for the whole-matrix cosine, in coefficient form: O(r^3) per step instead of O(m r^2).
+    def _cosine_problem(self, group: LayerGroup) -> tuple[Tensor, ...]:
+        """The whole-matrix cosine SGD in coefficient form: O(r^3) per step instead of O(m r^2).
 
         The gradient of S = <X, C> / (sqrt(<X^T X, G>) ||dW||) is u C - v X G for two scalars u, v, so each step
-        only mixes C and X G into X. Hence X = V W at every step, for the fixed basis V = [start, C, d_0]
-        (m x 3r) and a small coefficient matrix W (3r x r) that starts as [I; 0; I]. Every quantity S needs is an
-        r x r product once V's Gram matrix is known: <X, C> = <W, V^T C>, <X^T X, G> = <W G, (V^T V) W>.
+        only mixes C and X G into X. Hence X = V W at every step, for the fixed basis V = [X0, C, d_0] (m x 3r,
+        X0 the start in units) and a small coefficient matrix W (3r x r) that starts as [I; 0; I]. Every quantity
+        S needs is an r x r product once V's Gram matrix is known: <X, C> = <W, V^T C>, <X^T X, G> =
+        <W G, (V^T V) W>. Returns (start, unit, V, W0, G, V^T V, V^T C, ||dW||).
         """
+        start, _, C, G = self._tall_form(group)
+        unit = self._unit(start)
+        basis = torch.cat([start / unit, C, self._initial_correction(start) / unit], dim=-1)
         rank = start.shape[-1]
-        basis = torch.cat([start, C, correction], dim=-1)
-        gram, basis_C = basis.mT @ basis, basis.mT @ C
         eye = torch.eye(rank, dtype=start.dtype, device=start.device).expand_as(G)
-        none = torch.zeros_like(G)
-        at_start, along_C = torch.cat([eye, none, none], dim=-2), torch.cat([none, eye, none], dim=-2)
-        W = torch.cat([eye, none, eye], dim=-2)
+        W = torch.cat([eye, torch.zeros_like(G), eye], dim=-2)
+        ideal_norm = lowrank.clamped_norm(group.ideal_norm_sq)[:, None, None]
+        return start, unit, basis, W, G, basis.mT @ basis, basis.mT @ C, ideal_norm
+
+    def _coefficient_sgd(self, W: Tensor, G: Tensor, gram: Tensor, basis_C: Tensor, ideal_norm: Tensor) -> Tensor:
+        """Plain SGD on the coefficients W of X = V W (see `_cosine_problem`), batched over every layer."""
+        rank = G.shape[-1]
+        at_start, along_C = torch.zeros_like(W), torch.zeros_like(W)
+        at_start[:, :rank] = torch.eye(rank, dtype=W.dtype, device=W.device)
+        along_C[:, rank:2 * rank] = at_start[:, :rank]
         for _ in range(self.steps):
             WG = W @ G
             u, v = _cosine_terms((W * basis_C).sum((-2, -1), keepdim=True),
                                  (WG * (gram @ W)).sum((-2, -1), keepdim=True), ideal_norm)
             W = W - self.lr * (2 * self.lam * (W - at_start) - (u * along_C - v * WG))
-        return basis @ W - start
+        return W
 
 
 def _cosine_terms(inner: Tensor, norm_sq: Tensor, target_norm: Tensor) -> tuple[Tensor, Tensor]:

@@ -87,7 +87,7 @@ def _fedex_lora(layer: _Layer) -> tuple[Factors, Tensor]:
 
 
 def _lorafair(layer: _Layer, lam: float = 0.01, objective: str = "cosine", steps: int = 500, lr: float = 0.01,
-              residual_on: str = "B") -> tuple[Factors, None]:
+              residual_on: str = "B", relative: bool = True) -> tuple[Factors, None]:
     def product(delta: Tensor) -> Tensor:
         return (layer.B_bar + delta) @ layer.A_bar if residual_on == "B" else layer.B_bar @ (layer.A_bar + delta)
 
@@ -97,15 +97,17 @@ def _lorafair(layer: _Layer, lam: float = 0.01, objective: str = "cosine", steps
         similarity: Callable[[Tensor], Tensor] = (
             (lambda X: F.cosine_similarity(layer.dW.flatten(), X.flatten(), dim=0)) if objective == "cosine"
             else (lambda X: F.cosine_similarity(layer.dW, X, dim=0).mean()))
-        delta = torch.zeros_like(layer.B_bar if residual_on == "B" else layer.A_bar, requires_grad=True)
-        optimizer = torch.optim.SGD([delta], lr=lr)
+        start = layer.B_bar if residual_on == "B" else layer.A_bar
+        unit = start.norm() if relative else 1.0  # relative: the correction is unit * u, regularised as ||u||^2
+        u = torch.zeros_like(start, requires_grad=True)
+        optimizer = torch.optim.SGD([u], lr=lr)
         with torch.enable_grad():
             for _ in range(steps):
                 optimizer.zero_grad()
-                loss = 1 - similarity(product(delta)) + lam * delta.pow(2).sum()
+                loss = 1 - similarity(product(unit * u)) + lam * u.pow(2).sum()
                 loss.backward()
                 optimizer.step()
-        delta = delta.detach()
+        delta = unit * u.detach()
     if residual_on == "B":
         return (layer.A_bar, layer.B_bar + delta), None
     return (layer.A_bar + delta, layer.B_bar), None
