@@ -91,3 +91,10 @@ def barrier() -> None:
     """Wait for every rank (ends the training phase of a round at the slowest rank)."""
     if rank_and_world()[1] > 1:
         dist.barrier()
+
+
+def close() -> None:
+    """Leave the process group together: a rank exiting while another still talks to it can abort at shutdown."""
+    if rank_and_world()[1] > 1:
+        dist.barrier()
+        dist.destroy_process_group()

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from lightning.fabric import Fabric
 from lightning.fabric.loggers import TensorBoardLogger
 from torch import Tensor
@@ -63,7 +64,9 @@ META = ("client", "num_samples", "train_loss", "steps", "skipped_images")
 def fit(cfg: FitConfig) -> dict[str, Any]:
     """Run the federated job of `cfg` and return the content of its results.json (on every rank)."""
     fabric = launch_fabric(cfg)
-    return FederatedTrainer(cfg, fabric).run()
+    results = FederatedTrainer(cfg, fabric).run()
+    comm.close()
+    return results
 
 
 def launch_fabric(cfg: FitConfig) -> Fabric:
@@ -76,6 +79,8 @@ def launch_fabric(cfg: FitConfig) -> Fabric:
         torch.set_num_threads(cfg.cpu_threads)
     under_torchrun = "LOCAL_WORLD_SIZE" in os.environ
     on_cuda = cfg.accelerator in ("auto", "cuda", "gpu") and torch.cuda.is_available()
+    if under_torchrun and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        join_restarted_process_group("nccl" if on_cuda else "gloo")
     precision = cfg.precision or ("bf16-mixed" if on_cuda else "32-true")
     logger = TensorBoardLogger(root_dir=cfg.out_dir, name="tensorboard", version="", default_hp_metric=False)
     fabric = Fabric(accelerator=cfg.accelerator, strategy="ddp" if under_torchrun else "auto",
@@ -83,6 +88,18 @@ def launch_fabric(cfg: FitConfig) -> Fabric:
                     precision=precision, loggers=logger)
     fabric.launch()
     return fabric
+
+
+def join_restarted_process_group(backend: str) -> None:
+    """Join the process group of a torchrun restart under a key prefix of its own (Fabric then reuses the group).
+
+    torchrun keeps one key-value store for all attempts of a job; without the prefix, the ranks of a restarted
+    attempt can read the connection addresses the killed attempt left there and fail to connect.
+    """
+    agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+    attempt = os.environ["TORCHELASTIC_RESTART_COUNT"]
+    dist.init_process_group(backend, store=dist.PrefixStore(f"lorafair/attempt_{attempt}", agent_store),
+                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
 
 
 def aggregator_options(cfg: FitConfig, round_index: int = 0) -> dict[str, Any]:
