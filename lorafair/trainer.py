@@ -198,17 +198,18 @@ class FederatedTrainer:
         evaluate = round_index % self.cfg.federation.eval_every == 0 or round_index == self.cfg.federation.rounds
         accuracy = self.evaluate(round_index) if evaluate else None
         evaluated = clock()
-        if self.rank != 0:
-            return {"round": round_index}
-        seconds = {"train": trained - start, "comm": (gathered - trained) + (applied - aggregated),
-                   "aggregate": aggregated - gathered, "eval": evaluated - applied, "round": evaluated - start}
-        ranks = {str(client): rank for rank, clients in enumerate(hosted) for client in clients}
-        record = {"round": round_index, "clients": sampled, "ranks": ranks, **info["record"], "seconds": seconds,
-                  "overhead": (seconds["comm"] + seconds["aggregate"]) / seconds["round"]}
-        if accuracy is not None:
-            record["accuracy"] = accuracy
-            record["mean_accuracy"] = mean(list(accuracy.values()))
-        self.save(round_index, record)
+        record = {"round": round_index}
+        if self.rank == 0:
+            seconds = {"train": trained - start, "comm": (gathered - trained) + (applied - aggregated),
+                       "aggregate": aggregated - gathered, "eval": evaluated - applied, "round": evaluated - start}
+            ranks = {str(client): rank for rank, clients in enumerate(hosted) for client in clients}
+            record.update(clients=sampled, ranks=ranks, **info["record"], seconds=seconds,
+                          overhead=(seconds["comm"] + seconds["aggregate"]) / seconds["round"])
+            if accuracy is not None:
+                record["accuracy"] = accuracy
+                record["mean_accuracy"] = mean(list(accuracy.values()))
+            self.save(round_index, record)
+        comm.barrier()  # the round is on disk before any rank starts the next: a failure there resumes after it
         return record
 
     # ---- one client -----------------------------------------------------------------------------------------
