@@ -62,6 +62,9 @@ def save_checkpoint(directory: Path, round_index: int, state: Mapping[str, Any],
         before_rename()
     os.replace(temporary, final)
     _fsync_directory(directory)
+    # checkpoints of later rounds belong to a run this one branched off (resumed from an older file): drop them
+    for old in [path for path in list_checkpoints(directory) if path.name > final.name]:
+        old.unlink()
     for old in list_checkpoints(directory)[:-keep]:
         old.unlink()
     return final

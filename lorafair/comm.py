@@ -63,7 +63,8 @@ def broadcast_named(tensors: Mapping[str, Tensor] | None, info: Any, device: tor
                                                                                                       Any]:
     """Send rank 0's named tensors and a small picklable `info` to every rank; other ranks pass None for both.
 
-    The tensors travel as one float32 buffer and come back in their original dtypes, on `device`.
+    The tensors travel as one float32 buffer and come back cast to their original dtypes (float64 values are
+    rounded to float32 on the way), on `device`.
     """
     rank, world = rank_and_world()
     if world == 1:

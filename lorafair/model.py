@@ -5,7 +5,8 @@ swapping that state in and out with get_lora/set_lora and get_extra/set_extra. E
 backbone's own names ("blocks.0.attn.proj", "head.weight"), never by peft's wrapped names.
 
 Reproducible starts: the head and peft's LoRA init draw from torch's global generator, so the trainer seeds it
-(lightning.seed_everything) before construction, and `init_lora(generator)` sets the LoRA factors explicitly.
+(torch.manual_seed with a seed derived from the run seed) before construction, and `init_lora(generator)` sets
+the LoRA factors explicitly.
 """
 
 from __future__ import annotations

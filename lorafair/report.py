@@ -24,6 +24,7 @@ from matplotlib.ticker import MaxNLocator
 
 from lorafair.config import METHODS
 from lorafair.errors import UserError
+from lorafair.results import write_text_atomic
 
 METHOD_NAMES = {
     "fedit": "FedIT",
@@ -405,8 +406,8 @@ def report(dir: Path) -> None:
                         "run `lorafair compare` or `lorafair fit` with --out_dir inside it first")
     rows = group_rows(runs)
     table = markdown_table(rows, incomplete)
-    (directory / TABLE_NAME).write_text(table)
-    (directory / CSV_NAME).write_text(csv_table(rows))
+    write_text_atomic(directory / TABLE_NAME, table)
+    write_text_atomic(directory / CSV_NAME, csv_table(rows))
     written = [TABLE_NAME, CSV_NAME, ROUNDS_PLOT_NAME, COMMUNICATION_PLOT_NAME]
     with matplotlib.style.context("default"):
         plot_accuracy_vs_round(rows, directory / ROUNDS_PLOT_NAME)

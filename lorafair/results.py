@@ -1,7 +1,8 @@
 """What a run leaves behind: config.yaml, classes.json, results.json, TensorBoard scalars and the final table.
 
 results.json is rewritten atomically after every round, so a reader (or `lorafair report`) never sees half a file:
-{"method", "domains", "rounds": [per-round record], "final": {"round", "accuracy", "mean_accuracy"} or null}.
+{"method", "domains", "rounds": [per-round record], "final": {"round", "accuracy", "mean_accuracy"}};
+"final" appears once the last round is done.
 Accuracies are fractions in [0, 1]; bytes are per client per round.
 """
 
@@ -45,7 +46,10 @@ def flatten_dict(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def write_text_atomic(path: Path, text: str) -> None:
     """Replace `path` with `text` so readers see either the old or the new content, never a mix."""
     temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
+    with open(temporary, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(temporary, path)
 
 

@@ -234,7 +234,7 @@ class FederatedTrainer:
         # per-client bars only on a terminal: in a log file they would bury the round bar
         bar = tqdm(total=total_steps, desc=f"round {round_index} client {client.id}", leave=False,
                    disable=self.rank != 0 or not sys.stdout.isatty(), file=sys.stdout, dynamic_ncols=True)
-        for _ in range(cfg.client.local_epochs):
+        for _ in range(math.ceil(total_steps / len(loader))):  # no loader is started for epochs past the cap
             for images, labels in loader:
                 if steps == total_steps:
                     break
@@ -297,7 +297,10 @@ class FederatedTrainer:
         if not good:
             self.fabric.print(f"warning: round {round_index}: no usable update, the global model stays as it was")
             return {}, {"skipped": True, "record": record}
-        result = self.aggregator.aggregate(good)
+        try:
+            result = self.aggregator.aggregate(good)
+        except ValueError as err:  # e.g. FFA-LoRA clients whose A differ: every rank stops with this message
+            return {}, {"error": f"round {round_index}: aggregation failed: {err}"}
         tensors: dict[str, Tensor] = {}
         for kind, pairs in (("lora", result.lora), ("merge", result.merge)):
             for name, (lora_a, lora_b) in (pairs or {}).items():
@@ -413,6 +416,7 @@ class FederatedTrainer:
                                   f"earlier run there (pass --resume auto to continue it instead)")
                 for path in stale:
                     path.unlink()
+            (self.out_dir / "results.json").unlink(missing_ok=True)  # a stale "final" would read as this run's
             return {}, {}
         try:
             if resume == "auto":
@@ -439,9 +443,12 @@ class FederatedTrainer:
         if state["round"] > self.cfg.federation.rounds:
             return {}, {"error": f"federation.rounds: {self.cfg.federation.rounds} is fewer than the {state['round']} "
                                  f"rounds already done in {path}; raise it"}
-        tensors = {f"lora/{name}/{factor}": pair[factor] for name, pair in state["lora"].items() for factor in "AB"}
-        tensors.update({f"extra/{name}": t for name, t in state["extra"].items()})
-        tensors.update({f"base/{name}": t for name, t in (state["base"] or {}).items()})
+        try:
+            tensors = {f"lora/{name}/{factor}": pair[factor] for name, pair in state["lora"].items() for factor in "AB"}
+            tensors.update({f"extra/{name}": t for name, t in state["extra"].items()})
+            tensors.update({f"base/{name}": t for name, t in (state["base"] or {}).items()})
+        except (KeyError, TypeError, AttributeError) as err:
+            return {}, {"error": f"resume: {path} is not a lorafair checkpoint (its tensors are malformed: {err!r})"}
         base = self.model.base_state() if state["base"] else {}
         expected = {**{f"lora/{name}/{factor}": t.shape for name, pair in self.global_lora.items()
                        for factor, t in zip("AB", pair, strict=True)},

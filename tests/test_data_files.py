@@ -176,6 +176,15 @@ def test_missing_root(tmp_path):
         read_image_folders(missing, None, None, 0.2, 0)
 
 
+def test_a_domain_without_test_images_is_refused(tmp_path):
+    root = tmp_path / "domainnet"
+    make_domainnet(root, per_class=(6, 2))
+    (root / "splits" / "sketch_test.txt").write_text("")
+    with pytest.raises(UserError, match=r"sketch have no test images"):
+        build_federated_data(DataConfig(name="domainnet", root=root, domains=["clipart", "sketch"]),
+                             FederationConfig(), 0, DATA_CONFIG)
+
+
 def test_missing_split_file(domainnet):
     with pytest.raises(UserError) as err:
         read_split_file_dataset(domainnet, DOMAINNET, ["clipart", "quickdraw"], None)

@@ -88,6 +88,13 @@ def test_flatten_and_unflatten_round_trip_in_order():
         unflatten(flat, {"a": (3, 4)})
 
 
+def test_a_run_resumed_from_an_older_file_drops_the_later_checkpoints_it_branched_off(tmp_path):
+    for round_index in (9, 10):
+        save_checkpoint(tmp_path, round_index, {"round": round_index})
+    save_checkpoint(tmp_path, 6, {"round": 6})
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["round_00006.ckpt"]
+
+
 def test_checkpoints_are_atomic_keep_the_previous_one_and_skip_unreadable_ones(tmp_path):
     for round_index in range(1, 5):
         save_checkpoint(tmp_path, round_index, {"round": round_index, "w": torch.full((3,), float(round_index))})

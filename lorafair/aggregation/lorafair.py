@@ -74,7 +74,8 @@ class LoRAFAIR(Aggregator):
     init: str = "zero"
     """Start of dB for SGD: zero, or xavier (uniform, drawn from a generator seeded with `seed`)."""
     seed: int = 0
-    """Seed of the xavier start; each aggregate() call draws the next values, so a run is reproducible."""
+    """Seed of the xavier start; successive aggregate() calls of one instance draw new values (the trainer builds
+    one instance per round with a seed derived from the run seed and the round, so a resumed run draws the same)."""
     residual_on: str = "B"
     """Which averaged factor receives the correction: B (the method) or A (the paper's ablation)."""
     relative: bool = True

@@ -81,6 +81,11 @@ def build_federated_data(data_cfg: DataConfig, federation_cfg: FederationConfig,
         raise UserError(f"data.domains lists a domain twice: {data_cfg.domains}")
     domains, classes = _read_domains(data_cfg, seed, with_image_size(data_config, data_cfg.image_size))
     names = [domain.name for domain in domains]
+    empty = [domain.name for domain in domains if len(domain.test) == 0]
+    if empty:
+        raise UserError(f"domain(s) {', '.join(empty)} have no test images (too few images per class for "
+                        f"data.test_fraction, or every test line filtered out by data.num_classes); add images or "
+                        f"drop the domain from data.domains")
     all_train = ConcatDataset([domain.train for domain in domains])
     all_labels = np.concatenate([domain.train_labels for domain in domains])
     parts = partition([domain.train_labels for domain in domains], names, federation_cfg, seed)
