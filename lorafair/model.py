@@ -15,18 +15,17 @@ import math
 import re
 
 import lightning
-import timm
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig as PeftLoraConfig
 from peft import inject_adapter_in_model
-from timm.layers import PatchEmbed
 from timm.models.mlp_mixer import MlpMixer
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lorafair.config import ClientConfig, LoraConfig, ModelConfig
+from lorafair.data.transforms import backbone_data_config
 from lorafair.errors import UserError
 from lorafair.weights import create_backbone, head_parameter_names
 
@@ -164,11 +163,7 @@ class LoraClassifier(lightning.LightningModule):
 
     def data_config(self) -> dict:
         """timm's preprocessing settings, with the input size the model was built for (e.g. img_size=32)."""
-        config = timm.data.resolve_data_config(model=self.backbone)
-        patch_embed = next((m for m in self.backbone.modules() if isinstance(m, PatchEmbed)), None)
-        if patch_embed is not None and patch_embed.img_size is not None:
-            config["input_size"] = (config["input_size"][0], *patch_embed.img_size)
-        return config
+        return backbone_data_config(self.backbone)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch

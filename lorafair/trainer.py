@@ -136,6 +136,7 @@ class FederatedTrainer:
         self.payload_shapes = {**{f"{name}.{factor}": tensor.shape for name, pair in self.global_lora.items()
                                   for factor, tensor in zip("AB", pair, strict=True)},
                                **{name: tensor.shape for name, tensor in self.global_extra.items()}}
+        self.payload_width = sum(torch.Size(shape).numel() for shape in self.payload_shapes.values())
         self.identity = trajectory_identity(flatten_dict(config_to_dict(cfg)), partition_fingerprint(
             (c.id, c.domain, c.num_samples, c.class_counts) for c in clients))
         self.results: dict[str, Any] = {
@@ -182,8 +183,8 @@ class FederatedTrainer:
 
         faults.maybe_fail(round_index, "gather", self.rank)
         counts = [len(clients) for clients in hosted]
-        width = sum(torch.Size(shape).numel() for shape in self.payload_shapes.values())
-        rows = comm.gather_rows(torch.stack(payloads) if payloads else torch.zeros(0, width, device=self.device),
+        rows = comm.gather_rows(torch.stack(payloads) if payloads else torch.zeros(0, self.payload_width,
+                                                                                   device=self.device),
                                 counts)
         meta_rows = comm.gather_rows(torch.tensor(metas, dtype=torch.float64, device=self.device).view(-1, len(META)),
                                      counts)

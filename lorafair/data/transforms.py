@@ -23,10 +23,14 @@ def model_data_config(model_cfg: ModelConfig, image_size: int | None = None) -> 
     for (e.g. model.kwargs img_size=32), then `image_size`, override the pretrained input size."""
     with torch.device("meta"):
         model = create_backbone(replace(model_cfg, pretrained=False, weights=None), num_classes=1)
-    data_config = timm.data.resolve_data_config(model=model)
+    return with_image_size(backbone_data_config(model), image_size)
+
+
+def backbone_data_config(model: torch.nn.Module) -> dict:
+    """timm's data config of a built backbone, with the input size it was built for (e.g. img_size=32)."""
     patch_embed = next((module for module in model.modules() if isinstance(module, PatchEmbed)), None)
     built_for = patch_embed.img_size if patch_embed is not None else None
-    return with_image_size(data_config, image_size if image_size is not None else built_for)
+    return with_image_size(timm.data.resolve_data_config(model=model), built_for)
 
 
 def with_image_size(data_config: dict, image_size: int | tuple[int, int] | list[int] | None) -> dict:
