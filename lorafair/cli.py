@@ -73,13 +73,13 @@ def _run(argv: list[str] | None) -> int:
     sub = args[command]
     sub_parser = parser._subcommands_action._name_parser_map[command]
     if command == "report":
-        from lorafair.report import report
+        from lorafair.reporting.report import report
 
         report(sub.dir)
         return 0
     cfg = fit_config(sub_parser, sub)
     if command == "fit":
-        from lorafair.trainer import fit
+        from lorafair.federated.loop import fit
 
         fit(cfg)
     elif command == "data":
@@ -87,7 +87,7 @@ def _run(argv: list[str] | None) -> int:
 
         summarize(cfg, plot=sub.plot)
     elif command == "compare":
-        from lorafair.compare import compare
+        from lorafair.reporting.compare import compare
 
         compare(cfg, methods=[m.strip() for m in sub.methods.split(",") if m.strip()], seeds=sub.seeds,
                 grid=sub.grid)

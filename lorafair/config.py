@@ -6,10 +6,11 @@ Checks that need more than one section live in `FitConfig.validate`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Literal
 
+from lorafair.aggregation import OptionError, build_aggregator, method_options, registered_methods, user_options
 from lorafair.errors import UserError
 
 
@@ -165,40 +166,35 @@ class ClientConfig:
                  f"must be > 0 or null, got {self.grad_clip}")
 
 
-METHODS = ("fedit", "ffa_lora", "flora", "flexlora", "lorafair", "florana", "fedex_lora")
+def _validate_server(self) -> None:
+    """The method is registered, and every option passes the checks of each method that declares it (an option
+    the chosen method ignores is still checked, so a config stays valid whatever method it is run with)."""
+    methods = registered_methods()
+    _require(self.method in methods, "server.method",
+             f"{self.method!r} is not valid; choose one of {', '.join(methods)}")
+    for method in methods:
+        options = {name: getattr(self, name) for name in method_options(method) if name in user_options()}
+        try:
+            build_aggregator(method, **options)
+        except OptionError as err:
+            raise ConfigError(f"server.{err.option}: {err.problem}") from err
 
 
-@dataclass
-class ServerConfig:
-    """The aggregation strategy. Options a method does not use are ignored by it."""
+def _server_config_class() -> type:
+    """ServerConfig from the method registry: `method` plus one field per option of any method."""
+    options = user_options()
+    methods = ", ".join(registered_methods())
+    docs = [f"    method: Aggregation method: {methods}.",
+            *(f"    {o.name}: {', '.join(o.methods)}: {o.doc}" for o in options.values())]
+    doc = "The aggregation method and its options. Options a method does not use are ignored by it.\n\n" \
+          "Args:\n" + "\n".join(docs)
+    return make_dataclass("ServerConfig", [("method", str, field(default="lorafair")),
+                                           *((o.name, o.type, field(default=o.default)) for o in options.values())],
+                          namespace={"validate": _validate_server, "__doc__": doc, "__module__": __name__})
 
-    method: Literal["fedit", "ffa_lora", "flora", "flexlora", "lorafair", "florana", "fedex_lora"] = "lorafair"
-    """Aggregation rule: fedit, ffa_lora, flora, flexlora, lorafair, florana or fedex_lora."""
-    lam: float = 0.01
-    """lorafair: weight of the ||dB||^2 regulariser that keeps B' close to the averaged B."""
-    objective: Literal["cosine", "column_cosine", "frobenius"] = "cosine"
-    """lorafair: cosine (paper Eq. 8), column_cosine (public code) or frobenius (closed-form ridge)."""
-    steps: int = 500
-    """lorafair: server SGD steps (cosine objectives)."""
-    lr: float = 0.01
-    """lorafair: server SGD learning rate (cosine objectives)."""
-    init: Literal["zero", "xavier"] = "zero"
-    """lorafair: start of dB, zero (B' starts at B_bar) or xavier (public code)."""
-    residual_on: Literal["A", "B"] = "B"
-    """lorafair: which factor receives the residual correction (paper Table 3)."""
-    relative: bool = True
-    """lorafair (cosine objectives): measure dB in units of ||B_bar||_F so lr and lam do not depend on the factors'
-    scale; false is the literal absolute form of Eq. 8, which overshoots when the factors are small."""
-    sweeps: int = 1
-    """florana: alternating least-squares sweeps (B, then A) from the averaged pair; 0 sends the plain averages."""
 
-    def validate(self) -> None:
-        _require(self.lam >= 0, "server.lam", f"must be >= 0, got {self.lam}")
-        _require(self.steps >= 0, "server.steps", f"must be >= 0, got {self.steps}")
-        _require(self.lr > 0, "server.lr", f"must be > 0, got {self.lr}")
-        _require(self.sweeps >= 0, "server.sweeps", f"must be >= 0, got {self.sweeps}")
-        _require(self.objective == "frobenius" or self.lr * self.lam < 1, "server.lam",
-                 f"must be below 1 / server.lr = {1 / self.lr:g} for the server SGD to converge, got {self.lam}")
+ServerConfig = _server_config_class()
+"""Built when lorafair.config is first imported: methods registered before that are part of it."""
 
 
 @dataclass
@@ -210,7 +206,7 @@ class FitConfig:
     data: DataConfig = field(default_factory=DataConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
-    server: ServerConfig = field(default_factory=ServerConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)  # type: ignore[valid-type]
     seed: int = 0
     """Seeds everything: the partition, client sampling, LoRA inits and each client's local training."""
     out_dir: Path = Path("runs/lorafair")
@@ -232,7 +228,7 @@ class FitConfig:
     run fastest on one thread, especially on a busy machine."""
 
     def validate(self) -> None:
-        for section in (self.model, self.lora, self.data, self.federation, self.client, self.server):
+        for section in (self.server, self.model, self.lora, self.data, self.federation, self.client):
             section.validate()
         _require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
         _require(self.num_nodes >= 1, "num_nodes", f"must be >= 1, got {self.num_nodes}")

@@ -25,7 +25,6 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lorafair.config import ClientConfig, LoraConfig, ModelConfig
-from lorafair.data.transforms import backbone_data_config
 from lorafair.errors import UserError
 from lorafair.weights import create_backbone, head_parameter_names
 
@@ -161,10 +160,6 @@ class LoraClassifier(lightning.LightningModule):
 
     # ---- data and training --------------------------------------------------------------------------------
 
-    def data_config(self) -> dict:
-        """timm's preprocessing settings, with the input size the model was built for (e.g. img_size=32)."""
-        return backbone_data_config(self.backbone)
-
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch
         return F.cross_entropy(self(images), labels)
@@ -176,6 +171,9 @@ class LoraClassifier(lightning.LightningModule):
         predictions = self(images).argmax(dim=-1)
         self.val_accuracy.update(predictions, labels)
         return (predictions == labels).sum(), torch.tensor(labels.numel(), device=labels.device)
+
+    def on_validation_epoch_end(self) -> None:
+        self.val_accuracy.reset()
 
     def configure_optimizers(self) -> torch.optim.SGD:
         """SGD over what is trainable now; call again after freeze_lora_A."""

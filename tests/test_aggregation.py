@@ -9,9 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lorafair.aggregation import METHODS, ClientUpdate, build_aggregator, find_bad_updates, method_options
+from lorafair.aggregation import ClientUpdate, build_aggregator, find_bad_updates, method_options, registered_methods
 from lorafair.aggregation.reference import dense_reference
-from lorafair.config import METHODS as CONFIG_METHODS
 from lorafair.config import ServerConfig
 
 SHAPES = {"blocks.0.attn.proj": (12, 10), "blocks.0.mlp.fc2": (12, 17), "blocks.1.attn.proj": (12, 10)}
@@ -226,7 +225,7 @@ def test_bytes_per_client_per_round():
         updates = make_updates(weights=WEIGHTS[:K], shared_A=True)
         expected_down = {"fedit": sizes, "ffa_lora": B_only, "flora": K * sizes, "flexlora": sizes,
                          "lorafair": sizes, "florana": sizes, "fedex_lora": sizes + (K + 1) * sizes}
-        for method in METHODS:
+        for method in registered_methods():
             out = build_aggregator(method).aggregate(updates)
             assert out.bytes_up == (B_only if method == "ffa_lora" else sizes) * 8 + head
             assert out.bytes_down == expected_down[method] * 8 + head
@@ -240,7 +239,7 @@ def test_float32_matches_float64_reference():
     def as_double(pairs):
         return pairs and {n: (A.double(), B.double()) for n, (A, B) in pairs.items()}
 
-    for method in METHODS:
+    for method in registered_methods():
         updates = make_updates(shared_A=method == "ffa_lora")
         out = build_aggregator(method).aggregate([as_float(u) for u in updates])
         for A, B in (*(out.lora or {}).values(), *(out.merge or {}).values()):
@@ -356,7 +355,7 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize(("corrupt", "message"), BAD_INPUTS, ids=[c.__name__ for c, _ in BAD_INPUTS])
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", registered_methods())
 def test_bad_input_is_refused_with_client_and_layer(corrupt, message, method):
     updates = make_updates(shared_A=True)
     corrupt(updates)
@@ -377,7 +376,7 @@ def test_ffa_lora_refuses_different_A():
         build_aggregator("ffa_lora").aggregate(updates)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", registered_methods())
 def test_overflow_is_refused(method):
     updates = make_updates(dtype=torch.float32, shared_A=True)
     for update in updates:
@@ -408,9 +407,8 @@ def test_bad_method_or_option_is_refused(method, options, message):
 
 
 def test_methods_and_options_line_up_with_the_server_config():
-    assert METHODS == CONFIG_METHODS
     server_fields = {f.name: f.default for f in fields(ServerConfig)}
-    for method in METHODS:
+    for method in registered_methods():
         for option, default in method_options(method).items():
             if option != "seed":  # the run's seed
                 assert server_fields[option] == default, (method, option)

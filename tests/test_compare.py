@@ -11,11 +11,13 @@ from pathlib import Path
 import pytest
 from conftest import tiny_args
 
+from lorafair.aggregation import registered_methods
 from lorafair.cli import build_parser, fit_config, main
-from lorafair.compare import compare, grid_keys, parse_grid, plan_runs, run_status
-from lorafair.config import METHODS, ConfigError, DataConfig, FitConfig
+from lorafair.config import ConfigError, DataConfig, FitConfig
 from lorafair.errors import UserError
-from lorafair.report import report
+from lorafair.reporting.compare import compare, grid_keys, parse_grid, plan_runs
+from lorafair.reporting.report import report
+from lorafair.reporting.run_folder import run_status
 
 PAPER_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "paper"
 
@@ -58,7 +60,7 @@ def test_grid_values_are_parsed_with_the_field_type() -> None:
 
 
 @pytest.mark.parametrize(("methods", "grid", "error", "message"), [
-    (["fedit", "fedavg"], None, UserError, "unknown method fedavg; valid: " + ", ".join(METHODS)),
+    (["fedit", "fedavg"], None, UserError, "unknown method fedavg; valid: " + ", ".join(registered_methods())),
     (["fedit"], "server.lamda=0,1", UserError, "KEY one of .*server.lam, server.lr"),
     (["fedit"], "lora.r=4,4.5", UserError, "lora.r='4.5' is not valid, expected int"),
     (["fedit"], "server.residual_on=A,C", UserError, "expected one of A, B"),
@@ -82,7 +84,7 @@ def test_run_status_reads_the_folder(tmp_path: Path) -> None:
 
 
 class FakeTrainer:
-    """Stands in for lorafair.trainer: writes what fit writes, and can crash in the middle of a run."""
+    """Stands in for lorafair.federated.loop: writes what fit writes, and can crash in the middle of a run."""
 
     def __init__(self, crash_on_call: int | None = None) -> None:
         self.calls: list[FitConfig] = []
@@ -95,7 +97,8 @@ class FakeTrainer:
         (cfg.out_dir / "checkpoints" / "last.pt").write_bytes(b"state")
         if len(self.calls) == self.crash_on_call:
             raise KeyboardInterrupt
-        accuracy = {"a": 0.5 + 0.01 * cfg.seed + 0.1 * METHODS.index(cfg.server.method), "b": 0.4 + 0.02 * cfg.seed}
+        method_rank = registered_methods().index(cfg.server.method)
+        accuracy = {"a": 0.5 + 0.01 * cfg.seed + 0.1 * method_rank, "b": 0.4 + 0.02 * cfg.seed}
         record = {"round": 1, "accuracy": accuracy, "mean_accuracy": sum(accuracy.values()) / 2,
                   "bytes_up": 100, "bytes_down": 200}
         results = {"method": cfg.server.method, "seed": cfg.seed, "rounds": [record],
@@ -106,7 +109,7 @@ class FakeTrainer:
 
 
 def use_trainer(monkeypatch, trainer: FakeTrainer) -> None:
-    monkeypatch.setitem(sys.modules, "lorafair.trainer", types.SimpleNamespace(fit=trainer.fit))
+    monkeypatch.setitem(sys.modules, "lorafair.federated.loop", types.SimpleNamespace(fit=trainer.fit))
 
 
 def test_an_interrupted_compare_keeps_finished_runs_and_resumes_the_partial_one(tmp_path, monkeypatch, capsys) -> None:

@@ -1,4 +1,4 @@
-"""Two gloo ranks on the CPU: the collectives of lorafair.comm, torchrun against one process, elastic restarts."""
+"""Two gloo ranks on the CPU: the collectives of the transport, torchrun against one process, elastic restarts."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import tiny_args
 
-from lorafair import comm
+from lorafair.federated import transport as comm
 
 
 def _collectives(rank: int, store: str) -> None:

@@ -10,6 +10,7 @@ import torch
 from timm.models.mlp_mixer import MlpMixer
 
 from lorafair.config import ClientConfig, LoraConfig, ModelConfig
+from lorafair.data.transforms import backbone_data_config
 from lorafair.errors import UserError
 from lorafair.model import LoraClassifier
 
@@ -181,7 +182,7 @@ def test_optimizer_follows_the_client_config():
 
 @pytest.mark.parametrize("family", ["vit", "mixer"])
 def test_data_config_has_the_built_input_size(family):
-    config = build(family).data_config()
+    config = backbone_data_config(build(family).backbone)
     assert config["input_size"] == (3, 32, 32)
     assert len(config["mean"]) == len(config["std"]) == 3
 

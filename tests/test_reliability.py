@@ -3,6 +3,7 @@ one, bad client updates are dropped (the rest re-weighted), changed settings and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -16,9 +17,10 @@ import torch
 from conftest import tiny_args, tiny_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lorafair import faults
-from lorafair.aggregation import build_aggregator
-from lorafair.checkpoint import (
+from lorafair.cli import main
+from lorafair.errors import UserError
+from lorafair.federated import faults
+from lorafair.federated.checkpoints import (
     content_digest,
     first_shape_mismatch,
     list_checkpoints,
@@ -26,9 +28,8 @@ from lorafair.checkpoint import (
     partition_fingerprint,
     save_checkpoint,
 )
-from lorafair.cli import main
-from lorafair.errors import UserError
-from lorafair.trainer import FederatedTrainer, aggregator_options, fit, launch_fabric
+from lorafair.federated.loop import FederatedTrainer, fit, launch_fabric
+from lorafair.federated.state import ClientResult, ServerAnswer
 
 
 def _fit_in_subprocess(out_dir: Path, *extra: str, **env: str) -> subprocess.CompletedProcess:
@@ -133,67 +134,78 @@ def test_a_checkpoint_holding_a_python_object_is_refused(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def round_one_updates(tmp_path_factory):
-    """A trainer of the tiny job with all 6 clients per round, and the (rows, metas) of its round 1 updates."""
+    """A trainer of the tiny job with all 6 clients per round, and the client results of its round 1."""
     cfg = tiny_config(tmp_path_factory.mktemp("updates"), "--federation.clients_per_round", "null")
     trainer = FederatedTrainer(cfg, launch_fabric(cfg))
-    trained = [trainer.train_client(client, 1) for client in trainer.data.clients]
-    rows = torch.stack([payload for payload, _ in trained])
-    metas = torch.tensor([meta for _, meta in trained], dtype=torch.float64)
-    return trainer, rows, metas
+    results = [trainer.client.train(client, trainer.global_state, 1) for client in trainer.data.clients]
+    return trainer, results
 
 
-def _aggregate(trainer: FederatedTrainer, rows: torch.Tensor, metas: torch.Tensor) -> tuple[dict, dict]:
-    trainer.aggregator = build_aggregator(trainer.cfg.server.method, **aggregator_options(trainer.cfg, 1))
-    return trainer.aggregate(1, rows, metas)
+def _with(results: list[ClientResult], position: int, **changes) -> list[ClientResult]:
+    """A copy of `results` whose result at `position` has its fields (and its update's tensors) changed."""
+    copied = [dataclasses.replace(r, update=dataclasses.replace(r.update, lora={n: (a.clone(), b.clone()) for n, (a, b)
+                                                                             in r.update.lora.items()}))
+              for r in results]
+    copied[position] = dataclasses.replace(copied[position], **changes)
+    return copied
+
+
+def _aggregate(trainer: FederatedTrainer, results: list[ClientResult]) -> ServerAnswer:
+    """Round 1's server answer (lorafair rebuilds its aggregator from the round's seed, so reruns agree)."""
+    return trainer.server.aggregate(1, results)
 
 
 @pytest.mark.parametrize("fault", ["nan update", "inf update", "inf loss", "nan loss"])
 def test_dropping_a_bad_client_equals_aggregating_the_good_ones_alone(round_one_updates, capsys, fault):
-    trainer, rows, metas = round_one_updates
+    trainer, results = round_one_updates
     victim = 2
-    bad_rows, bad_metas = rows.clone(), metas.clone()
+    value = float(fault.split()[0])
     if fault.endswith("update"):
-        bad_rows[victim, rows.shape[1] // 2] = float(fault.split()[0])
+        bad = _with(results, victim)
+        _, B = bad[victim].update.lora[next(iter(bad[victim].update.lora))]
+        B.view(-1)[B.numel() // 2] = value
     else:
-        bad_metas[victim, 2] = float(fault.split()[0])  # META: client, num_samples, train_loss, ...
-    tensors, info = _aggregate(trainer, bad_rows, bad_metas)
-    keep = [i for i in range(len(rows)) if i != victim]
-    alone, alone_info = _aggregate(trainer, rows[keep], metas[keep])
+        bad = _with(results, victim, train_loss=value)
+    answer = _aggregate(trainer, bad)
+    alone = _aggregate(trainer, [r for i, r in enumerate(results) if i != victim])
 
-    assert list(tensors) == list(alone) and all(torch.equal(tensors[k], alone[k]) for k in tensors)
+    tensors, alone_tensors = answer.to_wire()[0], alone.to_wire()[0]
+    assert list(tensors) == list(alone_tensors) and all(torch.equal(tensors[k], alone_tensors[k]) for k in tensors)
     assert all(torch.isfinite(t).all() for t in tensors.values())
-    record = info["record"]
-    assert list(record["bad_updates"]) == [str(victim)] and not record["skipped"]
-    assert ("NaN or Inf" in record["bad_updates"][str(victim)]) == fault.endswith("update")
+    record = answer.record
+    assert list(record.bad_updates) == [str(victim)] and not record.skipped
+    assert ("NaN or Inf" in record.bad_updates[str(victim)]) == fault.endswith("update")
     def untimed(metrics):
         return {name: value for name, value in metrics.items() if not name.endswith("seconds")}
 
-    assert untimed(record["aggregation"]) == untimed(alone_info["record"]["aggregation"])
+    assert untimed(record.aggregation) == untimed(alone.record.aggregation)
     assert f"warning: round 1: dropping 1 bad update(s), the others are re-weighted: client {victim}:" in (
         capsys.readouterr().out)
 
 
 def test_an_all_bad_round_keeps_the_global_state_and_error_mode_stops(round_one_updates):
-    trainer, rows, metas = round_one_updates
-    poisoned = rows.clone()
-    poisoned[:, 0] = float("nan")
-    tensors, info = _aggregate(trainer, poisoned, metas)
-    assert tensors == {} and info["skipped"] and info["record"]["skipped"]
-    assert len(info["record"]["bad_updates"]) == 6
-    before = {name: (a.clone(), b.clone()) for name, (a, b) in trainer.global_lora.items()}
-    head = {name: t.clone() for name, t in trainer.global_extra.items()}
-    trainer.apply(1, tensors, info)
-    assert all(torch.equal(trainer.global_lora[n][i], before[n][i]) for n in before for i in (0, 1))
-    assert all(torch.equal(trainer.global_extra[n], head[n]) for n in head)
+    trainer, results = round_one_updates
+    poisoned = results
+    for position in range(len(results)):
+        poisoned = _with(poisoned, position)
+        A, _ = poisoned[position].update.lora[next(iter(poisoned[position].update.lora))]
+        A.view(-1)[0] = float("nan")
+    answer = _aggregate(trainer, poisoned)
+    assert answer.to_wire()[0] == {} and answer.record.skipped
+    assert len(answer.record.bad_updates) == 6
+    before = {name: (a.clone(), b.clone()) for name, (a, b) in trainer.global_state.lora.items()}
+    head = {name: t.clone() for name, t in trainer.global_state.extra.items()}
+    trainer.apply(1, answer)
+    assert all(torch.equal(trainer.global_state.lora[n][i], before[n][i]) for n in before for i in (0, 1))
+    assert all(torch.equal(trainer.global_state.extra[n], head[n]) for n in head)
 
-    trainer.cfg.federation.on_bad_update = "error"
+    trainer.server.on_bad_update = "error"
     try:
-        tensors, info = _aggregate(trainer, poisoned[:3], metas[:3])
+        with pytest.raises(UserError, match=r"^round 1: bad client update \(client 0: NaN or Inf in .*; client 2:"
+                                            r".*federation.on_bad_update=error stops the run"):
+            trainer.transport.from_server(lambda: _aggregate(trainer, poisoned[:3]), ServerAnswer)
     finally:
-        trainer.cfg.federation.on_bad_update = "drop"
-    with pytest.raises(UserError, match=r"^round 1: bad client update \(client 0: NaN or Inf in .*; client 2:"
-                                        r".*federation.on_bad_update=error stops the run"):
-        trainer.apply(1, tensors, info)
+        trainer.server.on_bad_update = "drop"
 
 
 def test_poisoned_clients_are_dropped_counted_and_logged(tiny_run, tmp_path, monkeypatch, capsys):
@@ -228,7 +240,7 @@ def test_fault_settings_are_checked(monkeypatch):
     assert faults.is_poisoned(3, 4) and not faults.is_poisoned(1, 4)
     monkeypatch.setenv(faults.ENV_VAR, "1:train")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
-    faults.maybe_fail(1, "train", 0)  # a restarted job: the fault fired already, nothing happens
+    faults.maybe_fail(1, "train")  # a restarted job: the fault fired already, nothing happens
 
 
 # ---- mismatch guards ------------------------------------------------------------------------------------------

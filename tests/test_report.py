@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from lorafair.aggregation import display_name
 from lorafair.cli import main
 from lorafair.errors import UserError
-from lorafair.report import METHOD_NAMES, report
+from lorafair.reporting.report import report
 
 DOMAINS = ["clipart", "infograph", "sketch"]
 SEEDS = [0, 1]
@@ -74,7 +75,7 @@ def test_table_has_every_method_and_domain_with_mean_std_and_best_in_bold(compar
     header, rows = markdown_rows((directory / "comparison.md").read_text(), "## Top-1 accuracy (%)")
     assert header == ["Method", *DOMAINS, "Average"]
     methods = ["fedit", "flora", "lorafair"]  # canonical order, not the order the folders were written in
-    assert [row[0] for row in rows] == [METHOD_NAMES[m] for m in methods]
+    assert [row[0] for row in rows] == [display_name(m) for m in methods]
     for column, domain in enumerate([*DOMAINS, "Average"], start=1):
         means = {}
         for method, row in zip(methods, rows, strict=True):

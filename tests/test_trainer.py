@@ -10,9 +10,9 @@ import torch
 from conftest import parse_fit_args, tiny_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lorafair.checkpoint import list_checkpoints, load_checkpoint
 from lorafair.errors import UserError
-from lorafair.trainer import FederatedTrainer, fit, launch_fabric
+from lorafair.federated.checkpoints import list_checkpoints, load_checkpoint
+from lorafair.federated.loop import FederatedTrainer, fit, launch_fabric
 
 DOMAINS = ["plain", "inverted", "rotated", "blurred", "noisy", "coloured"]
 
@@ -77,13 +77,13 @@ def test_stopping_after_one_round_and_resuming_gives_the_same_results(tiny_run, 
 
 def _spy_on_updates(trainer: FederatedTrainer) -> list[list]:
     """Record the ClientUpdates the server aggregates, one list per round."""
-    rounds, aggregate = [], trainer.aggregator.aggregate
+    rounds, aggregate = [], trainer.server.aggregator.aggregate
 
     def recording(updates):
         rounds.append([(u.weight, {n: (a.clone(), b.clone()) for n, (a, b) in u.lora.items()}) for u in updates])
         return aggregate(updates)
 
-    trainer.aggregator.aggregate = recording
+    trainer.server.aggregator.aggregate = recording
     return rounds
 
 
@@ -105,7 +105,7 @@ def test_flora_merges_the_weighted_sum_of_client_products_into_the_frozen_weight
     for name, weight in expected.items():
         assert (weight - base[name]).abs().max() > 1e-3  # the merges are far larger than the tolerance
         torch.testing.assert_close(merged[name].double(), weight, rtol=0, atol=1e-6)
-    assert all(not b.any() for _, b in trainer.global_lora.values())  # clients restart from B = 0
+    assert all(not b.any() for _, b in trainer.global_state.lora.values())  # clients restart from B = 0
 
     state = load_checkpoint(tmp_path / "checkpoints" / "round_00002.ckpt")
     assert all(torch.equal(state["base"][name], merged[name]) for name in merged)
@@ -118,7 +118,7 @@ def test_flora_merges_the_weighted_sum_of_client_products_into_the_frozen_weight
 def test_ffa_lora_never_changes_a(tmp_path):
     cfg = tiny_config(tmp_path, "--server.method", "ffa_lora")
     trainer = FederatedTrainer(cfg, launch_fabric(cfg))
-    initial = {name: a.clone() for name, (a, _) in trainer.global_lora.items()}
+    initial = {name: a.clone() for name, (a, _) in trainer.global_state.lora.items()}
     rounds = _spy_on_updates(trainer)
     trainer.run()
 
@@ -127,7 +127,7 @@ def test_ffa_lora_never_changes_a(tmp_path):
         for _, lora in updates:
             assert all(torch.equal(lora[name][0], initial[name]) for name in initial)
             assert any(b.any() for _, b in lora.values())  # B did train
-    assert all(torch.equal(trainer.global_lora[name][0], initial[name]) for name in initial)
+    assert all(torch.equal(trainer.global_state.lora[name][0], initial[name]) for name in initial)
     assert all(torch.equal(a, initial[name]) for name, (a, _) in trainer.model.get_lora().items())
 
 

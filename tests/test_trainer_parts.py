@@ -7,21 +7,20 @@ import random
 import pytest
 import torch
 
-from lorafair import faults
-from lorafair.checkpoint import (
+from lorafair.config import FitConfig
+from lorafair.errors import UserError
+from lorafair.federated import faults
+from lorafair.federated.checkpoints import (
     identity_differences,
     list_checkpoints,
     load_checkpoint,
     load_latest,
     save_checkpoint,
-    trajectory_identity,
 )
-from lorafair.comm import flatten, unflatten
-from lorafair.config import FitConfig
-from lorafair.errors import UserError
-from lorafair.federation import assign_to_ranks, derive_seed, sample_clients
-from lorafair.results import accuracy_table, config_to_dict, flatten_dict
-from lorafair.trainer import launch_fabric
+from lorafair.federated.loop import launch_fabric
+from lorafair.federated.sampling import assign_to_ranks, derive_seed, sample_clients
+from lorafair.federated.transport import flatten, unflatten
+from lorafair.reporting.run_folder import accuracy_table, config_to_dict, flatten_config, trajectory_identity
 
 
 def test_sampling_is_a_seeded_sorted_subset_that_changes_with_the_round():
@@ -120,20 +119,20 @@ def test_checkpoints_are_atomic_keep_the_previous_one_and_skip_unreadable_ones(t
 
 
 def test_identity_ignores_how_a_run_executes_but_not_what_it_computes():
-    base = trajectory_identity(flatten_dict(config_to_dict(FitConfig())), "p")
+    base = trajectory_identity(flatten_config(config_to_dict(FitConfig())), "p")
     longer = FitConfig()
     longer.federation.rounds, longer.data.num_workers, longer.out_dir = 99, 0, "elsewhere"
-    assert identity_differences(base, trajectory_identity(flatten_dict(config_to_dict(longer)), "p")) == []
+    assert identity_differences(base, trajectory_identity(flatten_config(config_to_dict(longer)), "p")) == []
     other = FitConfig()
     other.server.method, other.lora.r = "fedit", 8
-    assert identity_differences(base, trajectory_identity(flatten_dict(config_to_dict(other)), "q")) == [
+    assert identity_differences(base, trajectory_identity(flatten_config(config_to_dict(other)), "q")) == [
         "lora.r: 16 -> 8", "partition: 'p' -> 'q'", "server.method: 'lorafair' -> 'fedit'"]
 
 
 def test_config_flattens_to_dotted_keys_with_plain_values():
     cfg = FitConfig()
     cfg.model.kwargs = {"depth": 2}
-    flat = flatten_dict(config_to_dict(cfg))
+    flat = flatten_config(config_to_dict(cfg))
     assert flat["model.kwargs"] == {"depth": 2} and flat["out_dir"] == "runs/lorafair" and flat["lora.r"] == 16
 
 
@@ -146,10 +145,12 @@ def test_accuracy_table_shows_percentages_and_the_mean():
 def test_fault_injection_checks_its_setting(monkeypatch):
     monkeypatch.setenv(faults.ENV_VAR, "2:nowhere")
     with pytest.raises(ValueError, match="PHASE one of train, gather"):
-        faults.maybe_fail(1, "train", 0)
+        faults.maybe_fail(1, "train")
     monkeypatch.setenv(faults.ENV_VAR, "2:train:1")
-    faults.maybe_fail(2, "train", 0)  # another rank: nothing happens
-    faults.maybe_fail(1, "train", 1)  # another round: nothing happens
+    monkeypatch.delenv("RANK", raising=False)
+    faults.maybe_fail(2, "train")  # another rank (0): nothing happens
+    monkeypatch.setenv("RANK", "1")
+    faults.maybe_fail(1, "train")  # another round: nothing happens
 
 
 def test_cpu_threads_sets_torch_threads(tmp_path):

@@ -10,16 +10,26 @@ low-rank math (products of factors measured without forming them) lives in `lowr
 every method (for tests and benchmarks) in `reference`.
 """
 
-from lorafair.aggregation.base import Aggregator, ClientUpdate, GlobalUpdate, find_bad_updates
-from lorafair.aggregation.registry import AGGREGATORS, METHODS, build_aggregator, method_options
+from lorafair.aggregation.base import Aggregator, ClientUpdate, GlobalUpdate, OptionError, find_bad_updates
+from lorafair.aggregation.registry import (
+    build_aggregator,
+    display_name,
+    method_options,
+    register_method,
+    registered_methods,
+    user_options,
+)
 
 __all__ = [
-    "AGGREGATORS",
-    "METHODS",
     "Aggregator",
     "ClientUpdate",
     "GlobalUpdate",
+    "OptionError",
     "build_aggregator",
+    "display_name",
     "find_bad_updates",
     "method_options",
+    "register_method",
+    "registered_methods",
+    "user_options",
 ]

@@ -113,6 +113,9 @@ class Aggregator:
     """Base of every method: checks the updates, batches the layers, calls `combine`, assembles the GlobalUpdate."""
 
     name: ClassVar[str]
+    """The method's name in configs and on the command line."""
+    display_name: ClassVar[str]
+    """How the paper writes it, for tables and plots."""
     sends_A: ClassVar[bool] = True
     """False when A stays frozen on the clients and never travels (FFA-LoRA)."""
 
@@ -341,10 +344,18 @@ def _describe(value: object) -> str:
     return type(value).__name__
 
 
+class OptionError(ValueError):
+    """A method's option has an impossible value; `option` names it and `problem` says what is valid."""
+
+    def __init__(self, method: str, option: str, problem: str) -> None:
+        super().__init__(f"{method}: option {option} {problem}")
+        self.option, self.problem = option, problem
+
+
 def check_option(method: str, option: str, value: object, valid: bool, expected: str) -> None:
     """Refuse a bad option value with a message naming the method, the option and what is valid."""
     if not valid:
-        raise ValueError(f"{method}: option {option} must be {expected}, got {value!r}")
+        raise OptionError(method, option, f"must be {expected}, got {value!r}")
 
 
 def is_count(value: object) -> bool:

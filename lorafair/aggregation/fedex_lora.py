@@ -16,6 +16,7 @@ from lorafair.aggregation.base import Aggregator, GroupResult, LayerGroup
 
 class FedExLoRA(Aggregator):
     name: ClassVar[str] = "fedex_lora"
+    display_name: ClassVar[str] = "FedEx-LoRA"
 
     def combine(self, group: LayerGroup) -> GroupResult:
         residual_A = torch.cat([group.A_stack, -group.A_bar], dim=-2)

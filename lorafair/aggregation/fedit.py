@@ -12,6 +12,7 @@ from lorafair.aggregation.base import Aggregator, GroupResult, LayerGroup
 
 class FedIT(Aggregator):
     name: ClassVar[str] = "fedit"
+    display_name: ClassVar[str] = "FedIT"
 
     def combine(self, group: LayerGroup) -> GroupResult:
         return GroupResult(lora=(group.A_bar, group.B_bar))

@@ -10,6 +10,7 @@ from lorafair.aggregation.base import Aggregator, GroupResult, LayerGroup
 
 class FFALoRA(Aggregator):
     name: ClassVar[str] = "ffa_lora"
+    display_name: ClassVar[str] = "FFA-LoRA"
     sends_A: ClassVar[bool] = False
 
     def combine(self, group: LayerGroup) -> GroupResult:

@@ -15,6 +15,7 @@ from lorafair.aggregation.base import Aggregator, GroupResult, LayerGroup
 
 class FlexLoRA(Aggregator):
     name: ClassVar[str] = "flexlora"
+    display_name: ClassVar[str] = "FlexLoRA"
 
     def combine(self, group: LayerGroup) -> GroupResult:
         U, S, Vh = lowrank.truncated_svd(group.B_stack, group.A_stack, group.rank)

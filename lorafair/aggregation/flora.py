@@ -12,6 +12,7 @@ from lorafair.aggregation.base import Aggregator, GroupResult, LayerGroup
 
 class FLoRA(Aggregator):
     name: ClassVar[str] = "flora"
+    display_name: ClassVar[str] = "FLoRA"
 
     def combine(self, group: LayerGroup) -> GroupResult:
         layers, clients, rank, fan_in = group.A.shape

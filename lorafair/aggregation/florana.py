@@ -37,6 +37,7 @@ class FLoRANA(Aggregator):
     """Alternating least-squares sweeps (B then A) from the averaged pair; 0 returns the averages."""
 
     name: ClassVar[str] = "florana"
+    display_name: ClassVar[str] = "FLoRA-NA"
 
     def __post_init__(self) -> None:
         check_option(self.name, "sweeps", self.sweeps, is_count(self.sweeps), "an integer >= 0")

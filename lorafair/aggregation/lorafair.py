@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -53,9 +53,10 @@ from lorafair.aggregation.base import (
     is_finite_number,
 )
 
-OBJECTIVES = ("cosine", "column_cosine", "frobenius")
-INITS = ("zero", "xavier")
-RESIDUAL_ON = ("B", "A")
+Objective = Literal["cosine", "column_cosine", "frobenius"]
+Init = Literal["zero", "xavier"]
+ResidualOn = Literal["B", "A"]
+OBJECTIVES, INITS, RESIDUAL_ON = get_args(Objective), get_args(Init), get_args(ResidualOn)
 
 SimilarityGradient = Callable[[Tensor], Tensor]
 """X -> dS/dX for a batch of corrected factors in tall form."""
@@ -65,23 +66,24 @@ SimilarityGradient = Callable[[Tensor], Tensor]
 class LoRAFAIR(Aggregator):
     lam: float = 0.01
     """Weight of lam ||dB||_F^2, which keeps B' near B_bar (paper: 0.01; 0 was its worst setting)."""
-    objective: str = "cosine"
-    """cosine, column_cosine or frobenius (see the module docstring)."""
+    objective: Objective = "cosine"
+    """cosine (paper Eq. 8), column_cosine (public code) or frobenius (closed-form ridge)."""
     steps: int = 500
     """SGD steps for the cosine objectives."""
     lr: float = 0.01
     """SGD learning rate for the cosine objectives."""
-    init: str = "zero"
+    init: Init = "zero"
     """Start of dB for SGD: zero, or xavier (uniform, drawn from a generator seeded with `seed`)."""
     seed: int = 0
     """Seed of the xavier start; successive aggregate() calls of one instance draw new values (the trainer builds
     one instance per round with a seed derived from the run seed and the round, so a resumed run draws the same)."""
-    residual_on: str = "B"
+    residual_on: ResidualOn = "B"
     """Which averaged factor receives the correction: B (the method) or A (the paper's ablation)."""
     relative: bool = True
     """Cosine objectives: measure the correction in units of ||B_bar||_F (scale-free SGD), or absolutely (False)."""
 
     name: ClassVar[str] = "lorafair"
+    display_name: ClassVar[str] = "LoRA-FAIR"
     _generator: torch.Generator = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -20,17 +20,15 @@ from typing import Any
 import torch
 
 from lorafair.errors import UserError
+from lorafair.federated.state import GlobalState, ResumeState, pack, pack_pairs, unpack, unpack_pairs
+from lorafair.reporting.run_folder import checkpoint_dir, results_path
+
+CHECKPOINT_KEYS = frozenset({"round", "identity", "results", "lora", "extra", "base"})
 
 CHECKSUM_KEY = "sha256"
 """The entry of a checkpoint file holding content_digest of everything else in it."""
 
 _NAME = re.compile(r"round_(\d+)\.ckpt")
-
-RUN_ONLY_KEYS = frozenset({"out_dir", "resume", "resume_force", "accelerator", "precision", "num_nodes", "cpu_threads",
-                           "federation.rounds", "federation.eval_every", "data.num_workers", "data.eval_batch_size"})
-"""Settings free to change on resume: how long a run lasts and how it executes (accelerator and precision change
-the numerics a little, not the experiment)."""
-
 
 def checkpoint_path(directory: Path, round_index: int) -> Path:
     return directory / f"round_{round_index:05d}.ckpt"
@@ -130,12 +128,6 @@ def content_digest(state: Any) -> str:
     return digest.hexdigest()
 
 
-def trajectory_identity(flat_config: Mapping[str, Any], partition: str) -> dict[str, Any]:
-    """The settings that determine a run's results, from a flat {dotted.key: value} config, plus the partition
-    fingerprint (the data behind the same config can change)."""
-    return {**{key: value for key, value in flat_config.items() if key not in RUN_ONLY_KEYS}, "partition": partition}
-
-
 def partition_fingerprint(clients: Iterable[tuple[int, str, int, list[int]]]) -> str:
     """A short label of the client partition: client count, sample count and a hash of every client's
     (id, domain, num_samples, class_counts)."""
@@ -172,3 +164,72 @@ def _fsync_directory(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def checkpoint_state(round_index: int, identity: dict[str, Any], results: dict[str, Any], state: GlobalState,
+                     base: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+    """What a round's checkpoint holds (on the CPU); `base` only once merges changed the frozen weights."""
+    return {"round": round_index, "identity": identity, "results": results,
+            "lora": {name: {"A": a.cpu(), "B": b.cpu()} for name, (a, b) in state.lora.items()},
+            "extra": {name: t.cpu() for name, t in state.extra.items()},
+            "base": {name: t.cpu() for name, t in base.items()} if base is not None else None}
+
+
+def find_checkpoint(out_dir: Path, resume: str | None, log: Callable[[str], None]) -> tuple[Path, Any] | None:
+    """The checkpoint to resume from: None for a fresh start (resume=None removes an earlier run's checkpoints and
+    results.json), the newest readable one for resume="auto", else the file `resume` names."""
+    directory = checkpoint_dir(out_dir)
+    if resume is None:
+        stale = list_checkpoints(directory)
+        if stale:
+            log(f"starting a new run in {out_dir}: removing {len(stale)} checkpoint(s) of an earlier run there "
+                f"(pass --resume auto to continue it instead)")
+            for path in stale:
+                path.unlink()
+        results_path(out_dir).unlink(missing_ok=True)  # a stale "final" would read as this run's
+        return None
+    if resume == "auto":
+        found = load_latest(directory, log)
+        if found is None:
+            log(f"no checkpoint in {directory}: starting from round 1")
+        return found
+    return Path(resume), load_checkpoint(Path(resume))
+
+
+def resume_state(path: Path, state: Any, identity: dict[str, Any], rounds: int, force: bool,
+                 log: Callable[[str], None]) -> ResumeState:
+    """The checkpoint `state` read from `path` as a ResumeState, after checking that it is a lorafair checkpoint
+    of this run (same identity unless `force`) with no more than `rounds` rounds done."""
+    missing = sorted(CHECKPOINT_KEYS - set(state)) if isinstance(state, dict) else sorted(CHECKPOINT_KEYS)
+    if missing:
+        raise UserError(f"resume: {path} is not a lorafair checkpoint (it lacks {', '.join(missing)})")
+    differences = identity_differences(state["identity"], identity)
+    if differences and not force:
+        raise UserError(f"resume: {path} was written by a run with other settings ({'; '.join(differences)}); "
+                        f"resume with the same settings, start a new run in another out_dir, or pass "
+                        f"--resume_force true to continue anyway (the results then match no single run)")
+    if differences:
+        log(f"warning: resume_force: continuing from {path}, written with other settings ({'; '.join(differences)})")
+    if state["round"] > rounds:
+        raise UserError(f"federation.rounds: {rounds} is fewer than the {state['round']} rounds already done in "
+                        f"{path}; raise it")
+    try:
+        tensors = {**pack_pairs("lora", {name: (pair["A"], pair["B"]) for name, pair in state["lora"].items()}),
+                   **pack("extra", state["extra"]), **pack("base", state["base"])}
+        records = list(state["results"]["rounds"])
+    except (KeyError, TypeError, AttributeError) as err:
+        raise UserError(f"resume: {path} is not a lorafair checkpoint (its tensors are malformed: {err!r})") from err
+    return ResumeState(round=state["round"], path=path, records=records,
+                       state=GlobalState(unpack_pairs(tensors, "lora"), unpack(tensors, "extra")),
+                       base=unpack(tensors, "base"))
+
+
+def check_fits(resumed: ResumeState, expected: Mapping[str, torch.Size]) -> None:
+    """Refuse a resume state whose tensors do not fit the model (`expected`: shapes in the packed key format)."""
+    tensors = {**resumed.state.tensors(), **pack("base", resumed.base)}
+    # the frozen weights are checked only where the checkpoint holds them (after merges)
+    expected = {key: shape for key, shape in expected.items() if resumed.base or not key.startswith("base/")}
+    mismatch = first_shape_mismatch(tensors, expected)
+    if mismatch:
+        raise UserError(f"resume: {resumed.path} does not fit this model: {mismatch}; resume with the model and "
+                        f"LoRA settings it was written with")

@@ -21,8 +21,9 @@ PHASES = ("train", "gather", "aggregate", "eval", "checkpoint")
 the new checkpoint written but not yet renamed into place."""
 
 
-def maybe_fail(round_index: int, phase: str, rank: int) -> None:
-    """Kill this process if LORAFAIR_FAIL_AT names this round, phase (and rank), in a job's first attempt."""
+def maybe_fail(round_index: int, phase: str) -> None:
+    """Kill this process if LORAFAIR_FAIL_AT names this round, phase (and this process's RANK, as torchrun sets it;
+    0 without torchrun), in a job's first attempt."""
     target = os.environ.get(ENV_VAR)
     if not target:
         return
@@ -31,6 +32,7 @@ def maybe_fail(round_index: int, phase: str, rank: int) -> None:
         raise ValueError(f"{ENV_VAR}={target!r}: expected ROUND:PHASE[:RANK] with PHASE one of {', '.join(PHASES)}")
     if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         return
+    rank = int(os.environ.get("RANK", "0"))
     if int(parts[0]) == round_index and parts[1] == phase and (len(parts) == 2 or int(parts[2]) == rank):
         os.kill(os.getpid(), signal.SIGKILL)
 

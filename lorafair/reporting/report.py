@@ -18,27 +18,20 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib.style
-import yaml
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from lorafair.config import METHODS
+from lorafair.aggregation import display_name, registered_methods
 from lorafair.errors import UserError
-from lorafair.results import write_text_atomic
-
-METHOD_NAMES = {
-    "fedit": "FedIT",
-    "ffa_lora": "FFA-LoRA",
-    "flora": "FLoRA",
-    "flexlora": "FlexLoRA",
-    "lorafair": "LoRA-FAIR",
-    "florana": "FLoRA-NA",
-    "fedex_lora": "FedEx-LoRA",
-}
-"""How the paper writes each method."""
-
-RUN_IDENTITY_KEYS = frozenset({"seed", "out_dir", "resume", "server.method"})
-"""Config keys that differ between the runs of one comparison by design, so they never make a row of their own."""
+from lorafair.reporting.run_folder import (
+    CONFIG_NAME,
+    PER_RUN_KEYS,
+    RESULTS_NAME,
+    flatten_config,
+    is_finished,
+    run_config,
+    write_text_atomic,
+)
 
 TABLE_NAME = "comparison.md"
 CSV_NAME = "comparison.csv"
@@ -73,7 +66,7 @@ class Row:
 
     @property
     def label(self) -> str:
-        name = METHOD_NAMES.get(self.method, self.method)
+        name = display_name(self.method)
         if not self.setting:
             return name
         return f"{name} ({', '.join(f'{key}={format_value(value)}' for key, value in self.setting)})"
@@ -102,17 +95,6 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def flatten_config(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """Nested config sections as dotted keys: {"server": {"lam": 0.01}} -> {"server.lam": 0.01}."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(flatten_config(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _sort_key(value: Any) -> tuple:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return (0, value, "")
@@ -120,27 +102,15 @@ def _sort_key(value: Any) -> tuple:
 
 
 def _method_rank(method: str) -> int:
-    """Position in the canonical method order (also picks the method's colour); unknown methods go last."""
-    return METHODS.index(method) if method in METHODS else len(METHODS)
-
-
-def is_finished(results: dict) -> bool:
-    """A run is complete once its results.json holds the final evaluation."""
-    return isinstance(results.get("final"), dict)
-
-
-def run_config(folder: Path, results: dict) -> dict[str, Any]:
-    """The run's resolved config: the "config" entry of results.json, else the config.yaml beside it."""
-    if isinstance(results.get("config"), dict):
-        return results["config"]
-    path = folder / "config.yaml"
-    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    """Position in the registration order (also picks the method's colour); unknown methods go last."""
+    methods = registered_methods()
+    return methods.index(method) if method in methods else len(methods)
 
 
 def load_runs(directory: Path) -> tuple[list[Run], list[str]]:
     """Every complete run under `directory`, and one line for each run that is not (yet) complete."""
     runs, incomplete = [], []
-    results_files = sorted(directory.rglob("results.json"))
+    results_files = sorted(directory.rglob(RESULTS_NAME))
     for path in results_files:
         folder = path.parent.relative_to(directory).as_posix()
         try:
@@ -156,7 +126,7 @@ def load_runs(directory: Path) -> tuple[list[Run], list[str]]:
         method = results.get("method") or config.get("server", {}).get("method", "?")
         runs.append(Run(folder=folder, method=method, seed=int(results.get("seed", config.get("seed", 0))),
                         config=flatten_config(config), rounds=results.get("rounds", []), final=results["final"]))
-    started = {path.parent for path in directory.rglob("config.yaml")} - {path.parent for path in results_files}
+    started = {path.parent for path in directory.rglob(CONFIG_NAME)} - {path.parent for path in results_files}
     incomplete += [f"{folder.relative_to(directory).as_posix()}: started, no round finished" for folder in
                    sorted(started)]
     return runs, incomplete
@@ -164,7 +134,7 @@ def load_runs(directory: Path) -> tuple[list[Run], list[str]]:
 
 def group_rows(runs: list[Run]) -> list[Row]:
     """Group runs into rows: same method and same value of every varying config key; canonical method order."""
-    keys = sorted({key for run in runs for key in run.config} - RUN_IDENTITY_KEYS)
+    keys = sorted({key for run in runs for key in run.config} - PER_RUN_KEYS)
     varying = [key for key in keys
                if len({json.dumps(run.config.get(key), sort_keys=True) for run in runs}) > 1]
     groups: dict[tuple, list[Run]] = {}
@@ -258,7 +228,7 @@ def markdown_table(rows: list[Row], incomplete: list[str]) -> str:
              "| " + " | ".join(["Method", *setting_keys, *columns]) + " |",
              "| " + " | ".join([":--"] * (1 + len(setting_keys)) + ["--:"] * len(columns)) + " |"]
     for row, row_stats in zip(rows, stats, strict=True):
-        cells = [METHOD_NAMES.get(row.method, row.method), *(format_value(value) for _, value in row.setting)]
+        cells = [display_name(row.method), *(format_value(value) for _, value in row.setting)]
         for column in columns:
             stat = row_stats[column]
             is_best = len(rows) > 1 and stat is not None and round(stat.mean, 2) == best[column]
@@ -273,7 +243,7 @@ def markdown_table(rows: list[Row], incomplete: list[str]) -> str:
               "| " + " | ".join(["Method", *setting_keys, "Upload", "Download"]) + " |",
               "| " + " | ".join([":--"] * (1 + len(setting_keys)) + ["--:", "--:"]) + " |"]
     for row in rows:
-        cells = [METHOD_NAMES.get(row.method, row.method), *(format_value(value) for _, value in row.setting),
+        cells = [display_name(row.method), *(format_value(value) for _, value in row.setting),
                  _human_bytes(bytes_stats(row, "bytes_up").mean), _human_bytes(bytes_stats(row, "bytes_down").mean)]
         lines.append("| " + " | ".join(cells) + " |")
 
@@ -286,7 +256,7 @@ def markdown_table(rows: list[Row], incomplete: list[str]) -> str:
                   "| " + " | ".join(["Method", *setting_keys, *names]) + " |",
                   "| " + " | ".join([":--"] * (1 + len(setting_keys)) + ["--:"] * len(names)) + " |"]
         for row, found in zip(rows, metrics, strict=True):
-            cells = [METHOD_NAMES.get(row.method, row.method), *(format_value(value) for _, value in row.setting),
+            cells = [display_name(row.method), *(format_value(value) for _, value in row.setting),
                      *(f"{found[name]:.6f}" if name in found else "-" for name in names)]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -309,7 +279,7 @@ def csv_table(rows: list[Row]) -> str:
     writer.writerow(header)
     for row, found in zip(rows, metrics, strict=True):
         stats = accuracy_stats(row, domains)
-        line = [row.method, METHOD_NAMES.get(row.method, row.method),
+        line = [row.method, display_name(row.method),
                 *(format_value(value) for _, value in row.setting), " ".join(map(str, row.seeds))]
         for column in [*domains, "Average"]:
             stat = stats[column]
@@ -380,7 +350,7 @@ def plot_sweep(rows: list[Row], path: Path) -> None:
         xs = [position[json.dumps(row.setting[0][1])] for row in method_rows]
         stats = [Stat.of([100 * run.final["mean_accuracy"] for run in row.runs]) for row in method_rows]
         ax.errorbar(xs, [s.mean for s in stats], yerr=[s.std or 0 for s in stats], marker="o", capsize=3,
-                    color=f"C{_method_rank(method) % 10}", label=METHOD_NAMES.get(method, method))
+                    color=f"C{_method_rank(method) % 10}", label=display_name(method))
     ax.set_xticks(range(len(values)), [format_value(json.loads(text)) for text in values])
     ax.set_xlabel(key)
     ax.set_ylabel("Final average accuracy (%)")

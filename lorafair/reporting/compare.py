@@ -14,19 +14,25 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass, fields, is_dataclass, replace
+from dataclasses import dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from jsonargparse import ArgumentParser
 
-from lorafair.aggregation import method_options
-from lorafair.config import METHODS, FitConfig
+from lorafair.aggregation import method_options, registered_methods
+from lorafair.config import FitConfig
 from lorafair.errors import UserError
-from lorafair.report import RUN_IDENTITY_KEYS, flatten_config, format_value, is_finished, report, run_config
-
-RunStatus = Literal["done", "resume", "new"]
+from lorafair.reporting.report import format_value, report
+from lorafair.reporting.run_folder import (
+    PER_RUN_KEYS,
+    config_to_dict,
+    flatten_config,
+    results_path,
+    run_config,
+    run_status,
+)
 
 
 @dataclass(frozen=True)
@@ -59,7 +65,7 @@ def grid_keys() -> dict[str, Any]:
         else:
             keys[top.name] = hint
     return {key: hint for key, hint in sorted(keys.items())
-            if key not in RUN_IDENTITY_KEYS and not _holds_collection(hint)}
+            if key not in PER_RUN_KEYS and not _holds_collection(hint)}
 
 
 def _describe(hint: Any) -> str:
@@ -99,10 +105,10 @@ def _with_override(cfg: FitConfig, key: str, value: Any) -> FitConfig:
 
 def plan_runs(cfg: FitConfig, methods: list[str], seeds: list[int] | None, grid: str | None) -> list[PlannedRun]:
     """Every run of a comparison, seed by seed (a full table exists after the first seed), validated up front."""
-    unknown = [method for method in methods if method not in METHODS]
+    unknown = [method for method in methods if method not in registered_methods()]
     if unknown or not methods:
         raise UserError(f"--methods: unknown method {', '.join(unknown) or '(none given)'}; "
-                        f"valid: {', '.join(METHODS)}")
+                        f"valid: {', '.join(registered_methods())}")
     if cfg.resume not in (None, "auto"):
         raise UserError("resume: compare resumes each run from its own folder; drop --resume or pass 'auto'")
     methods = list(dict.fromkeys(methods))
@@ -122,25 +128,12 @@ def plan_runs(cfg: FitConfig, methods: list[str], seeds: list[int] | None, grid:
     return planned
 
 
-def run_status(folder: Path) -> RunStatus:
-    """done: results.json holds the final evaluation; resume: a checkpoint was written; new: anything else."""
-    results = folder / "results.json"
-    if results.is_file():
-        try:
-            if is_finished(json.loads(results.read_text())):
-                return "done"
-        except json.JSONDecodeError:
-            pass
-    checkpoints = folder / "checkpoints"
-    return "resume" if checkpoints.is_dir() and any(p.is_file() for p in checkpoints.rglob("*")) else "new"
-
-
 def config_differences(folder: Path, cfg: FitConfig) -> list[str]:
     """Keys where a finished run's recorded config differs from the planned one (its folder is reused as is)."""
-    recorded = flatten_config(run_config(folder, json.loads((folder / "results.json").read_text())))
-    planned = flatten_config(json.loads(json.dumps(asdict(cfg), default=str)))
+    recorded = flatten_config(run_config(folder, json.loads(results_path(folder).read_text())))
+    planned = flatten_config(config_to_dict(cfg))
     return [f"{key}: {format_value(recorded[key])} -> {format_value(planned[key])}"
-            for key in sorted(recorded.keys() & planned.keys() - RUN_IDENTITY_KEYS) if recorded[key] != planned[key]]
+            for key in sorted(recorded.keys() & planned.keys() - PER_RUN_KEYS) if recorded[key] != planned[key]]
 
 
 def _is_rank_zero() -> bool:
@@ -153,7 +146,7 @@ def _is_rank_zero() -> bool:
 
 def compare(cfg: FitConfig, methods: list[str], seeds: list[int] | None, grid: str | None) -> None:
     """Fit every planned run that is not finished yet, then write the report into cfg.out_dir."""
-    from lorafair.trainer import fit
+    from lorafair.federated.loop import fit
 
     runs = plan_runs(cfg, methods, seeds, grid)
     statuses = [run_status(run.cfg.out_dir) for run in runs]

@@ -1,0 +1,128 @@
+"""The client role: train one client from the global state and return its update and statistics; evaluate.
+
+It knows nothing of ranks, processes or transports, and nothing of images: it drives any `ClientModel`, a
+LightningModule-like model whose batches it moves to the device and whose trainable state is LoRA pairs plus extra
+tensors (`lorafair.model.LoraClassifier` for timm backbones; a text model offers the same methods). One model
+hosts every client of a process, one after another, by swapping that small state in.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Protocol
+
+import torch
+from lightning.fabric import Fabric
+from torch import Tensor, nn
+from torch.utils.data import Dataset, Subset
+from tqdm import tqdm
+
+from lorafair.aggregation import ClientUpdate
+from lorafair.config import ClientConfig, DataConfig
+from lorafair.data import Client, make_loader
+from lorafair.federated import faults
+from lorafair.federated.sampling import derive_seed
+from lorafair.federated.state import ClientResult, GlobalState, Pairs
+
+
+class ClientModel(Protocol):
+    """What the client role needs from a model (LightningModule hooks plus the swappable federated state)."""
+
+    def get_lora(self) -> Pairs: ...
+    def set_lora(self, lora: Pairs) -> None: ...
+    def get_extra(self) -> dict[str, Tensor]: ...
+    def set_extra(self, extra: dict[str, Tensor]) -> None: ...
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor: ...
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> tuple[Tensor, Tensor]: ...
+    def configure_optimizers(self) -> torch.optim.Optimizer: ...
+    def parameters(self) -> Iterable[nn.Parameter]: ...
+    def train(self, mode: bool = True) -> nn.Module: ...
+    def eval(self) -> nn.Module: ...
+    def on_validation_epoch_end(self) -> None: ...
+
+
+class LocalTrainer:
+    """Local SGD of one client at a time on one model; Fabric gives it the device and the autocast precision."""
+
+    def __init__(self, model: ClientModel, fabric: Fabric, client_cfg: ClientConfig, data_cfg: DataConfig,
+                 seed: int, show_progress: bool = True) -> None:
+        self.model, self.fabric = model, fabric
+        self.client_cfg, self.data_cfg, self.seed = client_cfg, data_cfg, seed
+        self.show_progress = show_progress
+
+    def load(self, state: GlobalState) -> None:
+        self.model.set_lora(state.lora)
+        self.model.set_extra(state.extra)
+
+    def train(self, client: Client, start: GlobalState, round_index: int) -> ClientResult:
+        """Local SGD from `start` (SGD momentum starts fresh every round, as in the public code), seeded by
+        (seed, round, client) so the result does not depend on where or when the client trains."""
+        seed = derive_seed("client", self.seed, round_index, client.id)
+        torch.manual_seed(seed)
+        self.load(start)
+        self.model.train()
+        loader = make_loader(client.dataset, self.data_cfg.batch_size, shuffle=True, seed=seed,
+                             num_workers=self.data_cfg.num_workers)
+        total_steps = self.client_cfg.local_epochs * len(loader)
+        if self.client_cfg.max_local_steps is not None:
+            total_steps = min(total_steps, self.client_cfg.max_local_steps)
+        # per-client bars only on a terminal: in a log file they would bury the round bar
+        bar = tqdm(total=total_steps, desc=f"round {round_index} client {client.id}", leave=False,
+                   disable=not self.show_progress or not sys.stdout.isatty(), file=sys.stdout, dynamic_ncols=True)
+        loss_sum, steps = self._run_steps(loader, total_steps, round_index, bar.update)
+        bar.close()
+        lora = self.model.get_lora()
+        if faults.is_poisoned(round_index, client.id):
+            first = next(iter(lora))
+            lora[first][0].view(-1)[0] = float("nan")
+        update = ClientUpdate(weight=client.num_samples, lora=lora, extra=self.model.get_extra())
+        return ClientResult(client=client.id, update=update, train_loss=loss_sum / steps if steps else float("nan"),
+                            steps=steps, skipped_images=loader.skipped)
+
+    def _run_steps(self, loader, total_steps: int, round_index: int, tick) -> tuple[float, int]:
+        """`total_steps` optimizer steps over the loader's epochs; (sum of the losses, steps taken)."""
+        optimizer = self.model.configure_optimizers()
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        loss_sum, steps = torch.zeros((), device=self.fabric.device), 0
+        for _ in range(math.ceil(total_steps / len(loader))):  # no loader is started for epochs past the cap
+            for inputs, targets in loader:
+                if steps == total_steps:
+                    break
+                with self.fabric.autocast():
+                    loss = self.model.training_step((inputs.to(self.fabric.device), targets.to(self.fabric.device)),
+                                                    steps)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if self.client_cfg.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(trainable, self.client_cfg.grad_clip)
+                optimizer.step()
+                loss_sum += loss.detach().float()
+                steps += 1
+                tick()
+                if steps == 1:
+                    faults.maybe_fail(round_index, "train")
+        return loss_sum.item(), steps
+
+    def count_correct(self, state: GlobalState, test_sets: Sequence[Dataset], shard: tuple[int, int]) -> Tensor:
+        """(correct, total) of the model at `state` on shard `shard[0]` of `shard[1]` contiguous shards of each test
+        set, one row per set (float64, to be summed over the shards)."""
+        self.load(state)
+        self.model.eval()
+        index, count = shard
+        counts = torch.zeros(len(test_sets), 2, dtype=torch.float64, device=self.fabric.device)
+        with torch.inference_mode():
+            for position, test in enumerate(test_sets):
+                size = len(test)
+                part = Subset(test, range(index * size // count, (index + 1) * size // count))
+                loader = make_loader(part, self.data_cfg.eval_batch_size, shuffle=False, seed=0,
+                                     num_workers=self.data_cfg.num_workers)
+                for batch_index, (inputs, targets) in enumerate(loader):
+                    with self.fabric.autocast():
+                        correct, total = self.model.validation_step(
+                            (inputs.to(self.fabric.device), targets.to(self.fabric.device)), batch_index)
+                    counts[position, 0] += correct
+                    counts[position, 1] += total
+        self.model.on_validation_epoch_end()
+        return counts

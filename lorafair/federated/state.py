@@ -1,0 +1,145 @@
+"""What passes between the roles of a round, and the one format of named tensors on the wire and on disk.
+
+Named tensors are keyed "<kind>/<layer>/<factor>" for LoRA pairs ("lora/blocks.0.attn.proj/A") and "<kind>/<name>"
+for single tensors ("extra/head.weight", "base/blocks.0.attn.proj"): client updates, the server's answer, the resume
+state and the checkpoints all use it, so any transport moves a flat {key: tensor} mapping and small plain values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from lorafair.aggregation import ClientUpdate
+
+Pairs = dict[str, tuple[Tensor, Tensor]]
+"""Layer name -> (A: r x in, B: out x r)."""
+
+
+def pack_pairs(kind: str, pairs: Pairs | None) -> dict[str, Tensor]:
+    """{"blocks.0.attn.proj": (A, B)} -> {"lora/blocks.0.attn.proj/A": A, "lora/blocks.0.attn.proj/B": B}."""
+    return {f"{kind}/{name}/{factor}": tensor for name, pair in (pairs or {}).items()
+            for factor, tensor in zip("AB", pair, strict=True)}
+
+
+def pack(kind: str, tensors: dict[str, Tensor] | None) -> dict[str, Tensor]:
+    """{"head.weight": t} -> {"extra/head.weight": t}."""
+    return {f"{kind}/{name}": tensor for name, tensor in (tensors or {}).items()}
+
+
+def unpack_pairs(tensors: dict[str, Tensor], kind: str) -> Pairs:
+    """Inverse of `pack_pairs` for one kind of a mixed mapping."""
+    names = [key[len(kind) + 1:-2] for key in tensors if key.startswith(f"{kind}/") and key.endswith("/A")]
+    return {name: (tensors[f"{kind}/{name}/A"], tensors[f"{kind}/{name}/B"]) for name in names}
+
+
+def unpack(tensors: dict[str, Tensor], kind: str) -> dict[str, Tensor]:
+    """Inverse of `pack` for one kind of a mixed mapping."""
+    return {key[len(kind) + 1:]: tensor for key, tensor in tensors.items() if key.startswith(f"{kind}/")}
+
+
+@dataclass
+class GlobalState:
+    """What every client starts a round from: the global LoRA pairs and the extra tensors (classifier head)."""
+
+    lora: Pairs
+    extra: dict[str, Tensor]
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {**pack_pairs("lora", self.lora), **pack("extra", self.extra)}
+
+
+@dataclass
+class ClientResult:
+    """One client's answer to a round: its update for the server and the statistics for the round record."""
+
+    client: int
+    update: ClientUpdate
+    """weight = the client's number of training samples."""
+    train_loss: float
+    steps: int
+    skipped_images: int
+
+
+@dataclass
+class ServerRecord:
+    """The server's part of a round's record: what it received, what it dropped and what it sent."""
+
+    train_loss: dict[str, float]
+    train_steps: dict[str, int]
+    skipped_images: int
+    bad_updates: dict[str, str]
+    """Client id -> why its update was left out of the round."""
+    skipped: bool = False
+    """No usable update: the global state stays as it was."""
+    bytes_up: int = 0
+    bytes_down: int = 0
+    aggregation: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class RoundRecord:
+    """One round's entry of results.json, written by rank 0."""
+
+    round: int
+    clients: list[int]
+    ranks: dict[str, int]
+    """Client id -> the rank that trained it."""
+    server: ServerRecord
+    seconds: dict[str, float]
+    accuracy: dict[str, float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        seconds = self.seconds
+        record = {"round": self.round, "clients": self.clients, "ranks": self.ranks, **asdict(self.server),
+                  "seconds": seconds, "overhead": (seconds["comm"] + seconds["aggregate"]) / seconds["round"]}
+        if self.accuracy is not None:
+            record["accuracy"] = self.accuracy
+            record["mean_accuracy"] = sum(self.accuracy.values()) / len(self.accuracy)
+        return record
+
+
+@dataclass
+class ServerAnswer:
+    """The server's answer to a round, the same on every rank once the transport delivered it."""
+
+    lora: Pairs | None
+    """The next round's starting pairs; None: every client restarts from a fresh LoRA (FLoRA)."""
+    merge: Pairs | None
+    """Pairs whose product (times the LoRA scaling) every client adds to its frozen weights."""
+    extra: dict[str, Tensor]
+    record: ServerRecord
+
+    def to_wire(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        tensors = {**pack_pairs("lora", self.lora), **pack_pairs("merge", self.merge), **pack("extra", self.extra)}
+        return tensors, {"record": self.record, "fresh_lora": self.lora is None}
+
+    @classmethod
+    def from_wire(cls, tensors: dict[str, Tensor], info: dict[str, Any]) -> ServerAnswer:
+        return cls(lora=None if info["fresh_lora"] else unpack_pairs(tensors, "lora"),
+                   merge=unpack_pairs(tensors, "merge") or None, extra=unpack(tensors, "extra"), record=info["record"])
+
+
+@dataclass
+class ResumeState:
+    """Where a resumed run continues from: the last finished round, its records and the global model then."""
+
+    round: int
+    path: Path
+    records: list[dict[str, Any]]
+    state: GlobalState
+    base: dict[str, Tensor] = field(default_factory=dict)
+    """The frozen weights of the adapted layers after the merges so far; empty when nothing was merged."""
+
+    def to_wire(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        return ({**self.state.tensors(), **pack("base", self.base)},
+                {"round": self.round, "path": str(self.path), "records": self.records})
+
+    @classmethod
+    def from_wire(cls, tensors: dict[str, Tensor], info: dict[str, Any]) -> ResumeState:
+        return cls(round=info["round"], path=Path(info["path"]), records=info["records"],
+                   state=GlobalState(unpack_pairs(tensors, "lora"), unpack(tensors, "extra")),
+                   base=unpack(tensors, "base"))

@@ -1,0 +1,158 @@
+"""The run folder: what a run leaves behind, its file names, whether it finished, and the config's plain forms.
+
+    <out_dir>/config.yaml        the resolved config
+    <out_dir>/classes.json       class names; label i is classes[i]
+    <out_dir>/results.json       per-round records, rewritten after every round
+    <out_dir>/tensorboard/       TensorBoard scalars and hparams
+    <out_dir>/checkpoints/       round_NNNNN.ckpt (lorafair.federated.checkpoints)
+
+results.json is rewritten atomically after every round, so a reader (or `lorafair report`) never sees half a file:
+{"method", "domains", "rounds": [per-round record], "final": {"round", "accuracy", "mean_accuracy"}};
+"final" appears once the last round is done.
+Accuracies are fractions in [0, 1]; bytes are per client per round.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+CONFIG_NAME = "config.yaml"
+CLASSES_NAME = "classes.json"
+RESULTS_NAME = "results.json"
+TENSORBOARD_NAME = "tensorboard"
+CHECKPOINTS_NAME = "checkpoints"
+
+EXECUTION_KEYS = frozenset({"out_dir", "resume", "resume_force", "accelerator", "precision", "num_nodes", "cpu_threads",
+                            "federation.rounds", "federation.eval_every", "data.num_workers", "data.eval_batch_size"})
+"""Settings free to change on resume: how long a run lasts and how it executes (accelerator and precision change
+the numerics a little, not the experiment)."""
+
+PER_RUN_KEYS = frozenset({"seed", "out_dir", "resume", "server.method"})
+"""Settings that differ between the runs of one comparison by design, so they never make a report row of their own
+nor count as a changed config."""
+
+RunStatus = Literal["done", "resume", "new"]
+
+
+def results_path(out_dir: Path) -> Path:
+    return Path(out_dir) / RESULTS_NAME
+
+
+def checkpoint_dir(out_dir: Path) -> Path:
+    return Path(out_dir) / CHECKPOINTS_NAME
+
+
+def is_finished(results: Any) -> bool:
+    """A run is complete once its results.json holds the final evaluation."""
+    return isinstance(results, dict) and isinstance(results.get("final"), dict)
+
+
+def run_status(out_dir: Path) -> RunStatus:
+    """done: results.json holds the final evaluation; resume: a checkpoint was written; new: anything else."""
+    results = results_path(out_dir)
+    if results.is_file():
+        try:
+            if is_finished(json.loads(results.read_text())):
+                return "done"
+        except json.JSONDecodeError:
+            pass
+    checkpoints = checkpoint_dir(out_dir)
+    return "resume" if checkpoints.is_dir() and any(p.is_file() for p in checkpoints.rglob("*")) else "new"
+
+
+def run_config(out_dir: Path, results: dict) -> dict[str, Any]:
+    """A run's resolved config: the "config" entry of its results.json, else the config.yaml beside it."""
+    if isinstance(results.get("config"), dict):
+        return results["config"]
+    path = Path(out_dir) / CONFIG_NAME
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
+def trajectory_identity(flat_config: Mapping[str, Any], partition: str) -> dict[str, Any]:
+    """The settings that determine a run's results, from a flat {section.key: value} config, plus the partition
+    fingerprint (the data behind the same config can change)."""
+    return {**{key: value for key, value in flat_config.items() if key not in EXECUTION_KEYS}, "partition": partition}
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """A config dataclass as nested plain values (paths as strings), ready for YAML, JSON and checkpoints; the
+    only way lorafair turns a config into plain values."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, os.PathLike):
+            return str(value)
+        if isinstance(value, dict):
+            return {key: plain(item) for key, item in value.items()}
+        if isinstance(value, list | tuple):
+            return [plain(item) for item in value]
+        return value
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def flatten_config(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"model": {"name": x}} -> {"model.name": x}: one level, the config sections (model.kwargs stays a dict);
+    the only way lorafair flattens a config."""
+    flat: dict[str, Any] = {}
+    for key, value in nested.items():
+        if isinstance(value, Mapping) and not prefix:
+            flat.update(flatten_config(value, prefix=f"{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` so readers see either the old or the new content, never a mix."""
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def write_yaml(path: Path, data: Mapping[str, Any]) -> None:
+    write_text_atomic(path, yaml.safe_dump(dict(data), sort_keys=False))
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def tensorboard_scalars(record: Mapping[str, Any]) -> dict[str, float]:
+    """The scalars of one round's record, named for TensorBoard's grouping (accuracy/clipart, seconds/train, ...)."""
+    scalars: dict[str, float] = {}
+    if "accuracy" in record:
+        scalars.update({f"accuracy/{domain}": acc for domain, acc in record["accuracy"].items()})
+        scalars["accuracy/mean"] = record["mean_accuracy"]
+    losses = record["train_loss"]
+    scalars.update({f"train_loss/client_{client}": loss for client, loss in losses.items()})
+    if losses:
+        scalars["train_loss/mean"] = mean(list(losses.values()))
+    scalars["bytes/up_per_client"] = record["bytes_up"]
+    scalars["bytes/down_per_client"] = record["bytes_down"]
+    scalars["bad_updates"] = len(record["bad_updates"])
+    scalars.update({f"seconds/{phase}": seconds for phase, seconds in record["seconds"].items()})
+    scalars["seconds/overhead_fraction"] = record["overhead"]
+    scalars.update({f"aggregation/{name}": value for name, value in record["aggregation"].items()})
+    return scalars
+
+
+def accuracy_table(accuracy: Mapping[str, float], mean_accuracy: float, title: str) -> str:
+    """Per-domain top-1 (in percent, as the paper reports it) and the mean, as an aligned text table."""
+    rows = [*accuracy.items(), ("mean", mean_accuracy)]
+    width = max(len("domain"), *(len(domain) for domain, _ in rows))
+    lines = [title, f"{'domain':<{width}}  top-1 %", f"{'-' * width}  -------"]
+    lines += [f"{domain:<{width}}  {100 * value:7.2f}" for domain, value in rows]
+    return "\n".join(lines)
