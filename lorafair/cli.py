@@ -1,4 +1,8 @@
-"""`lorafair {fit,data,compare,report}`: jsonargparse parsers over the typed settings of `lorafair.config`.
+"""`lorafair COMMAND`: a table of plain typed functions, each handed to jsonargparse with the settings of a run.
+
+A command whose first parameter is `cfg: FitConfig` takes `--config FILE_OR_NAME` and every FitConfig key as flags
+(`--federation.rounds 3`); its other parameters become flags of their own, documented by its docstring. `--config`
+takes a path, or the name of a config shipped with the package (`lorafair configs` lists them).
 
 Every user error (unknown key, wrong type, impossible value, missing dataset) ends as one line on stderr and
 exit code 2; tracebacks are kept for bugs.
@@ -7,97 +11,159 @@ exit code 2; tracebacks are kept for bugs.
 from __future__ import annotations
 
 import difflib
+import inspect
 import re
 import sys
-from dataclasses import fields
+from collections.abc import Callable
+from dataclasses import fields, is_dataclass
 from pathlib import Path
+from types import UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
+from docstring_parser import parse as parse_docstring
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
 
 from lorafair.config import FitConfig
+from lorafair.config_hub import list_configs, resolve_config
 from lorafair.errors import UserError
 
-_FIT_KEYS = {f.name for f in fields(FitConfig)}
 set_parsing_settings(docstring_parse_attribute_docstrings=True)  # field docstrings become --help text
 
 
-def _with_fit_config(parser: ArgumentParser) -> ArgumentParser:
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML config (configs/); later flags override it.")
-    parser.add_class_arguments(FitConfig, as_group=False)
+def fit(cfg: FitConfig) -> None:
+    """Run one federated fine-tuning job."""
+    from lorafair.federated.loop import fit as run_fit
+
+    run_fit(cfg)
+
+
+def data(cfg: FitConfig, plot: Path | None = None) -> None:
+    """Build the datasets and client partition of a config and print one row per client and per domain.
+
+    Args:
+        plot: Also write a client x class heatmap PNG here.
+    """
+    from lorafair.data.summary import summarize
+
+    summarize(cfg, plot=plot)
+
+
+def compare(cfg: FitConfig, methods: str = "fedit,ffa_lora,flora,flexlora,lorafair,florana",
+            seeds: list[int] | None = None, grid: str | None = None) -> None:
+    """Run several methods (seeds, grid points) with everything else identical and write paper-style tables and plots.
+
+    Args:
+        methods: Comma-separated methods to compare.
+        seeds: Seeds to repeat every run with, e.g. --seeds 0 1 2 (default: the config's seed).
+        grid: Sweep one key, e.g. server.lam=0,0.001,0.01 or lora.r=4,8,16.
+    """
+    from lorafair.reporting.compare import compare as run_compare
+
+    run_compare(cfg, methods=[m.strip() for m in methods.split(",") if m.strip()], seeds=seeds, grid=grid)
+
+
+def report(dir: Path) -> None:
+    """Rebuild comparison tables and plots from the run folders under a compare output folder.
+
+    Args:
+        dir: A compare output folder.
+    """
+    from lorafair.reporting.report import report as run_report
+
+    run_report(dir)
+
+
+def configs() -> None:
+    """List the configs shipped with the package, one name per line (pass one to --config)."""
+    print("\n".join(list_configs()))
+
+
+COMMANDS: dict[str, Callable[..., None]] = {"fit": fit, "data": data, "compare": compare, "report": report,
+                                            "configs": configs}
+"""The command line: name -> the function it runs."""
+
+
+def _takes_config(function: Callable[..., None]) -> bool:
+    return next(iter(inspect.signature(function).parameters), None) == "cfg"
+
+
+def command_parser(function: Callable[..., None]) -> ArgumentParser:
+    """The parser of one command: FitConfig's keys (and --config) where the function takes `cfg`, then its own
+    parameters."""
+    summary = inspect.getdoc(function).splitlines()[0]
+    parser = ArgumentParser(description=summary, exit_on_error=False)
+    if _takes_config(function):
+        parser.add_argument("--config", action=ActionConfigFile,
+                            help="YAML config: a path, or a shipped config's name (lorafair configs); later flags "
+                                 "override it.")
+        parser.add_class_arguments(FitConfig, as_group=False)
+    docs = {param.arg_name: param.description for param in parse_docstring(inspect.getdoc(function)).params}
+    hints = get_type_hints(function)
+    for name, param in inspect.signature(function).parameters.items():
+        if name == "cfg":
+            continue
+        if param.default is inspect.Parameter.empty:
+            parser.add_argument(name, type=hints[name], help=docs.get(name))
+            continue
+        many = get_origin(hints[name]) in (Union, UnionType) and list[int] in get_args(hints[name])
+        parser.add_argument(f"--{name}", type=int if many else hints[name], nargs="+" if many else None,
+                            default=param.default, help=docs.get(name))
     return parser
 
 
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="lorafair", description="Federated LoRA fine-tuning of vision foundation models.",
+def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
+    """The top-level parser and each command's parser."""
+    parser = ArgumentParser(prog="lorafair", description="Federated LoRA fine-tuning of foundation models.",
                             exit_on_error=False)
-    commands = parser.add_subcommands(dest="command")
-
-    fit = _with_fit_config(ArgumentParser(description="Run one federated fine-tuning job.", exit_on_error=False))
-    commands.add_subcommand("fit", fit, help="Run one federated fine-tuning job.")
-
-    data = _with_fit_config(ArgumentParser(description="Build the datasets and client partition of a config and "
-                                           "print one row per client and per domain.", exit_on_error=False))
-    data.add_argument("--plot", type=Path | None, default=None, help="Also write a client x class heatmap PNG here.")
-    commands.add_subcommand("data", data, help="Show the datasets and client partition of a config.")
-
-    compare = _with_fit_config(ArgumentParser(description="Run several methods (seeds, grid points) with everything "
-                                              "else identical and write paper-style tables and plots.",
-                                              exit_on_error=False))
-    compare.add_argument("--methods", type=str, default="fedit,ffa_lora,flora,flexlora,lorafair,florana",
-                         help="Comma-separated methods to compare.")
-    compare.add_argument("--seeds", type=int, nargs="+", default=None,
-                         help="Seeds to repeat every run with, e.g. --seeds 0 1 2 (default: the config's seed).")
-    compare.add_argument("--grid", type=str | None, default=None,
-                         help="Sweep one key, e.g. server.lam=0,0.001,0.01 or lora.r=4,8,16.")
-    commands.add_subcommand("compare", compare, help="Compare methods on one config.")
-
-    report = ArgumentParser(description="Rebuild comparison tables and plots from existing run folders.",
-                            exit_on_error=False)
-    report.add_argument("dir", type=Path, help="A compare output folder.")
-    commands.add_subcommand("report", report, help="Rebuild tables and plots from run folders.")
-    return parser
+    subcommands = parser.add_subcommands(dest="command")
+    parsers = {}
+    for name, function in COMMANDS.items():
+        parsers[name] = command_parser(function)
+        subcommands.add_subcommand(name, parsers[name], help=inspect.getdoc(function).splitlines()[0])
+    return parser, parsers
 
 
-def fit_config(parser: ArgumentParser, namespace: Namespace) -> FitConfig:
-    """Turn a parsed namespace of a fit-like command into a validated FitConfig."""
+def to_fit_config(parser: ArgumentParser, namespace: Namespace) -> FitConfig:
+    """Turn a parsed namespace of a command that takes `cfg` into a validated FitConfig."""
     values = parser.instantiate(namespace)
-    cfg = FitConfig(**{k: values[k] for k in _FIT_KEYS})
+    cfg = FitConfig(**{f.name: values[f.name] for f in fields(FitConfig)})
     cfg.validate()
     return cfg
 
 
-def _run(argv: list[str] | None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    command = args.command
-    sub = args[command]
-    sub_parser = parser._subcommands_action._name_parser_map[command]
-    if command == "report":
-        from lorafair.reporting.report import report
-
-        report(sub.dir)
-        return 0
-    cfg = fit_config(sub_parser, sub)
-    if command == "fit":
-        from lorafair.federated.loop import fit
-
-        fit(cfg)
-    elif command == "data":
-        from lorafair.data.summary import summarize
-
-        summarize(cfg, plot=sub.plot)
-    elif command == "compare":
-        from lorafair.reporting.compare import compare
-
-        compare(cfg, methods=[m.strip() for m in sub.methods.split(",") if m.strip()], seeds=sub.seeds,
-                grid=sub.grid)
-    return 0
+def parse(argv: list[str]) -> tuple[Callable[..., None], dict[str, Any]]:
+    """The function `lorafair ARGV` runs, and its keyword arguments (a validated FitConfig as `cfg`)."""
+    parser, parsers = build_parser()
+    args = parser.parse_args(with_config_paths(argv))
+    function, namespace = COMMANDS[args.command], args[args.command]
+    own = [name for name in inspect.signature(function).parameters if name != "cfg"]
+    kwargs = {name: namespace[name] for name in own}
+    if _takes_config(function):
+        kwargs["cfg"] = to_fit_config(parsers[args.command], namespace)
+    return function, kwargs
 
 
-def _known_keys(parser: ArgumentParser) -> list[str]:
+def with_config_paths(argv: list[str]) -> list[str]:
+    """argv with the value of every --config resolved to a file (a path as it is, a shipped config's name to its
+    packaged file)."""
+    resolved, after_config = [], False
+    for arg in argv:
+        if after_config:
+            arg = str(resolve_config(arg))
+        elif arg.startswith("--config="):
+            arg = f"--config={resolve_config(arg.split('=', 1)[1])}"
+        after_config = arg == "--config"
+        resolved.append(arg)
+    return resolved
+
+
+def _known_keys() -> list[str]:
+    """Every flag name of every command (FitConfig's dotted keys and the commands' own parameters)."""
     keys = []
-    for sub in parser._subcommands_action._name_parser_map.values():
-        keys += [a.dest for a in sub._actions if a.dest not in ("help", "config")]
+    for name, hint in get_type_hints(FitConfig).items():
+        keys += [f"{name}.{f.name}" for f in fields(hint)] if is_dataclass(hint) else [name]
+    for function in COMMANDS.values():
+        keys += [name for name in inspect.signature(function).parameters if name != "cfg"]
     return sorted(set(keys))
 
 
@@ -123,13 +189,15 @@ def explain_parse_error(message: str, known_keys: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        return _run(argv)
+        function, kwargs = parse(sys.argv[1:] if argv is None else argv)
+        function(**kwargs)
+        return 0
     except UserError as err:
         print(f"lorafair: error: {err}", file=sys.stderr)
         return 2
     except Exception as err:
         if type(err).__name__ == "ArgumentError" or type(err).__module__.startswith("jsonargparse"):
-            print(f"lorafair: error: {explain_parse_error(str(err), _known_keys(build_parser()))}", file=sys.stderr)
+            print(f"lorafair: error: {explain_parse_error(str(err), _known_keys())}", file=sys.stderr)
             return 2
         raise
 

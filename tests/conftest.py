@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from lorafair.cli import build_parser, fit_config
+from lorafair.cli import parse
 from lorafair.config import FitConfig
 
 torch.set_num_threads(1)
@@ -29,9 +29,8 @@ TINY_ARGS = [
 
 def parse_fit_args(args: list[str]) -> FitConfig:
     """A FitConfig exactly as `lorafair fit ARGS` would build it."""
-    parser = build_parser()
-    namespace = parser.parse_args(["fit", *args])
-    return fit_config(parser._subcommands_action._name_parser_map["fit"], namespace.fit)
+    _, kwargs = parse(["fit", *args])
+    return kwargs["cfg"]
 
 
 def tiny_args(out_dir: Path, *extra: str) -> list[str]:

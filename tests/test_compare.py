@@ -12,7 +12,7 @@ import pytest
 from conftest import tiny_args
 
 from lorafair.aggregation import registered_methods
-from lorafair.cli import build_parser, fit_config, main
+from lorafair.cli import main, parse
 from lorafair.config import ConfigError, DataConfig, FitConfig
 from lorafair.errors import UserError
 from lorafair.reporting.compare import compare, grid_keys, parse_grid, plan_runs
@@ -169,16 +169,15 @@ def test_under_torchrun_every_run_goes_to_fit_and_only_rank_zero_writes_the_repo
 
 
 def test_every_paper_config_parses_and_plans_its_runs() -> None:
-    parser = build_parser()
     names = sorted(path.name for path in PAPER_CONFIGS.glob("*.yaml"))
     tables = [f"table{t}_{m}_{d}.yaml" for t in (1, 2) for m in ("vit", "mixer") for d in ("domainnet", "nicopp")]
     assert set(tables) | {"table3_residual.yaml", "figure6_lam.yaml", "figure7_rank.yaml"} == set(names)
     for name in names:
-        args = parser.parse_args(["compare", "--config", str(PAPER_CONFIGS / name)])
-        cfg = fit_config(parser._subcommands_action._name_parser_map["compare"], args.compare)
-        methods = args.compare.methods.split(",")
-        runs = plan_runs(cfg, methods, args.compare.seeds, args.compare.grid)
-        grid_points = len(parse_grid(args.compare.grid)[1]) if args.compare.grid else 1
+        _, args = parse(["compare", "--config", str(PAPER_CONFIGS / name)])
+        cfg = args["cfg"]
+        methods = args["methods"].split(",")
+        runs = plan_runs(cfg, methods, args["seeds"], args["grid"])
+        grid_points = len(parse_grid(args["grid"])[1]) if args["grid"] else 1
         assert len(runs) == len(methods) * 3 * grid_points, name
         assert cfg.out_dir == Path("runs/paper") / name.removesuffix(".yaml")
         assert cfg.federation.rounds == (50 if cfg.data.name == "domainnet" else 30), name

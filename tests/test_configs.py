@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from conftest import parse_fit_args
 
-from lorafair.cli import main
+from lorafair.cli import main, parse
+from lorafair.config_hub import list_configs
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PAPER_MODELS = {"vit": "vit_base_patch16_224.augreg_in21k", "mixer": "mixer_b16_224.goog_in21k"}
@@ -51,3 +52,26 @@ def test_a_config_can_be_printed_and_overridden(capsys):
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     assert "method: fedit" in printed and "name: vit_base_patch16_224.augreg_in21k" in printed
+
+
+@pytest.mark.parametrize("name", list_configs())
+def test_every_shipped_config_parses_by_name_through_the_cli(name):
+    command = "compare" if name.startswith("paper/") else "fit"
+    root = ["--data.root", "anywhere"] if "domainnet" in name or "nicopp" in name else []
+    for spelling in (name, f"{name}.yaml"):
+        _, args = parse([command, "--config", spelling, *root])
+        assert args["cfg"] == parse([command, "--config", str(CONFIGS / f"{name}.yaml"), *root])[1]["cfg"]
+
+
+def test_configs_lists_every_yaml_file_once(capsys):
+    assert main(["configs"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert listed == sorted(p.relative_to(CONFIGS).with_suffix("").as_posix() for p in CONFIGS.rglob("*.yaml"))
+    assert "paper/table1_vit_domainnet" in listed and "demo" in listed
+
+
+def test_an_unknown_config_name_is_one_line_with_close_matches(capsys):
+    assert main(["fit", "--config", "vit_domainet.yaml"]) == 2
+    assert capsys.readouterr().err == ("lorafair: error: --config: vit_domainet.yaml is neither a file nor a shipped "
+                                       "config; did you mean vit_domainnet, mixer_domainnet, "
+                                       "vit_domainnet_label_skew?\n")
