@@ -55,7 +55,7 @@ from lorafair.aggregation.base import (
 
 Objective = Literal["cosine", "column_cosine", "frobenius"]
 Init = Literal["zero", "xavier"]
-ResidualOn = Literal["B", "A"]
+ResidualOn = Literal["A", "B"]
 OBJECTIVES, INITS, RESIDUAL_ON = get_args(Objective), get_args(Init), get_args(ResidualOn)
 
 SimilarityGradient = Callable[[Tensor], Tensor]
