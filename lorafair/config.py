@@ -89,6 +89,9 @@ class DataConfig:
     """DataLoader worker processes per rank (0 loads in the main process)."""
     on_bad_image: Literal["error", "skip"] = "error"
     """What to do with an unreadable image: stop with its path, or skip it and report the count."""
+    cache: str = "auto"
+    """Decode-once image cache (not used by digits): auto (under $LORAFAIR_CACHE_DIR, else $XDG_CACHE_HOME/lorafair,
+    else ~/.cache/lorafair), a folder to keep it in, or off to decode every image with PIL at every read."""
 
     def validate(self) -> None:
         _require(self.name == "digits" or self.root is not None, "data.root",
@@ -99,6 +102,7 @@ class DataConfig:
         _require(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
         _require(self.num_classes is None or self.num_classes > 0, "data.num_classes",
                  f"must be > 0, got {self.num_classes}")
+        _require(bool(self.cache), "data.cache", "must be auto, off or a folder, got an empty value")
 
 
 @dataclass

@@ -27,6 +27,14 @@ TINY_ARGS = [
 """6 digit domains, one client each, 5 sampled per round: sampling, uneven rank loads and padding all happen."""
 
 
+@pytest.fixture(autouse=True)
+def image_cache_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test's decode-once image caches (data.cache auto) go to a fresh folder, never the user's cache."""
+    directory = tmp_path_factory.mktemp("image_cache")
+    monkeypatch.setenv("LORAFAIR_CACHE_DIR", str(directory))
+    return directory
+
+
 def parse_fit_args(args: list[str]) -> FitConfig:
     """A FitConfig exactly as `lorafair fit ARGS` would build it."""
     _, kwargs = parse(["fit", *args])

@@ -218,26 +218,29 @@ def corrupt_client(domainnet):
     for path in (domainnet / "clipart" / "bat").glob("*train*.jpg"):
         path.write_bytes(b"not a jpeg")
 
-    def build(on_bad_image):
-        data = DataConfig(name="domainnet", root=domainnet, domains=["clipart"], on_bad_image=on_bad_image)
+    def build(on_bad_image, cache):
+        data = DataConfig(name="domainnet", root=domainnet, domains=["clipart"], on_bad_image=on_bad_image,
+                          cache=cache)
         return build_federated_data(data, FederationConfig(), 0, DATA_CONFIG).clients[0].dataset
 
     return build
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_corrupt_image_error_names_the_file(corrupt_client, num_workers):
-    loader = make_loader(corrupt_client("error"), 4, shuffle=False, seed=0, num_workers=num_workers)
-    with pytest.raises(UserError) as err:
-        list(loader)
+PIL_AND_CACHE = pytest.mark.parametrize("num_workers, cache", [(0, "off"), (2, "off"), (0, "auto")])
+
+
+@PIL_AND_CACHE
+def test_corrupt_image_error_names_the_file(corrupt_client, num_workers, cache):
+    with pytest.raises(UserError) as err:  # the cache meets the image while it builds, the PIL path when it reads
+        list(make_loader(corrupt_client("error", cache), 4, shuffle=False, seed=0, num_workers=num_workers))
     message = str(err.value)
     assert message.startswith("cannot read image ") and "/clipart/bat/" in message
     assert "data.on_bad_image=skip" in message and "Traceback" not in message
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_corrupt_images_skipped_and_counted(corrupt_client, num_workers):
-    loader = make_loader(corrupt_client("skip"), 4, shuffle=True, seed=0, num_workers=num_workers)
+@PIL_AND_CACHE
+def test_corrupt_images_skipped_and_counted(corrupt_client, num_workers, cache):
+    loader = make_loader(corrupt_client("skip", cache), 4, shuffle=True, seed=0, num_workers=num_workers)
     labels = torch.cat([labels for _, labels in loader])
     assert loader.skipped == 6
     assert len(labels) == 12 and 2 not in labels.tolist()

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from lorafair.config import DataConfig, FederationConfig
 from lorafair.data import digits
+from lorafair.data.cache import CachedImageDataset, cache_dir, human_size, pixel_recipes
 from lorafair.data.image_files import DOMAINNET, NICOPP, ImageFileDataset, read_image_folders, read_split_file_dataset
+from lorafair.data.loader import CachedLoader, SkippingLoader, make_loader
 from lorafair.data.partition import partition
 from lorafair.data.transforms import image_transforms, with_image_size
 from lorafair.errors import UserError
@@ -37,6 +41,8 @@ class FederatedData:
     domains: list[str]
     classes: list[str]
     """Class names; label i is classes[i]."""
+    train: dict[str, Dataset] = field(default_factory=dict)
+    """Each domain's training set, in domain order (the clients hold parts of them)."""
 
     @property
     def num_classes(self) -> int:
@@ -64,10 +70,22 @@ def _read_domains(data_cfg: DataConfig, seed: int, data_config: dict) -> tuple[l
         layout = DOMAINNET if data_cfg.name == "domainnet" else NICOPP
         files, classes = read_split_file_dataset(root, layout, data_cfg.domains, data_cfg.num_classes)
     train_transform, eval_transform = image_transforms(data_config, data_cfg)
+    directory = cache_dir(data_cfg.cache)
+    if directory is None:
+        def split_dataset(samples, domain_name, split):
+            return ImageFileDataset(samples, train_transform if split == "train" else eval_transform,
+                                    data_cfg.on_bad_image)
+    else:
+        recipes = dict(zip(("train", "test"), pixel_recipes(train_transform, eval_transform, data_cfg.augment,
+                                                            data_config["input_size"]), strict=True))
+
+        def split_dataset(samples, domain_name, split):
+            return CachedImageDataset(samples, recipes[split], directory, f"{data_cfg.name}-{domain_name}-{split}",
+                                      data_cfg.on_bad_image, data_cfg.num_workers)
     domains = []
     for domain in files:
-        train = ImageFileDataset(domain.train, train_transform, data_cfg.on_bad_image)
-        test = ImageFileDataset(domain.test, eval_transform, data_cfg.on_bad_image)
+        train = split_dataset(domain.train, domain.name, "train")
+        test = split_dataset(domain.test, domain.name, "test")
         domains.append(_Domain(domain.name, train, test, train.labels))
     return domains, classes
 
@@ -94,4 +112,29 @@ def build_federated_data(data_cfg: DataConfig, federation_cfg: FederationConfig,
                       class_counts=np.bincount(all_labels[part.indices], minlength=len(classes)).tolist())
                for i, part in enumerate(parts)]
     return FederatedData(clients=clients, test={domain.name: domain.test for domain in domains}, domains=names,
-                         classes=classes)
+                         classes=classes, train={domain.name: domain.train for domain in domains})
+
+
+def evaluation_loaders(test_sets: Sequence[Dataset], shard_index: int, shard_count: int, batch_size: int,
+                       num_workers: int, device: torch.device | str = "cpu") -> list[SkippingLoader | CachedLoader]:
+    """One loader per test set over its contiguous shard `shard_index` of `shard_count`. Build them once and
+    iterate them at every evaluation."""
+    loaders = []
+    for test in test_sets:
+        size = len(test)
+        shard = Subset(test, range(shard_index * size // shard_count, (shard_index + 1) * size // shard_count))
+        loaders.append(make_loader(shard, batch_size, shuffle=False, seed=0, num_workers=num_workers, device=device))
+    return loaders
+
+
+def build_caches(data: FederatedData, data_cfg: DataConfig) -> str:
+    """Build every missing image cache of `data` and fully verify the existing ones (checksum of every byte);
+    returns what was done in one line."""
+    if data_cfg.name == "digits":
+        return "data.name digits keeps its images in memory: there is no image cache to build"
+    splits = [dataset for domain in data.domains for dataset in (data.train[domain], data.test[domain])]
+    if not all(isinstance(dataset, CachedImageDataset) for dataset in splits):
+        raise UserError("--build_cache: data.cache is off; set it to auto or a folder")
+    stores = [dataset.store(verify=True) for dataset in splits]
+    size = sum(int(store.offsets[-1]) for store in stores)
+    return f"image cache ready: {len(stores)} splits, {human_size(size)} in {splits[0].directory}"

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from lorafair.data.cache import UNREADABLE_IMAGE, bad_image_message
 from lorafair.errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -74,11 +75,10 @@ class ImageFileDataset(Dataset):
         try:
             with Image.open(path) as image:
                 pixels = self.transform(image.convert("RGB"))
-        except (OSError, SyntaxError, ValueError) as err:  # what PIL raises for missing, truncated, corrupt files
+        except UNREADABLE_IMAGE as err:
             if self.on_bad_image == "skip":
                 return None
-            raise UserError(f"cannot read image {path}: {err}. Replace or delete the file, or set "
-                            f"data.on_bad_image=skip to skip unreadable images") from err
+            raise UserError(bad_image_message(path, err)) from err
         return pixels, int(self.labels[index])
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lorafair.config import FitConfig
-from lorafair.data.federated import FederatedData, build_federated_data
+from lorafair.data.federated import FederatedData, build_caches, build_federated_data
 from lorafair.data.transforms import model_data_config
 
 
@@ -46,8 +46,9 @@ def plot_class_counts(fd: FederatedData, path: Path) -> None:
     plt.close(figure)
 
 
-def summarize(cfg: FitConfig, plot: Path | None = None) -> None:
-    """Print the partition `lorafair fit` would use with this config; optionally write the class-count heatmap."""
+def summarize(cfg: FitConfig, plot: Path | None = None, build_cache: bool = False) -> None:
+    """Print the partition `lorafair fit` would use with this config; optionally write the class-count heatmap
+    and build (or check) the image cache of every split."""
     data_config = model_data_config(cfg.model, cfg.data.image_size)
     fd = build_federated_data(cfg.data, cfg.federation, cfg.seed, data_config)
     size = "x".join(str(s) for s in data_config["input_size"][1:])
@@ -57,3 +58,5 @@ def summarize(cfg: FitConfig, plot: Path | None = None) -> None:
     if plot is not None:
         plot_class_counts(fd, plot)
         print(f"heatmap written to {plot}")
+    if build_cache:
+        print(build_caches(fd, cfg.data))

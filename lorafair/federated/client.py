@@ -16,12 +16,12 @@ from typing import Protocol
 import torch
 from lightning.fabric import Fabric
 from torch import Tensor, nn
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from lorafair.aggregation import ClientUpdate
 from lorafair.config import ClientConfig, DataConfig
-from lorafair.data import Client, make_loader
+from lorafair.data import Client, evaluation_loaders, make_loader
 from lorafair.federated import faults
 from lorafair.federated.sampling import derive_seed
 from lorafair.federated.state import ClientResult, GlobalState, Pairs
@@ -51,6 +51,7 @@ class LocalTrainer:
         self.model, self.fabric = model, fabric
         self.client_cfg, self.data_cfg, self.seed = client_cfg, data_cfg, seed
         self.show_progress = show_progress
+        self.eval_loaders: dict[tuple, list] = {}
 
     def load(self, state: GlobalState) -> None:
         self.model.set_lora(state.lora)
@@ -64,7 +65,7 @@ class LocalTrainer:
         self.load(start)
         self.model.train()
         loader = make_loader(client.dataset, self.data_cfg.batch_size, shuffle=True, seed=seed,
-                             num_workers=self.data_cfg.num_workers)
+                             num_workers=self.data_cfg.num_workers, device=self.fabric.device)
         total_steps = self.client_cfg.local_epochs * len(loader)
         if self.client_cfg.max_local_steps is not None:
             total_steps = min(total_steps, self.client_cfg.max_local_steps)
@@ -112,12 +113,12 @@ class LocalTrainer:
         self.model.eval()
         index, count = shard
         counts = torch.zeros(len(test_sets), 2, dtype=torch.float64, device=self.fabric.device)
+        key = (tuple(map(id, test_sets)), index, count)
+        if key not in self.eval_loaders:  # built once: the cached test sets stay open between evaluations
+            self.eval_loaders[key] = evaluation_loaders(test_sets, index, count, self.data_cfg.eval_batch_size,
+                                                        self.data_cfg.num_workers, self.fabric.device)
         with torch.inference_mode():
-            for position, test in enumerate(test_sets):
-                size = len(test)
-                part = Subset(test, range(index * size // count, (index + 1) * size // count))
-                loader = make_loader(part, self.data_cfg.eval_batch_size, shuffle=False, seed=0,
-                                     num_workers=self.data_cfg.num_workers)
+            for position, loader in enumerate(self.eval_loaders[key]):
                 for batch_index, (inputs, targets) in enumerate(loader):
                     with self.fabric.autocast():
                         correct, total = self.model.validation_step(
