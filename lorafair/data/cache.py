@@ -25,6 +25,7 @@ import multiprocessing
 import os
 import shutil
 import sys
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -176,7 +177,7 @@ def _open_valid(directory: Path, key: str, expected_fingerprint: str, count: int
         with np.load(index_path, allow_pickle=False) as index:
             meta = json.loads(str(index["meta"]))
             offsets, heights, widths, readable = (index[name] for name in ("offsets", "heights", "widths", "readable"))
-    except (OSError, ValueError, KeyError, EOFError):
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return None
     total = int(offsets[-1]) if len(offsets) == count + 1 else -1
     if (meta.get("format") != CACHE_FORMAT or meta.get("fingerprint") != expected_fingerprint
