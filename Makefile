@@ -27,3 +27,4 @@ lint: install
 
 bench: install
 	$(BIN)/python benchmarks/aggregation.py
+	$(BIN)/python benchmarks/data_loading.py
