@@ -6,6 +6,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,8 @@ from lorafair.cli import main
 from lorafair.config import DataConfig, FederationConfig
 from lorafair.data import build_federated_data, evaluation_loaders, make_loader
 from lorafair.data import cache as cache_module
-from lorafair.data.cache import CachedImageDataset, cache_dir
+from lorafair.data.cache import CachedImageDataset, cache_dir, normalize
+from lorafair.data.loader import CachedLoader
 from lorafair.errors import UserError
 
 DATA_CONFIG = {"input_size": (3, 16, 16), "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
@@ -61,7 +63,7 @@ def test_cached_batches_equal_the_pil_path_bit_for_bit(noisy_root, image_cache_d
         for client_pil, client_cached in zip(pil.clients, cached.clients, strict=True):
             want_loader = make_loader(client_pil.dataset, 5, shuffle=shuffle, seed=7, num_workers=0)
             loader = make_loader(client_cached.dataset, 5, shuffle=shuffle, seed=7, num_workers=0)
-            assert type(loader).__name__ == "CachedLoader"
+            assert isinstance(loader, CachedLoader)
             for _ in range(2):  # the second epoch draws the next order in both
                 got, expected = list(loader), list(want_loader)
                 assert len(got) == len(expected) == 3
@@ -211,7 +213,11 @@ def _build_in_another_process(root: Path, directory: str, barrier, results) -> N
 
 def test_two_processes_building_one_cache_build_it_once_and_read_the_same(noisy_root, tmp_path, monkeypatch):
     decode = cache_module._decode
-    monkeypatch.setattr(cache_module, "_decode", lambda path: (__import__("time").sleep(0.05), decode(path))[1])
+    def slow_decode(path):  # long enough for the second process to arrive while the first builds
+        time.sleep(0.05)
+        return decode(path)
+
+    monkeypatch.setattr(cache_module, "_decode", slow_decode)
     build = cache_module._build
     marks = tmp_path / "builds"
     marks.mkdir()
@@ -233,8 +239,9 @@ def test_two_processes_building_one_cache_build_it_once_and_read_the_same(noisy_
         assert process.exitcode == 0
     assert len(list(marks.iterdir())) == 1  # one builder; the other waited on the lock and read its file
     assert pixels[0][1] == pixels[1][1]
-    reference = pil_reference(noisy_root)
-    assert len(pixels[0][1]) == reference.numel()
+    read = torch.frombuffer(bytearray(pixels[0][1]), dtype=torch.uint8).view(-1, 3, 16, 16)
+    mean, std = torch.tensor(DATA_CONFIG["mean"]), torch.tensor(DATA_CONFIG["std"])
+    assert torch.equal(normalize(read, mean, std), pil_reference(noisy_root))
 
 
 def test_bad_images_while_building(noisy_root, tmp_path, capsys):

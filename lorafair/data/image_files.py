@@ -1,8 +1,8 @@
 """Datasets read from disk: DomainNet and NICO++ (split files with labels) and plain image folders.
 
 Building a dataset reads only the split files and directory listings and checks that every listed image exists;
-images are decoded lazily with PIL when a loader asks for them. Every problem with the user's files is a UserError
-that names the path and shows the expected layout.
+images are decoded later, once into the image cache (cache.py) or with PIL at every read (data.cache off). Every
+problem with the user's files is a UserError that names the path and shows the expected layout.
 """
 
 from __future__ import annotations

@@ -117,8 +117,7 @@ class CachedLoader:
         self.order = _order(len(which), batch_size, shuffle, seed, drop_last)
         self.device = torch.device(device)
         self.pin = self.device.type == "cuda"
-        self.mean = sources[0].mean.to(self.device) if sources else None
-        self.std = sources[0].std.to(self.device) if sources else None
+        self.mean, self.std = sources[0].mean.to(self.device), sources[0].std.to(self.device)
         self.skipped = 0
 
     def __len__(self) -> int:
