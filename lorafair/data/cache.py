@@ -278,7 +278,7 @@ def _build(paths: Sequence[str], recipe: PixelRecipe, directory: Path, key: str,
           f"(data.cache)", file=sys.stderr)
     if shutil.disk_usage(directory).free < needed:
         raise _space_error(directory, needed)
-    partial = directory / f"{key}.pixels.partial"
+    partial, index_partial = directory / f"{key}.pixels.partial", directory / f"{key}.index.partial"
     try:
         offsets, heights, widths, readable, checksum = _write_pixels(paths, recipe, partial, name, on_bad_image,
                                                                      workers)
@@ -286,7 +286,6 @@ def _build(paths: Sequence[str], recipe: PixelRecipe, directory: Path, key: str,
             raise OSError(errno.EIO, f"{partial} does not read back as written")
         meta = {"format": CACHE_FORMAT, "fingerprint": key_fingerprint, "checksum": checksum,
                 "shape": list(recipe.shape) if recipe.shape else None, "images": len(paths)}
-        index_partial = directory / f"{key}.index.partial"
         with index_partial.open("wb") as file:
             np.savez(file, meta=np.array(json.dumps(meta)), offsets=offsets, heights=heights, widths=widths,
                      readable=readable)
@@ -298,6 +297,7 @@ def _build(paths: Sequence[str], recipe: PixelRecipe, directory: Path, key: str,
         raise
     finally:
         partial.unlink(missing_ok=True)
+        index_partial.unlink(missing_ok=True)
     skipped = int((~readable).sum())
     if skipped:
         print(f"image cache of {name}: {skipped} unreadable image(s) skipped (data.on_bad_image=skip)",
