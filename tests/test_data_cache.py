@@ -70,7 +70,8 @@ def test_cached_batches_equal_the_pil_path_bit_for_bit(noisy_root, image_cache_d
                 for (images, labels), (want_images, want_labels) in zip(got, expected, strict=True):
                     assert images.dtype == torch.float32 and torch.equal(labels, want_labels)
                     assert torch.equal(images, want_images)  # bit for bit, not allclose
-    for want, got in zip(evaluation_loaders(pil, 1, 2, 4, 0), evaluation_loaders(cached, 1, 2, 4, 0), strict=True):
+    for want, got in zip(evaluation_loaders(list(pil.test.values()), 1, 2, 4, 0),
+                         evaluation_loaders(list(cached.test.values()), 1, 2, 4, 0), strict=True):
         pairs = list(zip(want, got, strict=True))
         assert pairs and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in pairs)
     assert torch.equal(pil.test["sketch"][2][0], cached.test["sketch"][2][0])  # single items too
@@ -269,7 +270,8 @@ def test_augment_caches_the_shorter_side_and_crops_at_load_time(noisy_root, tmp_
     first, second = (next(iter(loader))[0] for _ in range(2))
     assert first.shape == (12, 3, 16, 16) and not torch.equal(first, second)  # a new random crop every pass
     pil = federated(noisy_root, "off", partition="feature", augment=True)
-    for want, got in zip(evaluation_loaders(pil, 0, 1, 4, 0), evaluation_loaders(fd, 0, 1, 4, 0), strict=True):
+    for want, got in zip(evaluation_loaders(list(pil.test.values()), 0, 1, 4, 0),
+                         evaluation_loaders(list(fd.test.values()), 0, 1, 4, 0), strict=True):
         assert all(torch.equal(a[0], b[0]) for a, b in zip(want, got, strict=True))  # test sets are never augmented
 
 
