@@ -23,13 +23,21 @@ def _require(condition: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+TEXT_DATA = ("text_classification", "instruction", "arithmetic")
+"""data.name values read as text: their model family is transformers."""
+
+
 @dataclass
 class ModelConfig:
     """The frozen backbone."""
 
+    family: Literal["timm", "transformers"] | None = None
+    """timm (images) or transformers (language models); None infers it from data.name (text data: transformers)."""
     name: str = "vit_base_patch16_224.augreg_in21k"
-    """timm model name, e.g. vit_base_patch16_224.augreg_in21k or mixer_b16_224.goog_in21k; or mlp_mixer for timm's
-    MlpMixer built from kwargs alone (timm's mixer_* names reject overrides such as num_blocks or embed_dim)."""
+    """timm: model name, e.g. vit_base_patch16_224.augreg_in21k or mixer_b16_224.goog_in21k; or mlp_mixer for timm's
+    MlpMixer built from kwargs alone (timm's mixer_* names reject overrides such as num_blocks or embed_dim).
+    transformers: a local model folder (config.json and weights), a hub name with pretrained true, or a model type
+    (llama, roberta, ...) built at random from kwargs (for tests)."""
     pretrained: bool = False
     """Let timm fetch the pretrained weights for `name` from a model hub (needs network)."""
     weights: Path | None = None
@@ -37,10 +45,23 @@ class ModelConfig:
     Takes precedence over pretrained. A relative path is looked up in the working directory, then beside the
     installed package (so lorafair/assets/demo_vit.safetensors works from anywhere)."""
     kwargs: dict = field(default_factory=dict)
-    """Extra keyword arguments for timm.create_model (e.g. depth, embed_dim, img_size for small models)."""
+    """Extra keyword arguments for timm.create_model (e.g. depth, embed_dim, img_size for small models), or for the
+    transformers config of a model built at random (e.g. hidden_size, num_hidden_layers)."""
+    tokenizer: str | None = None
+    """transformers: tokenizer folder or hub name; None uses model.name."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """transformers: storage dtype of the frozen weights (LoRA factors and heads stay float32)."""
+    gradient_checkpointing: bool = False
+    """transformers: recompute activations in the backward pass (less memory, more time)."""
+    load_in_4bit: bool = False
+    """transformers: 4-bit NF4 frozen weights through bitsandbytes (QLoRA); needs CUDA and bitsandbytes."""
+
+    def resolved_family(self, data_name: str) -> str:
+        """The family: as set, else transformers for text data and timm for images."""
+        return self.family or ("transformers" if data_name in TEXT_DATA else "timm")
 
     def validate(self) -> None:
-        _require(bool(self.name), "model.name", "must be a timm model name")
+        _require(bool(self.name), "model.name", "must be a model name")
 
 
 @dataclass
@@ -67,8 +88,10 @@ class LoraConfig:
 class DataConfig:
     """Where the images come from and how they are loaded."""
 
-    name: Literal["domainnet", "nicopp", "folders", "digits"] = "domainnet"
-    """Dataset: domainnet, nicopp, folders (<root>/<domain>/<class>/<image>) or digits (embedded offline demo)."""
+    name: Literal["domainnet", "nicopp", "folders", "digits", "text_classification", "instruction",
+                  "arithmetic"] = "domainnet"
+    """Dataset: domainnet, nicopp, folders (<root>/<domain>/<class>/<image>) or digits (embedded offline demo);
+    text (see the text section): text_classification or instruction files, or arithmetic (generated offline demo)."""
     root: Path | None = None
     """Dataset root folder (not used by digits)."""
     domains: list[str] | None = None
@@ -94,7 +117,7 @@ class DataConfig:
     else ~/.cache/lorafair), a folder to keep it in, or off to decode every image with PIL at every read."""
 
     def validate(self) -> None:
-        _require(self.name == "digits" or self.root is not None, "data.root",
+        _require(self.name in ("digits", *TEXT_DATA) or self.root is not None, "data.root",
                  f"is required for data.name={self.name}: pass --data.root DIR")
         _require(0 < self.test_fraction < 1, "data.test_fraction", f"must be in (0, 1), got {self.test_fraction}")
         _require(self.batch_size > 0, "data.batch_size", f"must be > 0, got {self.batch_size}")
@@ -103,6 +126,52 @@ class DataConfig:
         _require(self.num_classes is None or self.num_classes > 0, "data.num_classes",
                  f"must be > 0, got {self.num_classes}")
         _require(bool(self.cache), "data.cache", "must be auto, off or a folder, got an empty value")
+
+
+ALPACA_TEMPLATE = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+                   "request.\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+"""The Alpaca prompt; an empty input leaves its "### Input" block in, as the public FedIT code does."""
+
+
+@dataclass
+class TextConfig:
+    """Text data (data.name text_classification, instruction or arithmetic): files, columns and tokenization."""
+
+    train_files: list[Path] = field(default_factory=list)
+    """Training files (.jsonl/.json, .csv, .tsv, .parquet), read with Hugging Face datasets."""
+    test_files: list[Path] = field(default_factory=list)
+    """Test files in the same layout; empty: each domain's rows are split by data.test_fraction."""
+    text_columns: list[str] = field(default_factory=lambda: ["text"])
+    """text_classification: the text column, or two for sentence pairs (GLUE: [premise, hypothesis])."""
+    label_column: str = "label"
+    """text_classification: the class label column (names or integers)."""
+    classes: list[str] | None = None
+    """text_classification: the class names in label order; None: the sorted labels of the training files."""
+    domain_column: str | None = None
+    """Column naming each row's domain or task (the feature partition gives one client per value); None: one domain."""
+    category_column: str | None = None
+    """instruction: column whose values play the role of classes for the feature_label (Dirichlet) partition."""
+    prompt_template: str = ALPACA_TEMPLATE
+    """instruction: the prompt, with {instruction} and {input}; the loss covers the response after it only."""
+    answer_pattern: str = r"####\s*(-?[\d,.]+)"
+    """instruction: regex whose first group is the final answer in a response (GSM8K's '#### 42' by default);
+    exact match compares the answers of the generated and the reference response (commas removed)."""
+    max_length: int = 256
+    """Tokens per training example (longer ones are cut) and per evaluation prompt."""
+    max_new_tokens: int = 32
+    """instruction: cap on the tokens generated greedily per test prompt."""
+    examples_per_kind: int = 400
+    """arithmetic: training problems per kind of problem."""
+    test_per_kind: int = 2000
+    """arithmetic: test problems per kind of problem."""
+
+    def validate(self) -> None:
+        _require(self.max_length > 1, "text.max_length", f"must be > 1, got {self.max_length}")
+        _require(self.max_new_tokens > 0, "text.max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
+        _require(len(self.text_columns) in (1, 2), "text.text_columns", f"must name 1 or 2 columns, got "
+                 f"{self.text_columns}")
+        _require(self.examples_per_kind > 0 and self.test_per_kind > 0, "text.examples_per_kind",
+                 "and text.test_per_kind must be > 0")
 
 
 @dataclass
@@ -211,6 +280,7 @@ class FitConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
     server: ServerConfig = field(default_factory=ServerConfig)  # type: ignore[valid-type]
+    text: TextConfig = field(default_factory=TextConfig)
     seed: int = 0
     """Seeds everything: the partition, client sampling, LoRA inits and each client's local training."""
     out_dir: Path = Path("runs/lorafair")
@@ -232,8 +302,13 @@ class FitConfig:
     run fastest on one thread, especially on a busy machine."""
 
     def validate(self) -> None:
-        for section in (self.server, self.model, self.lora, self.data, self.federation, self.client):
+        for section in (self.server, self.model, self.lora, self.data, self.federation, self.client, self.text):
             section.validate()
+        family = self.model.resolved_family(self.data.name)
+        _require((family == "transformers") == (self.data.name in TEXT_DATA), "model.family",
+                 f"{family} cannot read data.name {self.data.name}: text data needs transformers, images timm")
+        _require(self.data.name not in ("text_classification", "instruction") or bool(self.text.train_files),
+                 "text.train_files", f"is required for data.name={self.data.name}: pass --text.train_files FILE")
         _require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
         _require(self.num_nodes >= 1, "num_nodes", f"must be >= 1, got {self.num_nodes}")
         _require(self.cpu_threads is None or self.cpu_threads >= 1, "cpu_threads",

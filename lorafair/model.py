@@ -11,14 +11,11 @@ the LoRA factors explicitly.
 
 from __future__ import annotations
 
-import math
 import re
 
 import lightning
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig as PeftLoraConfig
-from peft import inject_adapter_in_model
 from timm.models.mlp_mixer import MlpMixer
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
@@ -26,15 +23,13 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lorafair.config import ClientConfig, LoraConfig, ModelConfig
 from lorafair.errors import UserError
+from lorafair.lora_state import PeftLoraState
 from lorafair.weights import create_backbone, head_parameter_names
 
 VIT_TARGETS = r".*blocks\.\d+\.(attn\.proj|mlp\.fc2)"
 """LoRA targets of the paper's public code for ViT: the attention output and the second MLP layer of each block."""
 MIXER_TARGETS = r".*blocks\.\d+\.(mlp_tokens\.fc2|mlp_channels\.fc2)"
 """LoRA targets for MLP-Mixer: the second layer of the token- and channel-mixing MLPs of each block."""
-
-_ADAPTER = "default"
-
 
 def default_targets(backbone: nn.Module) -> str | None:
     """The LoRA target regex for a backbone family, or None when the family has no default."""
@@ -45,7 +40,7 @@ def default_targets(backbone: nn.Module) -> str | None:
     return None
 
 
-def target_layers(backbone: nn.Module, pattern: str | None) -> list[str]:
+def target_layers(backbone: nn.Module, pattern: str | None, head_weights: list[str]) -> list[str]:
     """Names of the Linear layers that LoRA adapts: those whose full name matches `pattern`, in model order."""
     linear = [name for name, module in backbone.named_modules() if isinstance(module, nn.Linear)]
     examples = ", ".join(linear[:6])
@@ -57,7 +52,6 @@ def target_layers(backbone: nn.Module, pattern: str | None) -> list[str]:
     except re.error as err:
         raise UserError(f"lora.target_modules: {pattern!r} is not a valid regex ({err})") from err
     layers = [name for name in linear if regex.fullmatch(name)]
-    head_weights = head_parameter_names(backbone)
     head = [name for name in layers if f"{name}.weight" in head_weights]
     if head:
         raise UserError(f"lora.target_modules: {pattern!r} matches the classifier head {head[0]!r}, which is trained "
@@ -68,7 +62,7 @@ def target_layers(backbone: nn.Module, pattern: str | None) -> list[str]:
     return layers
 
 
-class LoraClassifier(lightning.LightningModule):
+class LoraClassifier(PeftLoraState, lightning.LightningModule):
     """One federated client's model; only the LoRA factors and the classifier head are trainable.
 
     Built for Lightning Fabric without DDP wrapping: no Trainer-only features (self.log, self.trainer) are used.
@@ -80,49 +74,15 @@ class LoraClassifier(lightning.LightningModule):
         self.client_cfg = client_cfg
         self.backbone = create_backbone(model_cfg, num_classes)
         pattern = lora_cfg.target_modules if lora_cfg.target_modules is not None else default_targets(self.backbone)
-        self.layer_names: list[str] = target_layers(self.backbone, pattern)
-        self.scaling: float = lora_cfg.alpha / lora_cfg.r
-        exact_names = "|".join(re.escape(name) for name in self.layer_names)
-        peft_cfg = PeftLoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-                                  target_modules=exact_names, bias="none")
-        inject_adapter_in_model(peft_cfg, self.backbone, adapter_name=_ADAPTER)
         self._head_names = head_parameter_names(self.backbone)
-        for param in self.backbone.parameters():
-            param.requires_grad_(False)
-        for layer in self._layers():
-            layer.lora_A[_ADAPTER].weight.requires_grad_(True)
-            layer.lora_B[_ADAPTER].weight.requires_grad_(True)
+        self.inject_lora(lora_cfg, target_layers(self.backbone, pattern, self._head_names))
         self.backbone.get_classifier().requires_grad_(True)
         self.val_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro", sync_on_compute=False)
 
     def forward(self, images: Tensor) -> Tensor:
         return self.backbone(images)
 
-    # ---- client state -------------------------------------------------------------------------------------
-
-    def get_lora(self) -> dict[str, tuple[Tensor, Tensor]]:
-        """(A: r x in, B: out x r) per adapted layer, detached copies."""
-        return {name: (layer.lora_A[_ADAPTER].weight.detach().clone(), layer.lora_B[_ADAPTER].weight.detach().clone())
-                for name, layer in zip(self.layer_names, self._layers(), strict=True)}
-
-    @torch.no_grad()
-    def set_lora(self, lora: dict[str, tuple[Tensor, Tensor]]) -> None:
-        for name, layer in zip(self.layer_names, self._layers(), strict=True):
-            lora_a, lora_b = lora[name]
-            layer.lora_A[_ADAPTER].weight.copy_(lora_a)
-            layer.lora_B[_ADAPTER].weight.copy_(lora_b)
-
-    @torch.no_grad()
-    def init_lora(self, generator: torch.Generator) -> None:
-        """A as peft initialises it (Kaiming-uniform, a=sqrt(5)) but drawn from `generator`; B = 0, so the update
-        starts at zero. Layers draw in `layer_names` order, so equal generators give equal factors."""
-        for layer in self._layers():
-            lora_a = layer.lora_A[_ADAPTER].weight
-            # drawn on the CPU so the values do not depend on the device the module lives on
-            fresh = torch.empty(lora_a.shape, dtype=lora_a.dtype)
-            nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
-            lora_a.copy_(fresh)
-            layer.lora_B[_ADAPTER].weight.zero_()
+    # ---- client state ---------------------------------------------------------------------------------
 
     def get_extra(self) -> dict[str, Tensor]:
         """The trainable non-LoRA tensors (the classifier head), detached copies."""
@@ -134,29 +94,6 @@ class LoraClassifier(lightning.LightningModule):
         params = dict(self.backbone.named_parameters())
         for name in self._head_names:
             params[name].copy_(extra[name])
-
-    @torch.no_grad()
-    def merge(self, merge: dict[str, tuple[Tensor, Tensor]]) -> None:
-        """W0 += scaling * B @ A for each (A, B) given; any rank (FLoRA sends stacks of rank K*r)."""
-        layers = dict(zip(self.layer_names, self._layers(), strict=True))
-        for name, (lora_a, lora_b) in merge.items():
-            weight = layers[name].base_layer.weight
-            weight.add_((lora_b.to(weight) @ lora_a.to(weight)) * self.scaling)
-
-    def base_state(self) -> dict[str, Tensor]:
-        """The frozen weight of each adapted layer (the only frozen tensors merges change), detached copies."""
-        return {name: layer.base_layer.weight.detach().clone()
-                for name, layer in zip(self.layer_names, self._layers(), strict=True)}
-
-    @torch.no_grad()
-    def load_base_state(self, state: dict[str, Tensor]) -> None:
-        for name, layer in zip(self.layer_names, self._layers(), strict=True):
-            layer.base_layer.weight.copy_(state[name])
-
-    def freeze_lora_A(self, frozen: bool) -> None:
-        """FFA-LoRA trains B only, keeping A at its shared seeded init."""
-        for layer in self._layers():
-            layer.lora_A[_ADAPTER].weight.requires_grad_(not frozen)
 
     # ---- data and training --------------------------------------------------------------------------------
 
@@ -180,8 +117,3 @@ class LoraClassifier(lightning.LightningModule):
         cfg = self.client_cfg
         return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=cfg.lr,
                                momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-
-    # ---- helpers ------------------------------------------------------------------------------------------
-
-    def _layers(self) -> list[nn.Module]:
-        return [self.backbone.get_submodule(name) for name in self.layer_names]

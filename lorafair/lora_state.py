@@ -1,0 +1,94 @@
+"""The swappable LoRA state of a module adapted by peft, shared by the image and the text client models.
+
+A client's LoRA factors are keyed by the adapted layers' own names ("blocks.0.attn.proj"), never by peft's wrapped
+names, so the server and the checkpoints see the same keys whatever the model family.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import inject_adapter_in_model
+from torch import Tensor, nn
+
+from lorafair.config import LoraConfig
+
+_ADAPTER = "default"
+
+
+class PeftLoraState:
+    """Mixin for a module whose `backbone` gets peft LoRA on `layer_names`: inject, read, write, merge the factors."""
+
+    backbone: nn.Module
+    layer_names: list[str]
+    scaling: float
+
+    def inject_lora(self, lora_cfg: LoraConfig, layer_names: list[str]) -> None:
+        """Put LoRA on exactly these Linear layers and freeze everything else of the backbone; the factors are
+        kept in float32 whatever the dtype of the frozen weights."""
+        self.layer_names = layer_names
+        self.scaling = lora_cfg.alpha / lora_cfg.r
+        exact_names = "|".join(re.escape(name) for name in layer_names)
+        peft_cfg = PeftLoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                                  target_modules=exact_names, bias="none")
+        inject_adapter_in_model(peft_cfg, self.backbone, adapter_name=_ADAPTER)
+        for param in self.backbone.parameters():
+            param.requires_grad_(False)
+        for layer in self._layers():
+            for factor in (layer.lora_A[_ADAPTER], layer.lora_B[_ADAPTER]):
+                factor.float().weight.requires_grad_(True)
+
+    # ---- client state -------------------------------------------------------------------------------------
+
+    def get_lora(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """(A: r x in, B: out x r) per adapted layer, detached copies."""
+        return {name: (layer.lora_A[_ADAPTER].weight.detach().clone(), layer.lora_B[_ADAPTER].weight.detach().clone())
+                for name, layer in zip(self.layer_names, self._layers(), strict=True)}
+
+    @torch.no_grad()
+    def set_lora(self, lora: dict[str, tuple[Tensor, Tensor]]) -> None:
+        for name, layer in zip(self.layer_names, self._layers(), strict=True):
+            lora_a, lora_b = lora[name]
+            layer.lora_A[_ADAPTER].weight.copy_(lora_a)
+            layer.lora_B[_ADAPTER].weight.copy_(lora_b)
+
+    @torch.no_grad()
+    def init_lora(self, generator: torch.Generator) -> None:
+        """A as peft initialises it (Kaiming-uniform, a=sqrt(5)) but drawn from `generator`; B = 0, so the update
+        starts at zero. Layers draw in `layer_names` order, so equal generators give equal factors."""
+        for layer in self._layers():
+            lora_a = layer.lora_A[_ADAPTER].weight
+            # drawn on the CPU so the values do not depend on the device the module lives on
+            fresh = torch.empty(lora_a.shape, dtype=lora_a.dtype)
+            nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
+            lora_a.copy_(fresh)
+            layer.lora_B[_ADAPTER].weight.zero_()
+
+    @torch.no_grad()
+    def merge(self, merge: dict[str, tuple[Tensor, Tensor]]) -> None:
+        """W0 += scaling * B @ A for each (A, B) given; any rank (FLoRA sends stacks of rank K*r)."""
+        layers = dict(zip(self.layer_names, self._layers(), strict=True))
+        for name, (lora_a, lora_b) in merge.items():
+            weight = layers[name].base_layer.weight
+            weight.add_((lora_b.to(weight) @ lora_a.to(weight)) * self.scaling)
+
+    def base_state(self) -> dict[str, Tensor]:
+        """The frozen weight of each adapted layer (the only frozen tensors merges change), detached copies."""
+        return {name: layer.base_layer.weight.detach().clone()
+                for name, layer in zip(self.layer_names, self._layers(), strict=True)}
+
+    @torch.no_grad()
+    def load_base_state(self, state: dict[str, Tensor]) -> None:
+        for name, layer in zip(self.layer_names, self._layers(), strict=True):
+            layer.base_layer.weight.copy_(state[name])
+
+    def freeze_lora_A(self, frozen: bool) -> None:
+        """FFA-LoRA trains B only, keeping A at its shared seeded init."""
+        for layer in self._layers():
+            layer.lora_A[_ADAPTER].weight.requires_grad_(not frozen)
+
+    def _layers(self) -> list[nn.Module]:
+        return [self.backbone.get_submodule(name) for name in self.layer_names]
