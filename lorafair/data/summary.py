@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lorafair.config import FitConfig
-from lorafair.data.federated import FederatedData, build_caches, build_federated_data
+from lorafair.data.federated import FederatedData, build_caches
 from lorafair.data.transforms import model_data_config
 
 
@@ -49,11 +49,16 @@ def plot_class_counts(fd: FederatedData, path: Path) -> None:
 def summarize(cfg: FitConfig, plot: Path | None = None, build_cache: bool = False) -> None:
     """Print the partition `lorafair fit` would use with this config; optionally write the class-count heatmap
     and build (or check) the image cache of every split."""
-    data_config = model_data_config(cfg.model, cfg.data.image_size)
-    fd = build_federated_data(cfg.data, cfg.federation, cfg.seed, data_config)
-    size = "x".join(str(s) for s in data_config["input_size"][1:])
+    from lorafair.federated.loop import build_data
+
+    fd = build_data(cfg)
+    if cfg.model.resolved_family(cfg.data.name) == "timm":
+        size = "x".join(str(s) for s in model_data_config(cfg.model, cfg.data.image_size)["input_size"][1:])
+        shape = f"images {size}"
+    else:
+        shape = f"text of at most {cfg.text.max_length} tokens"
     print(f"{cfg.data.name}: {len(fd.domains)} domains, {fd.num_classes} classes, {len(fd.clients)} clients "
-          f"({cfg.federation.partition} partition, seed {cfg.seed}), images {size}")
+          f"({cfg.federation.partition} partition, seed {cfg.seed}), {shape}")
     print(summary_table(fd))
     if plot is not None:
         plot_class_counts(fd, plot)

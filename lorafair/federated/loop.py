@@ -36,7 +36,7 @@ from lorafair.federated.checkpoints import (
     resume_state,
     save_checkpoint,
 )
-from lorafair.federated.client import LocalTrainer
+from lorafair.federated.client import ClientModel, LocalTrainer
 from lorafair.federated.sampling import assign_to_ranks, derive_seed, sample_clients
 from lorafair.federated.server import Server
 from lorafair.federated.state import ClientResult, GlobalState, ResumeState, RoundRecord, ServerAnswer, pack
@@ -99,11 +99,26 @@ def join_restarted_process_group(backend: str) -> None:
                             rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
 
 
-def build_model(cfg: FitConfig, data: FederatedData, device: torch.device) -> LoraClassifier:
-    """The client model of this process, with identical random parts (head, LoRA, a backbone without weights) on
-    every rank."""
+def build_data(cfg: FitConfig) -> FederatedData:
+    """Clients and test sets: images rendered for the timm model, or text tokenized for the transformers one (whose
+    modules, and `datasets`, are imported only then)."""
+    if cfg.model.resolved_family(cfg.data.name) == "transformers":
+        from lorafair.text.data import build_text_data, load_tokenizer
+
+        return build_text_data(cfg, load_tokenizer(cfg.model))
+    return build_federated_data(cfg.data, cfg.federation, cfg.seed, model_data_config(cfg.model, cfg.data.image_size))
+
+
+def build_model(cfg: FitConfig, data: FederatedData, device: torch.device) -> ClientModel:
+    """The client model of this process (chosen by model.family), with identical random parts (head, LoRA, a
+    backbone without weights) on every rank."""
     torch.manual_seed(derive_seed("model", cfg.seed))
-    model = LoraClassifier(cfg.model, cfg.lora, data.num_classes, cfg.client).to(device)
+    if cfg.model.resolved_family(cfg.data.name) == "transformers":
+        from lorafair.text.model import TextLoraModel
+
+        model = TextLoraModel(cfg, data.num_classes).to(device)
+    else:
+        model = LoraClassifier(cfg.model, cfg.lora, data.num_classes, cfg.client).to(device)
     if cfg.server.method == "ffa_lora":
         model.freeze_lora_A(True)
     return model
@@ -117,8 +132,7 @@ class FederatedTrainer:
         self.cfg, self.fabric = cfg, fabric
         self.out_dir = Path(cfg.out_dir)
         self.server_seconds = 0.0
-        self.data = build_federated_data(cfg.data, cfg.federation, cfg.seed,
-                                         model_data_config(cfg.model, cfg.data.image_size))
+        self.data = build_data(cfg)
         clients = self.data.clients
         self.per_round = cfg.federation.clients_per_round or len(clients)
         if self.per_round > len(clients):

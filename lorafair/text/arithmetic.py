@@ -1,0 +1,83 @@
+"""The text demo's data: generated arithmetic problems of five kinds, one kind per client (feature non-IID).
+
+Clients hold problems in the instruction layout (instruction, input, output = "#### answer"), each kind worded its
+own way; the shipped demo language model was pretrained on bare equations ("23+45=68"), a text no client holds.
+Pure Python, seeded: every rank and every run with the same seed draws the same problems, and a kind's training
+and test problems never share an input.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+KINDS = ("addition", "subtraction", "multi_step", "word_problem", "number_words")
+WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+         "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty")
+NAMES = ("Ann", "Bob", "Eva", "Tom", "Mia", "Sam")
+THINGS = ("pens", "cups", "apples", "books", "coins")
+PROMPT_TEMPLATE = "{instruction} {input}\nA: "
+"""The demo's compact prompt (text.prompt_template in configs/demo_text.yaml)."""
+
+
+def _addition(rng: random.Random) -> tuple[str, str, int]:
+    a, b = rng.randrange(50), rng.randrange(50)
+    return "Add:", f"{a} + {b}", a + b
+
+
+def _subtraction(rng: random.Random) -> tuple[str, str, int]:
+    a = rng.randrange(100)
+    b = rng.randrange(a + 1)
+    return "Subtract:", f"{a} - {b}", a - b
+
+
+def _multi_step(rng: random.Random) -> tuple[str, str, int]:
+    terms = [rng.randrange(30) for _ in range(3)]
+    return "Sum:", " + ".join(map(str, terms)), sum(terms)
+
+
+def _word_problem(rng: random.Random) -> tuple[str, str, int]:
+    name, thing = rng.choice(NAMES), rng.choice(THINGS)
+    a, b = rng.randrange(40), rng.randrange(40)
+    return "Solve:", f"{name} has {a} {thing} and gets {b} more. How many?", a + b
+
+
+def _number_words(rng: random.Random) -> tuple[str, str, int]:
+    a, b = rng.randrange(len(WORDS)), rng.randrange(len(WORDS))
+    return "Add:", f"{WORDS[a]} plus {WORDS[b]}", a + b
+
+
+GENERATORS: dict[str, Callable[[random.Random], tuple[str, str, int]]] = dict(zip(KINDS, (
+    _addition, _subtraction, _multi_step, _word_problem, _number_words), strict=True))
+
+
+def problems(kind: str, train: int, test: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """`train` and `test` distinct problems of one kind as instruction rows (instruction, input, output, kind)."""
+    rng = random.Random(f"{seed}:{kind}")
+    seen: dict[str, dict] = {}
+    for _ in range(100 * (train + test)):
+        if len(seen) == train + test:
+            break
+        instruction, question, answer = GENERATORS[kind](rng)
+        seen.setdefault(question, {"instruction": instruction, "input": question, "output": f"#### {answer}",
+                                   "kind": kind})
+    else:
+        raise ValueError(f"arithmetic kind {kind!r} has fewer than {train + test} distinct problems")
+    rows = list(seen.values())
+    return rows[:train], rows[train:]
+
+
+def pretraining_text(count: int, seed: int) -> list[str]:
+    """Bare equations ("23+45=68", "68-23=45", "3+12+7=22"): the demo model's pretraining text, no client's."""
+    rng = random.Random(f"pretraining:{seed}")
+    lines = []
+    for _ in range(count):
+        a, b, c = rng.randrange(100), rng.randrange(100), rng.randrange(30)
+        shape = rng.randrange(3)
+        if shape == 0:
+            lines.append(f"{a}+{b}={a + b}")
+        elif shape == 1:
+            lines.append(f"{max(a, b)}-{min(a, b)}={max(a, b) - min(a, b)}")
+        else:
+            lines.append(f"{a % 30}+{b % 30}+{c}={a % 30 + b % 30 + c}")
+    return lines
