@@ -11,17 +11,28 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
+from lorafair.errors import UserError
+
 KINDS = ("addition", "subtraction", "multi_step", "word_problem", "number_words")
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
-         "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty")
+         "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen")
+TENS = ("", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety")
 NAMES = ("Ann", "Bob", "Eva", "Tom", "Mia", "Sam")
 THINGS = ("pens", "cups", "apples", "books", "coins")
 PROMPT_TEMPLATE = "{instruction} {input}\nA: "
 """The demo's compact prompt (text.prompt_template in configs/demo_text.yaml)."""
 
 
+def in_words(number: int) -> str:
+    """0 <= number < 100 in English words: 42 -> "forty-two"."""
+    if number < 20:
+        return WORDS[number]
+    tens, ones = divmod(number, 10)
+    return TENS[tens] + ("" if ones == 0 else f"-{WORDS[ones]}")
+
+
 def _addition(rng: random.Random) -> tuple[str, str, int]:
-    a, b = rng.randrange(50), rng.randrange(50)
+    a, b = rng.randrange(100), rng.randrange(100)
     return "Add:", f"{a} + {b}", a + b
 
 
@@ -43,8 +54,8 @@ def _word_problem(rng: random.Random) -> tuple[str, str, int]:
 
 
 def _number_words(rng: random.Random) -> tuple[str, str, int]:
-    a, b = rng.randrange(len(WORDS)), rng.randrange(len(WORDS))
-    return "Add:", f"{WORDS[a]} plus {WORDS[b]}", a + b
+    a, b = rng.randrange(100), rng.randrange(50)
+    return "Add:", f"{in_words(a)} plus {in_words(b)}", a + b
 
 
 GENERATORS: dict[str, Callable[[random.Random], tuple[str, str, int]]] = dict(zip(KINDS, (
@@ -62,7 +73,8 @@ def problems(kind: str, train: int, test: int, seed: int) -> tuple[list[dict], l
         seen.setdefault(question, {"instruction": instruction, "input": question, "output": f"#### {answer}",
                                    "kind": kind})
     else:
-        raise ValueError(f"arithmetic kind {kind!r} has fewer than {train + test} distinct problems")
+        raise UserError(f"text.examples_per_kind + text.test_per_kind = {train + test} is more than the distinct "
+                        f"problems of kind {kind!r} can fill; lower them")
     rows = list(seen.values())
     return rows[:train], rows[train:]
 

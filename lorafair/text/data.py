@@ -58,12 +58,13 @@ class Rows:
 
 
 def extract_answer(text: str, pattern: str) -> str | None:
-    """The final answer in `text`: the first group of the first match of `pattern` (the whole match when it has no
-    group), stripped, without thousands separators or a trailing full stop; None when nothing matches."""
+    """The final answer in `text`: the first group that took part in the first match of `pattern` (the whole match
+    when it has no group), stripped, without thousands separators or a trailing full stop; None when nothing
+    matches."""
     found = re.search(pattern, text)
     if found is None:
         return None
-    answer = found.group(1) if found.groups() else found.group(0)
+    answer = next((group for group in found.groups() if group is not None), found.group(0))
     return answer.strip().replace(",", "").rstrip(".")
 
 
@@ -319,11 +320,18 @@ def load_tokenizer(model_cfg: ModelConfig):
     return tokenizer
 
 
+def _positions_by_domain(domains: list[str]) -> dict[str, list[int]]:
+    """Domain -> the positions of its rows, domains in order of first appearance."""
+    members: dict[str, list[int]] = {}
+    for position, domain in enumerate(domains):
+        members.setdefault(domain, []).append(position)
+    return members
+
+
 def _split_off_test(rows: Rows, fraction: float, seed: int) -> tuple[Rows, Rows]:
     """Per domain, a seeded share `fraction` of the rows (at least one) for testing."""
     train, test = [], []
-    for domain in dict.fromkeys(rows.domains):
-        members = [i for i, d in enumerate(rows.domains) if d == domain]
+    for domain, members in _positions_by_domain(rows.domains).items():
         random.Random(f"{seed}:{domain}").shuffle(members)
         cut = max(1, round(fraction * len(members)))
         test += members[:cut]
@@ -337,12 +345,14 @@ def build_text_data(cfg: FitConfig, tokenizer) -> FederatedData:
     if test_rows is None:
         train_rows, test_rows = _split_off_test(train_rows, cfg.data.test_fraction, cfg.seed)
     task = "classification" if cfg.data.name == "text_classification" else "instruction"
-    names = list(dict.fromkeys(train_rows.domains))
-    order = sorted(range(len(train_rows.domains)), key=lambda i: names.index(train_rows.domains[i]))
-    train = TextDataset(train_rows.select(order), tokenizer, task, True, cfg.text.max_length)
-    bounds = np.cumsum([0] + [train_rows.domains.count(name) for name in names])
+    members = _positions_by_domain(train_rows.domains)
+    names = list(members)
+    train = TextDataset(train_rows.select([i for name in names for i in members[name]]), tokenizer, task, True,
+                        cfg.text.max_length)
+    bounds = np.cumsum([0] + [len(members[name]) for name in names])
     domain_labels = [train.labels[bounds[d]:bounds[d + 1]] for d in range(len(names))]
-    missing = [name for name in names if name not in test_rows.domains]
+    test_members = _positions_by_domain(test_rows.domains)
+    missing = [name for name in names if name not in test_members]
     if missing:
         raise UserError(f"domain(s) {', '.join(missing[:5])} have no test rows; add them to text.test_files")
     parts = partition(domain_labels, names, cfg.federation, cfg.seed)
@@ -350,7 +360,7 @@ def build_text_data(cfg: FitConfig, tokenizer) -> FederatedData:
                       dataset=Subset(train, part.indices.tolist()), num_samples=len(part.indices),
                       class_counts=np.bincount(train.labels[part.indices], minlength=len(classes)).tolist())
                for i, part in enumerate(parts)]
-    test = {name: TextDataset(test_rows.select([i for i, d in enumerate(test_rows.domains) if d == name]),
-                              tokenizer, task, False, cfg.text.max_length) for name in names}
+    test = {name: TextDataset(test_rows.select(test_members[name]), tokenizer, task, False, cfg.text.max_length)
+            for name in names}
     return FederatedData(clients=clients, test=test, domains=names, classes=classes,
                          train={name: Subset(train, range(bounds[d], bounds[d + 1])) for d, name in enumerate(names)})
