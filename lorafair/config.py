@@ -307,6 +307,9 @@ class FitConfig:
         family = self.model.resolved_family(self.data.name)
         _require((family == "transformers") == (self.data.name in TEXT_DATA), "model.family",
                  f"{family} cannot read data.name {self.data.name}: text data needs transformers, images timm")
+        _require(not self.model.load_in_4bit or self.server.method not in ("flora", "fedex_lora"), "model.load_in_4bit",
+                 f"{self.server.method} merges LoRA products into the frozen weights, which 4-bit weights cannot "
+                 f"take; use another method or 16-bit weights")
         _require(self.data.name not in ("text_classification", "instruction") or bool(self.text.train_files),
                  "text.train_files", f"is required for data.name={self.data.name}: pass --text.train_files FILE")
         _require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")

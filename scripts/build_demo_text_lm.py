@@ -1,8 +1,9 @@
 """Pretrain the text demo's tiny causal language model and write it to lorafair/assets/demo_text_lm/.
 
 A 3-layer LLaMA-style model (width 64) with a character-level tokenizer (printable ASCII and newline), trained on
-bare equations ("23+45=68") that no demo client holds: the clients' instruction-worded problems are then a new
-task for LoRA. About three minutes on one CPU core; seeded, so a rebuild gives the same weights on one platform.
+equations ("23+45=68", "23+45\nA: #### 68") and statements of counts that no demo client holds
+(lorafair.text.arithmetic.pretraining_text): the clients' instruction-worded problems are then a new task for LoRA.
+About three minutes on one quiet CPU core; seeded, so a rebuild gives the same weights on one platform.
 
     python scripts/build_demo_text_lm.py [--steps 3000] [--out lorafair/assets/demo_text_lm]
 """

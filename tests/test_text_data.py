@@ -221,6 +221,8 @@ def test_bad_text_input_is_one_line_naming_file_and_line_exit_2(tmp_path, capsys
 def test_text_data_with_an_image_model_family_is_refused(capsys, tmp_path):
     assert main(["fit", "--data.name", "arithmetic", "--model.family", "timm", "--out_dir", str(tmp_path)]) == 2
     assert "model.family: timm cannot read data.name arithmetic" in capsys.readouterr().err
+    assert main(["fit", "--config", "demo_text", "--model.load_in_4bit", "true", "--server.method", "flora"]) == 2
+    assert "model.load_in_4bit: flora merges LoRA products into the frozen weights" in capsys.readouterr().err
 
 
 def test_the_image_path_never_imports_the_text_extra(tmp_path):

@@ -1,7 +1,8 @@
 """The text demo's data: generated arithmetic problems of five kinds, one kind per client (feature non-IID).
 
 Clients hold problems in the instruction layout (instruction, input, output = "#### answer"), each kind worded its
-own way; the shipped demo language model was pretrained on bare equations ("23+45=68"), a text no client holds.
+own way; the shipped demo language model was pretrained on equations and statements of counts, a text no client
+holds (`pretraining_text`).
 Pure Python, seeded: every rank and every run with the same seed draws the same problems, and a kind's training
 and test problems never share an input.
 """
@@ -80,16 +81,24 @@ def problems(kind: str, train: int, test: int, seed: int) -> tuple[list[dict], l
 
 
 def pretraining_text(count: int, seed: int) -> list[str]:
-    """Bare equations ("23+45=68", "68-23=45", "3+12+7=22"): the demo model's pretraining text, no client's."""
+    """The demo model's pretraining text, no client's: bare equations ("23+45=68", "68-23=45", "3+12+7=22"), the
+    same as question and answer ("23+45\nA: #### 68"), and statements of counts ("Eva has 12 cups.")."""
     rng = random.Random(f"pretraining:{seed}")
     lines = []
     for _ in range(count):
         a, b, c = rng.randrange(100), rng.randrange(100), rng.randrange(30)
         shape = rng.randrange(3)
         if shape == 0:
-            lines.append(f"{a}+{b}={a + b}")
+            question, answer = f"{a}+{b}", a + b
         elif shape == 1:
-            lines.append(f"{max(a, b)}-{min(a, b)}={max(a, b) - min(a, b)}")
+            question, answer = f"{max(a, b)}-{min(a, b)}", max(a, b) - min(a, b)
         else:
-            lines.append(f"{a % 30}+{b % 30}+{c}={a % 30 + b % 30 + c}")
+            question, answer = f"{a % 30}+{b % 30}+{c}", a % 30 + b % 30 + c
+        style = rng.randrange(5)
+        if style < 2:
+            lines.append(f"{question}={answer}")
+        elif style < 4:
+            lines.append(f"{question}\nA: #### {answer}")
+        else:
+            lines.append(f"{rng.choice(NAMES)} has {a} {rng.choice(THINGS)}.")
     return lines

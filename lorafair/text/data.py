@@ -155,7 +155,8 @@ def read_classification(paths: list[Path], text_cfg: TextConfig, classes: list[s
     rows = Rows()
     for path, table in tables:
         for column in columns:
-            _check_present(table[column], path, column)
+            if column != text_cfg.text_columns[-1] or len(text_cfg.text_columns) == 1:  # a pair may lack its second
+                _check_present(table[column], path, column)
         texts = table[text_cfg.text_columns[0]]
         pairs = table[text_cfg.text_columns[1]] if len(text_cfg.text_columns) == 2 else [None] * len(texts)
         for row, label in enumerate(table[text_cfg.label_column]):
