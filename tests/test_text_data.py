@@ -165,19 +165,24 @@ def test_instruction_jsonl_in_the_alpaca_layout_split_by_category(tmp_path, toke
     assert tokenizer.decode(inputs[0][inputs[1].bool()], skip_special_tokens=True) == test.rows.examples[0][0]
 
 
-def test_gsm8k_and_code_instruction_files_split_by_task(tmp_path, tokenizer):
+def test_gsm8k_and_code_instruction_files_read_with_the_paper_config(tmp_path, tokenizer):
     gsm = [{"instruction": f"Ann has {i} pens and buys 2. How many?", "output": f"{i} + 2 = {i + 2}\n#### {i + 2}",
             "task": "gsm8k"} for i in range(12)]
     code = [{"instruction": "Write a function.", "input": f"add {i}", "output": f"def f(x):\n    return x + {i}",
              "task": "code"} for i in range(12)]
     train = _write_jsonl(tmp_path / "train.jsonl", gsm + code)
-    cfg = parse_fit_args(["--data.name", "instruction", *TINY_LLAMA, "--text.train_files", f"[{train}]",
-                          "--text.domain_column", "task", "--text.answer_pattern", r"####\s*(-?[\d,.]+)|return (.+)"])
+    cfg = parse_fit_args(["--config", "llama_math_code", *TINY_LLAMA, "--model.pretrained", "false",
+                          "--text.train_files", f"[{train}]", "--text.test_files", "[]"])
     data = build_text_data(cfg, tokenizer)
     assert data.domains == ["gsm8k", "code"] and [c.num_samples for c in data.clients] == [10, 10]
     _, labels = data.clients[0].dataset[0]
     response = tokenizer.decode(labels[labels != IGNORE_INDEX], skip_special_tokens=True)
     assert response.startswith(tuple(f"{i} + 2 = " for i in range(12))) and "####" in response
+    answers = {domain: [example[2] for example in test.rows.examples] for domain, test in data.test.items()}
+    held_out = {r["output"]: r for r in gsm + code}
+    assert all(answer.isdigit() for answer in answers["gsm8k"])  # the number after ####
+    assert all(answer in held_out and answer.startswith("def f(x)") for answer in answers["code"])  # the whole output
+    assert [t.rows.examples[0][0].startswith("Below is an instruction") for t in data.test.values()] == [True, True]
 
 
 # ---- bad input ----------------------------------------------------------------------------------------------------
