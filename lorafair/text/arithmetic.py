@@ -34,18 +34,18 @@ def in_words(number: int) -> str:
 
 def _addition(rng: random.Random) -> tuple[str, str, int]:
     a, b = rng.randrange(100), rng.randrange(100)
-    return "Add:", f"{a} + {b}", a + b
+    return "Add:", f"{a}+{b}", a + b
 
 
 def _subtraction(rng: random.Random) -> tuple[str, str, int]:
     a = rng.randrange(100)
     b = rng.randrange(a + 1)
-    return "Subtract:", f"{a} - {b}", a - b
+    return "Subtract:", f"{a}-{b}", a - b
 
 
 def _multi_step(rng: random.Random) -> tuple[str, str, int]:
     terms = [rng.randrange(30) for _ in range(3)]
-    return "Sum:", " + ".join(map(str, terms)), sum(terms)
+    return "Sum:", "+".join(map(str, terms)), sum(terms)
 
 
 def _word_problem(rng: random.Random) -> tuple[str, str, int]:
