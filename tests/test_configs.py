@@ -46,6 +46,15 @@ def test_the_demo_runs_offline_from_shipped_files():
     assert (CONFIGS.parent / cfg.model.weights).is_file()
 
 
+def test_the_text_demo_runs_offline_from_shipped_files():
+    cfg = parse_fit_args(["--config", str(CONFIGS / "demo_text.yaml")])
+    assert cfg.data.name == "arithmetic" and not cfg.model.pretrained and cfg.model.resolved_family("arithmetic") == (
+        "transformers")
+    shipped = CONFIGS.parent / cfg.model.name
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {path.name for path in shipped.iterdir()}
+    assert sum(path.stat().st_size for path in shipped.iterdir()) < 3_000_000
+
+
 def test_a_config_can_be_printed_and_overridden(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(CONFIGS / "vit_domainnet.yaml"), "--server.method", "fedit", "--print_config"])
