@@ -226,6 +226,8 @@ def test_bad_text_input_is_one_line_naming_file_and_line_exit_2(tmp_path, capsys
 def test_text_data_with_an_image_model_family_is_refused(capsys, tmp_path):
     assert main(["fit", "--data.name", "arithmetic", "--model.family", "timm", "--out_dir", str(tmp_path)]) == 2
     assert "model.family: timm cannot read data.name arithmetic" in capsys.readouterr().err
+    assert main(["fit", "--config", "demo_text", "--data.domains", "[addition, division]"]) == 2
+    assert "data.domains: arithmetic has no kind 'division'; choose from addition," in capsys.readouterr().err
     assert main(["fit", "--config", "demo_text", "--model.load_in_4bit", "true", "--server.method", "flora"]) == 2
     assert "model.load_in_4bit: flora merges LoRA products into the frozen weights" in capsys.readouterr().err
 
@@ -244,3 +246,25 @@ def test_the_image_path_never_imports_the_text_extra(tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "digits: 6 domains" in done.stdout
+
+
+def test_arithmetic_problems_are_right_distinct_and_apart_from_training():
+    from lorafair.text.arithmetic import KINDS, in_words, problems
+
+    assert [in_words(n) for n in (0, 13, 20, 42, 99)] == ["zero", "thirteen", "twenty", "forty-two", "ninety-nine"]
+    words = {in_words(n): n for n in range(100)}
+    for kind in KINDS:
+        train, test = problems(kind, 50, 200, seed=3)
+        assert len(train) == 50 and len(test) == 200
+        assert not {r["input"] for r in train} & {r["input"] for r in test}
+        assert len({r["input"] for r in test}) == 200 and problems(kind, 50, 200, seed=3) == (train, test)
+        for row in train + test:
+            answer = int(row["output"].removeprefix("#### "))
+            if kind == "number_words":
+                left, right = row["input"].split(" plus ")
+                assert answer == words[left] + words[right]
+            elif kind == "word_problem":
+                numbers = [int(token) for token in row["input"].split() if token.isdigit()]
+                assert answer == sum(numbers)
+            else:
+                assert answer == eval(row["input"])  # "87+91", "87-12", "3+12+7"

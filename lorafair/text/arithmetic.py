@@ -65,6 +65,8 @@ GENERATORS: dict[str, Callable[[random.Random], tuple[str, str, int]]] = dict(zi
 
 def problems(kind: str, train: int, test: int, seed: int) -> tuple[list[dict], list[dict]]:
     """`train` and `test` distinct problems of one kind as instruction rows (instruction, input, output, kind)."""
+    if kind not in GENERATORS:
+        raise UserError(f"data.domains: arithmetic has no kind {kind!r}; choose from {', '.join(KINDS)}")
     rng = random.Random(f"{seed}:{kind}")
     seen: dict[str, dict] = {}
     for _ in range(100 * (train + test)):
