@@ -75,13 +75,34 @@ def report(dir: Path) -> None:
     run_report(dir)
 
 
+def lm_eval(dir: Path, tasks: str = "gsm8k", include_path: Path | None = None, batch_size: int = 8,
+            limit: int | None = None, allow_code_execution: bool = False) -> None:
+    """Score a run's global language model with lm-evaluation-harness (lm-eval, in the text extra).
+
+    Args:
+        dir: A run folder of a causal language model (lorafair fit --out_dir).
+        tasks: Comma-separated lm-eval task names, e.g. gsm8k,mmlu, or tasks defined under --include_path.
+        include_path: A folder of lm-eval task YAML files of your own (e.g. over a local JSONL file).
+        batch_size: Examples per forward pass.
+        limit: Score at most this many examples per task.
+        allow_code_execution: Allow tasks that run the code the model writes (HumanEval, MBPP); off by default.
+    """
+    from lorafair.text.harness import score
+
+    names = [task.strip() for task in tasks.split(",") if task.strip()]
+    results = score(dir, names, include_path, batch_size, limit, allow_code_execution)
+    for task, metrics in results.items():
+        shown = ", ".join(f"{name}: {value:.4f}" for name, value in metrics.items() if isinstance(value, float))
+        print(f"{task}: {shown}")
+
+
 def configs() -> None:
     """List the configs shipped with the package, one name per line (pass one to --config)."""
     print("\n".join(list_configs()))
 
 
 COMMANDS: dict[str, Callable[..., None]] = {"fit": fit, "data": data, "compare": compare, "report": report,
-                                            "configs": configs}
+                                            "lm_eval": lm_eval, "configs": configs}
 """The command line: name -> the function it runs."""
 
 
