@@ -139,6 +139,9 @@ class LoraStrategy(FedAvg):
         self._confirm_merges(valid)
         valid.sort(key=self._client_of)
         record["clients"] = [self._client_of(m) for m in valid]
+        record["train_loss"] = {str(client): float(next(iter(m.content.metric_records.values()))["train-loss"])
+                                for client, m in zip(record["clients"], valid, strict=True)
+                                if "train-loss" in next(iter(m.content.metric_records.values()))}
         updates, keys = self._updates(valid)
         bad = self._bad_updates(valid, updates)
         record["bad_updates"] = {str(record["clients"][i]): reason for i, reason in sorted(bad.items())}
