@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from lorafair import comm
+from lorafair import comm, faults
 from lorafair.config import FitConfig
 from lorafair.data import build_federated_data, model_data_config
 from lorafair.errors import UserError
@@ -64,7 +64,9 @@ def train(cfg: FitConfig, msg: Message, context: Context) -> Message:
         catch_up(trainer, pristine, msg, context)
     arrays = msg.content["arrays"]
     trainer.global_lora, trainer.global_extra = arrays_to_state(arrays)
-    payload, meta = trainer.train_client(client, int(msg.content["config"]["server-round"]))
+    round_index = int(msg.content["config"]["server-round"])
+    faults.maybe_raise_in_client(round_index, client.id)
+    payload, meta = trainer.train_client(client, round_index)
     flat = comm.unflatten(payload, trainer.payload_shapes)
     lora = {name: (flat[f"{name}.A"], flat[f"{name}.B"]) for name in trainer.global_lora}
     extra = {name: flat[name] for name in trainer.global_extra}
