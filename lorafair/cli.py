@@ -37,6 +37,15 @@ def fit(cfg: FitConfig) -> None:
     run_fit(cfg)
 
 
+def flower(cfg: FitConfig) -> None:
+    """Run the job of `fit` on Flower's simulation engine, one SuperNode per client (pip install lorafair[flower])."""
+    try:
+        from lorafair.flower.app import simulate
+    except ImportError as err:
+        raise UserError(f"lorafair flower needs Flower ({err}); install it with pip install lorafair[flower]") from err
+    simulate(cfg)
+
+
 def data(cfg: FitConfig, plot: Path | None = None, build_cache: bool = False) -> None:
     """Build the datasets and client partition of a config and print one row per client and per domain.
 
@@ -80,8 +89,8 @@ def configs() -> None:
     print("\n".join(list_configs()))
 
 
-COMMANDS: dict[str, Callable[..., None]] = {"fit": fit, "data": data, "compare": compare, "report": report,
-                                            "configs": configs}
+COMMANDS: dict[str, Callable[..., None]] = {"fit": fit, "flower": flower, "data": data, "compare": compare,
+                                            "report": report, "configs": configs}
 """The command line: name -> the function it runs."""
 
 

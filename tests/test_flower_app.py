@@ -37,8 +37,8 @@ def test_flower_simulation_equals_fit(tmp_path, monkeypatch):
         dropped = set(reference["bad_updates"])
         assert ours["train_loss"] == pytest.approx({c: loss for c, loss in reference["train_loss"].items()
                                                     if c not in dropped}, rel=1e-6)
-    (reason,) = flower["rounds"][1]["failed_nodes"].values()
-    assert "client 1 fails in round 2" in reason
-    assert flower["rounds"][0]["failed_nodes"] == {}
+    (reason,) = flower["rounds"][1]["failed_clients"].values()
+    assert list(flower["rounds"][1]["failed_clients"]) == ["1"] and "client 1 fails in round 2" in reason
+    assert flower["rounds"][0]["failed_clients"] == {} == fit["rounds"][1]["failed_clients"]
     assert flower["final"]["mean_accuracy"] == pytest.approx(fit["final"]["mean_accuracy"], abs=1e-12)
     assert (tmp_path / "flower" / "checkpoints").is_dir() and list((tmp_path / "flower" / "tensorboard").iterdir())

@@ -22,7 +22,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from lorafair.aggregation import METHODS, ClientUpdate
 from lorafair.aggregation.reference import dense_reference
-from lorafair.federation import derive_seed
+from lorafair.federated.sampling import derive_seed
 from lorafair.flower import LoraStrategy, merges_to_apply, state_to_arrays
 from lorafair.flower.records import LORA_A, LORA_B, arrays_to_state, fresh_lora
 

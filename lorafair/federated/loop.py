@@ -25,7 +25,7 @@ from lightning.fabric.loggers import TensorBoardLogger
 from tqdm import tqdm
 
 from lorafair.config import FitConfig
-from lorafair.data import FederatedData, build_federated_data, model_data_config
+from lorafair.data import build_federated_data, model_data_config
 from lorafair.errors import UserError
 from lorafair.federated import faults
 from lorafair.federated.checkpoints import (
@@ -66,11 +66,12 @@ def fit(cfg: FitConfig) -> dict[str, Any]:
     return results
 
 
-def launch_fabric(cfg: FitConfig) -> Fabric:
+def launch_fabric(cfg: FitConfig, tensorboard: bool = True) -> Fabric:
     """One process per device under torchrun (gloo on CPU, NCCL on GPU), else a single process.
 
     bf16-mixed on CUDA and 32-true elsewhere unless `precision` says otherwise. TensorBoard goes to
-    out_dir/tensorboard (Fabric writes it from rank 0 only).
+    out_dir/tensorboard (Fabric writes it from rank 0 only); a process that only trains clients (a Flower node)
+    passes tensorboard=False.
     """
     if cfg.cpu_threads is not None:
         torch.set_num_threads(cfg.cpu_threads)
@@ -79,7 +80,8 @@ def launch_fabric(cfg: FitConfig) -> Fabric:
     if under_torchrun and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         join_restarted_process_group("nccl" if on_cuda else "gloo")
     precision = cfg.precision or ("bf16-mixed" if on_cuda else "32-true")
-    logger = TensorBoardLogger(root_dir=cfg.out_dir, name=TENSORBOARD_NAME, version="", default_hp_metric=False)
+    logger = (TensorBoardLogger(root_dir=cfg.out_dir, name=TENSORBOARD_NAME, version="", default_hp_metric=False)
+              if tensorboard else None)
     fabric = Fabric(accelerator=cfg.accelerator, strategy="ddp" if under_torchrun else "auto",
                     devices=int(os.environ["LOCAL_WORLD_SIZE"]) if under_torchrun else 1, num_nodes=cfg.num_nodes,
                     precision=precision, loggers=logger)
@@ -99,11 +101,11 @@ def join_restarted_process_group(backend: str) -> None:
                             rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
 
 
-def build_model(cfg: FitConfig, data: FederatedData, device: torch.device) -> LoraClassifier:
+def build_model(cfg: FitConfig, num_classes: int, device: torch.device) -> LoraClassifier:
     """The client model of this process, with identical random parts (head, LoRA, a backbone without weights) on
     every rank."""
     torch.manual_seed(derive_seed("model", cfg.seed))
-    model = LoraClassifier(cfg.model, cfg.lora, data.num_classes, cfg.client).to(device)
+    model = LoraClassifier(cfg.model, cfg.lora, num_classes, cfg.client).to(device)
     if cfg.server.method == "ffa_lora":
         model.freeze_lora_A(True)
     return model
@@ -124,7 +126,7 @@ class FederatedTrainer:
         if self.per_round > len(clients):
             raise UserError(f"federation.clients_per_round: {self.per_round} is more than the {len(clients)} clients "
                             f"of this partition; lower it (or null for all)")
-        self.model = build_model(cfg, self.data, fabric.device)
+        self.model = build_model(cfg, self.data.num_classes, fabric.device)
         self.global_state = GlobalState(self.fresh_lora("lora_init", cfg.seed), self.model.get_extra())
         self.merged = False
         shapes = {key: t.shape for key, t in self.global_state.tensors().items()}
@@ -158,12 +160,7 @@ class FederatedTrainer:
         clock = time.perf_counter
         start = clock()
         sampled = sample_clients([c.id for c in self.data.clients], self.per_round, self.cfg.seed, round_index)
-        hosted = assign_to_ranks(sampled, {c.id: c.num_samples for c in self.data.clients}, self.world)
-        results = [self.client.train(self.data.clients[c], self.global_state, round_index) for c in hosted[self.rank]]
-        self.transport.wait_for_all()
-        trained = clock()
-        faults.maybe_fail(round_index, "gather")
-        gathered_results = self.transport.gather(results, hosted)
+        gathered_results, ranks, trained = self.train_clients(round_index, sampled)
         gathered = clock()
         answer = self.transport.from_server(lambda: self.aggregate(round_index, gathered_results), ServerAnswer)
         self.apply(round_index, answer)
@@ -176,11 +173,21 @@ class FederatedTrainer:
             comm = (gathered - trained) + (applied - gathered - self.server_seconds)
             seconds = {"train": trained - start, "comm": comm, "aggregate": self.server_seconds,
                        "eval": evaluated - applied, "round": evaluated - start}
-            ranks = {str(client): rank for rank, clients in enumerate(hosted) for client in clients}
             record = RoundRecord(round_index, sampled, ranks, answer.record, seconds, accuracy)
             self.save(round_index, record)
         self.transport.wait_for_all()  # the round is on disk before any rank starts the next
         return record
+
+    def train_clients(self, round_index: int, sampled: list[int]) -> tuple[list[ClientResult], dict[str, int], float]:
+        """Each rank trains its share of `sampled` and the transport gathers the results on rank 0 (ordered by
+        client id); also returns client id -> rank, and the clock when training ended."""
+        hosted = assign_to_ranks(sampled, {c.id: c.num_samples for c in self.data.clients}, self.world)
+        results = [self.client.train(self.data.clients[c], self.global_state, round_index) for c in hosted[self.rank]]
+        self.transport.wait_for_all()
+        trained = time.perf_counter()
+        faults.maybe_fail(round_index, "gather")
+        ranks = {str(client): rank for rank, clients in enumerate(hosted) for client in clients}
+        return self.transport.gather(results, hosted), ranks, trained
 
     def aggregate(self, round_index: int, results: list[ClientResult]) -> ServerAnswer:
         """Rank 0: the server's answer to the round, timed (server_seconds) apart from the transport."""

@@ -22,7 +22,7 @@ from flwr.supercore import log
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from lorafair.aggregation import ClientUpdate, build_aggregator, find_bad_updates, method_options
-from lorafair.federation import derive_seed
+from lorafair.federated.sampling import derive_seed
 from lorafair.flower.records import Pairs, arrays_to_state, fresh_lora, merges_to_arrays, state_to_arrays
 
 MERGING_METHODS = frozenset({"flora", "fedex_lora"})
