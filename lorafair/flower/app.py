@@ -263,13 +263,13 @@ _CONFIGS: dict[tuple[str, str], FitConfig] = {}
 
 
 def run_config_to_fit_config(context: Context) -> FitConfig:
-    """A deployed run's FitConfig: its run config's `config` (a path or a shipped config's name) and `args` (more
-    flags, as `lorafair fit` takes them), the same on the server and on every node."""
+    """A deployed run's FitConfig: its run config's `config` (a path or a shipped config's name; "" for none) and
+    `args` (more flags, as `lorafair fit` takes them), the same on the server and on every node."""
     from lorafair.cli import parse
 
-    key = (str(context.run_config["config"]), str(context.run_config.get("args", "")))
+    key = (str(context.run_config.get("config", "")), str(context.run_config.get("args", "")))
     if key not in _CONFIGS:
-        _, kwargs = parse(["fit", "--config", key[0], *shlex.split(key[1])])
+        _, kwargs = parse(["fit", *(["--config", key[0]] if key[0] else []), *shlex.split(key[1])])
         _CONFIGS[key] = kwargs["cfg"]
     return _CONFIGS[key]
 

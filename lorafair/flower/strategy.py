@@ -44,7 +44,7 @@ class LoraStrategy(FedAvg):
     Parameters beyond FedAvg's (which keep their meaning and defaults)
     ----------
     method : str (default: "lorafair")
-        One of `lorafair.aggregation.METHODS`.
+        One of `lorafair.aggregation.registered_methods()`.
     options : dict, optional
         The method's options (see `lorafair.aggregation.method_options(method)`), e.g. {"lam": 0.01}.
     seed : int (default: 0)
