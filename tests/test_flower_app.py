@@ -8,11 +8,17 @@ fails in round 2; Flower hands the server an error reply and the round goes on w
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
+import torch
 from conftest import tiny_args
+from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 
 from lorafair.cli import main
+from lorafair.federated.state import pack_pairs
+from lorafair.flower.app import BASE, MERGES, catch_up, to_arrays
 
 pytestmark = pytest.mark.slow
 
@@ -42,3 +48,56 @@ def test_flower_simulation_equals_fit(tmp_path, monkeypatch):
     assert flower["rounds"][0]["failed_clients"] == {} == fit["rounds"][1]["failed_clients"]
     assert flower["final"]["mean_accuracy"] == pytest.approx(fit["final"]["mean_accuracy"], abs=1e-12)
     assert (tmp_path / "flower" / "checkpoints").is_dir() and list((tmp_path / "flower" / "tensorboard").iterdir())
+
+
+class FrozenWeights:
+    """What catch_up needs of a model: frozen weights that a merge (A, B) adds B @ A to."""
+
+    def __init__(self, base):
+        self.base = {name: tensor.clone() for name, tensor in base.items()}
+
+    def load_base_state(self, state):
+        self.base = {name: tensor.clone() for name, tensor in state.items()}
+
+    def base_state(self):
+        return {name: tensor.clone() for name, tensor in self.base.items()}
+
+    def merge(self, merge):
+        for name, (lora_a, lora_b) in merge.items():
+            self.base[name] += lora_b @ lora_a
+
+
+def test_a_node_catches_up_with_missed_merges_and_takes_a_resumed_runs_frozen_weights(monkeypatch):
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+    generator = torch.Generator().manual_seed(0)
+    merges = [{"layer": (torch.randn(1, 2, generator=generator), torch.randn(3, 1, generator=generator))}
+              for _ in range(4)]
+    pristine = {"layer": torch.randn(3, 2, generator=generator)}
+
+    def message(log, start, base=None):
+        content = RecordDict({MERGES: to_arrays({key: tensor for index in range(start, len(log))
+                                                 for key, tensor in pack_pairs(f"merge/{index}", log[index]).items()})})
+        if base is not None:
+            content[BASE] = to_arrays(base)
+        return Message(content, dst_node_id=5, message_type=MessageType.TRAIN)
+
+    def node():
+        return SimpleNamespace(model=FrozenWeights(pristine)), Context(1, 5, {"partition-id": 0}, RecordDict(), {})
+
+    def weights_after(base, applied):
+        return base["layer"] + sum(b @ a for a, b in (merge["layer"] for merge in applied))
+
+    trainer, context = node()
+    catch_up(trainer, pristine, message(merges[:2], 0), context)  # sat out rounds: both merges so far
+    assert torch.allclose(trainer.model.base["layer"], weights_after(pristine, merges[:2]))
+    trainer.model.load_base_state(pristine)  # another node used the shared model meanwhile
+    catch_up(trainer, pristine, message(merges[:3], 1), context)  # merge 1 again (its confirmation was lost)
+    assert torch.allclose(trainer.model.base["layer"], weights_after(pristine, merges[:3]))
+    with pytest.raises(ValueError, match=r"merges \[4\] do not continue from the 3"):
+        catch_up(trainer, pristine, message([*merges, merges[0]], 4), context)
+
+    resumed = {"layer": weights_after(pristine, merges[:3])}
+    trainer, context = node()  # a new Flower run resumes: the node starts from the checkpoint's weights
+    catch_up(trainer, pristine, message(merges[3:], 0, base=resumed), context)
+    assert torch.allclose(trainer.model.base["layer"], weights_after(pristine, merges))
