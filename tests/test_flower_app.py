@@ -12,13 +12,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import tiny_args
-from flwr.app import Context, Message, MessageType, RecordDict
+from conftest import tiny_args, tiny_config
+from flwr.app import Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from lorafair.cli import main
 from lorafair.federated.state import pack_pairs
-from lorafair.flower.app import BASE, MERGES, catch_up, to_arrays
+from lorafair.flower.app import BASE, MERGES, FlowerRoundLoop, catch_up, to_arrays
 
 pytestmark = pytest.mark.slow
 
@@ -101,3 +101,40 @@ def test_a_node_catches_up_with_missed_merges_and_takes_a_resumed_runs_frozen_we
     trainer, context = node()  # a new Flower run resumes: the node starts from the checkpoint's weights
     catch_up(trainer, pristine, message(merges[3:], 0, base=resumed), context)
     assert torch.allclose(trainer.model.base["layer"], weights_after(pristine, merges))
+
+
+class ScriptedGrid:
+    """A grid whose nodes 10 + client id answer a round with `answer(message)` (a reply, or None for silence)."""
+
+    def __init__(self, answer):
+        self.answer, self.sent = answer, []
+
+    def send_and_receive(self, messages, timeout):
+        self.sent += list(messages)
+        return [reply for reply in map(self.answer, messages) if reply is not None]
+
+
+def test_the_server_leaves_out_a_failed_node_and_a_silent_one_and_records_both(tmp_path, monkeypatch):
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+    cfg = tiny_config(tmp_path, "--server.method", "fedit")
+    update = {"lora/blocks.0.attn.proj/A": torch.ones(4, 32), "lora/blocks.0.attn.proj/B": torch.zeros(32, 4)}
+
+    def answer(message):
+        client = message.metadata.dst_node_id - 10
+        if client == 1:
+            return Message(Error(code=0, reason="node lost"), reply_to=message)
+        metrics = MetricRecord({"num-examples": 7, "train-loss": 0.5, "steps": 3, "skipped-images": 0})
+        return None if client == 2 else Message(RecordDict({"arrays": to_arrays(update), "metrics": metrics}),
+                                                reply_to=message)
+
+    loop = FlowerRoundLoop(cfg, ScriptedGrid(answer), timeout=3)
+    loop.node_of = {client: 10 + client for client in range(6)}
+    results, ranks, _ = loop.train_clients(1, [0, 1, 2, 3])
+    assert [result.client for result in results] == [0, 3] and ranks == {"0": 10, "3": 13}
+    assert results[0].update.weight == 7 and torch.equal(results[0].update.lora["blocks.0.attn.proj"][0],
+                                                         torch.ones(4, 32))
+    sent = {message.metadata.dst_node_id: message for message in loop.grid.sent}
+    assert sorted(sent) == [10, 11, 12, 13] and int(sent[10].content["config"]["server-round"]) == 1
+    assert loop.failed == {"1": "node lost", "2": "no reply within 3 s"}
+    assert loop.merges_applied == {0: 0, 3: 0}

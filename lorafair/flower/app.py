@@ -209,6 +209,10 @@ def partition_nodes(grid: Grid, num_clients: int, timeout: float) -> dict[int, i
             raise UserError(f"two nodes have partition-id {partition}: give each SuperNode its own id "
                             f"(0..{num_clients - 1})")
         node_of[partition] = reply.metadata.src_node_id
+    missing = sorted(set(range(num_clients)) - set(node_of))
+    if missing:
+        raise UserError(f"no node answered with partition-id {', '.join(map(str, missing))} within {timeout:.0f} s "
+                        f"(the ids given: {sorted(node_of)}): start one SuperNode per client, ids 0..{num_clients - 1}")
     return node_of
 
 
