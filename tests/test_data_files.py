@@ -277,7 +277,7 @@ def test_cli_data_on_a_domainnet_tree_with_the_shipped_config(tmp_path, capsys):
 def test_a_node_holds_only_its_own_clients_files(domainnet):
     """build_client_data (a Flower node's data) is client k of build_federated_data, item for item, as a file
     dataset of its own images only: the nodes' files are disjoint and together every training image."""
-    data = DataConfig(name="domainnet", root=domainnet, domains=["clipart", "sketch"], num_workers=0)
+    data = DataConfig(name="domainnet", root=domainnet, domains=["clipart", "sketch"], num_workers=0, cache="off")
     federation = FederationConfig(partition="iid", num_clients=3, min_client_samples=1)
     full = build_federated_data(data, federation, 0, DATA_CONFIG)
     nodes = [build_client_data(data, federation, 0, DATA_CONFIG, k)[0] for k in range(3)]
@@ -290,5 +290,7 @@ def test_a_node_holds_only_its_own_clients_files(domainnet):
             assert torch.equal(image, expected_image) and label == expected_label
     paths = [path for node in nodes for path in node.dataset.paths]
     assert len(set(paths)) == len(paths) == sum(len(d.paths) for d in full.clients[0].dataset.dataset.datasets)
+    cached = DataConfig(name="domainnet", root=domainnet, domains=["clipart", "sketch"], num_workers=0, cache="auto")
+    assert build_client_data(cached, federation, 0, DATA_CONFIG, 1)[0].dataset.paths == nodes[1].dataset.paths
     with pytest.raises(UserError, match="partition-id 3 is not a client of this partition"):
         build_client_data(data, federation, 0, DATA_CONFIG, 3)
