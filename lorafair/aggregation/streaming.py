@@ -98,7 +98,7 @@ class GroupState:
         slots = [self.A_slots, self.B_slots] if self.keeps_clients else []
         return [self.A_sum, self.B_sum, *slots, *([self.dW_sum] if self.folds_dense else [])]
 
-    def layer_group(self, weight_sum: Tensor, slot_weights: Tensor, filled: Tensor) -> LayerGroup:
+    def layer_group(self, weight_sum: Tensor, slot_weights: Tensor | None, filled: Tensor | None) -> LayerGroup:
         """What the method sees at finish: averages, the ideal update on this group's path, and the clients'
         factors (only those of filled slots) where they were kept."""
         self.flush()
@@ -130,12 +130,16 @@ class RoundState:
         shapes = _shapes_of(like)
         reference = like.lora[next(iter(like.lora))][0]
         self.weight_sum = torch.zeros((), dtype=WEIGHT_DTYPE, device=reference.device)
-        self.slot_weights = torch.zeros(clients, dtype=WEIGHT_DTYPE, device=reference.device)
-        self.filled = torch.zeros(clients, dtype=WEIGHT_DTYPE, device=reference.device)
+        self.count = torch.zeros((), dtype=WEIGHT_DTYPE, device=reference.device)
         needs = aggregator.needs
         self.groups = [GroupState(names, like, needs, "factored" if needs == "averages" else
                                   path or aggregator.path_for(clients, *shape), clients)
                        for shape, names in shapes.items()]
+        # Only where some group keeps every client's factors: each slot's weight, and which slots are filled.
+        keeps_clients = any(group.keeps_clients for group in self.groups)
+        self.slot_weights = torch.zeros(clients, dtype=WEIGHT_DTYPE, device=reference.device) if keeps_clients \
+            else None
+        self.filled = torch.zeros_like(self.slot_weights) if keeps_clients else None
         self.extra_sums = {name: torch.zeros_like(tensor) for name, tensor in like.extra.items()}
         self.refusal: str | None = None
         self.seconds = time.perf_counter() - started
@@ -151,12 +155,14 @@ class RoundState:
         slot: the client's index in the round, 0 <= slot < clients (default: the next one). Ranks that fold
         different clients of one round give each its index in the round, so their accumulators add up."""
         started = time.perf_counter()
-        slot = int(self.filled.sum().item()) if slot is None else slot
+        slot = int(self.count.item()) if slot is None else slot
         self._check(update, slot)
         weight = float(update.weight)
         self.weight_sum += weight
-        self.slot_weights[slot] = weight
-        self.filled[slot] = 1
+        self.count += 1
+        if self.filled is not None:
+            self.slot_weights[slot] = weight
+            self.filled[slot] = 1
         for group in self.groups:
             group.fold(update, slot, weight)
         for name, tensor in update.extra.items():
@@ -167,8 +173,9 @@ class RoundState:
 
     def accumulators(self) -> list[Tensor]:
         """Every tensor the round has folded, each a sum over clients: sum them across ranks (in place, in this
-        order; the order and shapes are the same in every state started alike), then `finish`."""
-        tensors = [self.weight_sum, self.slot_weights, self.filled]
+        order; the order and shapes are the same in every state started alike), then `finish`. Their shapes do
+        not depend on the number of clients, except the slots of groups that keep every client's factors."""
+        tensors = [self.weight_sum, self.count, *([self.slot_weights, self.filled] if self.filled is not None else [])]
         for group in self.groups:
             tensors += group.accumulators()
         return tensors + list(self.extra_sums.values())
@@ -176,7 +183,7 @@ class RoundState:
     def finish(self) -> GlobalUpdate:
         """The round's GlobalUpdate, from the accumulators alone."""
         started = time.perf_counter()
-        if not bool(self.filled.any()):
+        if self.count.item() == 0:
             raise ValueError("finish() needs at least one added ClientUpdate, got none")
         total = self.weight_sum.item()
         if total <= 0:
@@ -194,7 +201,7 @@ class RoundState:
         if not (isinstance(slot, int) and 0 <= slot < self.clients):
             raise ValueError(f"add(): slot must be an integer in [0, {self.clients}) (the round was started for "
                              f"{self.clients} clients), got {slot!r}")
-        if bool(self.filled[slot]):
+        if self.filled is not None and bool(self.filled[slot]):
             raise ValueError(f"add(): slot {slot} already holds a client of this round")
         if not is_finite_number(update.weight) or update.weight < 0:
             raise ValueError(f"client {slot}: weight must be a finite number >= 0 (its example count), "
