@@ -141,21 +141,13 @@ def sweep(clients_list: list[int], methods: list[str] | None, skip_above: dict[s
             if (methods and label not in methods) or clients > skip_above.get(label, clients):
                 continue
             used = shared_A_updates(updates) if method == "ffa_lora" else updates
-            took, peak = seconds_and_peak(partial(build_aggregator(method, **options).aggregate, used))
+            call = partial(build_aggregator(method, **options).aggregate, used)
+            took, peak = seconds(call), peak_bytes(call)
             row["methods"][label] = {"s": took, "vs_dense_floor": took / row["floor_dense_s"], "peak_bytes": peak}
             print(f"  {label:<24} {took:>8.3f} s {took / row['floor_dense_s']:>6.2f}x dense floor "
                   f"{peak / 2**20:>9.1f} MiB", flush=True)
         rows.append(row)
     return rows
-
-
-def seconds_and_peak(call: Callable[[], object]) -> tuple[float, int]:
-    """Wall time and peak memory of one profiled call; a call under a second is timed twice more, unprofiled,
-    and the best time kept."""
-    start = time.perf_counter()
-    peak = peak_bytes(call)
-    best = time.perf_counter() - start
-    return (min(best, seconds(call)) if best < 1.0 else best), peak
 
 
 def measure(method: str, options: dict, updates: list[ClientUpdate], steps: int, dense_steps: int) -> dict:
