@@ -50,14 +50,15 @@ VARIANTS = [
 ]
 
 
-def make_updates(clients: int, rank: int, dtype: torch.dtype, seed: int = 0) -> list[ClientUpdate]:
+def make_updates(clients: int, rank: int, dtype: torch.dtype, seed: int = 0,
+                 layers: dict[str, tuple[int, int]] = VIT_B_LAYERS) -> list[ClientUpdate]:
     """Factors at the scale of trained LoRA: A like its Kaiming start, B small."""
     generator = torch.Generator().manual_seed(seed)
     updates = []
     for client in range(clients):
         lora = {name: (torch.randn(rank, fan_in, generator=generator, dtype=dtype) / fan_in**0.5,
                        0.01 * torch.randn(fan_out, rank, generator=generator, dtype=dtype))
-                for name, (fan_out, fan_in) in VIT_B_LAYERS.items()}
+                for name, (fan_out, fan_in) in layers.items()}
         updates.append(ClientUpdate(weight=100 + 37 * client, lora=lora))
     return updates
 
@@ -128,9 +129,8 @@ def sweep(clients_list: list[int], methods: list[str] | None, skip_above: dict[s
     """One row per K: the two floors and every method's seconds, ratio to the dense floor and peak memory."""
     rows = []
     for clients in clients_list:
-        updates = make_updates(clients, 16, torch.float32)
-        if clients >= SUBSET_FROM_CLIENTS:
-            updates = [ClientUpdate(u.weight, {n: u.lora[n] for n in SUBSET}) for u in updates]
+        layers = {n: VIT_B_LAYERS[n] for n in SUBSET} if clients >= SUBSET_FROM_CLIENTS else VIT_B_LAYERS
+        updates = make_updates(clients, 16, torch.float32, layers=layers)
         row = {"K": clients, "layers": len(updates[0].lora),
                "floor_average_s": seconds(partial(floor_average, updates)),
                "floor_dense_s": seconds(partial(floor_dense, updates)), "methods": {}}
