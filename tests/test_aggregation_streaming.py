@@ -202,3 +202,12 @@ def test_one_shot_aggregate_equals_the_streamed_round_with_unnormalised_weights(
         for got, want in ((streamed.lora, one_shot.lora), (streamed.merge, one_shot.merge)):
             for name in (want or {}):
                 torch.testing.assert_close(got[name][1] @ got[name][0], want[name][1] @ want[name][0], **FLOAT64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ffa_lora_returns_the_shared_A_bit_for_bit(dtype):
+    """A weighted average of equal A's is A only up to rounding; FFA-LoRA's A must not drift round after round."""
+    updates = make_updates(weights=(0.1, 0.7, 0.3), dtype=dtype, shared_A=True)
+    out = build_aggregator("ffa_lora").aggregate(updates)
+    for name in SHAPES:
+        assert torch.equal(out.lora[name][0], updates[0].lora[name][0])

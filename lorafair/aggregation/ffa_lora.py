@@ -1,5 +1,6 @@
 """FFA-LoRA: A is shared and frozen for the whole run, so only B travels and averaging B is exact:
-sum p_k B_k A = B_bar A. The round needs only the weighted sums (needs = "averages"); A = sum w_k A_k / sum w_k."""
+sum p_k B_k A = B_bar A. The round needs only the weighted sum of B (needs = "averages"); A is the template's,
+which every client's must equal bit for bit."""
 
 from __future__ import annotations
 

@@ -47,15 +47,18 @@ WEIGHT_DTYPE = torch.float64
 
 
 class GroupState:
-    """The accumulators of the layers of one shape: A_sum [L, r, in] and B_sum [L, out, r] always; slots
+    """The accumulators of the layers of one shape: A_sum [L, r, in] (unless A is frozen) and B_sum [L, out, r]; slots
     A_slots [L, C, r, in] and B_slots [L, out, C, r] for one client each (the round's K clients, or a chunk
     on the dense path); dW_sum [L, out, in] on the dense path of a method that needs the ideal update."""
 
-    def __init__(self, names: list[str], like: ClientUpdate, needs: str, path: str, clients: int) -> None:
+    def __init__(self, names: list[str], like: ClientUpdate, needs: str, path: str, clients: int,
+                 frozen_A: bool = False) -> None:
         A, B = like.lora[names[0]]
         (rank, fan_in), fan_out, layers = A.shape, B.shape[0], len(names)
         self.names, self.path = names, path
-        self.A_sum = A.new_zeros(layers, rank, fan_in)
+        # A frozen on every client (FFA-LoRA) is the template's, exactly: nothing to sum.
+        self.frozen_A = torch.stack([like.lora[name][0] for name in names]) if frozen_A else None
+        self.A_sum = None if frozen_A else A.new_zeros(layers, rank, fan_in)
         self.B_sum = B.new_zeros(layers, fan_out, rank)
         self.folds_dense = needs == "ideal" and path == "dense"
         self.dW_sum = B.new_zeros(layers, fan_out, fan_in) if self.folds_dense else None
@@ -71,7 +74,8 @@ class GroupState:
         position = slot if self.keeps_clients else self.chunk_filled
         for layer, name in enumerate(self.names):
             A, B = update.lora[name]
-            self.A_sum[layer].add_(A, alpha=weight)
+            if self.A_sum is not None:
+                self.A_sum[layer].add_(A, alpha=weight)
             self.B_sum[layer].add_(B, alpha=weight)
             if self.A_slots is not None:
                 self.A_slots[layer, position].copy_(A)
@@ -96,14 +100,16 @@ class GroupState:
     def accumulators(self) -> list[Tensor]:
         self.flush()
         slots = [self.A_slots, self.B_slots] if self.keeps_clients else []
-        return [self.A_sum, self.B_sum, *slots, *([self.dW_sum] if self.folds_dense else [])]
+        sums = [self.B_sum] if self.A_sum is None else [self.A_sum, self.B_sum]
+        return [*sums, *slots, *([self.dW_sum] if self.folds_dense else [])]
 
     def layer_group(self, weight_sum: Tensor, slot_weights: Tensor | None, filled: Tensor | None) -> LayerGroup:
         """What the method sees at finish: averages, the ideal update on this group's path, and the clients'
         factors (only those of filled slots) where they were kept."""
         self.flush()
-        total = weight_sum.to(self.A_sum.dtype)
-        A_bar, B_bar = self.A_sum / total, self.B_sum / total
+        total = weight_sum.to(self.B_sum.dtype)
+        A_bar = self.frozen_A if self.A_sum is None else self.A_sum / total
+        B_bar = self.B_sum / total
         if not self.keeps_clients:
             ideal = DenseIdeal(self.dW_sum / total) if self.folds_dense else FactoredIdeal(B_bar, A_bar)
             return LayerGroup(names=self.names, A_bar=A_bar, B_bar=B_bar, ideal=ideal)
@@ -133,7 +139,7 @@ class RoundState:
         self.count = torch.zeros((), dtype=WEIGHT_DTYPE, device=reference.device)
         needs = aggregator.needs
         self.groups = [GroupState(names, like, needs, "factored" if needs == "averages" else
-                                  path or aggregator.path_for(clients, *shape), clients)
+                                  path or aggregator.path_for(clients, *shape), clients, not aggregator.sends_A)
                        for shape, names in shapes.items()]
         # Only where some group keeps every client's factors: each slot's weight, and which slots are filled.
         keeps_clients = any(group.keeps_clients for group in self.groups)
