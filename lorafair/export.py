@@ -30,6 +30,7 @@ import torch
 import yaml
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model, set_peft_model_state_dict
+from safetensors.torch import save_file
 from timm.models import save_for_hf
 from torch import Tensor, nn
 
@@ -190,8 +191,16 @@ def write_export(base: nn.Module, adapter: LoraAdapter, folder: Path, save_model
 
 
 def timm_saver(classes: list[str], data_config: dict) -> SaveModel:
-    """Writes config.json (architecture, model args, class names, preprocessing) and model.safetensors."""
+    """Writes config.json (architecture, model args, class names, preprocessing) and model.safetensors.
+
+    A model timm's factory did not build (model.name mlp_mixer: MlpMixer from model.kwargs) has no registry name
+    for config.json to give; its folder holds model.safetensors alone, for MlpMixer(**kwargs).load_state_dict.
+    """
     def save(model: nn.Module, folder: Path) -> None:
+        if not hasattr(model, "pretrained_cfg"):
+            folder.mkdir(parents=True, exist_ok=True)
+            save_file(model.state_dict(), str(folder / "model.safetensors"))
+            return
         save_for_hf(model, str(folder), model_config={"label_names": list(classes)}, data_config=data_config,
                     safe_serialization=True)
     return save

@@ -17,8 +17,10 @@ import timm
 import torch
 import yaml
 from conftest import parse_fit_args, tiny_config
+from peft import PeftModel
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from timm.models.mlp_mixer import MlpMixer
 
 from lorafair.cli import main
 from lorafair.export import EXPORT_DIR, export_run, lorafair_model, open_run
@@ -41,6 +43,7 @@ import json, sys
 import timm, torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
+from timm.models.mlp_mixer import MlpMixer
 
 images = load_file(sys.argv[1])["images"]
 logits = {}
@@ -284,3 +287,20 @@ def test_unfinished_run_uses_its_newest_checkpoint_and_says_so(demo_run, tmp_pat
     export_run(run_dir, say=said.append)
     assert said[0] == f"{run_dir} is unfinished: using its newest checkpoint, round 2 of 5"
     assert (run_dir / EXPORT_DIR / "adapter/adapter_model.safetensors").is_file()
+
+
+def test_mixer_built_from_kwargs_exports_plain_state_dicts(tmp_path):
+    """model.name mlp_mixer has no timm registry name: the folders hold model.safetensors for MlpMixer(**kwargs)."""
+    kwargs = {"img_size": 16, "patch_size": 4, "num_blocks": 2, "embed_dim": 32}
+    fit(tiny_config(tmp_path, "--model.name", "mlp_mixer", "--model.kwargs", json.dumps(kwargs),
+                    "--federation.rounds", "1"))
+    folder = tmp_path / EXPORT_DIR
+    merged, base = MlpMixer(num_classes=10, **kwargs).eval(), MlpMixer(num_classes=10, **kwargs)
+    merged.load_state_dict(load_file(folder / "model.safetensors"), strict=True)
+    base.load_state_dict(load_file(folder / "base/model.safetensors"), strict=True)
+    adapted = PeftModel.from_pretrained(base, str(folder / "adapter")).eval()
+    images = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = lorafair_model(open_run(tmp_path))(images)
+        assert torch.equal(adapted(images), expected)
+        torch.testing.assert_close(merged(images), expected, rtol=0, atol=LOGIT_TOLERANCE)
