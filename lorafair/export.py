@@ -24,35 +24,30 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-import yaml
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model, set_peft_model_state_dict
 from safetensors.torch import save_file
 from timm.models import save_for_hf
 from torch import Tensor, nn
 
-from lorafair.checkpoint import list_checkpoints, load_checkpoint
-from lorafair.config import (
-    ClientConfig,
-    DataConfig,
-    FederationConfig,
-    FitConfig,
-    LoraConfig,
-    ModelConfig,
-    ServerConfig,
-)
+from lorafair.config import FitConfig
 from lorafair.data import model_data_config
 from lorafair.errors import UserError
-from lorafair.federation import derive_seed
-from lorafair.model import LoraClassifier, default_targets, target_layers
-from lorafair.results import write_json
-from lorafair.weights import create_backbone, head_parameter_names
-
-EXPORT_DIR = "final"
-"""The export folder inside a run folder."""
+from lorafair.federated.checkpoints import check_fits, list_checkpoints, load_checkpoint, read_round
+from lorafair.federated.loop import build_model, state_shapes
+from lorafair.federated.state import ResumeState
+from lorafair.model import LoraClassifier
+from lorafair.reporting.run_folder import (
+    CLASSES_NAME,
+    CONFIG_NAME,
+    EXPORT_NAME,
+    checkpoint_dir,
+    read_fit_config,
+    write_json,
+)
+from lorafair.weights import head_parameter_names
 
 SaveModel = Callable[[nn.Module, Path], None]
 """Writes a plain model as a folder its own library loads (timm: config.json + model.safetensors)."""
@@ -65,13 +60,8 @@ class RunState:
     run_dir: Path
     cfg: FitConfig
     classes: list[str]
-    round: int
-    checkpoint: dict[str, Any]
-    """The checkpoint: round, results, lora {name: {A, B}}, extra {head tensors}, base (merged weights) or None."""
-
-    @property
-    def results(self) -> dict[str, Any]:
-        return self.checkpoint["results"]
+    saved: ResumeState
+    """The round, its results so far and the global model then (LoRA pairs, head, merged frozen weights)."""
 
 
 @dataclass
@@ -93,33 +83,21 @@ class LoraAdapter:
 # ---- reading a run ----------------------------------------------------------------------------------------------
 
 
-def fit_config_from_dict(values: dict[str, Any]) -> FitConfig:
-    """The FitConfig of a run's config.yaml (written by config_to_dict)."""
-    model, data = dict(values["model"]), dict(values["data"])
-    model["weights"] = None if model.get("weights") is None else Path(model["weights"])
-    data["root"] = None if data.get("root") is None else Path(data["root"])
-    sections = {"model": ModelConfig(**model), "lora": LoraConfig(**values["lora"]), "data": DataConfig(**data),
-                "federation": FederationConfig(**values["federation"]), "client": ClientConfig(**values["client"]),
-                "server": ServerConfig(**values["server"])}
-    rest = {key: value for key, value in values.items() if key not in sections}
-    return FitConfig(**sections, **{**rest, "out_dir": Path(rest["out_dir"])})
-
-
 def open_run(run_dir: Path, round_index: int | None = None, say: Callable[[str], None] = print) -> RunState:
     """The checkpoint of `round_index` (default: the newest) of a run folder, with the run's settings.
 
     An unfinished run gives its newest checkpoint and says which round that is.
     """
     run_dir = Path(run_dir)
-    config_file, checkpoints = run_dir / "config.yaml", list_checkpoints(run_dir / "checkpoints")
-    if not config_file.is_file() or not checkpoints:
-        raise UserError(f"{run_dir} is not a lorafair run folder (it needs config.yaml and checkpoints/"
+    checkpoints = list_checkpoints(checkpoint_dir(run_dir))
+    if not (run_dir / CONFIG_NAME).is_file() or not checkpoints:
+        raise UserError(f"{run_dir} is not a lorafair run folder (it needs {CONFIG_NAME} and checkpoints/"
                         f"round_NNNNN.ckpt, as `lorafair fit --out_dir {run_dir}` writes them)")
+    cfg = read_fit_config(run_dir)
     try:
-        cfg = fit_config_from_dict(yaml.safe_load(config_file.read_text()))
-        classes = json.loads((run_dir / "classes.json").read_text())
-    except (OSError, TypeError, KeyError, ValueError, yaml.YAMLError) as err:
-        raise UserError(f"{run_dir}: cannot read the run's config.yaml and classes.json ({err})") from err
+        classes = json.loads((run_dir / CLASSES_NAME).read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{run_dir}: cannot read the run's {CLASSES_NAME} ({err})") from err
     kept = {int(path.stem.removeprefix("round_")): path for path in checkpoints}
     if round_index is None:
         round_index = max(kept)
@@ -129,51 +107,30 @@ def open_run(run_dir: Path, round_index: int | None = None, say: Callable[[str],
     elif round_index not in kept:
         raise UserError(f"--round {round_index}: {run_dir} keeps the checkpoints of round(s) "
                         f"{', '.join(map(str, sorted(kept)))} only (a run keeps its newest two); choose one of those")
-    checkpoint = load_checkpoint(kept[round_index])
-    fields = {"round", "results", "lora", "extra", "base"}
-    missing = sorted(fields - set(checkpoint) if isinstance(checkpoint, dict) else fields)
-    if missing:
-        raise UserError(f"{kept[round_index]} is not a lorafair checkpoint (it lacks {', '.join(missing)})")
-    return RunState(run_dir, cfg, classes, round_index, checkpoint)
+    path = kept[round_index]
+    return RunState(run_dir, cfg, classes, read_round(path, load_checkpoint(path)))
 
 
-def lorafair_model(run: RunState) -> LoraClassifier:
-    """The run's global model as the trainer held it: the client model seeded alike, with the round's state."""
-    cfg, state = run.cfg, run.checkpoint
-    torch.manual_seed(derive_seed("model", cfg.seed))
-    model = LoraClassifier(cfg.model, cfg.lora, len(run.classes), cfg.client)
-    if state["base"]:
-        model.load_base_state(state["base"])
-    model.set_lora({name: (pair["A"], pair["B"]) for name, pair in state["lora"].items()})
-    model.set_extra(state["extra"])
+def global_model(run: RunState) -> LoraClassifier:
+    """The run's global model as the round loop held it: the client model built alike, with the round's state."""
+    model = build_model(run.cfg, len(run.classes), torch.device("cpu"))
+    saved = run.saved
+    check_fits(saved, state_shapes(model))
+    if saved.base:
+        model.load_base_state(saved.base)
+    model.set_lora(saved.state.lora)
+    model.set_extra(saved.state.extra)
     return model.eval()
 
 
-def plain_base(run: RunState) -> nn.Module:
-    """The backbone the global adapter applies to, as a plain timm model: the starting weights (seeded alike),
-    the weights merges changed, and the trained head."""
-    torch.manual_seed(derive_seed("model", run.cfg.seed))
-    model = create_backbone(run.cfg.model, len(run.classes))
-    state = model.state_dict()
-    with torch.no_grad():
-        for name, weight in (run.checkpoint["base"] or {}).items():
-            state[f"{name}.weight"].copy_(weight)
-        for name, tensor in run.checkpoint["extra"].items():
-            state[name].copy_(tensor)
-    return model.eval()
-
-
-def global_adapter(run: RunState, base: nn.Module) -> LoraAdapter:
+def global_adapter(run: RunState, model: LoraClassifier) -> LoraAdapter:
     """The global LoRA factors with peft settings matching the client model's, the head saved beside them."""
     lora = run.cfg.lora
-    pattern = lora.target_modules if lora.target_modules is not None else default_targets(base)
-    layers = target_layers(base, pattern)
-    head = head_parameter_names(base)[0].rsplit(".", 1)[0]
+    head = head_parameter_names(model.backbone)[0].rsplit(".", 1)[0]
     config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
-                            target_modules="|".join(re.escape(name) for name in layers),
+                            target_modules="|".join(re.escape(name) for name in model.layer_names),
                             modules_to_save=[head])
-    factors = {name: (pair["A"], pair["B"]) for name, pair in run.checkpoint["lora"].items()}
-    return LoraAdapter(config, factors, dict(run.checkpoint["extra"]))
+    return LoraAdapter(config, model.get_lora(), model.get_extra())
 
 
 # ---- writing --------------------------------------------------------------------------------------------------
@@ -209,25 +166,26 @@ def timm_saver(classes: list[str], data_config: dict) -> SaveModel:
 def export_run(run_dir: Path, round: int | None = None, out: Path | None = None, overwrite: bool = False,
                say: Callable[[str], None] = print) -> Path:
     """Export the global model of a run (its newest checkpoint, or `round`) to `out` (default run_dir/final)."""
-    out = Path(out) if out is not None else Path(run_dir) / EXPORT_DIR
+    out = Path(out) if out is not None else Path(run_dir) / EXPORT_NAME
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists; pass --overwrite to replace it, or --out another folder")
     run = open_run(run_dir, round, say)
-    base = plain_base(run)
+    model = global_model(run)
     data_config = model_data_config(run.cfg.model, run.cfg.data.image_size)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        write_export(base, global_adapter(run, base), staging, timm_saver(run.classes, data_config))
-        shutil.copy(run.run_dir / "config.yaml", staging / "config.yaml")
-        write_json(staging / "classes.json", run.classes)
+        write_export(model.plain_backbone(), global_adapter(run, model), staging,
+                     timm_saver(run.classes, data_config))
+        shutil.copy(run.run_dir / CONFIG_NAME, staging / CONFIG_NAME)
+        write_json(staging / CLASSES_NAME, run.classes)
         (staging / "README.md").write_text(model_card(run))
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    say(f"exported the global model of round {run.round} to {out}")
+    say(f"exported the global model of round {run.saved.round} to {out}")
     return out
 
 
@@ -247,13 +205,13 @@ UNCHANGED_BASE = ("the starting backbone (with the trained head) in base/ and th
 def model_card(run: RunState) -> str:
     """A short README.md: base model, method, data, rounds, accuracy per domain and how to reproduce and load."""
     cfg = run.cfg
-    evaluated = [record for record in run.results["rounds"] if "accuracy" in record and record["round"] <= run.round]
+    evaluated = [record for record in run.saved.records if "accuracy" in record]
     weights = cfg.model.weights or ("timm pretrained weights" if cfg.model.pretrained else "random initialisation")
     lines = [f"# {cfg.server.method} fine-tune of {cfg.model.name}", "",
              f"- base model: `{cfg.model.name}` {cfg.model.kwargs or ''}, weights: {weights}",
              f"- method: `{cfg.server.method}`, LoRA rank {cfg.lora.r}, alpha {cfg.lora.alpha}",
              f"- data: `{cfg.data.name}` ({len(run.classes)} classes), partition `{cfg.federation.partition}`",
-             f"- rounds: {run.round} of {cfg.federation.rounds}, seed {cfg.seed}",
+             f"- rounds: {run.saved.round} of {cfg.federation.rounds}, seed {cfg.seed}",
              f"- global model: {GLOBAL_MODEL.get(cfg.server.method, UNCHANGED_BASE)}", ""]
     if evaluated:
         last = evaluated[-1]
@@ -262,7 +220,7 @@ def model_card(run: RunState) -> str:
         lines += [f"| {domain} | {100 * value:.2f} |" for domain, value in last["accuracy"].items()]
         lines += [f"| mean | {100 * last['mean_accuracy']:.2f} |", ""]
     lines += ["Produced by `lorafair fit --config config.yaml` (the run's resolved config, beside this file) and "
-              f"exported with `lorafair export --run RUN --round {run.round}`.", "",
+              f"exported with `lorafair export --run RUN --round {run.saved.round}`.", "",
               "Load with timm alone: `timm.create_model('local-dir:FOLDER', pretrained=True)`; with peft: "
               "`PeftModel.from_pretrained(timm.create_model('local-dir:FOLDER/base', pretrained=True), "
               "'FOLDER/adapter')`.", ""]

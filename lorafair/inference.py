@@ -18,7 +18,6 @@ from typing import Any
 
 import timm
 import torch
-import yaml
 from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import Dataset
@@ -29,8 +28,8 @@ from lorafair.data import build_federated_data, make_loader, model_data_config
 from lorafair.data.image_files import IMAGE_SUFFIXES
 from lorafair.data.transforms import image_transforms
 from lorafair.errors import UserError
-from lorafair.export import fit_config_from_dict, lorafair_model, open_run
-from lorafair.results import accuracy_table, mean
+from lorafair.export import global_model, open_run
+from lorafair.reporting.run_folder import CLASSES_NAME, accuracy_table, mean, read_fit_config
 
 
 @dataclass
@@ -48,6 +47,7 @@ class LoadedModel:
 
 
 def is_export(folder: Path) -> bool:
+    """Whether `folder` holds a merged timm model as `lorafair export` writes it (not a run folder)."""
     return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
 
 
@@ -56,14 +56,14 @@ def load_model(source: Path, round: int | None = None, say: Callable[[str], None
     source = Path(source)
     if not is_export(source):
         run = open_run(source, round, say)
-        return LoadedModel(lorafair_model(run), run.cfg, run.classes, f"run {source}, round {run.round}")
+        return LoadedModel(global_model(run), run.cfg, run.classes, f"run {source}, round {run.saved.round}")
     if round is not None:
         raise UserError(f"--round: {source} is an exported model, which has no rounds; pass its run folder instead")
+    cfg = read_fit_config(source)
     try:
-        cfg = fit_config_from_dict(yaml.safe_load((source / "config.yaml").read_text()))
-        classes = json.loads((source / "classes.json").read_text())
+        classes = json.loads((source / CLASSES_NAME).read_text())
         model = timm.create_model(f"local-dir:{source}", pretrained=True)
-    except (OSError, RuntimeError, TypeError, KeyError, ValueError, yaml.YAMLError) as err:
+    except (OSError, RuntimeError, TypeError, KeyError, ValueError) as err:
         raise UserError(f"{source} is not a complete `lorafair export` folder ({type(err).__name__}: {err})") from err
     return LoadedModel(model.eval(), cfg, classes, f"exported model {source}")
 
