@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +24,10 @@ from safetensors.torch import load_file, save_file
 from timm.models.mlp_mixer import MlpMixer
 
 from lorafair.cli import main
-from lorafair.export import EXPORT_DIR, export_run, lorafair_model, open_run
+from lorafair.export import export_run, global_model, open_run
+from lorafair.federated.loop import fit
 from lorafair.inference import evaluate_run, predict
-from lorafair.trainer import fit
+from lorafair.reporting.run_folder import EXPORT_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,15 +41,16 @@ float32 (eps 1.2e-7), over a few layers of width 32: differences of a few 1e-7 o
 path runs the very same operations as lorafair's model and must match bit for bit."""
 
 LOAD_WITH_TIMM_AND_PEFT = """
-import json, sys
+import contextlib, io, json, os, sys
 import timm, torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from timm.models.mlp_mixer import MlpMixer
 
-images = load_file(sys.argv[1])["images"]
+images_file, logits_file, readme_dir, readme_code, *folders = sys.argv[1:]
+images = load_file(images_file)["images"]
 logits = {}
-for position, folder in enumerate(sys.argv[3:]):
+for position, folder in enumerate(folders):
     merged = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
     config = json.load(open(f"{folder}/config.json"))
     plain = timm.create_model(config["architecture"], **config["model_args"])
@@ -58,18 +61,37 @@ for position, folder in enumerate(sys.argv[3:]):
         logits[f"{position}/merged"] = merged(images)
         logits[f"{position}/plain"] = plain.eval()(images)
         logits[f"{position}/adapter"] = adapted(images)
+save_file(logits, logits_file)
+os.chdir(readme_dir)
+printed = io.StringIO()
+with contextlib.redirect_stdout(printed):
+    exec(readme_code, {})
 assert not any(name.startswith("lorafair") for name in sys.modules), "the loading code imported lorafair"
-save_file(logits, sys.argv[2])
+print(printed.getvalue())
 """
+"""Loads every export of `folders` with timm and peft, then runs the README's snippet in `readme_dir`: one Python
+process without lorafair for all the loading code (starting one costs more than everything it computes)."""
+
+
+@dataclass
+class PlainLoading:
+    """What the loading code computed in a process without lorafair."""
+
+    images: torch.Tensor
+    logits: dict[str, torch.Tensor]
+    """"<position of the method run>/<merged|plain|adapter>" -> logits of `images`."""
+    readme_printed: list[str]
+    readme_image: Path
 
 
 @pytest.fixture(scope="module")
 def method_runs(tiny_run, tmp_path_factory) -> dict[str, Path]:
     """The tiny job (random backbone) finished with LoRA-FAIR, FLoRA and FedEx-LoRA; fit exported each."""
     runs = {"lorafair": tiny_run[0]}
-    for method in ("flora", "fedex_lora"):
+    for method in ("flora", "fedex_lora"):  # one round of two clients: merges and non-zero factors already
         out_dir = tmp_path_factory.mktemp(method)
-        fit(tiny_config(out_dir, "--server.method", method))
+        fit(tiny_config(out_dir, "--server.method", method, "--federation.rounds", "1",
+                        "--federation.clients_per_round", "2"))
         runs[method] = out_dir
     return runs
 
@@ -94,6 +116,26 @@ def digit_images(demo_run, tmp_path_factory) -> list[Path]:
     return paths
 
 
+@pytest.fixture(scope="module")
+def plain_loading(method_runs, demo_run, digit_images, tmp_path_factory) -> PlainLoading:
+    """The three methods' exports and the README snippet (in a folder holding runs/demo and digit.png), loaded in
+    one process that never imports lorafair."""
+    folder = tmp_path_factory.mktemp("plain_loading")
+    images = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    save_file({"images": images}, folder / "images.safetensors")
+    readme_dir = folder / "readme"
+    (readme_dir / "runs").mkdir(parents=True)
+    (readme_dir / "runs/demo").symlink_to(demo_run[0])
+    shutil.copy(digit_images[1], readme_dir / "digit.png")
+    code = readme_block("Using the fine-tuned model")
+    assert len(code.strip().splitlines()) <= 12 and "lorafair" not in code.replace("runs/demo", "")
+    printed = subprocess.run([sys.executable, "-c", LOAD_WITH_TIMM_AND_PEFT, str(folder / "images.safetensors"),
+                              str(folder / "logits.safetensors"), str(readme_dir), code,
+                              *(str(run / EXPORT_NAME) for run in method_runs.values())],
+                             check=True, cwd=folder, capture_output=True, text=True).stdout
+    return PlainLoading(images, load_file(folder / "logits.safetensors"), printed.split(), digit_images[1])
+
+
 def _run_main(argv: list[str], capsys) -> tuple[int, str, str]:
     code = main(argv)
     captured = capsys.readouterr()
@@ -103,27 +145,22 @@ def _run_main(argv: list[str], capsys) -> tuple[int, str, str]:
 # ---- export: what the files hold ----------------------------------------------------------------------------
 
 
-def test_timm_and_peft_alone_give_lorafair_logits_for_three_methods(method_runs, tmp_path):
+def test_timm_and_peft_alone_give_lorafair_logits_for_three_methods(method_runs, plain_loading):
     """Adapter path (timm base + PeftModel.from_pretrained) and merged path (timm local-dir, and create_model +
     load_state_dict(strict=True)) against the global model lorafair rebuilds, in a process without lorafair."""
-    images = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    save_file({"images": images}, tmp_path / "images.safetensors")
-    folders = [str(run / EXPORT_DIR) for run in method_runs.values()]
-    subprocess.run([sys.executable, "-c", LOAD_WITH_TIMM_AND_PEFT, str(tmp_path / "images.safetensors"),
-                    str(tmp_path / "logits.safetensors"), *folders], check=True, cwd=tmp_path)
-    logits = load_file(tmp_path / "logits.safetensors")
     for position, run in enumerate(method_runs.values()):
         with torch.no_grad():
-            expected = lorafair_model(open_run(run, say=lambda _: None))(images)
-        assert torch.equal(logits[f"{position}/adapter"], expected), run
+            expected = global_model(open_run(run, say=lambda _: None))(plain_loading.images)
+        assert torch.equal(plain_loading.logits[f"{position}/adapter"], expected), run
         for path in ("merged", "plain"):
-            torch.testing.assert_close(logits[f"{position}/{path}"], expected, rtol=0, atol=LOGIT_TOLERANCE)
+            torch.testing.assert_close(plain_loading.logits[f"{position}/{path}"], expected, rtol=0,
+                                       atol=LOGIT_TOLERANCE)
 
 
 def test_adapter_files_use_peft_names_and_merged_weights_fold_the_product(method_runs):
     """Keys as peft names them (adapter name stripped, head as modules_to_save); model.safetensors = base + s B A
     computed densely here from the adapter's own files."""
-    folder = method_runs["fedex_lora"] / EXPORT_DIR
+    folder = method_runs["fedex_lora"] / EXPORT_NAME
     config = json.loads((folder / "adapter/adapter_config.json").read_text())
     adapter = load_file(folder / "adapter/adapter_model.safetensors")
     base, merged = load_file(folder / "base/model.safetensors"), load_file(folder / "model.safetensors")
@@ -144,7 +181,7 @@ def test_adapter_files_use_peft_names_and_merged_weights_fold_the_product(method
 
 def test_flora_export_has_an_empty_adapter_and_the_merges_in_base(demo_run):
     """FLoRA: B = 0 in the adapter; base/ differs from the shipped backbone file exactly in the adapted layers."""
-    folder = demo_run[0] / EXPORT_DIR
+    folder = demo_run[0] / EXPORT_NAME
     adapter = load_file(folder / "adapter/adapter_model.safetensors")
     assert all(tensor.abs().max() == 0 for name, tensor in adapter.items() if ".lora_B." in name)
     start = load_file(ROOT / "lorafair/assets/demo_vit.safetensors")
@@ -178,7 +215,7 @@ def test_evaluate_an_older_round_and_the_export_folder(demo_run):
     run_dir, results = demo_run
     first = evaluate_run(run_dir, round=1, say=lambda _: None)
     assert first["accuracy"] == results["rounds"][0]["accuracy"]
-    exported = evaluate_run(run_dir / EXPORT_DIR, say=lambda _: None)["accuracy"]
+    exported = evaluate_run(run_dir / EXPORT_NAME, say=lambda _: None)["accuracy"]
     for domain, accuracy in results["final"]["accuracy"].items():  # float32 reassociation may flip one image
         assert abs(exported[domain] - accuracy) <= 1 / 50
 
@@ -207,7 +244,7 @@ def test_predict_matches_the_exported_model_with_timms_preprocessing(demo_run, d
         rows = list(csv.DictReader(handle))
     assert len(rows) == 3 * len(digit_images)
     predictions = predict(run_dir, digit_images, top_k=10, say=lambda _: None)
-    model = timm.create_model(f"local-dir:{run_dir / EXPORT_DIR}", pretrained=True).eval()
+    model = timm.create_model(f"local-dir:{run_dir / EXPORT_NAME}", pretrained=True).eval()
     transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
     for prediction, path in zip(predictions, digit_images, strict=True):
         with torch.no_grad():
@@ -226,19 +263,11 @@ def readme_block(title: str) -> str:
     return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
 
 
-def test_readme_loading_code_runs_and_agrees_with_predict(demo_run, digit_images, tmp_path):
+def test_readme_loading_code_runs_and_agrees_with_predict(demo_run, plain_loading):
     """The README's timm + peft snippet, run as written in a folder holding runs/demo and digit.png."""
-    run_dir = demo_run[0]
-    (tmp_path / "runs").mkdir()
-    (tmp_path / "runs/demo").symlink_to(run_dir)
-    shutil.copy(digit_images[1], tmp_path / "digit.png")
-    code = readme_block("Using the fine-tuned model")
-    assert len(code.strip().splitlines()) <= 12 and "lorafair" not in code.replace("runs/demo", "")
-    printed = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, capture_output=True,
-                             text=True).stdout.split()
-    name, probability = predict(run_dir, [digit_images[1]], top_k=1, say=lambda _: None)[0].top[0]
-    assert printed[0] == name
-    assert abs(float(printed[1]) - probability) < 1e-3
+    name, probability = predict(demo_run[0], [plain_loading.readme_image], top_k=1, say=lambda _: None)[0].top[0]
+    assert plain_loading.readme_printed[0] == name
+    assert abs(float(plain_loading.readme_printed[1]) - probability) < 1e-3
 
 
 # ---- bad input ---------------------------------------------------------------------------------------------------
@@ -259,9 +288,9 @@ def test_bad_input_is_one_line_and_exit_code_2(demo_run, digit_images, tmp_path,
     _one_line_error(["predict", "--run", str(run_dir), str(digit_images[0]), str(bad)], capsys,
                     f"cannot read image {bad}")
     _one_line_error(["predict", "--run", str(run_dir), str(tmp_path / "missing.png")], capsys, "does not exist")
-    before = (run_dir / EXPORT_DIR / "model.safetensors").read_bytes()
+    before = (run_dir / EXPORT_NAME / "model.safetensors").read_bytes()
     _one_line_error(["export", "--run", str(run_dir), "--round", "1"], capsys, "already exists; pass --overwrite")
-    assert (run_dir / EXPORT_DIR / "model.safetensors").read_bytes() == before
+    assert (run_dir / EXPORT_NAME / "model.safetensors").read_bytes() == before
 
 
 def test_export_of_an_older_round_and_overwrite(demo_run, tmp_path, capsys):
@@ -271,7 +300,7 @@ def test_export_of_an_older_round_and_overwrite(demo_run, tmp_path, capsys):
     assert code == 0 and "round 1" in out_text
     first = load_file(out / "model.safetensors")
     assert not torch.equal(first["blocks.0.mlp.fc2.weight"],
-                           load_file(run_dir / EXPORT_DIR / "model.safetensors")["blocks.0.mlp.fc2.weight"])
+                           load_file(run_dir / EXPORT_NAME / "model.safetensors")["blocks.0.mlp.fc2.weight"])
     assert main(["export", "--run", str(run_dir), "--out", str(out), "--overwrite", "true"]) == 0
     assert sorted(p.name for p in out.parent.iterdir()) == ["round1"]  # no staging folder left behind
     assert "round 2" in (out / "README.md").read_text()
@@ -279,28 +308,28 @@ def test_export_of_an_older_round_and_overwrite(demo_run, tmp_path, capsys):
 
 def test_unfinished_run_uses_its_newest_checkpoint_and_says_so(demo_run, tmp_path):
     run_dir = tmp_path / "unfinished"
-    shutil.copytree(demo_run[0], run_dir, ignore=shutil.ignore_patterns(EXPORT_DIR, "tensorboard"))
+    shutil.copytree(demo_run[0], run_dir, ignore=shutil.ignore_patterns(EXPORT_NAME, "tensorboard"))
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     config["federation"]["rounds"] = 5
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     said = []
     export_run(run_dir, say=said.append)
     assert said[0] == f"{run_dir} is unfinished: using its newest checkpoint, round 2 of 5"
-    assert (run_dir / EXPORT_DIR / "adapter/adapter_model.safetensors").is_file()
+    assert (run_dir / EXPORT_NAME / "adapter/adapter_model.safetensors").is_file()
 
 
 def test_mixer_built_from_kwargs_exports_plain_state_dicts(tmp_path):
     """model.name mlp_mixer has no timm registry name: the folders hold model.safetensors for MlpMixer(**kwargs)."""
     kwargs = {"img_size": 16, "patch_size": 4, "num_blocks": 2, "embed_dim": 32}
     fit(tiny_config(tmp_path, "--model.name", "mlp_mixer", "--model.kwargs", json.dumps(kwargs),
-                    "--federation.rounds", "1"))
-    folder = tmp_path / EXPORT_DIR
+                    "--federation.rounds", "1", "--federation.clients_per_round", "2"))
+    folder = tmp_path / EXPORT_NAME
     merged, base = MlpMixer(num_classes=10, **kwargs).eval(), MlpMixer(num_classes=10, **kwargs)
     merged.load_state_dict(load_file(folder / "model.safetensors"), strict=True)
     base.load_state_dict(load_file(folder / "base/model.safetensors"), strict=True)
     adapted = PeftModel.from_pretrained(base, str(folder / "adapter")).eval()
     images = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        expected = lorafair_model(open_run(tmp_path))(images)
+        expected = global_model(open_run(tmp_path))(images)
         assert torch.equal(adapted(images), expected)
         torch.testing.assert_close(merged(images), expected, rtol=0, atol=LOGIT_TOLERANCE)
