@@ -2,10 +2,10 @@
 
 A command whose first parameter is `cfg: FitConfig` takes `--config FILE_OR_NAME` and every FitConfig key as flags
 (`--federation.rounds 3`); its other parameters become arguments of their own, documented by its docstring:
-positional without a default, `--name` flags with one, required `--name` flags when keyword-only without one; a
-list takes several values (`--seeds 0 1 2`), and a `Settings[DataConfig]` takes that section's keys as
-`--data.KEY` flags and receives only those given. `--config` takes a path, or the name of a config shipped with
-the package (`lorafair configs` lists them).
+positional without a default, `--name` flags with one, required `--name` flags when keyword-only without one. A list
+takes several values (`--seeds 0 1 2`), a bool flag alone means true (`--overwrite`), and `Settings` takes the data
+section's keys as `--data.KEY` flags and receives only those given. `--config` takes a path, or the name of a config
+shipped with the package (`lorafair configs` lists them).
 
 Every user error (unknown key, wrong type, impossible value, missing dataset) ends as one line on stderr and
 exit code 2; tracebacks are kept for bugs.
@@ -161,6 +161,8 @@ def command_parser(function: Callable[..., None]) -> ArgumentParser:
             continue
         item = _list_item(hints[name])
         kind = {"type": item, "nargs": "+"} if item is not None else {"type": hints[name]}
+        if hints[name] is bool:
+            kind.update(nargs="?", const=True)  # --overwrite alone means true
         if param.default is not inspect.Parameter.empty:
             parser.add_argument(f"--{name}", default=param.default, help=docs.get(name), **kind)
         elif param.kind is inspect.Parameter.KEYWORD_ONLY:

@@ -301,7 +301,7 @@ def test_export_of_an_older_round_and_overwrite(demo_run, tmp_path, capsys):
     first = load_file(out / "model.safetensors")
     assert not torch.equal(first["blocks.0.mlp.fc2.weight"],
                            load_file(run_dir / EXPORT_NAME / "model.safetensors")["blocks.0.mlp.fc2.weight"])
-    assert main(["export", "--run", str(run_dir), "--out", str(out), "--overwrite", "true"]) == 0
+    assert main(["export", "--run", str(run_dir), "--out", str(out), "--overwrite"]) == 0
     assert sorted(p.name for p in out.parent.iterdir()) == ["round1"]  # no staging folder left behind
     assert "round 2" in (out / "README.md").read_text()
 
