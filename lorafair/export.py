@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from lorafair.config import FitConfig
 from lorafair.data import model_data_config
 from lorafair.errors import UserError
-from lorafair.federated.checkpoints import check_fits, list_checkpoints, load_checkpoint, read_round
+from lorafair.federated.checkpoints import check_fits, kept_rounds, load_checkpoint, read_round
 from lorafair.federated.loop import build_model, state_shapes
 from lorafair.federated.state import ResumeState
 from lorafair.model import LoraClassifier
@@ -89,8 +89,8 @@ def open_run(run_dir: Path, round_index: int | None = None, say: Callable[[str],
     An unfinished run gives its newest checkpoint and says which round that is.
     """
     run_dir = Path(run_dir)
-    checkpoints = list_checkpoints(checkpoint_dir(run_dir))
-    if not (run_dir / CONFIG_NAME).is_file() or not checkpoints:
+    kept = kept_rounds(checkpoint_dir(run_dir))
+    if not (run_dir / CONFIG_NAME).is_file() or not kept:
         raise UserError(f"{run_dir} is not a lorafair run folder (it needs {CONFIG_NAME} and checkpoints/"
                         f"round_NNNNN.ckpt, as `lorafair fit --out_dir {run_dir}` writes them)")
     cfg = read_fit_config(run_dir)
@@ -98,7 +98,6 @@ def open_run(run_dir: Path, round_index: int | None = None, say: Callable[[str],
         classes = json.loads((run_dir / CLASSES_NAME).read_text())
     except (OSError, ValueError) as err:
         raise UserError(f"{run_dir}: cannot read the run's {CLASSES_NAME} ({err})") from err
-    kept = {int(path.stem.removeprefix("round_")): path for path in checkpoints}
     if round_index is None:
         round_index = max(kept)
         if round_index < cfg.federation.rounds:

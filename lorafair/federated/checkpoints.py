@@ -34,12 +34,16 @@ def checkpoint_path(directory: Path, round_index: int) -> Path:
     return directory / f"round_{round_index:05d}.ckpt"
 
 
+def kept_rounds(directory: Path) -> dict[int, Path]:
+    """Round -> its complete checkpoint in `directory`, oldest round first (temporary files are ignored)."""
+    if not directory.is_dir():
+        return {}
+    return dict(sorted((int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.fullmatch(p.name))))
+
+
 def list_checkpoints(directory: Path) -> list[Path]:
     """Complete checkpoints in `directory`, oldest round first (temporary files are ignored)."""
-    if not directory.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.fullmatch(p.name))]
-    return [path for _, path in sorted(found)]
+    return list(kept_rounds(directory).values())
 
 
 def save_checkpoint(directory: Path, round_index: int, state: Mapping[str, Any], keep: int = 2,
