@@ -27,7 +27,7 @@ from lorafair.cli import main
 from lorafair.export import export_run, global_model, open_run
 from lorafair.federated.loop import fit
 from lorafair.inference import evaluate_run, predict
-from lorafair.reporting.run_folder import EXPORT_NAME
+from lorafair.reporting.run_folder import EXPORT_NAME, read_fit_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -333,3 +333,10 @@ def test_mixer_built_from_kwargs_exports_plain_state_dicts(tmp_path):
         expected = global_model(open_run(tmp_path))(images)
         assert torch.equal(adapted(images), expected)
         torch.testing.assert_close(merged(images), expected, rtol=0, atol=LOGIT_TOLERANCE)
+
+
+def test_run_config_reads_back_as_the_fit_config(tiny_run):
+    """config.yaml read back equals the FitConfig the command line built: sections, paths and the method's options."""
+    cfg = read_fit_config(tiny_run[0])
+    assert cfg == tiny_config(tiny_run[0])
+    assert isinstance(cfg.out_dir, Path) and cfg.server.steps == 50
