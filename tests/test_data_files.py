@@ -157,6 +157,20 @@ def test_image_folders_use_split_files_when_present(tmp_path):
         read_image_folders(tmp_path, ["photo"], None, 0.3, seed=0)
 
 
+@pytest.mark.parametrize("augment", [False, True])
+def test_augment_redraws_each_fetch_of_a_training_image_and_never_a_test_image(tmp_path, augment):
+    for i in range(10):  # an asymmetric picture, so that a flip or a crop shows
+        path = tmp_path / "photo" / "cat" / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.arange(12 * 10 * 3, dtype=np.uint8).reshape(12, 10, 3) * (i + 1)).save(path)
+    data = DataConfig(name="folders", root=tmp_path, augment=augment)
+    fd = build_federated_data(data, FederationConfig(), 0, DATA_CONFIG)
+    torch.manual_seed(0)
+    train = fd.clients[0].dataset
+    assert torch.equal(train[0][0], train[0][0]) != augment
+    assert torch.equal(fd.test["photo"][0][0], fd.test["photo"][0][0])
+
+
 def test_image_folders_refuse_classes_that_differ_only_in_case(tmp_path):
     make_folders(tmp_path)
     write_jpeg(tmp_path / "photo" / "Dog" / "0.jpg", 1)

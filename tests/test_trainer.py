@@ -30,13 +30,15 @@ def test_a_run_writes_every_output(tiny_run):
         assert set(record["train_steps"].values()) == {3}
         assert sorted(record["accuracy"]) == sorted(DOMAINS)
         assert all(0 <= acc <= 1 for acc in record["accuracy"].values())
-        assert record["mean_accuracy"] == pytest.approx(sum(record["accuracy"].values()) / 6)
+        assert min(record["accuracy"].values()) <= record["mean_accuracy"] <= max(record["accuracy"].values())
         assert record["bytes_up"] > 0 and record["bytes_down"] > 0 and record["bad_updates"] == {}
         assert -1 <= record["aggregation"]["cos_avg_mean"] <= 1
         seconds = record["seconds"]
         assert set(seconds) == {"train", "comm", "aggregate", "eval", "round"}
-        assert seconds["round"] >= seconds["train"] + seconds["aggregate"] > 0
-        assert record["overhead"] == pytest.approx((seconds["comm"] + seconds["aggregate"]) / seconds["round"])
+        assert all(value > 0 for value in seconds.values())
+        assert seconds["round"] == pytest.approx(sum(seconds[p] for p in ("train", "comm", "aggregate", "eval")))
+        # the overhead is the share of the round spent neither training nor evaluating
+        assert 0 < record["overhead"] == pytest.approx(1 - (seconds["train"] + seconds["eval"]) / seconds["round"])
     assert results["rounds"][0]["clients"] != results["rounds"][1]["clients"]  # sampled anew each round
     last = results["rounds"][-1]
     assert results["final"] == {"round": 2, "accuracy": last["accuracy"], "mean_accuracy": last["mean_accuracy"]}
@@ -131,10 +133,18 @@ def test_ffa_lora_never_changes_a(tmp_path):
     assert all(torch.equal(a, initial[name]) for name, (a, _) in trainer.model.get_lora().items())
 
 
+DEMO_TABLE = {"plain": 74.51, "inverted": 82.35, "rotated": 25.49, "blurred": 74.51, "noisy": 70.59,
+              "coloured": 66.67}
+"""The README's demo table (top-1 % after round 20), mean 65.69."""
+
+
 @pytest.mark.slow
-def test_the_demo_keeps_its_promise(tmp_path):
-    """configs/demo.yaml as the README runs it: every round, and a final mean accuracy of at least 50%."""
+def test_the_demo_gives_the_readme_table(tmp_path):
+    """configs/demo.yaml as the README runs it. Its 51-image test sets make one image 1.96 points: each domain
+    within two images, the mean within 0.5 points. Keeping the server's answer is worth 5 points on the mean."""
     config = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
     results = fit(parse_fit_args(["--config", str(config), "--out_dir", str(tmp_path)]))
     assert len(results["rounds"]) == 20
-    assert results["final"]["mean_accuracy"] >= 0.5
+    final = {domain: 100 * acc for domain, acc in results["final"]["accuracy"].items()}
+    assert final == pytest.approx(DEMO_TABLE, abs=4.0)
+    assert 100 * results["final"]["mean_accuracy"] == pytest.approx(65.69, abs=0.5)
