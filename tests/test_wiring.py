@@ -24,6 +24,7 @@ from lorafair.aggregation.base import Aggregator
 from lorafair.checkpoint import list_checkpoints, load_checkpoint
 from lorafair.cli import main
 from lorafair.compare import run_status
+from lorafair.errors import UserError
 from lorafair.trainer import FederatedTrainer, fit, launch_fabric
 
 
@@ -184,11 +185,9 @@ def write_png(path: Path, value: int) -> None:
     Image.new("RGB", (20, 20), (value, 255 - value, (7 * value) % 256)).save(path)
 
 
-@pytest.fixture(scope="module")
-def folders_run(tmp_path_factory) -> tuple[Path, dict]:
-    """3 rounds, eval_every 2, on two image-folder domains of 8 training images each; one of domain a's training
-    images is corrupt and skipped. Each round: 1 local epoch of 1 batch per client, so that image is read once."""
-    root = tmp_path_factory.mktemp("images")
+def write_image_tree(root: Path) -> Path:
+    """Two image-folder domains, a and b, of 2 classes with 4 training and 2 test images each, listed in split
+    files; one of domain a's training images is corrupt."""
     for domain in ("a", "b"):
         train, test = [], []
         for label in ("c0", "c1"):
@@ -199,10 +198,21 @@ def folders_run(tmp_path_factory) -> tuple[Path, dict]:
         (root / f"{domain}_train.txt").write_text("\n".join(train) + "\n")
         (root / f"{domain}_test.txt").write_text("\n".join(test) + "\n")
     (root / "a" / "c1" / "2.png").write_bytes(b"not a png")
+    return root
+
+
+def folders_args(root: Path) -> list[str]:
+    return ["--data.name", "folders", "--data.root", str(root), "--data.on_bad_image", "skip",
+            "--federation.clients_per_round", "null"]
+
+
+@pytest.fixture(scope="module")
+def folders_run(tmp_path_factory) -> tuple[Path, dict]:
+    """3 rounds, eval_every 2, on the image tree above. Each round: 1 local epoch of 1 batch per client, so the
+    corrupt image is read once a round."""
+    root = write_image_tree(tmp_path_factory.mktemp("images"))
     out_dir = tmp_path_factory.mktemp("folders_run")
-    fit(tiny_config(out_dir, "--data.name", "folders", "--data.root", str(root), "--data.on_bad_image", "skip",
-                    "--federation.clients_per_round", "null", "--federation.rounds", "3",
-                    "--federation.eval_every", "2"))
+    fit(tiny_config(out_dir, *folders_args(root), "--federation.rounds", "3", "--federation.eval_every", "2"))
     return out_dir, json.loads((out_dir / "results.json").read_text())
 
 
@@ -219,3 +229,13 @@ def test_skipped_images_are_counted_in_results(folders_run):
     _, results = folders_run
     assert [record["skipped_images"] for record in results["rounds"]] == [1, 1, 1]
     assert all(steps == 1 for record in results["rounds"] for steps in record["train_steps"].values())
+
+
+def test_resuming_after_the_dataset_changed_behind_the_same_config_is_refused(tmp_path):
+    root = write_image_tree(tmp_path / "images")
+    fit(tiny_config(tmp_path / "run", *folders_args(root), "--federation.rounds", "1"))
+    lines = (root / "b_train.txt").read_text().splitlines()
+    (root / "b_train.txt").write_text("\n".join(lines[1:]) + "\n")  # one training image fewer
+    with pytest.raises(UserError, match=r"round_00001\.ckpt was written by a run with other settings \(partition: "
+                                        r"'2 clients, 16 samples, sha256 \w+' -> '2 clients, 15 samples"):
+        fit(tiny_config(tmp_path / "run", *folders_args(root), "--federation.rounds", "2", "--resume", "auto"))
