@@ -50,11 +50,23 @@ def test_a_run_writes_every_output(tiny_run):
     assert state["base"] is None and set(state["extra"]) == {"head.weight", "head.bias"}
 
     events = EventAccumulator(str(out_dir / "tensorboard")).Reload()
-    scalars = events.Tags()["scalars"]
-    for tag in [*(f"accuracy/{d}" for d in DOMAINS), "accuracy/mean", "train_loss/mean", "bytes/up_per_client",
-                "seconds/comm", "seconds/overhead_fraction", "aggregation/cos_avg_mean", "bad_updates"]:
-        assert tag in scalars
-        assert [event.step for event in events.Scalars(tag)] == [1, 2]
+    clients = sorted({client for record in results["rounds"] for client in record["clients"]})
+    metrics = results["rounds"][0]["aggregation"]
+    assert set(events.Tags()["scalars"]) == {
+        *(f"accuracy/{d}" for d in DOMAINS), "accuracy/mean", *(f"train_loss/client_{c}" for c in clients),
+        "train_loss/mean", "bytes/up_per_client", "bytes/down_per_client", "bad_updates", "bad_updates_total",
+        *(f"seconds/{phase}" for phase in ("train", "comm", "aggregate", "eval", "round")),
+        "seconds/overhead_fraction", *(f"aggregation/{name}" for name in metrics), "hparams/mean_accuracy"}
+    for record in results["rounds"]:  # each round's scalars are its record's values, at its round
+        losses = list(record["train_loss"].values())
+        expected = {"accuracy/plain": record["accuracy"]["plain"], "accuracy/mean": record["mean_accuracy"],
+                    "train_loss/mean": sum(losses) / len(losses), "bytes/up_per_client": record["bytes_up"],
+                    "bytes/down_per_client": record["bytes_down"], "bad_updates": 0,
+                    "seconds/train": record["seconds"]["train"], "seconds/overhead_fraction": record["overhead"],
+                    "aggregation/cos_avg_mean": record["aggregation"]["cos_avg_mean"]}
+        for tag, value in expected.items():
+            (event,) = [e for e in events.Scalars(tag) if e.step == record["round"]]
+            assert event.value == pytest.approx(value, rel=1e-6), tag
     assert events.Scalars("accuracy/mean")[-1].value == pytest.approx(results["final"]["mean_accuracy"])
     assert "_hparams_/experiment" in events.PluginTagToContent("hparams")
     assert events.Scalars("hparams/mean_accuracy")[-1].value == pytest.approx(results["final"]["mean_accuracy"])
