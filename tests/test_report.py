@@ -128,6 +128,21 @@ def test_aggregation_metrics_are_averaged_over_rounds_then_seeds(comparison) -> 
     assert rows[2][2] != "-" and rows[0][2] == "-"  # only LoRA-FAIR logs cos_factor
 
 
+def test_runs_without_round_details_report_zero_bytes_and_no_metrics(tmp_path) -> None:
+    """Results files that hold the final accuracies but no per-round records (or records without metrics)."""
+    for method, rounds in (("fedit", []), ("lorafair", [{"round": 1, "bytes_up": 10, "bytes_down": 30}])):
+        folder = tmp_path / method / "seed0"
+        folder.mkdir(parents=True)
+        final = {"accuracy": {"a": 0.5}, "mean_accuracy": 0.5}
+        (folder / "results.json").write_text(json.dumps({"method": method, "seed": 0, "rounds": rounds,
+                                                         "config": {"seed": 0}, "final": final}))
+    report(tmp_path)
+    text = (tmp_path / "comparison.md").read_text()
+    _, rows = markdown_rows(text, "## Communication per client per round")
+    assert rows == [["FedIT", "0 B", "0 B"], ["LoRA-FAIR", "10 B", "30 B"]]
+    assert "## Server aggregation metrics" not in text
+
+
 def test_plots_are_png_and_a_rerun_writes_the_same_bytes(comparison) -> None:
     directory, _ = comparison
     names = ["comparison.md", "comparison.csv", "accuracy_vs_round.png", "communication.png"]
