@@ -3,7 +3,7 @@
 used, evaluation rounds or skipped images not reported).
 
 Expectations come from outside the trainer: the aggregation library called directly on a round's updates, a plain
-evaluation loop over the test sets, counts worked out by hand. The looks inside a run are the two helpers below,
+evaluation loop over the test sets, counts worked out by hand. The looks inside a run are the two functions below,
 `server_calls` (what the aggregation library was given and answered) and `score_by_hand` (the run's backbone).
 """
 
