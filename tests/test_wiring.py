@@ -18,14 +18,13 @@ import torch
 from conftest import tiny_args, tiny_config
 from PIL import Image
 
-from lorafair import faults
-from lorafair.aggregation import ClientUpdate, build_aggregator, method_options
-from lorafair.aggregation.base import Aggregator
-from lorafair.checkpoint import list_checkpoints, load_checkpoint
+from lorafair.aggregation import Aggregator, ClientUpdate, build_aggregator, method_options
 from lorafair.cli import main
-from lorafair.compare import run_status
 from lorafair.errors import UserError
-from lorafair.trainer import FederatedTrainer, fit, launch_fabric
+from lorafair.federated import faults
+from lorafair.federated.checkpoints import list_checkpoints, load_checkpoint
+from lorafair.federated.loop import FederatedTrainer, fit, launch_fabric
+from lorafair.reporting.run_folder import run_status
 
 
 @pytest.fixture
