@@ -12,6 +12,7 @@ from PIL import Image
 from lorafair.cli import main
 from lorafair.config import DataConfig, FederationConfig
 from lorafair.data import build_federated_data, make_loader
+from lorafair.data.cache import CachedImageDataset
 from lorafair.data.image_files import DOMAINNET, NICOPP, read_image_folders, read_split_file_dataset
 from lorafair.errors import UserError
 
@@ -157,14 +158,17 @@ def test_image_folders_use_split_files_when_present(tmp_path):
         read_image_folders(tmp_path, ["photo"], None, 0.3, seed=0)
 
 
+@pytest.mark.parametrize("cache", ["auto", "off"])
 @pytest.mark.parametrize("augment", [False, True])
-def test_augment_redraws_each_fetch_of_a_training_image_and_never_a_test_image(tmp_path, augment):
+def test_augment_redraws_each_fetch_of_a_training_image_and_never_a_test_image(tmp_path, augment, cache):
+    """Both ways of reading images: the decode-once cache (crop and flip on its uint8 pixels) and PIL."""
     for i in range(10):  # an asymmetric picture, so that a flip or a crop shows
         path = tmp_path / "photo" / "cat" / f"{i}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.arange(12 * 10 * 3, dtype=np.uint8).reshape(12, 10, 3) * (i + 1)).save(path)
-    data = DataConfig(name="folders", root=tmp_path, augment=augment)
+    data = DataConfig(name="folders", root=tmp_path, augment=augment, cache=cache)
     fd = build_federated_data(data, FederationConfig(), 0, DATA_CONFIG)
+    assert isinstance(fd.test["photo"], CachedImageDataset) == (cache == "auto")
     torch.manual_seed(0)
     train = fd.clients[0].dataset
     assert torch.equal(train[0][0], train[0][0]) != augment
