@@ -6,6 +6,7 @@ names, so the server and the checkpoints see the same keys whatever the model fa
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 
@@ -84,6 +85,15 @@ class PeftLoraState:
     def load_base_state(self, state: dict[str, Tensor]) -> None:
         for name, layer in zip(self.layer_names, self._layers(), strict=True):
             layer.base_layer.weight.copy_(state[name])
+
+    def plain_backbone(self) -> nn.Module:
+        """A copy of the backbone without LoRA: the frozen weights (merges included) and the head, as the plain
+        model the global adapter applies to."""
+        backbone = copy.deepcopy(self.backbone)
+        del backbone.peft_config
+        for layer in self.layer_names:
+            backbone.set_submodule(layer, backbone.get_submodule(layer).base_layer)
+        return backbone.requires_grad_(True)
 
     def freeze_lora_A(self, frozen: bool) -> None:
         """FFA-LoRA trains B only, keeping A at its shared seeded init."""

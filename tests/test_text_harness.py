@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from conftest import parse_fit_args
 
 from lorafair.cli import main
+from lorafair.export import global_model, open_run
 from lorafair.federated.loop import fit
 from lorafair.text.arithmetic import problems
-from lorafair.text.harness import global_model
 
 pytest.importorskip("lm_eval", reason="lm-eval is part of the text extra")
 
@@ -47,10 +46,11 @@ def test_lm_eval_scores_the_global_model_on_a_local_task(tmp_path, capsys):
     tasks.mkdir()
     (tasks / "sums.yaml").write_text(TASK.format(path=data))
 
-    assert main(["lm_eval", str(run), "--tasks", "sums_local", "--include_path", str(tasks), "--batch_size", "4"]) == 0
+    assert main(["lm_eval", "--run", str(run), "--tasks", "sums_local", "--include_path", str(tasks),
+                 "--batch_size", "4"]) == 0
     scored = json.loads((run / "lm_eval.json").read_text())["sums_local"]
     assert scored["sample_len"] == 12 and "sums_local: " in capsys.readouterr().out
-    model = global_model(run, torch.device("cpu"))  # the run's model after its merge, generating on its own
+    model = global_model(open_run(run))  # the run's model after its merge, generating on its own
     tokenizer, correct = model.tokenizer, 0
     for row in test:
         prompt = tokenizer(f"{row['input']}\nA: ", return_tensors="pt")
@@ -62,6 +62,6 @@ def test_lm_eval_scores_the_global_model_on_a_local_task(tmp_path, capsys):
 
 
 def test_tasks_that_run_generated_code_need_the_opt_in(tmp_path, capsys):
-    assert main(["lm_eval", str(tmp_path), "--tasks", "humaneval,gsm8k"]) == 2
+    assert main(["lm_eval", "--run", str(tmp_path), "--tasks", "humaneval", "gsm8k"]) == 2
     err = capsys.readouterr().err
     assert "--tasks: humaneval run the code the model writes; pass --allow_code_execution true" in err

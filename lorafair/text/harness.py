@@ -1,9 +1,10 @@
 """`lorafair lm_eval`: score a run's global language model with lm-evaluation-harness (`lm-eval`, text extra).
 
-The model is rebuilt from the run folder's config.yaml and its newest checkpoint (global LoRA factors, and the
-frozen weights FLoRA / FedEx-LoRA merged into), then handed to lm-eval as a `transformers` model. Any lm-eval task
-runs where its data is reachable (MMLU, GSM8K, ...); `include_path` adds task YAML files of your own, e.g. over a
-local JSONL file. Tasks that execute generated code run only with `allow_code_execution`.
+The model is rebuilt from the run folder's config.yaml and its newest checkpoint (`lorafair.export.global_model`:
+the global LoRA factors, and the frozen weights FLoRA / FedEx-LoRA merged into), then handed to lm-eval as a
+`transformers` model. Any lm-eval task runs where its data is reachable (MMLU, GSM8K, ...); `include_path` adds
+task YAML files of your own, e.g. over a local JSONL file. Tasks that execute generated code run only with
+`allow_code_execution`.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from typing import Any
 import torch
 
 from lorafair.errors import UserError
-from lorafair.federated.checkpoints import list_checkpoints, load_checkpoint
-from lorafair.reporting.run_folder import CONFIG_NAME, checkpoint_dir, write_json
+from lorafair.export import global_model, open_run
+from lorafair.reporting.run_folder import write_json
 
 CODE_EXECUTING_TASKS = ("humaneval", "mbpp", "ds1000", "apps")
 """lm-eval task name prefixes whose scoring runs the generated programs."""
@@ -25,33 +26,6 @@ RESULTS_NAME = "lm_eval.json"
 
 def executes_code(task: str) -> bool:
     return task.lower().startswith(CODE_EXECUTING_TASKS)
-
-
-def global_model(run_dir: Path, device: torch.device):
-    """The run's causal LM (with its tokenizer) after its newest checkpoint."""
-    from lorafair.cli import parse
-    from lorafair.federated.loop import build_model
-
-    _, args = parse(["fit", "--config", str(run_dir / CONFIG_NAME)])
-    cfg = args["cfg"]
-    if cfg.model.resolved_family(cfg.data.name) != "transformers" or cfg.data.name == "text_classification":
-        raise UserError(f"{run_dir}: lm-eval scores causal language models; this run trained a "
-                        f"{cfg.data.name} model")
-    checkpoints = list_checkpoints(checkpoint_dir(run_dir))
-    if not checkpoints:
-        raise UserError(f"{run_dir}: no checkpoint to score; run lorafair fit first")
-    state = load_checkpoint(checkpoints[-1])
-    model = build_model(cfg, _NoClasses(), device)
-    if state["base"]:
-        model.load_base_state(state["base"])
-    model.set_lora({name: (pair["A"], pair["B"]) for name, pair in state["lora"].items()})
-    return model.eval()
-
-
-class _NoClasses:
-    """A causal LM has no classes: all build_model needs of the data."""
-
-    num_classes = 1
 
 
 def score(run_dir: Path, tasks: list[str], include_path: Path | None = None, batch_size: int = 8,
@@ -67,8 +41,12 @@ def score(run_dir: Path, tasks: list[str], include_path: Path | None = None, bat
         from lm_eval.tasks import TaskManager
     except ImportError as err:
         raise UserError("lm_eval: lm-evaluation-harness is not installed; pip install 'lorafair[text]'") from err
+    run = open_run(run_dir)
+    if run.cfg.model.resolved_family(run.cfg.data.name) != "transformers" or run.cfg.data.name == "text_classification":
+        raise UserError(f"{run_dir}: lm-eval scores causal language models; this run trained a "
+                        f"{run.cfg.data.name} model")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = global_model(run_dir, device)
+    model = global_model(run).to(device)
     manager = TaskManager(include_path=str(include_path) if include_path else None)
     missing = [task for task in tasks if task not in manager.all_tasks]
     if missing:
