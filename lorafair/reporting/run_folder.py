@@ -20,7 +20,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, get_args, get_type_hints
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -110,6 +110,8 @@ def read_fit_config(folder: Path) -> FitConfig:
         for name, value in values.items():
             if dataclasses.is_dataclass(hints[name]):
                 value = typed(hints[name], value)
+            elif value is not None and get_origin(hints[name]) is list and get_args(hints[name]) == (Path,):
+                value = [Path(item) for item in value]  # text.train_files, text.test_files
             elif value is not None and Path in (hints[name], *get_args(hints[name])):
                 value = Path(value)
             fields[name] = value
