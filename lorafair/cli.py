@@ -24,6 +24,7 @@ from docstring_parser import parse as parse_docstring
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
 
 from lorafair.config import FitConfig
+from lorafair.config_file import check_config_file
 from lorafair.config_hub import list_configs, resolve_config
 from lorafair.errors import UserError
 
@@ -147,16 +148,23 @@ def parse(argv: list[str]) -> tuple[Callable[..., None], dict[str, Any]]:
 
 def with_config_paths(argv: list[str]) -> list[str]:
     """argv with the value of every --config resolved to a file (a path as it is, a shipped config's name to its
-    packaged file)."""
+    packaged file), each file checked before jsonargparse reads it (config_file)."""
+    sections = [name for name, hint in get_type_hints(FitConfig).items() if is_dataclass(hint)]
     resolved, after_config = [], False
     for arg in argv:
         if after_config:
-            arg = str(resolve_config(arg))
+            arg = str(_checked_config(arg, sections))
         elif arg.startswith("--config="):
-            arg = f"--config={resolve_config(arg.split('=', 1)[1])}"
+            arg = f"--config={_checked_config(arg.split('=', 1)[1], sections)}"
         after_config = arg == "--config"
         resolved.append(arg)
     return resolved
+
+
+def _checked_config(name: str, sections: list[str]) -> Path:
+    path = resolve_config(name)
+    check_config_file(path, sections)
+    return path
 
 
 def _known_keys() -> list[str]:
