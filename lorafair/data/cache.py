@@ -44,8 +44,8 @@ from lorafair.errors import UserError
 
 CACHE_FORMAT = 1
 CACHE_DIR_ENV = "LORAFAIR_CACHE_DIR"
-UNREADABLE_IMAGE = (OSError, SyntaxError, ValueError)
-"""What PIL raises for missing, truncated and corrupt files."""
+UNREADABLE_IMAGE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+"""What PIL raises for missing, truncated and corrupt files, and for a header declaring billions of pixels."""
 
 
 def human_size(size: int) -> str:
