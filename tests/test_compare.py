@@ -79,8 +79,11 @@ def test_run_status_reads_the_folder(tmp_path: Path) -> None:
     (tmp_path / "checkpoints" / "round_2.pt").write_bytes(b"x")
     (tmp_path / "results.json").write_text(json.dumps({"rounds": [{}, {}], "final": None}))
     assert run_status(tmp_path) == "resume"
-    (tmp_path / "results.json").write_text(json.dumps({"rounds": [{}], "final": {"mean_accuracy": 0.5}}))
+    (tmp_path / "results.json").write_text(json.dumps({"rounds": [{}], "final": {"accuracy": {"a": 0.5},
+                                                                                  "mean_accuracy": 0.5}}))
     assert run_status(tmp_path) == "done"
+    (tmp_path / "results.json").write_text("[]")
+    assert run_status(tmp_path) == "unreadable"
 
 
 class FakeTrainer:

@@ -47,6 +47,7 @@ from lorafair.reporting.run_folder import (
     CONFIG_NAME,
     TENSORBOARD_NAME,
     accuracy_table,
+    check_out_dir,
     checkpoint_dir,
     config_to_dict,
     flatten_config,
@@ -60,6 +61,7 @@ from lorafair.reporting.run_folder import (
 
 def fit(cfg: FitConfig) -> dict[str, Any]:
     """Run the federated job of `cfg` and return the content of its results.json (on every rank)."""
+    check_out_dir(cfg.out_dir)
     trainer = FederatedTrainer(cfg, launch_fabric(cfg))
     results = trainer.run()
     trainer.transport.close()

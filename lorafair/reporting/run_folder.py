@@ -17,11 +17,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from lorafair.errors import UserError
 
 CONFIG_NAME = "config.yaml"
 CLASSES_NAME = "classes.json"
@@ -38,7 +41,7 @@ PER_RUN_KEYS = frozenset({"seed", "out_dir", "resume", "server.method"})
 """Settings that differ between the runs of one comparison by design, so they never make a report row of their own
 nor count as a changed config."""
 
-RunStatus = Literal["done", "resume", "new"]
+RunStatus = Literal["done", "unreadable", "resume", "new"]
 
 
 def results_path(out_dir: Path) -> Path:
@@ -55,16 +58,63 @@ def is_finished(results: Any) -> bool:
 
 
 def run_status(out_dir: Path) -> RunStatus:
-    """done: results.json holds the final evaluation; resume: a checkpoint was written; new: anything else."""
+    """done: results.json holds the final evaluation; unreadable: results.json is not one lorafair wrote (the run is
+    left alone); resume: a checkpoint was written; new: anything else."""
     results = results_path(out_dir)
     if results.is_file():
         try:
-            if is_finished(json.loads(results.read_text())):
+            if is_finished(read_results(results)):
                 return "done"
-        except json.JSONDecodeError:
-            pass
+        except UserError:
+            return "unreadable"
     checkpoints = checkpoint_dir(out_dir)
     return "resume" if checkpoints.is_dir() and any(p.is_file() for p in checkpoints.rglob("*")) else "new"
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    """A results.json as `lorafair fit` writes it, or a UserError naming the file and what is wrong with it."""
+    try:
+        results = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except OSError as err:
+        raise UserError(f"results file {path} cannot be read ({err.strerror or err})") from err
+    except UnicodeDecodeError as err:
+        raise UserError(f"results file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from err
+    except json.JSONDecodeError as err:
+        raise UserError(f"results file {path} is not valid JSON ({err.msg} at line {err.lineno} column {err.colno}; "
+                        f"cut short?)") from err
+    problem = results_problem(results)
+    if problem:
+        raise UserError(f"results file {path} is not a lorafair results.json: {problem}")
+    return results
+
+
+def results_problem(results: Any) -> str | None:
+    """What keeps `results` from being a lorafair results.json (the keys report and compare read), or None."""
+    if not isinstance(results, dict):
+        return f"it holds {json.dumps(results)[:40]} instead of an object"
+    rounds = results.get("rounds")
+    if not isinstance(rounds, list) or not all(isinstance(record, dict) for record in rounds):
+        return "'rounds' is missing or not a list of objects"
+    final = results.get("final")
+    if final is None:
+        return None
+    if not isinstance(final, dict) or not isinstance(final.get("accuracy"), dict):
+        return "'final' has no 'accuracy' object"
+    if not all(isinstance(value, int | float) for value in [*final["accuracy"].values(), final.get("mean_accuracy")]):
+        return "'final' has a non-numeric accuracy or no 'mean_accuracy'"
+    return None
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Create `out_dir` and write a probe file in it, so an unusable folder (a file, read-only, a parent that is a
+    file) is one line before any data or model is loaded rather than a traceback after the first round."""
+    try:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):  # a name of its own: every rank probes at once
+            pass
+    except OSError as err:
+        raise UserError(f"out_dir: cannot write the run folder {out_dir} ({err.strerror or err}); pass --out_dir a "
+                        f"folder that can be created and written") from err
 
 
 def run_config(out_dir: Path, results: dict) -> dict[str, Any]:
