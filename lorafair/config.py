@@ -6,6 +6,7 @@ Checks that need more than one section live in `FitConfig.validate`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Literal
@@ -21,6 +22,12 @@ class ConfigError(UserError):
 def _require(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"{key}: {message}")
+
+
+def _require_finite(values: dict[str, float | None]) -> None:
+    """YAML can spell .nan and .inf, which slip past every comparison-based check."""
+    for key, value in values.items():
+        _require(value is None or math.isfinite(value), key, f"must be a finite number, got {value}")
 
 
 @dataclass
@@ -58,6 +65,7 @@ class LoraConfig:
     Mixer: mlp_tokens.fc2 and mlp_channels.fc2), which never touches patch_embed."""
 
     def validate(self) -> None:
+        _require_finite({"lora.alpha": self.alpha, "lora.dropout": self.dropout})
         _require(self.r > 0, "lora.r", f"must be a positive integer, got {self.r}")
         _require(self.alpha > 0, "lora.alpha", f"must be > 0, got {self.alpha}")
         _require(0 <= self.dropout < 1, "lora.dropout", f"must be in [0, 1), got {self.dropout}")
@@ -96,6 +104,8 @@ class DataConfig:
     def validate(self) -> None:
         _require(self.name == "digits" or self.root is not None, "data.root",
                  f"is required for data.name={self.name}: pass --data.root DIR")
+        _require(self.image_size is None or self.image_size > 0, "data.image_size",
+                 f"must be > 0 pixels or null (the model's size), got {self.image_size}")
         _require(0 < self.test_fraction < 1, "data.test_fraction", f"must be in (0, 1), got {self.test_fraction}")
         _require(self.batch_size > 0, "data.batch_size", f"must be > 0, got {self.batch_size}")
         _require(self.eval_batch_size > 0, "data.eval_batch_size", f"must be > 0, got {self.eval_batch_size}")
@@ -130,6 +140,7 @@ class FederationConfig:
     """A client update with NaN/Inf or a diverged loss: drop it from the round, or stop the run."""
 
     def validate(self) -> None:
+        _require_finite({"federation.dirichlet_alpha": self.dirichlet_alpha})
         _require(self.rounds > 0, "federation.rounds", f"must be > 0, got {self.rounds}")
         _require(self.clients_per_domain > 0, "federation.clients_per_domain",
                  f"must be > 0, got {self.clients_per_domain}")
@@ -160,6 +171,8 @@ class ClientConfig:
     """Clip the gradient norm to this value; None disables clipping."""
 
     def validate(self) -> None:
+        _require_finite({"client.lr": self.lr, "client.momentum": self.momentum,
+                         "client.weight_decay": self.weight_decay, "client.grad_clip": self.grad_clip})
         _require(self.local_epochs > 0, "client.local_epochs", f"must be > 0, got {self.local_epochs}")
         _require(self.max_local_steps is None or self.max_local_steps > 0, "client.max_local_steps",
                  f"must be > 0, got {self.max_local_steps}")

@@ -68,6 +68,15 @@ def target_layers(backbone: nn.Module, pattern: str | None) -> list[str]:
     return layers
 
 
+def check_rank(r: int, layers: dict[str, nn.Linear]) -> None:
+    """A rank above a layer's smaller side adds parameters but no expressiveness: B @ A is out x in."""
+    name, layer = min(layers.items(), key=lambda item: min(item[1].in_features, item[1].out_features))
+    width = min(layer.in_features, layer.out_features)
+    if r > width:
+        raise UserError(f"lora.r: {r} is larger than the smallest adapted layer ({name}, {layer.out_features} x "
+                        f"{layer.in_features}); use at most {width}")
+
+
 class LoraClassifier(lightning.LightningModule):
     """One federated client's model; only the LoRA factors and the classifier head are trainable.
 
@@ -81,6 +90,7 @@ class LoraClassifier(lightning.LightningModule):
         self.backbone = create_backbone(model_cfg, num_classes)
         pattern = lora_cfg.target_modules if lora_cfg.target_modules is not None else default_targets(self.backbone)
         self.layer_names: list[str] = target_layers(self.backbone, pattern)
+        check_rank(lora_cfg.r, {name: self.backbone.get_submodule(name) for name in self.layer_names})
         self.scaling: float = lora_cfg.alpha / lora_cfg.r
         exact_names = "|".join(re.escape(name) for name in self.layer_names)
         peft_cfg = PeftLoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
