@@ -25,9 +25,9 @@ from lorafair.federated.checkpoints import (
     first_shape_mismatch,
     list_checkpoints,
     load_checkpoint,
-    partition_fingerprint,
     save_checkpoint,
 )
+from lorafair.federated.fingerprints import partition_fingerprint
 from lorafair.federated.loop import FederatedTrainer, fit, launch_fabric
 from lorafair.federated.state import ClientResult, ServerAnswer
 

@@ -13,7 +13,7 @@ import hashlib
 import os
 import pickle
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -126,14 +126,6 @@ def content_digest(state: Any) -> str:
 
     feed(state)
     return digest.hexdigest()
-
-
-def partition_fingerprint(clients: Iterable[tuple[int, str, int, list[int]]]) -> str:
-    """A short label of the client partition: client count, sample count and a hash of every client's
-    (id, domain, num_samples, class_counts)."""
-    clients = [(int(i), str(domain), int(size), [int(c) for c in counts]) for i, domain, size, counts in clients]
-    digest = hashlib.sha256(repr(clients).encode()).hexdigest()[:12]
-    return f"{len(clients)} clients, {sum(size for _, _, size, _ in clients)} samples, sha256 {digest}"
 
 
 def first_shape_mismatch(saved: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size]) -> str | None:

@@ -32,11 +32,11 @@ from lorafair.federated.checkpoints import (
     check_fits,
     checkpoint_state,
     find_checkpoint,
-    partition_fingerprint,
     resume_state,
     save_checkpoint,
 )
 from lorafair.federated.client import LocalTrainer
+from lorafair.federated.fingerprints import run_fingerprints
 from lorafair.federated.sampling import assign_to_ranks, derive_seed, sample_clients
 from lorafair.federated.server import Server
 from lorafair.federated.state import ClientResult, GlobalState, ResumeState, RoundRecord, ServerAnswer, pack
@@ -134,8 +134,7 @@ class FederatedTrainer:
         self.rank, self.world = self.transport.rank, self.transport.world
         self.client = LocalTrainer(self.model, fabric, cfg.client, cfg.data, cfg.seed, show_progress=self.rank == 0)
         self.server = Server(cfg.server, cfg.federation.on_bad_update, cfg.seed, log=fabric.print)
-        self.identity = trajectory_identity(flatten_config(config_to_dict(cfg)), partition_fingerprint(
-            (c.id, c.domain, c.num_samples, c.class_counts) for c in clients))
+        self.identity = trajectory_identity(flatten_config(config_to_dict(cfg)), run_fingerprints(self.data, cfg.model))
         self.results: dict[str, Any] = {
             "method": cfg.server.method, "seed": cfg.seed, "config": config_to_dict(cfg), "domains": self.data.domains,
             "clients": [{"id": c.id, "domain": c.domain, "num_samples": c.num_samples} for c in clients],

@@ -125,10 +125,10 @@ def run_config(out_dir: Path, results: dict) -> dict[str, Any]:
     return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
 
 
-def trajectory_identity(flat_config: Mapping[str, Any], partition: str) -> dict[str, Any]:
-    """The settings that determine a run's results, from a flat {section.key: value} config, plus the partition
-    fingerprint (the data behind the same config can change)."""
-    return {**{key: value for key, value in flat_config.items() if key not in EXECUTION_KEYS}, "partition": partition}
+def trajectory_identity(flat_config: Mapping[str, Any], fingerprints: Mapping[str, str]) -> dict[str, Any]:
+    """The settings that determine a run's results, from a flat {section.key: value} config, plus the fingerprints
+    of the data and weights behind them (lorafair.federated.fingerprints), which can change under the same config."""
+    return {**{key: value for key, value in flat_config.items() if key not in EXECUTION_KEYS}, **fingerprints}
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
