@@ -228,9 +228,13 @@ class FitConfig:
     """Seeds everything: the partition, client sampling, LoRA inits and each client's local training."""
     out_dir: Path = Path("runs/lorafair")
     """Run folder: config.yaml, classes.json, results.json, tensorboard/ and checkpoints/."""
-    resume: str | None = None
-    """auto: continue from the newest checkpoint in out_dir (start fresh if none); a path: from that checkpoint;
-    null: start a new run (removing out_dir's old checkpoints)."""
+    resume: str | None = "auto"
+    """auto: continue from the newest checkpoint in out_dir, or start if there is none, so re-running a command after
+    a kill continues it; a path: from that checkpoint; null: start a new run (refused where out_dir holds an earlier
+    run's checkpoints or finished results, unless overwrite)."""
+    overwrite: bool = False
+    """Start a new run from round 1, deleting the checkpoints and results.json an earlier run left in out_dir (the
+    only way lorafair deletes finished work)."""
     resume_force: bool = False
     """Resume even from a checkpoint written with other settings (model, LoRA, partition, method, ...), listing the
     differences as a warning. The results then match no uninterrupted run; tensors must still fit the model."""
@@ -253,5 +257,7 @@ class FitConfig:
                  f"must be >= 1 or null, got {self.cpu_threads}")
         _require(self.resume in (None, "auto") or Path(self.resume).exists(), "resume",
                  f"must be 'auto' or an existing checkpoint file, got {self.resume!r}")
+        _require(not self.overwrite or self.resume in (None, "auto"), "overwrite",
+                 f"starts a new run, which contradicts --resume {self.resume}; drop one of them")
         _require(not self.resume_force or self.resume is not None, "resume_force",
                  "only applies with --resume auto or --resume PATH")

@@ -37,7 +37,7 @@ def test_a_sweep_plans_one_run_per_method_seed_and_value(tmp_path: Path) -> None
         assert key == "lora.r" and isinstance(value, int)
         assert run.cfg.out_dir == tmp_path / f"{run.method}-lora.r={value}" / f"seed{run.seed}"
         assert (run.cfg.server.method, run.cfg.seed, run.cfg.lora.r) == (run.method, run.seed, value)
-        reset = dataclasses.replace(run.cfg, seed=cfg.seed, out_dir=cfg.out_dir,
+        reset = dataclasses.replace(run.cfg, seed=cfg.seed, out_dir=cfg.out_dir, resume=cfg.resume,
                                     server=dataclasses.replace(run.cfg.server, method=cfg.server.method),
                                     lora=dataclasses.replace(run.cfg.lora, r=cfg.lora.r))
         assert reset == cfg  # everything else identical
@@ -70,6 +70,11 @@ def test_grid_values_are_parsed_with_the_field_type() -> None:
 def test_bad_methods_and_grids_are_user_errors(tmp_path: Path, methods, grid, error, message) -> None:
     with pytest.raises(error, match=message):
         plan_runs(base_config(tmp_path), methods, None, grid)
+
+
+def test_compare_refuses_overwrite_rather_than_delete_finished_runs(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="overwrite: compare keeps finished runs"):
+        plan_runs(dataclasses.replace(base_config(tmp_path), overwrite=True), ["fedit"], None, None)
 
 
 def test_run_status_reads_the_folder(tmp_path: Path) -> None:

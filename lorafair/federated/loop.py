@@ -263,7 +263,7 @@ class FederatedTrainer:
 
     def read_resume_state(self) -> ResumeState | None:
         """Rank 0: None for a fresh start, else the checkpoint's state, checked against this run and model."""
-        found = find_checkpoint(self.out_dir, self.cfg.resume, self.fabric.print)
+        found = find_checkpoint(self.out_dir, self.cfg.resume, self.cfg.overwrite, self.fabric.print)
         if found is None:
             return None
         resumed = resume_state(*found, self.identity, self.cfg.federation.rounds, self.cfg.resume_force,

@@ -111,6 +111,9 @@ def plan_runs(cfg: FitConfig, methods: list[str], seeds: list[int] | None, grid:
                         f"valid: {', '.join(registered_methods())}")
     if cfg.resume not in (None, "auto"):
         raise UserError("resume: compare resumes each run from its own folder; drop --resume or pass 'auto'")
+    if cfg.overwrite:
+        raise UserError("overwrite: compare keeps finished runs and resumes the others; delete a run's folder to run "
+                        "it again")
     methods = list(dict.fromkeys(methods))
     seeds = list(dict.fromkeys(seeds)) if seeds else [cfg.seed]
     key, values = parse_grid(grid) if grid else (None, [None])
