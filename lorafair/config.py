@@ -138,9 +138,13 @@ class FederationConfig:
     """Evaluate the global model every this many rounds (and always after the last)."""
     on_bad_update: Literal["drop", "error"] = "drop"
     """A client update with NaN/Inf or a diverged loss: drop it from the round, or stop the run."""
+    timeout: float = 600.0
+    """Seconds a rank waits at a collective (gather, broadcast, barrier) before it stops with the round it was in; it
+    must exceed the longest wait there, i.e. the slowest rank's local training in a round. Multi-process runs only."""
 
     def validate(self) -> None:
-        _require_finite({"federation.dirichlet_alpha": self.dirichlet_alpha})
+        _require_finite({"federation.dirichlet_alpha": self.dirichlet_alpha, "federation.timeout": self.timeout})
+        _require(self.timeout > 0, "federation.timeout", f"must be > 0 seconds, got {self.timeout}")
         _require(self.rounds > 0, "federation.rounds", f"must be > 0, got {self.rounds}")
         _require(self.clients_per_domain > 0, "federation.clients_per_domain",
                  f"must be > 0, got {self.clients_per_domain}")

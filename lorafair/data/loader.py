@@ -21,6 +21,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, default
 
 from lorafair.data.cache import CachedImageDataset, normalize
 from lorafair.errors import UserError
+from lorafair.federated.launch import die_with_parent
 
 
 @dataclass
@@ -197,4 +198,5 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num
     return SkippingLoader(DataLoader(
         _CatchUserErrors(dataset), batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
         drop_last=drop_last, collate_fn=_collate, generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=die_with_parent if num_workers > 0 else None,
     ))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import torch
 import torch.distributed as dist
 from lightning.fabric import Fabric
 from lightning.fabric.loggers import TensorBoardLogger
+from lightning.fabric.strategies import DDPStrategy
 from tqdm import tqdm
 
 from lorafair.config import FitConfig
@@ -37,10 +39,11 @@ from lorafair.federated.checkpoints import (
 )
 from lorafair.federated.client import LocalTrainer
 from lorafair.federated.fingerprints import run_fingerprints
+from lorafair.federated.launch import check_launch, die_with_parent
 from lorafair.federated.sampling import assign_to_ranks, derive_seed, sample_clients
 from lorafair.federated.server import Server
 from lorafair.federated.state import ClientResult, GlobalState, ResumeState, RoundRecord, ServerAnswer, pack
-from lorafair.federated.transport import TorchDistributedTransport
+from lorafair.federated.transport import PeerLost, TorchDistributedTransport
 from lorafair.model import LoraClassifier
 from lorafair.reporting.run_folder import (
     CLASSES_NAME,
@@ -73,23 +76,29 @@ def launch_fabric(cfg: FitConfig) -> Fabric:
 
     bf16-mixed on CUDA and 32-true elsewhere unless `precision` says otherwise. TensorBoard goes to
     out_dir/tensorboard (Fabric writes it from rank 0 only).
+    The launch is checked against num_nodes first, and every collective times out after federation.timeout, so a
+    missing or stuck rank is one line instead of a hang.
     """
+    check_launch(cfg.num_nodes, os.environ, sys.argv[1:])
     if cfg.cpu_threads is not None:
         torch.set_num_threads(cfg.cpu_threads)
     under_torchrun = "LOCAL_WORLD_SIZE" in os.environ
+    timeout = timedelta(seconds=cfg.federation.timeout)
+    if under_torchrun:
+        die_with_parent()  # a killed torchrun agent takes its ranks with it
     on_cuda = cfg.accelerator in ("auto", "cuda", "gpu") and torch.cuda.is_available()
     if under_torchrun and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        join_restarted_process_group("nccl" if on_cuda else "gloo")
+        join_restarted_process_group("nccl" if on_cuda else "gloo", timeout)
     precision = cfg.precision or ("bf16-mixed" if on_cuda else "32-true")
     logger = TensorBoardLogger(root_dir=cfg.out_dir, name=TENSORBOARD_NAME, version="", default_hp_metric=False)
-    fabric = Fabric(accelerator=cfg.accelerator, strategy="ddp" if under_torchrun else "auto",
+    fabric = Fabric(accelerator=cfg.accelerator, strategy=DDPStrategy(timeout=timeout) if under_torchrun else "auto",
                     devices=int(os.environ["LOCAL_WORLD_SIZE"]) if under_torchrun else 1, num_nodes=cfg.num_nodes,
                     precision=precision, loggers=logger)
     fabric.launch()
     return fabric
 
 
-def join_restarted_process_group(backend: str) -> None:
+def join_restarted_process_group(backend: str, timeout: timedelta) -> None:
     """Join the process group of a torchrun restart under a key prefix of its own (Fabric then reuses the group).
 
     torchrun keeps one key-value store for all attempts of a job; without the prefix, the ranks of a restarted
@@ -98,7 +107,7 @@ def join_restarted_process_group(backend: str) -> None:
     agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
     attempt = os.environ["TORCHELASTIC_RESTART_COUNT"]
     dist.init_process_group(backend, store=dist.PrefixStore(f"lorafair/attempt_{attempt}", agent_store),
-                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
 
 
 def build_model(cfg: FitConfig, data: FederatedData, device: torch.device) -> LoraClassifier:
@@ -147,7 +156,11 @@ class FederatedTrainer:
         progress = tqdm(range(first, rounds + 1), desc=f"{self.cfg.server.method} rounds", initial=first - 1,
                         total=rounds, disable=self.rank != 0, file=sys.stdout, dynamic_ncols=True)
         for round_index in progress:
-            record = self.run_round(round_index)
+            try:
+                record = self.run_round(round_index)
+            except PeerLost as err:
+                kept = f"the checkpoint of round {round_index - 1} is kept" if round_index > 1 else "nothing was lost"
+                raise UserError(f"round {round_index}: {err}; {kept}: run the same command again to resume") from err
             if record is not None and record.accuracy is not None:
                 progress.set_postfix(mean_acc=f"{100 * record.to_dict()['mean_accuracy']:.2f}%")
         if self.rank == 0:

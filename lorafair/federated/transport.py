@@ -5,6 +5,8 @@ offers the same methods. Below it, the collectives move flat float32 buffers. Co
 the same shapes on every rank: rows are padded to the largest per-rank count (known on every rank from the client
 assignment), and a broadcast sends a small pickled header before the buffer.
 With one process (or no process group) every function is a local no-op, so the single-process path needs nothing.
+Every collective waits at most the process group's timeout (federation.timeout); a timeout or a lost peer is one
+`PeerLost` line naming this rank, never a hang.
 """
 
 from __future__ import annotations
@@ -19,6 +21,21 @@ from torch import Tensor
 from lorafair.aggregation import ClientUpdate
 from lorafair.errors import UserError
 from lorafair.federated.state import ClientResult, pack, pack_pairs, unpack, unpack_pairs
+
+
+class PeerLost(UserError):
+    """A collective failed: another rank did not answer within the process group's timeout, or died."""
+
+
+def _answered(collective: Callable, *args: Any, **kwargs: Any) -> Any:
+    """Run a torch.distributed collective; its timeout or a lost peer becomes one PeerLost line naming this rank."""
+    try:
+        return collective(*args, **kwargs)
+    except RuntimeError as err:  # gloo and NCCL report timeouts and closed connections as (subclasses of) it
+        rank, world = rank_and_world()
+        raise PeerLost(f"rank {rank} of {world} lost contact with the other ranks in {collective.__name__} (no answer "
+                       f"within federation.timeout, or a rank died): {' '.join(str(err).split())[:160]}") from err
+
 
 META = ("client", "num_samples", "train_loss", "steps", "skipped_images")
 """What travels to the server beside each client's tensors, one float64 per entry."""
@@ -132,7 +149,7 @@ def gather_rows(rows: Tensor, counts: Sequence[int]) -> Tensor | None:
     padded = rows.new_zeros((max(counts), rows.shape[1]))
     padded[: rows.shape[0]] = rows
     received = [torch.empty_like(padded) for _ in range(world)] if rank == 0 else None
-    dist.gather(padded, received, dst=0)
+    _answered(dist.gather, padded, received, dst=0)
     if rank != 0:
         return None
     return torch.cat([block[:count] for block, count in zip(received, counts, strict=True)])
@@ -151,11 +168,11 @@ def broadcast_named(tensors: Mapping[str, Tensor] | None, info: Any, device: tor
     header = [None]
     if rank == 0:
         header = [(info, {name: (tuple(t.shape), t.dtype) for name, t in tensors.items()})]
-    dist.broadcast_object_list(header, src=0, device=device)
+    _answered(dist.broadcast_object_list, header, src=0, device=device)
     info, layout = header[0]
     size = sum(int(torch.Size(shape).numel()) for shape, _ in layout.values())
     buffer = flatten(tensors).to(device) if rank == 0 else torch.empty(size, dtype=torch.float32, device=device)
-    dist.broadcast(buffer, src=0)
+    _answered(dist.broadcast, buffer, src=0)
     flat = unflatten(buffer, {name: shape for name, (shape, _) in layout.items()})
     return {name: flat[name].to(dtype) for name, (_, dtype) in layout.items()}, info
 
@@ -163,18 +180,18 @@ def broadcast_named(tensors: Mapping[str, Tensor] | None, info: Any, device: tor
 def all_reduce_sum(tensor: Tensor) -> Tensor:
     """Sum a tensor over ranks in place (evaluation counts); a no-op with one process."""
     if rank_and_world()[1] > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        _answered(dist.all_reduce, tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
 def barrier() -> None:
     """Wait for every rank (ends the training phase of a round at the slowest rank)."""
     if rank_and_world()[1] > 1:
-        dist.barrier()
+        _answered(dist.barrier)
 
 
 def close() -> None:
     """Leave the process group together: a rank exiting while another still talks to it can abort at shutdown."""
     if rank_and_world()[1] > 1:
-        dist.barrier()
+        _answered(dist.barrier)
         dist.destroy_process_group()

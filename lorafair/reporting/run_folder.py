@@ -33,8 +33,8 @@ TENSORBOARD_NAME = "tensorboard"
 CHECKPOINTS_NAME = "checkpoints"
 
 EXECUTION_KEYS = frozenset({"out_dir", "resume", "resume_force", "overwrite", "accelerator", "precision", "num_nodes",
-                            "cpu_threads", "federation.rounds", "federation.eval_every", "data.num_workers",
-                            "data.eval_batch_size"})
+                            "cpu_threads", "federation.rounds", "federation.eval_every", "federation.timeout",
+                            "data.num_workers", "data.eval_batch_size"})
 """Settings free to change on resume: how long a run lasts and how it executes (accelerator and precision change
 the numerics a little, not the experiment)."""
 
