@@ -1,8 +1,15 @@
-"""Server aggregation at ViT-B/16 sizes: each method's fast (low-rank) path against its dense textbook reference.
+"""Server aggregation at ViT-B/16 sizes: each method's fast path against its dense textbook reference, and the
+cost of a round as the number of clients grows.
 
     python benchmarks/aggregation.py                      # K in {6, 18, 30} x r in {4, 16, 32}
     python benchmarks/aggregation.py --quick              # K = 6, r = 16 only
     python benchmarks/aggregation.py --out benchmarks/results/aggregation.json
+    python benchmarks/aggregation.py --sweep              # K in {6, 30, 100, 300, 1000}, r = 16, against two floors
+
+The sweep times one `aggregate` call per method against two floors measured in the same run: plain weighted
+averaging of A and B (stacked einsum per layer) and the dense ideal update dW = sum p_k B_k A_k (one matmul per
+layer) plus cos(dW, B_bar A_bar). At K >= 1000 it runs on one attn.proj and one mlp.fc2 layer (2 of the 24) to
+keep the run short and the updates in memory; rows say how many layers they used.
 
 Layers: 12 blocks x (attn.proj 768 x 768, mlp.fc2 768 out x 3072 in) = 24 LoRA layers, float32, random factors
 with unequal client weights. Seconds are wall time of one call (best of three for calls under a second), both paths
@@ -22,6 +29,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep the profiler quiet on machines without a GPU
@@ -42,14 +50,15 @@ VARIANTS = [
 ]
 
 
-def make_updates(clients: int, rank: int, dtype: torch.dtype, seed: int = 0) -> list[ClientUpdate]:
+def make_updates(clients: int, rank: int, dtype: torch.dtype, seed: int = 0,
+                 layers: dict[str, tuple[int, int]] = VIT_B_LAYERS) -> list[ClientUpdate]:
     """Factors at the scale of trained LoRA: A like its Kaiming start, B small."""
     generator = torch.Generator().manual_seed(seed)
     updates = []
     for client in range(clients):
         lora = {name: (torch.randn(rank, fan_in, generator=generator, dtype=dtype) / fan_in**0.5,
                        0.01 * torch.randn(fan_out, rank, generator=generator, dtype=dtype))
-                for name, (fan_out, fan_in) in VIT_B_LAYERS.items()}
+                for name, (fan_out, fan_in) in layers.items()}
         updates.append(ClientUpdate(weight=100 + 37 * client, lora=lora))
     return updates
 
@@ -86,6 +95,61 @@ def peak_bytes(call: Callable[[], object]) -> int:
     return peak
 
 
+SWEEP_CLIENTS = (6, 30, 100, 300, 1000)
+SWEEP_VARIANTS = [(method, options) for method, options in VARIANTS if options.get("objective") != "column_cosine"]
+SUBSET_FROM_CLIENTS = 1000
+SUBSET = ("blocks.0.attn.proj", "blocks.0.mlp.fc2")
+
+
+def normalised(updates: list[ClientUpdate]) -> list[float]:
+    total = sum(update.weight for update in updates)
+    return [update.weight / total for update in updates]
+
+
+def floor_average(updates: list[ClientUpdate]) -> None:
+    """Plain weighted averaging of A and of B, one stacked einsum per layer."""
+    p = torch.tensor(normalised(updates))
+    for name in updates[0].lora:
+        torch.einsum("k,kri->ri", p, torch.stack([update.lora[name][0] for update in updates]))
+        torch.einsum("k,kor->or", p, torch.stack([update.lora[name][1] for update in updates]))
+
+
+def floor_dense(updates: list[ClientUpdate]) -> None:
+    """dW = sum p_k B_k A_k as one matmul per layer, and cos(dW, B_bar A_bar)."""
+    p = normalised(updates)
+    for name in updates[0].lora:
+        A_stack = torch.cat([update.lora[name][0] for update in updates])
+        B_stack = torch.cat([weight * update.lora[name][1] for weight, update in zip(p, updates, strict=True)], 1)
+        A_bar = sum(weight * update.lora[name][0] for weight, update in zip(p, updates, strict=True))
+        B_bar = sum(weight * update.lora[name][1] for weight, update in zip(p, updates, strict=True))
+        torch.nn.functional.cosine_similarity((B_stack @ A_stack).flatten(), (B_bar @ A_bar).flatten(), dim=0)
+
+
+def sweep(clients_list: list[int], methods: list[str] | None, skip_above: dict[str, int]) -> list[dict]:
+    """One row per K: the two floors and every method's seconds, ratio to the dense floor and peak memory."""
+    rows = []
+    for clients in clients_list:
+        layers = {n: VIT_B_LAYERS[n] for n in SUBSET} if clients >= SUBSET_FROM_CLIENTS else VIT_B_LAYERS
+        updates = make_updates(clients, 16, torch.float32, layers=layers)
+        row = {"K": clients, "layers": len(updates[0].lora),
+               "floor_average_s": seconds(partial(floor_average, updates)),
+               "floor_dense_s": seconds(partial(floor_dense, updates)), "methods": {}}
+        print(f"K={clients:<5} layers={row['layers']:<3} floors: averaging {row['floor_average_s']:.3f} s, "
+              f"dense {row['floor_dense_s']:.3f} s", flush=True)
+        for method, options in SWEEP_VARIANTS:
+            label = method + (f"[{options['objective']}]" if "objective" in options else "")
+            if (methods and label not in methods) or clients > skip_above.get(label, clients):
+                continue
+            used = shared_A_updates(updates) if method == "ffa_lora" else updates
+            call = partial(build_aggregator(method, **options).aggregate, used)
+            took, peak = seconds(call), peak_bytes(call)
+            row["methods"][label] = {"s": took, "vs_dense_floor": took / row["floor_dense_s"], "peak_bytes": peak}
+            print(f"  {label:<24} {took:>8.3f} s {took / row['floor_dense_s']:>6.2f}x dense floor "
+                  f"{peak / 2**20:>9.1f} MiB", flush=True)
+        rows.append(row)
+    return rows
+
+
 def measure(method: str, options: dict, updates: list[ClientUpdate], steps: int, dense_steps: int) -> dict:
     sgd = method == "lorafair" and options["objective"] != "frobenius"
     fast_options = {**options, "steps": steps} if sgd else options
@@ -114,9 +178,25 @@ def main() -> None:
                                                                 "time is extrapolated to this)")
     parser.add_argument("--dense-steps", type=int, default=10, help="dense SGD steps actually run")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--sweep", action="store_true", help="K in --clients, r = 16, against the two floors")
+    parser.add_argument("--clients", type=str, default=",".join(map(str, SWEEP_CLIENTS)),
+                        help="sweep: comma-separated K")
+    parser.add_argument("--methods", type=str, default="", help="sweep: comma-separated labels (default: all)")
+    parser.add_argument("--skip-above", type=str, default="",
+                        help="sweep: label=K,... runs that method only up to K clients")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.sweep:
+        skip_above = {label: int(k) for label, k in (item.split("=") for item in args.skip_above.split(",") if item)}
+        rows = sweep([int(k) for k in args.clients.split(",")], [m for m in args.methods.split(",") if m],
+                     skip_above)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            machine = {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+            args.out.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
+            print(f"wrote {args.out}")
+        return
     grid = [(6, 16)] if args.quick else [(k, r) for k in (6, 18, 30) for r in (4, 16, 32)]
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                "torch_threads": torch.get_num_threads(), "torch": torch.__version__,

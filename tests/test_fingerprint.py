@@ -82,3 +82,4 @@ def test_a_changed_weights_file_is_refused_on_resume_unless_forced(tmp_path, cap
                              "--resume_force", "true"))
     assert [record["round"] for record in forced["rounds"]] == [1, 2]
     assert "warning: resume_force: continuing from" in capsys.readouterr().out
+

@@ -5,9 +5,11 @@
     out = build_aggregator("lorafair", lam=0.01).aggregate(updates)
     out.lora, out.merge, out.extra, out.metrics, out.bytes_up, out.bytes_down
 
-A is r x in and B is out x r (peft). Client weights are normalised inside. One module per method; the shared
-low-rank math (products of factors measured without forming them) lives in `lowrank`, dense textbook versions of
-every method (for tests and benchmarks) in `reference`.
+A is r x in and B is out x r (peft). Client weights are normalised inside. The same round can be folded as its
+updates arrive: `state = aggregator.start(like=u_0, clients=K)`, `state.add(u)` per client, `state.finish()`
+(`streaming`). One module per method; the ideal update sum p_k B_k A_k is held factored or dense (`ideal`),
+whichever the cost model (`cost`) finds cheaper; the shared low-rank math lives in `lowrank`, dense textbook
+versions of every method (for tests and benchmarks) in `reference`.
 """
 
 from lorafair.aggregation.base import Aggregator, ClientUpdate, GlobalUpdate, OptionError, find_bad_updates
@@ -19,12 +21,14 @@ from lorafair.aggregation.registry import (
     registered_methods,
     user_options,
 )
+from lorafair.aggregation.streaming import RoundState
 
 __all__ = [
     "Aggregator",
     "ClientUpdate",
     "GlobalUpdate",
     "OptionError",
+    "RoundState",
     "build_aggregator",
     "display_name",
     "find_bad_updates",

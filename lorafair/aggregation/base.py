@@ -1,8 +1,9 @@
-"""What every aggregation method shares: the update types, input checks, weights and the layer batches.
+"""What every aggregation method shares: the update types, input checks and the layer batches.
 
-A method only implements `Aggregator.combine`, which sees one `LayerGroup`: all layers of one shape, stacked so that
-the math runs as batched matrix products over layers and clients instead of Python loops (a method whose inner
-problem has the same size for every shape may batch all groups at once in `combine_groups`).
+A method only implements `Aggregator.combine`, which sees one `LayerGroup`: all layers of one shape at the end of a
+round, batched so that the math runs as batched matrix products over layers instead of Python loops (a method
+whose inner problem has the same size for every shape may batch all groups at once in `combine_groups`). The
+round itself is folded update by update (`streaming`); `needs` and `ideal_use` say what a method takes from it.
 """
 
 from __future__ import annotations
@@ -11,14 +12,18 @@ import math
 import numbers
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor
 
-from lorafair.aggregation import lowrank
+from lorafair.aggregation import cost, lowrank
+from lorafair.aggregation.ideal import DenseIdeal, FactoredIdeal, Ideal
+
+if TYPE_CHECKING:
+    from lorafair.aggregation.streaming import RoundState
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
@@ -53,28 +58,30 @@ class GlobalUpdate:
 
 @dataclass
 class LayerGroup:
-    """All LoRA layers of one shape, stacked: A is [L, K, r, in] and B is [L, K, out, r] for L layers, K clients.
+    """All LoRA layers of one shape at the end of a round, batched over its L layers: the averages
+    A_bar [L, r, in] and B_bar [L, out, r], and the ideal update dW_l = sum_k p_k B_k A_k on the group's path.
 
-    `weights` are the normalised client weights p_k. The ideal update of layer l is
-    dW_l = sum_k p_k B_k A_k = B_stack[l] @ A_stack[l] (the weights ride on B_stack; A_stack is a free view).
+    Methods that need every client's factors (`Aggregator.needs == "factors"`) also get them: A [L, K, r, in],
+    B [L, out, K, r] and the normalised weights p_k; `dense` then says whether the metrics should form dW.
     """
 
     names: list[str]
-    A: Tensor
-    B: Tensor
-    weights: Tensor
+    A_bar: Tensor
+    B_bar: Tensor
+    ideal: Ideal | None = None
+    A: Tensor | None = None
+    B: Tensor | None = None
+    weights: Tensor | None = None
+    dense: bool = False
+
+    def __post_init__(self) -> None:
+        if self.ideal is None:
+            self.ideal = DenseIdeal(self.B_stack @ self.A_stack) if self.dense else FactoredIdeal(self.B_stack,
+                                                                                                self.A_stack)
 
     @property
     def rank(self) -> int:
-        return self.A.shape[-2]
-
-    @cached_property
-    def A_bar(self) -> Tensor:
-        return torch.einsum("k,lkri->lri", self.weights, self.A)
-
-    @cached_property
-    def B_bar(self) -> Tensor:
-        return torch.einsum("k,lkor->lor", self.weights, self.B)
+        return self.A_bar.shape[-2]
 
     @property
     def A_stack(self) -> Tensor:
@@ -85,19 +92,12 @@ class LayerGroup:
     @cached_property
     def B_stack(self) -> Tensor:
         """[L, out, K r]: the columns p_1 B_1 ... p_K B_K."""
-        layers, clients, fan_out, rank = self.B.shape
-        weighted = self.B * self.weights.view(1, -1, 1, 1)
-        return weighted.permute(0, 2, 1, 3).reshape(layers, fan_out, clients * rank)
-
-    @cached_property
-    def ideal_norm_sq(self) -> Tensor:
-        """||dW||_F^2 per layer, from the (K r x K r) Gram matrices."""
-        return lowrank.norm_sq(self.B_stack, self.A_stack)
+        layers, fan_out, clients, rank = self.B.shape
+        return (self.B * self.weights.view(1, 1, -1, 1)).view(layers, fan_out, clients * rank)
 
     def cosine_to_ideal(self, B: Tensor, A: Tensor) -> Tensor:
-        """cos(dW, B @ A) per layer without forming either product."""
-        inner = lowrank.inner(B, A, self.B_stack, self.A_stack)
-        return lowrank.cosine_from_parts(inner, lowrank.norm_sq(B, A), self.ideal_norm_sq)
+        """cos(dW, B @ A) per layer, on the group's path, without forming B @ A."""
+        return lowrank.cosine_from_parts(self.ideal.inner(B, A), lowrank.norm_sq(B, A), self.ideal.norm_sq)
 
 
 @dataclass
@@ -110,7 +110,8 @@ class GroupResult:
 
 
 class Aggregator:
-    """Base of every method: checks the updates, batches the layers, calls `combine`, assembles the GlobalUpdate."""
+    """Base of every method: checks the updates, folds them into a round (`start`, `RoundState.add`, `finish`),
+    calls `combine` per layer group and assembles the GlobalUpdate. `aggregate` is that loop for a whole list."""
 
     name: ClassVar[str]
     """The method's name in configs and on the command line."""
@@ -118,6 +119,9 @@ class Aggregator:
     """How the paper writes it, for tables and plots."""
     sends_A: ClassVar[bool] = True
     """False when A stays frozen on the clients and never travels (FFA-LoRA)."""
+    needs: ClassVar[str] = "ideal"
+    """What the method takes from a round: "averages" (weighted sums of A and B), "ideal" (those and the ideal
+    update sum p_k B_k A_k, factored or dense), or "factors" (every client's factors, which it sends on)."""
 
     def combine(self, group: LayerGroup) -> GroupResult:
         raise NotImplementedError
@@ -126,27 +130,57 @@ class Aggregator:
         """`combine` for every group; a method overrides it to solve all groups in one batch."""
         return [self.combine(group) for group in groups]
 
+    def ideal_use(self) -> cost.IdealUse:
+        """What `combine` asks of the ideal update, for the cost model (the cos_avg metric is counted apart)."""
+        return cost.IdealUse()
+
+    def path_for(self, clients: int, rank: int, fan_out: int, fan_in: int) -> str:
+        """The path ('factored' or 'dense') the cost model picks for a layer group of this shape."""
+        return cost.cheaper_path(self.ideal_use(), clients, rank, fan_out, fan_in)
+
+    def check_update(self, index: int, update: ClientUpdate, first: ClientUpdate) -> str | None:
+        """Why the round cannot be aggregated with `update` next to `first` (its template); raised by `finish`,
+        after every update's own checks. None: it can."""
+        return None
+
+    def start(self, like: ClientUpdate, clients: int, path: str | None = None) -> RoundState:
+        """A round expecting `clients` updates shaped like `like` (names, shapes, dtype and device of its LoRA
+        layers and extra tensors; called client 0 in messages). path forces 'factored' or 'dense' for every
+        layer group instead of the cost model's choice (for tests and benchmarks)."""
+        from lorafair.aggregation.streaming import RoundState
+
+        return RoundState(self, like, clients, path)
+
     def aggregate(self, updates: Sequence[ClientUpdate]) -> GlobalUpdate:
+        """All updates of a round at once: `start`, `add` each, `finish`. The weights are normalised first (in
+        float64), so any finite weights work whatever the factors' dtype."""
+        total = check_weights(updates)
+        check_round_shapes(updates)
+        state = self.start(updates[0], clients=len(updates))
+        for update in updates:
+            state.add(replace(update, weight=float(update.weight) / total))
+        return state.finish()
+
+    def global_update(self, like: ClientUpdate, groups: list[LayerGroup], extra: dict[str, Tensor],
+                      seconds: float) -> GlobalUpdate:
+        """`combine` every group and assemble the GlobalUpdate; seconds: time already spent on the round."""
         start = time.perf_counter()
-        weights = normalised_weights(updates)
-        groups = stack_layers(updates, weights)
-        extra = average_extra(updates, weights)
         results = self._combine_checked(groups)
-        order = list(updates[0].lora)
+        order = list(like.lora)
         lora = _by_layer(order, groups, [result.lora for result in results])
         merge = _by_layer(order, groups, [result.merge for result in results])
         metrics = _summarise([result.metrics for result in results])
-        metrics["solve_seconds"] = time.perf_counter() - start
+        metrics["solve_seconds"] = seconds + time.perf_counter() - start
         extra_bytes = _nbytes(extra.values())
         bytes_down = self._lora_bytes((lora or {}).values()) + sum(_nbytes(pair) for pair in (merge or {}).values())
         return GlobalUpdate(lora=lora, merge=merge, extra=extra, metrics=metrics,
-                            bytes_up=self._lora_bytes(updates[0].lora.values()) + extra_bytes,
+                            bytes_up=self._lora_bytes(like.lora.values()) + extra_bytes,
                             bytes_down=bytes_down + extra_bytes)
 
     def _combine_checked(self, groups: list[LayerGroup]) -> list[GroupResult]:
         """`combine_groups`, plus the averaging bias every method logs. Finite inputs can still overflow (float32
         with huge entries): that becomes a ValueError naming the layer instead of NaN in the result."""
-        advice = f"the factors are too large for {groups[0].A.dtype} (aggregate in float64 or check the clients)"
+        advice = f"the factors are too large for {groups[0].A_bar.dtype} (aggregate in float64 or check the clients)"
         try:
             results = self.combine_groups(groups)
         except torch.linalg.LinAlgError as error:
@@ -184,8 +218,8 @@ def find_bad_updates(updates: Sequence[ClientUpdate]) -> dict[int, str]:
     return bad
 
 
-def normalised_weights(updates: Sequence[ClientUpdate]) -> list[float]:
-    """p_k = w_k / sum(w), after refusing an empty round and weights that are negative, NaN or all zero."""
+def check_weights(updates: Sequence[ClientUpdate]) -> float:
+    """The weights' sum, after refusing an empty round and weights that are negative, NaN or all zero."""
     if len(updates) == 0:
         raise ValueError("aggregate() needs at least one ClientUpdate, got an empty list")
     for index, update in enumerate(updates):
@@ -196,64 +230,33 @@ def normalised_weights(updates: Sequence[ClientUpdate]) -> list[float]:
     if total <= 0:
         raise ValueError(f"the client weights sum to {total}: give at least one client a positive weight "
                          "(its number of training examples)")
-    return [float(update.weight) / total for update in updates]
+    return total
 
 
-def stack_layers(updates: Sequence[ClientUpdate], weights: list[float]) -> list[LayerGroup]:
-    """Check every LoRA layer of every client against client 0 and stack layers of equal shape into groups."""
+def check_round_shapes(updates: Sequence[ClientUpdate]) -> None:
+    """Checks that need the whole round: every client has client 0's layer names, and each layer one rank (the
+    message lists which clients have which). Each update's own checks run as it is added."""
     first = updates[0].lora
     if not isinstance(first, dict) or not first:
         raise ValueError("client 0: lora must be a non-empty dict of layer name -> (A, B)")
     for index, update in enumerate(updates):
-        _check_same_names(index, "LoRA layers", update.lora, first)
-    reference = _first_factors(updates)
-    shapes: dict[tuple, list[str]] = {}
+        check_same_names(index, "LoRA layers", update.lora, first)
     for name in first:
         _check_ranks(updates, name)
-        for index, update in enumerate(updates):
-            _check_factors(index, name, update.lora[name], first[name], reference)
-        A, B = first[name]
-        shapes.setdefault((tuple(A.shape), tuple(B.shape)), []).append(name)
-
-    dtype, device = reference.dtype, reference.device
-    p = torch.tensor(weights, dtype=dtype, device=device)
-    groups = []
-    for (a_shape, b_shape), names in shapes.items():
-        A = torch.stack([u.lora[n][0] for n in names for u in updates]).view(len(names), len(updates), *a_shape)
-        B = torch.stack([u.lora[n][1] for n in names for u in updates]).view(len(names), len(updates), *b_shape)
-        for factor, stacked in (("A", A), ("B", B)):
-            finite = torch.isfinite(stacked).flatten(2).all(-1)
-            if not bool(finite.all()):
-                layer, client = (~finite).nonzero()[0].tolist()
-                raise ValueError(f"client {client}: NaN or Inf in layer '{names[layer]}' {factor}; drop this client "
-                                 "(find_bad_updates lists them) or fix its training")
-        groups.append(LayerGroup(names=names, A=A, B=B, weights=p))
-    return groups
 
 
-def average_extra(updates: Sequence[ClientUpdate], weights: list[float]) -> dict[str, Tensor]:
-    """Weighted average of the non-LoRA trainable tensors (e.g. the classifier head)."""
-    first = updates[0].extra
-    for index, update in enumerate(updates):
-        _check_same_names(index, "extra tensors", update.extra, first)
-    averaged = {}
-    for name, reference in first.items():
-        for index, update in enumerate(updates):
-            tensor = update.extra[name]
-            where = f"client {index}, extra tensor '{name}'"
-            if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
-                raise ValueError(f"{where}: must be a floating-point tensor, got {_describe(tensor)}")
-            if (tensor.shape, tensor.dtype, tensor.device) != (reference.shape, reference.dtype, reference.device):
-                raise ValueError(f"{where}: {_describe(tensor)} differs from client 0's {_describe(reference)}")
-            if not bool(torch.isfinite(tensor).all()):
-                raise ValueError(f"{where}: has NaN or Inf; drop this client (find_bad_updates lists them)")
-        stacked = torch.stack([update.extra[name] for update in updates])
-        p = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device)
-        averaged[name] = torch.tensordot(p, stacked, dims=1)
-    return averaged
+def check_extra(index: int, name: str, tensor: object, reference: Tensor) -> None:
+    """One extra tensor against client 0's: a finite floating-point tensor of the same shape, dtype and device."""
+    where = f"client {index}, extra tensor '{name}'"
+    if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
+        raise ValueError(f"{where}: must be a floating-point tensor, got {_describe(tensor)}")
+    if (tensor.shape, tensor.dtype, tensor.device) != (reference.shape, reference.dtype, reference.device):
+        raise ValueError(f"{where}: {_describe(tensor)} differs from client 0's {_describe(reference)}")
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{where}: has NaN or Inf; drop this client (find_bad_updates lists them)")
 
 
-def _check_same_names(index: int, what: str, names: dict, reference: dict) -> None:
+def check_same_names(index: int, what: str, names: dict, reference: dict) -> None:
     if not isinstance(names, dict):
         raise ValueError(f"client {index}: {what} must be a dict, got {type(names).__name__}")
     if names.keys() != reference.keys():
@@ -262,14 +265,7 @@ def _check_same_names(index: int, what: str, names: dict, reference: dict) -> No
         raise ValueError(f"client {index}: {what} differ from client 0's: missing {missing}, unexpected {unexpected}")
 
 
-def _first_factors(updates: Sequence[ClientUpdate]) -> Tensor:
-    """Client 0's first A: its dtype and device are the ones every factor must share."""
-    name, pair = next(iter(updates[0].lora.items()))
-    _check_pair(0, name, pair)
-    return pair[0]
-
-
-def _check_pair(index: int, name: str, pair: object) -> None:
+def check_pair(index: int, name: str, pair: object) -> None:
     where = f"client {index}, layer '{name}'"
     if not (isinstance(pair, tuple | list) and len(pair) == 2):
         raise ValueError(f"{where}: expected a pair (A, B), got {type(pair).__name__}")
@@ -284,7 +280,7 @@ def _check_pair(index: int, name: str, pair: object) -> None:
 def _check_ranks(updates: Sequence[ClientUpdate], name: str) -> None:
     clients_by_rank: dict[int, list[int]] = {}
     for index, update in enumerate(updates):
-        _check_pair(index, name, update.lora[name])
+        check_pair(index, name, update.lora[name])
         clients_by_rank.setdefault(update.lora[name][0].shape[0], []).append(index)
     if len(clients_by_rank) > 1:
         ranks = "; ".join(f"rank {rank}: clients {clients}" for rank, clients in clients_by_rank.items())
@@ -292,7 +288,7 @@ def _check_ranks(updates: Sequence[ClientUpdate], name: str) -> None:
                          "not supported: give every client the same lora.r")
 
 
-def _check_factors(index: int, name: str, pair: tuple[Tensor, Tensor], first_pair: tuple[Tensor, Tensor],
+def check_factors(index: int, name: str, pair: tuple[Tensor, Tensor], first_pair: tuple[Tensor, Tensor],
                    reference: Tensor) -> None:
     """Shapes against client 0's same layer; dtype and device against client 0's first layer."""
     where = f"client {index}, layer '{name}'"

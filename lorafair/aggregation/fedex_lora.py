@@ -2,7 +2,8 @@
 sum p_k B_k A_k - B_bar A_bar is merged into every client's frozen weight, so the model update is exact.
 
 The residual is low rank: [p_1 B_1 ... p_K B_K, B_bar] @ [A_1; ...; A_K; -A_bar], so it travels as factors of
-rank (K + 1) r rather than as a dense out x in matrix.
+rank (K + 1) r rather than as a dense out x in matrix. Sending them keeps every client's factors on the server
+(needs = "factors"), like FLoRA.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from lorafair.aggregation.base import Aggregator, GroupResult, LayerGroup
 class FedExLoRA(Aggregator):
     name: ClassVar[str] = "fedex_lora"
     display_name: ClassVar[str] = "FedEx-LoRA"
+    needs: ClassVar[str] = "factors"
 
     def combine(self, group: LayerGroup) -> GroupResult:
         residual_A = torch.cat([group.A_stack, -group.A_bar], dim=-2)

@@ -18,7 +18,7 @@ Why this reading:
   with full-rank factors that is the unique minimiser; with a rank-deficient factor it keeps the directions the
   other factor cannot see instead of zeroing them, so no LoRA component dies.
 
-Every step runs on the stacked factors (dW pinv(A) = B_stack (A_stack pinv(A))), never on an out x in matrix.
+Every step needs dW only through dW pinv(A) and pinv(B) dW, which the ideal update gives on either path.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import ClassVar
 
 import torch
 
+from lorafair.aggregation import cost
 from lorafair.aggregation.base import Aggregator, GroupResult, LayerGroup, check_option, is_count
 
 
@@ -42,11 +43,14 @@ class FLoRANA(Aggregator):
     def __post_init__(self) -> None:
         check_option(self.name, "sweeps", self.sweeps, is_count(self.sweeps), "an integer >= 0")
 
+    def ideal_use(self) -> cost.IdealUse:
+        return cost.IdealUse(products=2 * self.sweeps + 1)
+
     def combine(self, group: LayerGroup) -> GroupResult:
         A, B = group.A_bar, group.B_bar
         for _ in range(self.sweeps):
             A_pinv = torch.linalg.pinv(A)
-            B = B + group.B_stack @ (group.A_stack @ A_pinv) - B @ (A @ A_pinv)
+            B = B + group.ideal.times(A_pinv) - B @ (A @ A_pinv)
             B_pinv = torch.linalg.pinv(B)
-            A = A + (B_pinv @ group.B_stack) @ group.A_stack - (B_pinv @ B) @ A
+            A = A + group.ideal.transposed_times(B_pinv.mT).mT - (B_pinv @ B) @ A
         return GroupResult(lora=(A, B), metrics={"cos": group.cosine_to_ideal(B, A)})

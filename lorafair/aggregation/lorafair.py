@@ -15,11 +15,12 @@ average, the natural reading of "keep B close to B_bar") or from a seeded Xavier
 public code). residual_on="A" is the paper's Table 3 ablation: keep B_bar and correct A_bar instead.
 
 How it stays cheap: write the corrected factor in "tall" form X (B' itself, out x r; or A'^T, in x r) and the fixed
-one as F (A_bar; or B_bar^T). Then, with C = dW F^T and G = F F^T, both computed once from the stacked factors,
+one as F (A_bar; or B_bar^T). Then, with C = dW F^T and G = F F^T, both computed once from the ideal update (on
+the path the cost model picks: the stacked factors below the crossover, the dense dW above it),
     <X F, dW> = <X, C>     and     ||X F||^2 = <X^T X, G>,
 and no out x in matrix is ever built. Per SGD step this costs O(r^3) for the whole-matrix cosine (which moves
-only r x r coefficients, see `_matrix_cosine_sgd`) and O((out + in) K r^2) for the column cosine, instead of
-O(out in r) for the dense SGD. Gradients are analytic (the tests check them against autograd SGD on the dense
+only r x r coefficients, see `_coefficient_sgd`) and, for the column cosine, O((out + in) K r^2) factored or
+O(out in r) dense, whichever is less. Gradients are analytic (the tests check them against autograd SGD on the dense
 matrices), so aggregation also works under torch.no_grad or inference_mode; all layers of one shape step together.
 
 Scale (`relative`, default True): the cosine is scale-invariant, so its gradient grows like 1 / ||B'|| and plain
@@ -43,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lorafair.aggregation import lowrank
+from lorafair.aggregation import cost, lowrank
 from lorafair.aggregation.base import (
     Aggregator,
     GroupResult,
@@ -102,6 +103,12 @@ class LoRAFAIR(Aggregator):
                          f"below 1 / lr = {1 / self.lr:g} for SGD to converge (or lower lr)")
         self._generator = torch.Generator().manual_seed(self.seed)
 
+    def ideal_use(self) -> cost.IdealUse:
+        if self.objective == "column_cosine":
+            per_step = 2 if self.residual_on == "B" else 0
+            return cost.IdealUse(products=2 + per_step * self.steps, column_norms=True)
+        return cost.IdealUse(products=2)
+
     def combine_groups(self, groups: list[LayerGroup]) -> list[GroupResult]:
         if self.objective != "cosine":
             return super().combine_groups(groups)
@@ -118,7 +125,7 @@ class LoRAFAIR(Aggregator):
             ridge = G + self.lam * torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
             return self._result(group, start, (C - start @ G) @ torch.linalg.pinv(ridge, hermitian=True))
         unit = self._unit(start)
-        column_norms = lowrank.clamped_norm(lowrank.column_norms_sq(group.B_stack, group.A_stack))
+        column_norms = lowrank.clamped_norm(group.ideal.column_norms_sq())
         gradient = (_row_cosine_gradient(C, G, column_norms[:, :, None]) if self.residual_on == "A"
                     else _column_cosine_gradient(group, column_norms[:, None, :]))
         return self._result(group, start, unit * self._sgd(start / unit, self._initial_correction(start) / unit,
@@ -128,10 +135,10 @@ class LoRAFAIR(Aggregator):
         """(start X0, fixed factor F, C = dW F^T, G = F F^T) with the corrected factor in tall form."""
         if self.residual_on == "B":
             start, fixed = group.B_bar, group.A_bar
-            C = group.B_stack @ (group.A_stack @ fixed.mT)
+            C = group.ideal.times(fixed.mT)
         else:
             start, fixed = group.A_bar.mT, group.B_bar.mT
-            C = group.A_stack.mT @ (group.B_stack.mT @ group.B_bar)
+            C = group.ideal.transposed_times(group.B_bar)
         return start, fixed, C, fixed @ fixed.mT
 
     def _unit(self, start: Tensor) -> Tensor:
@@ -177,7 +184,7 @@ class LoRAFAIR(Aggregator):
         rank = start.shape[-1]
         eye = torch.eye(rank, dtype=start.dtype, device=start.device).expand_as(G)
         W = torch.cat([eye, torch.zeros_like(G), eye], dim=-2)
-        ideal_norm = lowrank.clamped_norm(group.ideal_norm_sq)[:, None, None]
+        ideal_norm = lowrank.clamped_norm(group.ideal.norm_sq)[:, None, None]
         return start, unit, basis, W, G, basis.mT @ basis, basis.mT @ C, ideal_norm
 
     def _coefficient_sgd(self, W: Tensor, G: Tensor, gram: Tensor, basis_C: Tensor, ideal_norm: Tensor) -> Tensor:
@@ -217,14 +224,14 @@ def _row_cosine_gradient(C: Tensor, G: Tensor, column_norms: Tensor) -> Similari
 
 def _column_cosine_gradient(group: LayerGroup, column_norms: Tensor) -> SimilarityGradient:
     """Column cosine with the residual on B: column j of B' A_bar is B' a_j (a_j = column j of A_bar), and of dW
-    is B_stack c_j (c_j = column j of A_stack). The per-column sums come back as small products:
-    sum_j u_j dW[:, j] a_j^T = B_stack (A_stack (A_bar u)^T). A step costs O((out + in) K r^2)."""
-    A_bar, A_stack, B_stack = group.A_bar, group.A_stack, group.B_stack
+    is dW[:, j]. Both per-column sums are products with the ideal update: the inners are the diagonal of
+    A_bar^T (X^T dW), and sum_j u_j dW[:, j] a_j^T = dW (A_bar u)^T. A step costs two such products."""
+    A_bar, ideal = group.A_bar, group.ideal
 
     def gradient(X: Tensor) -> Tensor:
-        inner = lowrank.column_inner(X, A_bar, B_stack, A_stack).unsqueeze(-2)
+        inner = (ideal.transposed_times(X).mT * A_bar).sum(-2, keepdim=True)
         norm_sq = lowrank.column_norms_sq(X, A_bar).unsqueeze(-2)
         u, v = _cosine_terms(inner, norm_sq, column_norms)
-        return (B_stack @ (A_stack @ (A_bar * u).mT) - X @ ((A_bar * v) @ A_bar.mT)) / A_bar.shape[-1]
+        return (ideal.times((A_bar * u).mT) - X @ ((A_bar * v) @ A_bar.mT)) / A_bar.shape[-1]
 
     return gradient

@@ -5,6 +5,8 @@ One round (`FederatedTrainer.run_round`):
     the results on rank 0 -> the server aggregates -> the transport delivers its answer to every rank -> every rank
     applies it (merging into its frozen weights for FLoRA / FedEx-LoRA) -> sharded evaluation -> results.json,
     TensorBoard and a checkpoint on rank 0.
+After the last round rank 0 prints the accuracy table and exports the global model to out_dir/final
+(`lorafair.export`).
 
 Clients keep no state between rounds and everything random is seeded by (seed, round, client), so the results do
 not depend on the number of ranks, on which rank hosts a client, or on whether the run was interrupted and resumed.
@@ -27,7 +29,7 @@ from lightning.fabric.strategies import DDPStrategy
 from tqdm import tqdm
 
 from lorafair.config import FitConfig
-from lorafair.data import FederatedData, build_federated_data, model_data_config
+from lorafair.data import build_federated_data, model_data_config
 from lorafair.errors import UserError
 from lorafair.federated import faults
 from lorafair.federated.checkpoints import (
@@ -42,7 +44,15 @@ from lorafair.federated.fingerprints import run_fingerprints
 from lorafair.federated.launch import check_launch, die_with_parent
 from lorafair.federated.sampling import assign_to_ranks, derive_seed, sample_clients
 from lorafair.federated.server import Server
-from lorafair.federated.state import ClientResult, GlobalState, ResumeState, RoundRecord, ServerAnswer, pack
+from lorafair.federated.state import (
+    ClientResult,
+    GlobalState,
+    ResumeState,
+    RoundRecord,
+    ServerAnswer,
+    pack,
+    pack_pairs,
+)
 from lorafair.federated.transport import PeerLost, TorchDistributedTransport
 from lorafair.model import LoraClassifier
 from lorafair.reporting.run_folder import (
@@ -71,11 +81,12 @@ def fit(cfg: FitConfig) -> dict[str, Any]:
     return results
 
 
-def launch_fabric(cfg: FitConfig) -> Fabric:
+def launch_fabric(cfg: FitConfig, tensorboard: bool = True) -> Fabric:
     """One process per device under torchrun (gloo on CPU, NCCL on GPU), else a single process.
 
     bf16-mixed on CUDA and 32-true elsewhere unless `precision` says otherwise. TensorBoard goes to
-    out_dir/tensorboard (Fabric writes it from rank 0 only).
+    out_dir/tensorboard (Fabric writes it from rank 0 only); a process that only trains clients (a Flower node)
+    passes tensorboard=False.
     The launch is checked against num_nodes first, and every collective times out after federation.timeout, so a
     missing or stuck rank is one line instead of a hang.
     """
@@ -90,7 +101,8 @@ def launch_fabric(cfg: FitConfig) -> Fabric:
     if under_torchrun and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         join_restarted_process_group("nccl" if on_cuda else "gloo", timeout)
     precision = cfg.precision or ("bf16-mixed" if on_cuda else "32-true")
-    logger = TensorBoardLogger(root_dir=cfg.out_dir, name=TENSORBOARD_NAME, version="", default_hp_metric=False)
+    logger = (TensorBoardLogger(root_dir=cfg.out_dir, name=TENSORBOARD_NAME, version="", default_hp_metric=False)
+              if tensorboard else None)
     fabric = Fabric(accelerator=cfg.accelerator, strategy=DDPStrategy(timeout=timeout) if under_torchrun else "auto",
                     devices=int(os.environ["LOCAL_WORLD_SIZE"]) if under_torchrun else 1, num_nodes=cfg.num_nodes,
                     precision=precision, loggers=logger)
@@ -110,20 +122,26 @@ def join_restarted_process_group(backend: str, timeout: timedelta) -> None:
                             rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
 
 
-def build_model(cfg: FitConfig, data: FederatedData, device: torch.device) -> LoraClassifier:
+def build_model(cfg: FitConfig, num_classes: int, device: torch.device) -> LoraClassifier:
     """The client model of this process, with identical random parts (head, LoRA, a backbone without weights) on
-    every rank."""
+    every rank, and in `lorafair export` which rebuilds a run's global model from a checkpoint."""
     torch.manual_seed(derive_seed("model", cfg.seed))
-    model = LoraClassifier(cfg.model, cfg.lora, data.num_classes, cfg.client).to(device)
+    model = LoraClassifier(cfg.model, cfg.lora, num_classes, cfg.client).to(device)
     if cfg.server.method == "ffa_lora":
         model.freeze_lora_A(True)
     return model
 
 
+def state_shapes(model: LoraClassifier) -> dict[str, torch.Size]:
+    """The shapes a checkpoint's tensors must have to fit `model`, in the packed key format."""
+    tensors = {**pack_pairs("lora", model.get_lora()), **pack("extra", model.get_extra()),
+               **pack("base", model.base_state())}
+    return {key: tensor.shape for key, tensor in tensors.items()}
+
+
 class FederatedTrainer:
     """The round loop: holds this rank's roles, the global state every client starts a round from, and the
     results."""
-
     def __init__(self, cfg: FitConfig, fabric: Fabric) -> None:
         self.cfg, self.fabric = cfg, fabric
         self.out_dir = Path(cfg.out_dir)
@@ -135,7 +153,7 @@ class FederatedTrainer:
         if self.per_round > len(clients):
             raise UserError(f"federation.clients_per_round: {self.per_round} is more than the {len(clients)} clients "
                             f"of this partition; lower it (or null for all)")
-        self.model = build_model(cfg, self.data, fabric.device)
+        self.model = build_model(cfg, self.data.num_classes, fabric.device)
         self.global_state = GlobalState(self.fresh_lora("lora_init", cfg.seed), self.model.get_extra())
         self.merged = False
         shapes = {key: t.shape for key, t in self.global_state.tensors().items()}
@@ -172,12 +190,7 @@ class FederatedTrainer:
         clock = time.perf_counter
         start = clock()
         sampled = sample_clients([c.id for c in self.data.clients], self.per_round, self.cfg.seed, round_index)
-        hosted = assign_to_ranks(sampled, {c.id: c.num_samples for c in self.data.clients}, self.world)
-        results = [self.client.train(self.data.clients[c], self.global_state, round_index) for c in hosted[self.rank]]
-        self.transport.wait_for_all()
-        trained = clock()
-        faults.maybe_fail(round_index, "gather")
-        gathered_results = self.transport.gather(results, hosted)
+        gathered_results, ranks, trained = self.train_clients(round_index, sampled)
         gathered = clock()
         answer = self.transport.from_server(lambda: self.aggregate(round_index, gathered_results), ServerAnswer)
         self.apply(round_index, answer)
@@ -190,11 +203,21 @@ class FederatedTrainer:
             comm = (gathered - trained) + (applied - gathered - self.server_seconds)
             seconds = {"train": trained - start, "comm": comm, "aggregate": self.server_seconds,
                        "eval": evaluated - applied, "round": evaluated - start}
-            ranks = {str(client): rank for rank, clients in enumerate(hosted) for client in clients}
             record = RoundRecord(round_index, sampled, ranks, answer.record, seconds, accuracy)
             self.save(round_index, record)
         self.transport.wait_for_all()  # the round is on disk before any rank starts the next
         return record
+
+    def train_clients(self, round_index: int, sampled: list[int]) -> tuple[list[ClientResult], dict[str, int], float]:
+        """Each rank trains its share of `sampled` and the transport gathers the results on rank 0 (ordered by
+        client id); also returns client id -> rank, and the clock when training ended."""
+        hosted = assign_to_ranks(sampled, {c.id: c.num_samples for c in self.data.clients}, self.world)
+        results = [self.client.train(self.data.clients[c], self.global_state, round_index) for c in hosted[self.rank]]
+        self.transport.wait_for_all()
+        trained = time.perf_counter()
+        faults.maybe_fail(round_index, "gather")
+        ranks = {str(client): rank for rank, clients in enumerate(hosted) for client in clients}
+        return self.transport.gather(results, hosted), ranks, trained
 
     def aggregate(self, round_index: int, results: list[ClientResult]) -> ServerAnswer:
         """Rank 0: the server's answer to the round, timed (server_seconds) apart from the transport."""
@@ -245,7 +268,9 @@ class FederatedTrainer:
                         before_rename=lambda: faults.maybe_fail(round_index, "checkpoint"))
 
     def finish(self) -> None:
-        """The final results.json, the hparams entry of TensorBoard and the accuracy table."""
+        """The final results.json, the hparams entry of TensorBoard, the accuracy table and the export."""
+        from lorafair.export import export_run  # imported here: export builds its model with build_model
+
         self.results["final"] = final = final_accuracy(self.results)
         write_json(results_path(self.out_dir), self.results)
         self.fabric.logger.log_hyperparams(flatten_config(self.results["config"]),
@@ -253,6 +278,7 @@ class FederatedTrainer:
         self.fabric.logger.finalize("success")
         self.fabric.print(accuracy_table(final["accuracy"], final["mean_accuracy"],
                                          f"{self.cfg.server.method}: global model after round {final['round']}"))
+        export_run(self.out_dir, overwrite=True, say=self.fabric.print)
 
     def start_or_resume(self) -> int:
         """Every rank: the first round to run. Rank 0 writes config.yaml and classes.json, reads the checkpoint
@@ -281,8 +307,7 @@ class FederatedTrainer:
             return None
         resumed = resume_state(*found, self.identity, self.cfg.federation.rounds, self.cfg.resume_force,
                                self.fabric.print)
-        expected = {**self.global_state.tensors(), **pack("base", self.model.base_state())}
-        check_fits(resumed, {key: tensor.shape for key, tensor in expected.items()})
+        check_fits(resumed, state_shapes(self.model))
         return resumed
 
 

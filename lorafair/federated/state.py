@@ -78,6 +78,8 @@ class ServerRecord:
     bytes_up: int = 0
     bytes_down: int = 0
     aggregation: dict[str, float] = field(default_factory=dict)
+    failed_clients: dict[str, str] = field(default_factory=dict)
+    """Client id -> why it sent no result (its node failed mid-round under Flower; the round went on without it)."""
 
 
 @dataclass
