@@ -152,7 +152,7 @@ def _with(results: list[ClientResult], position: int, **changes) -> list[ClientR
 
 def _aggregate(trainer: FederatedTrainer, results: list[ClientResult]) -> ServerAnswer:
     """Round 1's server answer (lorafair rebuilds its aggregator from the round's seed, so reruns agree)."""
-    return trainer.server.aggregate(1, results)
+    return trainer.aggregate(1, results, [result.client for result in results])
 
 
 @pytest.mark.parametrize("fault", ["nan update", "inf update", "inf loss", "nan loss"])
