@@ -76,14 +76,16 @@ class Server:
         bad = bad_updates(results)
         refusal = None
         for position, (result, slot) in enumerate(zip(results, slots, strict=True)):
-            if position not in bad:
-                try:
-                    state.add(result.update, slot=slot)
-                except ValueError as err:  # a mis-shaped update: the round cannot go on
-                    refusal = refusal or f"client {result.client}: {err}"
+            if position in bad:
+                continue
+            try:
+                state.add(result.update, slot=slot)
+            except ValueError as err:  # a mis-shaped update: the round cannot go on
+                refusal = refusal or f"client {result.client}: {err}"
+            refusal = refusal or self.aggregator.check_update(result.client, result.update, like)
         reports = [ClientReport(r.client, r.train_loss, r.steps, r.skipped_images, bad.get(position))
                    for position, r in enumerate(results)]
-        return RankFold(state, reports, refusal or state.refusal)
+        return RankFold(state, reports, refusal)
 
     def decide(self, round_index: int, reports: Sequence[ClientReport], refusals: Sequence[str | None]) -> ServerRecord:
         """Every rank, on every rank's reports and refusals: the round's record (skipped when no update is usable),
