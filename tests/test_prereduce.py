@@ -116,6 +116,7 @@ def _two_ranks(rank: int, store: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_the_pre_reduced_round_equals_the_gathered_round_on_two_ranks(tmp_path):
     mp.spawn(_two_ranks, args=(str(tmp_path / "store"),), nprocs=2)
 
