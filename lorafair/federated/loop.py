@@ -6,6 +6,8 @@ One round (`FederatedTrainer.run_round`):
     accumulators over the ranks -> rank 0 finishes the aggregation and the transport delivers its answer to every
     rank -> every rank applies it (merging into its frozen weights for FLoRA / FedEx-LoRA) -> sharded evaluation ->
     results.json, TensorBoard and a checkpoint on rank 0.
+After the last round rank 0 prints the accuracy table and exports the global model to out_dir/final
+(`lorafair.export`).
 
 Clients keep no state between rounds and everything random is seeded by (seed, round, client), so the results do
 not depend on the number of ranks, on which rank hosts a client, or on whether the run was interrupted and resumed.
@@ -49,6 +51,7 @@ from lorafair.federated.state import (
     ServerAnswer,
     ServerRecord,
     pack,
+    pack_pairs,
 )
 from lorafair.federated.transport import TorchDistributedTransport
 from lorafair.model import LoraClassifier
@@ -113,12 +116,19 @@ def join_restarted_process_group(backend: str) -> None:
 
 def build_model(cfg: FitConfig, num_classes: int, device: torch.device) -> LoraClassifier:
     """The client model of this process, with identical random parts (head, LoRA, a backbone without weights) on
-    every rank."""
+    every rank, and in `lorafair export` which rebuilds a run's global model from a checkpoint."""
     torch.manual_seed(derive_seed("model", cfg.seed))
     model = LoraClassifier(cfg.model, cfg.lora, num_classes, cfg.client).to(device)
     if cfg.server.method == "ffa_lora":
         model.freeze_lora_A(True)
     return model
+
+
+def state_shapes(model: LoraClassifier) -> dict[str, torch.Size]:
+    """The shapes a checkpoint's tensors must have to fit `model`, in the packed key format."""
+    tensors = {**pack_pairs("lora", model.get_lora()), **pack("extra", model.get_extra()),
+               **pack("base", model.base_state())}
+    return {key: tensor.shape for key, tensor in tensors.items()}
 
 
 class FederatedTrainer:
@@ -262,7 +272,9 @@ class FederatedTrainer:
                         before_rename=lambda: faults.maybe_fail(round_index, "checkpoint"))
 
     def finish(self) -> None:
-        """The final results.json, the hparams entry of TensorBoard and the accuracy table."""
+        """The final results.json, the hparams entry of TensorBoard, the accuracy table and the export."""
+        from lorafair.export import export_run  # imported here: export builds its model with build_model
+
         self.results["final"] = final = final_accuracy(self.results)
         write_json(results_path(self.out_dir), self.results)
         self.fabric.logger.log_hyperparams(flatten_config(self.results["config"]),
@@ -270,6 +282,7 @@ class FederatedTrainer:
         self.fabric.logger.finalize("success")
         self.fabric.print(accuracy_table(final["accuracy"], final["mean_accuracy"],
                                          f"{self.cfg.server.method}: global model after round {final['round']}"))
+        export_run(self.out_dir, overwrite=True, say=self.fabric.print)
 
     def start_or_resume(self) -> int:
         """Every rank: the first round to run. Rank 0 writes config.yaml and classes.json, reads the checkpoint
@@ -298,8 +311,7 @@ class FederatedTrainer:
             return None
         resumed = resume_state(*found, self.identity, self.cfg.federation.rounds, self.cfg.resume_force,
                                self.fabric.print)
-        expected = {**self.global_state.tensors(), **pack("base", self.model.base_state())}
-        check_fits(resumed, {key: tensor.shape for key, tensor in expected.items()})
+        check_fits(resumed, state_shapes(self.model))
         return resumed
 
 
