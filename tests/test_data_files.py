@@ -15,6 +15,7 @@ from PIL import Image
 from lorafair.cli import main
 from lorafair.config import DataConfig, FederationConfig
 from lorafair.data import build_client_data, build_federated_data, make_loader
+from lorafair.data.cache import CachedImageDataset
 from lorafair.data.image_files import DOMAINNET, NICOPP, ImageFileDataset, read_image_folders, read_split_file_dataset
 from lorafair.errors import UserError
 
@@ -158,6 +159,23 @@ def test_image_folders_use_split_files_when_present(tmp_path):
     write_jpeg(tmp_path / "photo" / "stray.jpg", 0)
     with pytest.raises(UserError, match=r"photo_test.txt:2 lists .*photo/stray.jpg, which is not in a class folder"):
         read_image_folders(tmp_path, ["photo"], None, 0.3, seed=0)
+
+
+@pytest.mark.parametrize("cache", ["auto", "off"])
+@pytest.mark.parametrize("augment", [False, True])
+def test_augment_redraws_each_fetch_of_a_training_image_and_never_a_test_image(tmp_path, augment, cache):
+    """Both ways of reading images: the decode-once cache (crop and flip on its uint8 pixels) and PIL."""
+    for i in range(10):  # an asymmetric picture, so that a flip or a crop shows
+        path = tmp_path / "photo" / "cat" / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.arange(12 * 10 * 3, dtype=np.uint8).reshape(12, 10, 3) * (i + 1)).save(path)
+    data = DataConfig(name="folders", root=tmp_path, augment=augment, cache=cache)
+    fd = build_federated_data(data, FederationConfig(), 0, DATA_CONFIG)
+    assert isinstance(fd.test["photo"], CachedImageDataset) == (cache == "auto")
+    torch.manual_seed(0)
+    train = fd.clients[0].dataset
+    assert torch.equal(train[0][0], train[0][0]) != augment
+    assert torch.equal(fd.test["photo"][0][0], fd.test["photo"][0][0])
 
 
 def test_image_folders_refuse_classes_that_differ_only_in_case(tmp_path):

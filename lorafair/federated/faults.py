@@ -25,8 +25,8 @@ SIGNAL_ENV_VAR = "LORAFAIR_FAIL_SIGNAL"
 POISON_ENV_VAR = "LORAFAIR_POISON"
 CLIENT_ERROR_ENV_VAR = "LORAFAIR_CLIENT_ERROR"
 PHASES = ("train", "gather", "aggregate", "eval", "checkpoint")
-"""Where a round can be interrupted: during local training, the gather, the aggregation, the evaluation, and with
-the new checkpoint written but not yet renamed into place."""
+"""Where a round can be interrupted: during local training, before the exchange between ranks, the aggregation, the
+evaluation, and with the new checkpoint written but not yet renamed into place."""
 
 
 def maybe_fail(round_index: int, phase: str) -> None:

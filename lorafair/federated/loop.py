@@ -1,10 +1,11 @@
 """`lorafair fit`: the round loop, composing the client, the server and the transport on Lightning Fabric.
 
 One round (`FederatedTrainer.run_round`):
-    sample clients -> assign them to ranks -> each rank trains its clients (client role) -> the transport gathers
-    the results on rank 0 -> the server aggregates -> the transport delivers its answer to every rank -> every rank
-    applies it (merging into its frozen weights for FLoRA / FedEx-LoRA) -> sharded evaluation -> results.json,
-    TensorBoard and a checkpoint on rank 0.
+    sample clients -> assign them to ranks -> each rank trains its clients (client role) and folds their updates
+    into the method's accumulators (server role) -> the transport shares the clients' reports and sums the
+    accumulators over the ranks -> rank 0 finishes the aggregation and the transport delivers its answer to every
+    rank -> every rank applies it (merging into its frozen weights for FLoRA / FedEx-LoRA) -> sharded evaluation ->
+    results.json, TensorBoard and a checkpoint on rank 0.
 After the last round rank 0 prints the accuracy table and exports the global model to out_dir/final
 (`lorafair.export`).
 
@@ -28,6 +29,7 @@ from lightning.fabric.loggers import TensorBoardLogger
 from lightning.fabric.strategies import DDPStrategy
 from tqdm import tqdm
 
+from lorafair.aggregation import ClientUpdate, RoundState
 from lorafair.config import FitConfig
 from lorafair.data import build_federated_data, model_data_config
 from lorafair.errors import UserError
@@ -50,6 +52,7 @@ from lorafair.federated.state import (
     ResumeState,
     RoundRecord,
     ServerAnswer,
+    ServerRecord,
     pack,
     pack_pairs,
 )
@@ -156,8 +159,7 @@ class FederatedTrainer:
         self.model = build_model(cfg, self.data.num_classes, fabric.device)
         self.global_state = GlobalState(self.fresh_lora("lora_init", cfg.seed), self.model.get_extra())
         self.merged = False
-        shapes = {key: t.shape for key, t in self.global_state.tensors().items()}
-        self.transport = TorchDistributedTransport(fabric.device, shapes)
+        self.transport = TorchDistributedTransport(fabric.device)
         self.rank, self.world = self.transport.rank, self.transport.world
         self.client = LocalTrainer(self.model, fabric, cfg.client, cfg.data, cfg.seed, show_progress=self.rank == 0)
         self.server = Server(cfg.server, cfg.federation.on_bad_update, cfg.seed, log=fabric.print)
@@ -190,9 +192,8 @@ class FederatedTrainer:
         clock = time.perf_counter
         start = clock()
         sampled = sample_clients([c.id for c in self.data.clients], self.per_round, self.cfg.seed, round_index)
-        gathered_results, ranks, trained = self.train_clients(round_index, sampled)
-        gathered = clock()
-        answer = self.transport.from_server(lambda: self.aggregate(round_index, gathered_results), ServerAnswer)
+        results, ranks, trained = self.train_clients(round_index, sampled)
+        answer = self.aggregate(round_index, results, sampled)
         self.apply(round_index, answer)
         applied = clock()
         evaluate = round_index % self.cfg.federation.eval_every == 0 or round_index == self.cfg.federation.rounds
@@ -200,7 +201,7 @@ class FederatedTrainer:
         evaluated = clock()
         record = None
         if self.rank == 0:
-            comm = (gathered - trained) + (applied - gathered - self.server_seconds)
+            comm = applied - trained - self.server_seconds
             seconds = {"train": trained - start, "comm": comm, "aggregate": self.server_seconds,
                        "eval": evaluated - applied, "round": evaluated - start}
             record = RoundRecord(round_index, sampled, ranks, answer.record, seconds, accuracy)
@@ -209,22 +210,38 @@ class FederatedTrainer:
         return record
 
     def train_clients(self, round_index: int, sampled: list[int]) -> tuple[list[ClientResult], dict[str, int], float]:
-        """Each rank trains its share of `sampled` and the transport gathers the results on rank 0 (ordered by
-        client id); also returns client id -> rank, and the clock when training ended."""
+        """Each rank trains its share of `sampled`: this rank's results, client id -> rank, and the clock when
+        training ended on every rank."""
         hosted = assign_to_ranks(sampled, {c.id: c.num_samples for c in self.data.clients}, self.world)
         results = [self.client.train(self.data.clients[c], self.global_state, round_index) for c in hosted[self.rank]]
         self.transport.wait_for_all()
         trained = time.perf_counter()
         faults.maybe_fail(round_index, "gather")
         ranks = {str(client): rank for rank, clients in enumerate(hosted) for client in clients}
-        return self.transport.gather(results, hosted), ranks, trained
+        return results, ranks, trained
 
-    def aggregate(self, round_index: int, results: list[ClientResult]) -> ServerAnswer:
-        """Rank 0: the server's answer to the round, timed (server_seconds) apart from the transport."""
+    def aggregate(self, round_index: int, results: list[ClientResult], sampled: list[int]) -> ServerAnswer:
+        """Every rank: the server's answer to the round, pre-reduced. Each rank folds its own `results` (slot =
+        the client's index in `sampled`), the transport shares the reports and sums the folds, rank 0 finishes.
+        server_seconds: this rank's folding and finishing, apart from the transport."""
+        start = time.perf_counter()
+        like = ClientUpdate(weight=1.0, lora=self.global_state.lora, extra=self.global_state.extra)
+        slot = {client: index for index, client in enumerate(sampled)}
+        fold = self.server.fold(round_index, results, [slot[r.client] for r in results], like, len(sampled))
+        self.server_seconds = time.perf_counter() - start
+        shared = self.transport.share((fold.reports, fold.refusal))
+        record = self.server.decide(round_index, [report for reports, _ in shared for report in reports],
+                                    [refusal for _, refusal in shared])
+        if not record.skipped:
+            self.transport.sum_over_ranks(fold.state.accumulators())
+        return self.transport.from_server(lambda: self.finish_round(round_index, fold.state, record), ServerAnswer)
+
+    def finish_round(self, round_index: int, state: RoundState, record: ServerRecord) -> ServerAnswer:
+        """Rank 0: the answer from the fold summed over the ranks, timed into server_seconds."""
         start = time.perf_counter()
         faults.maybe_fail(round_index, "aggregate")
-        answer = self.server.aggregate(round_index, results)
-        self.server_seconds = time.perf_counter() - start
+        answer = self.server.finish(round_index, state, record)
+        self.server_seconds += time.perf_counter() - start
         return answer
 
     def apply(self, round_index: int, answer: ServerAnswer) -> None:
@@ -247,7 +264,7 @@ class FederatedTrainer:
         faults.maybe_fail(round_index, "eval")
         counts = self.client.count_correct(self.global_state, [self.data.test[d] for d in self.data.domains],
                                            (self.rank, self.world))
-        self.transport.sum_over_ranks(counts)
+        self.transport.sum_over_ranks([counts])
         return {domain: (counts[i, 0] / counts[i, 1]).item() for i, domain in enumerate(self.data.domains)}
 
     # ---- outputs and checkpoints (rank 0) ------------------------------------------------------------------------
