@@ -298,6 +298,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"lorafair: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # checkpoints are atomic: the last complete round is on disk
+        print("lorafair: interrupted; every finished round's checkpoint is kept, and the same command continues the "
+              "run", file=sys.stderr)
+        return 130
     except Exception as err:
         if type(err).__name__ == "ArgumentError" or type(err).__module__.startswith("jsonargparse"):
             print(f"lorafair: error: {explain_parse_error(str(err), _known_keys())}", file=sys.stderr)

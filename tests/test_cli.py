@@ -108,3 +108,27 @@ def test_values_that_cannot_be_right_are_one_line(tmp_path, capsys, args, yaml, 
     assert expected in err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_ctrl_c_is_one_line_and_the_same_command_continues(tmp_path):
+    """SIGINT in the middle of training: no traceback, exit code 130, and the checkpoints of finished rounds are
+    there for the same command to continue from."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import tiny_args
+
+    command = [sys.executable, "-m", "lorafair", "fit", *tiny_args(tmp_path, "--federation.rounds", "50")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "checkpoints").glob("round_*.ckpt")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1].startswith("lorafair: interrupted")
+    assert list((tmp_path / "checkpoints").glob("round_*.ckpt"))
