@@ -27,6 +27,7 @@ from docstring_parser import parse as parse_docstring
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
 
 from lorafair.config import DataConfig, FitConfig
+from lorafair.config_file import check_config_file
 from lorafair.config_hub import list_configs, resolve_config
 from lorafair.errors import UserError
 
@@ -254,16 +255,23 @@ def given_settings(argv: list[str], section: str, parsed: Namespace) -> dict[str
 
 def with_config_paths(argv: list[str]) -> list[str]:
     """argv with the value of every --config resolved to a file (a path as it is, a shipped config's name to its
-    packaged file)."""
+    packaged file), each file checked before jsonargparse reads it (config_file)."""
+    sections = [name for name, hint in get_type_hints(FitConfig).items() if is_dataclass(hint)]
     resolved, after_config = [], False
     for arg in argv:
         if after_config:
-            arg = str(resolve_config(arg))
+            arg = str(_checked_config(arg, sections))
         elif arg.startswith("--config="):
-            arg = f"--config={resolve_config(arg.split('=', 1)[1])}"
+            arg = f"--config={_checked_config(arg.split('=', 1)[1], sections)}"
         after_config = arg == "--config"
         resolved.append(arg)
     return resolved
+
+
+def _checked_config(name: str, sections: list[str]) -> Path:
+    path = resolve_config(name)
+    check_config_file(path, sections)
+    return path
 
 
 def _known_keys() -> list[str]:
@@ -310,6 +318,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"lorafair: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # checkpoints are atomic: the last complete round is on disk
+        print("lorafair: interrupted; every finished round's checkpoint is kept, and the same command continues the "
+              "run", file=sys.stderr)
+        return 130
     except Exception as err:
         if type(err).__name__ == "ArgumentError" or type(err).__module__.startswith("jsonargparse"):
             print(f"lorafair: error: {explain_parse_error(str(err), _known_keys())}", file=sys.stderr)

@@ -6,6 +6,7 @@ Checks that need more than one section live in `FitConfig.validate`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Literal
@@ -25,6 +26,12 @@ def _require(condition: bool, key: str, message: str) -> None:
 
 TEXT_DATA = ("text_classification", "instruction", "arithmetic")
 """data.name values read as text: their model family is transformers."""
+
+
+def _require_finite(values: dict[str, float | None]) -> None:
+    """YAML can spell .nan and .inf, which slip past every comparison-based check."""
+    for key, value in values.items():
+        _require(value is None or math.isfinite(value), key, f"must be a finite number, got {value}")
 
 
 @dataclass
@@ -79,6 +86,7 @@ class LoraConfig:
     Mixer: mlp_tokens.fc2 and mlp_channels.fc2), which never touches patch_embed."""
 
     def validate(self) -> None:
+        _require_finite({"lora.alpha": self.alpha, "lora.dropout": self.dropout})
         _require(self.r > 0, "lora.r", f"must be a positive integer, got {self.r}")
         _require(self.alpha > 0, "lora.alpha", f"must be > 0, got {self.alpha}")
         _require(0 <= self.dropout < 1, "lora.dropout", f"must be in [0, 1), got {self.dropout}")
@@ -119,6 +127,8 @@ class DataConfig:
     def validate(self) -> None:
         _require(self.name in ("digits", *TEXT_DATA) or self.root is not None, "data.root",
                  f"is required for data.name={self.name}: pass --data.root DIR")
+        _require(self.image_size is None or self.image_size > 0, "data.image_size",
+                 f"must be > 0 pixels or null (the model's size), got {self.image_size}")
         _require(0 < self.test_fraction < 1, "data.test_fraction", f"must be in (0, 1), got {self.test_fraction}")
         _require(self.batch_size > 0, "data.batch_size", f"must be > 0, got {self.batch_size}")
         _require(self.eval_batch_size > 0, "data.eval_batch_size", f"must be > 0, got {self.eval_batch_size}")
@@ -197,8 +207,13 @@ class FederationConfig:
     """Evaluate the global model every this many rounds (and always after the last)."""
     on_bad_update: Literal["drop", "error"] = "drop"
     """A client update with NaN/Inf or a diverged loss: drop it from the round, or stop the run."""
+    timeout: float = 600.0
+    """Seconds a rank waits at a collective (gather, broadcast, barrier) before it stops with the round it was in; it
+    must exceed the longest wait there, i.e. the slowest rank's local training in a round. Multi-process runs only."""
 
     def validate(self) -> None:
+        _require_finite({"federation.dirichlet_alpha": self.dirichlet_alpha, "federation.timeout": self.timeout})
+        _require(self.timeout > 0, "federation.timeout", f"must be > 0 seconds, got {self.timeout}")
         _require(self.rounds > 0, "federation.rounds", f"must be > 0, got {self.rounds}")
         _require(self.clients_per_domain > 0, "federation.clients_per_domain",
                  f"must be > 0, got {self.clients_per_domain}")
@@ -229,6 +244,8 @@ class ClientConfig:
     """Clip the gradient norm to this value; None disables clipping."""
 
     def validate(self) -> None:
+        _require_finite({"client.lr": self.lr, "client.momentum": self.momentum,
+                         "client.weight_decay": self.weight_decay, "client.grad_clip": self.grad_clip})
         _require(self.local_epochs > 0, "client.local_epochs", f"must be > 0, got {self.local_epochs}")
         _require(self.max_local_steps is None or self.max_local_steps > 0, "client.max_local_steps",
                  f"must be > 0, got {self.max_local_steps}")
@@ -285,9 +302,13 @@ class FitConfig:
     """Seeds everything: the partition, client sampling, LoRA inits and each client's local training."""
     out_dir: Path = Path("runs/lorafair")
     """Run folder: config.yaml, classes.json, results.json, tensorboard/ and checkpoints/."""
-    resume: str | None = None
-    """auto: continue from the newest checkpoint in out_dir (start fresh if none); a path: from that checkpoint;
-    null: start a new run (removing out_dir's old checkpoints)."""
+    resume: str | None = "auto"
+    """auto: continue from the newest checkpoint in out_dir, or start if there is none, so re-running a command after
+    a kill continues it; a path: from that checkpoint; null: start a new run (refused where out_dir holds an earlier
+    run's checkpoints or finished results, unless overwrite)."""
+    overwrite: bool = False
+    """Start a new run from round 1, deleting the checkpoints and results.json an earlier run left in out_dir (the
+    only way lorafair deletes finished work)."""
     resume_force: bool = False
     """Resume even from a checkpoint written with other settings (model, LoRA, partition, method, ...), listing the
     differences as a warning. The results then match no uninterrupted run; tensors must still fit the model."""
@@ -318,5 +339,7 @@ class FitConfig:
                  f"must be >= 1 or null, got {self.cpu_threads}")
         _require(self.resume in (None, "auto") or Path(self.resume).exists(), "resume",
                  f"must be 'auto' or an existing checkpoint file, got {self.resume!r}")
+        _require(not self.overwrite or self.resume in (None, "auto"), "overwrite",
+                 f"starts a new run, which contradicts --resume {self.resume}; drop one of them")
         _require(not self.resume_force or self.resume is not None, "resume_force",
                  "only applies with --resume auto or --resume PATH")

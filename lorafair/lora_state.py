@@ -16,8 +16,18 @@ from peft import inject_adapter_in_model
 from torch import Tensor, nn
 
 from lorafair.config import LoraConfig
+from lorafair.errors import UserError
 
 _ADAPTER = "default"
+
+
+def check_rank(r: int, layers: dict[str, nn.Linear]) -> None:
+    """A rank above a layer's smaller side adds parameters but no expressiveness: B @ A is out x in."""
+    name, layer = min(layers.items(), key=lambda item: min(item[1].in_features, item[1].out_features))
+    width = min(layer.in_features, layer.out_features)
+    if r > width:
+        raise UserError(f"lora.r: {r} is larger than the smallest adapted layer ({name}, {layer.out_features} x "
+                        f"{layer.in_features}); use at most {width}")
 
 
 class PeftLoraState:
@@ -30,6 +40,7 @@ class PeftLoraState:
     def inject_lora(self, lora_cfg: LoraConfig, layer_names: list[str]) -> None:
         """Put LoRA on exactly these Linear layers and freeze everything else of the backbone; the factors are
         kept in float32 whatever the dtype of the frozen weights."""
+        check_rank(lora_cfg.r, {name: self.backbone.get_submodule(name) for name in layer_names})
         self.layer_names = layer_names
         self.scaling = lora_cfg.alpha / lora_cfg.r
         exact_names = "|".join(re.escape(name) for name in layer_names)

@@ -77,3 +77,58 @@ def test_model_command_arguments():
     _, kwargs = parse(["evaluate", "--run", "r", "--data.eval_batch_size=7", "--data.domains", "[rotated]"])
     assert kwargs["data"] == {"domains": ["rotated"], "eval_batch_size": 7}
     assert parse(["evaluate", "--run", "r"])[1]["data"] == {}
+
+
+TINY = ["--data.name", "digits", "--data.num_workers", "0", "--model.name", "vit_base_patch16_224",
+        "--model.kwargs", "{depth: 2, embed_dim: 32, num_heads: 2, img_size: 16, patch_size: 4}"]
+
+
+@pytest.mark.parametrize(
+    ("args", "yaml", "expected"),
+    [
+        (["--data.image_size", "0"], "", "data.image_size: must be > 0 pixels or null"),
+        (["--data.image_size", "-3"], "", "data.image_size: must be > 0 pixels or null"),
+        ([], "client:\n  lr: .nan\n", "client.lr: must be a finite number, got nan"),
+        ([], "client:\n  lr: .inf\n", "client.lr: must be a finite number, got inf"),
+        ([], "server:\n  lam: .inf\n", "server.lam: must be a number >= 0, got inf"),
+        ([], "lora:\n  alpha: .nan\n", "lora.alpha: must be a finite number, got nan"),
+        (["--client.local_epochs", "0"], "", "client.local_epochs: must be > 0, got 0"),
+        (["--federation.clients_per_round", "0"], "", "federation.clients_per_round: must be > 0, got 0"),
+        (["--federation.partition", "iid", "--federation.num_clients", "100000"], "",
+         "federation.num_clients=100000 is more than the 1234 training samples"),
+        (["--lora.r", "100000"], "", "lora.r: 100000 is larger than the smallest adapted layer (blocks.0.attn.proj, "
+                                     "32 x 32); use at most 32"),
+    ],
+)
+def test_values_that_cannot_be_right_are_one_line(tmp_path, capsys, args, yaml, expected):
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml or "seed: 0\n")
+    assert main(["fit", "--config", str(config), *TINY, "--out_dir", str(tmp_path / "run"), *args]) == 2
+    err = capsys.readouterr().err
+    assert expected in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_ctrl_c_is_one_line_and_the_same_command_continues(tmp_path):
+    """SIGINT in the middle of training: no traceback, exit code 130, and the checkpoints of finished rounds are
+    there for the same command to continue from."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import tiny_args
+
+    command = [sys.executable, "-m", "lorafair", "fit", *tiny_args(tmp_path, "--federation.rounds", "50")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "checkpoints").glob("round_*.ckpt")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1].startswith("lorafair: interrupted")
+    assert list((tmp_path / "checkpoints").glob("round_*.ckpt"))

@@ -38,7 +38,7 @@ def test_a_sweep_plans_one_run_per_method_seed_and_value(tmp_path: Path) -> None
         assert key == "lora.r" and isinstance(value, int)
         assert run.cfg.out_dir == tmp_path / f"{run.method}-lora.r={value}" / f"seed{run.seed}"
         assert (run.cfg.server.method, run.cfg.seed, run.cfg.lora.r) == (run.method, run.seed, value)
-        reset = dataclasses.replace(run.cfg, seed=cfg.seed, out_dir=cfg.out_dir,
+        reset = dataclasses.replace(run.cfg, seed=cfg.seed, out_dir=cfg.out_dir, resume=cfg.resume,
                                     server=dataclasses.replace(run.cfg.server, method=cfg.server.method),
                                     lora=dataclasses.replace(run.cfg.lora, r=cfg.lora.r))
         assert reset == cfg  # everything else identical
@@ -73,6 +73,11 @@ def test_bad_methods_and_grids_are_user_errors(tmp_path: Path, methods, grid, er
         plan_runs(base_config(tmp_path), methods, None, grid)
 
 
+def test_compare_refuses_overwrite_rather_than_delete_finished_runs(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="overwrite: compare keeps finished runs"):
+        plan_runs(dataclasses.replace(base_config(tmp_path), overwrite=True), ["fedit"], None, None)
+
+
 def test_run_status_reads_the_folder(tmp_path: Path) -> None:
     assert run_status(tmp_path / "absent") == "new"
     (tmp_path / "checkpoints").mkdir()
@@ -80,8 +85,11 @@ def test_run_status_reads_the_folder(tmp_path: Path) -> None:
     (tmp_path / "checkpoints" / "round_2.pt").write_bytes(b"x")
     (tmp_path / "results.json").write_text(json.dumps({"rounds": [{}, {}], "final": None}))
     assert run_status(tmp_path) == "resume"
-    (tmp_path / "results.json").write_text(json.dumps({"rounds": [{}], "final": {"mean_accuracy": 0.5}}))
+    (tmp_path / "results.json").write_text(json.dumps({"rounds": [{}], "final": {"accuracy": {"a": 0.5},
+                                                                                  "mean_accuracy": 0.5}}))
     assert run_status(tmp_path) == "done"
+    (tmp_path / "results.json").write_text("[]")
+    assert run_status(tmp_path) == "unreadable"
 
 
 class FakeTrainer:

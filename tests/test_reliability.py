@@ -25,9 +25,9 @@ from lorafair.federated.checkpoints import (
     first_shape_mismatch,
     list_checkpoints,
     load_checkpoint,
-    partition_fingerprint,
     save_checkpoint,
 )
+from lorafair.federated.fingerprints import partition_fingerprint
 from lorafair.federated.loop import FederatedTrainer, fit, launch_fabric
 from lorafair.federated.state import ClientResult, ServerAnswer
 
@@ -152,7 +152,7 @@ def _with(results: list[ClientResult], position: int, **changes) -> list[ClientR
 
 def _aggregate(trainer: FederatedTrainer, results: list[ClientResult]) -> ServerAnswer:
     """Round 1's server answer (lorafair rebuilds its aggregator from the round's seed, so reruns agree)."""
-    return trainer.server.aggregate(1, results)
+    return trainer.aggregate(1, results, [result.client for result in results])
 
 
 @pytest.mark.parametrize("fault", ["nan update", "inf update", "inf loss", "nan loss"])

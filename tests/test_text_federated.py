@@ -167,7 +167,7 @@ def test_a_roberta_classifier_trains_its_head_as_extra_state(tmp_path):
     assert sorted(start) == ["classifier.dense.bias", "classifier.dense.weight", "classifier.out_proj.bias",
                              "classifier.out_proj.weight"]
     results = [trainer.client.train(client, trainer.global_state, 1) for client in trainer.data.clients]
-    answer = trainer.server.aggregate(1, results)
+    answer = trainer.aggregate(1, results, [client.id for client in trainer.data.clients])
     weights = [r.update.weight for r in results]
     expected = sum(w * r.update.extra["classifier.out_proj.weight"] for w, r in zip(weights, results, strict=True))
     assert torch.allclose(answer.extra["classifier.out_proj.weight"], expected / sum(weights), atol=1e-6)

@@ -90,14 +90,16 @@ def test_stopping_after_one_round_and_resuming_gives_the_same_results(tiny_run, 
 
 
 def _spy_on_updates(trainer: FederatedTrainer) -> list[list]:
-    """Record the ClientUpdates the server aggregates, one list per round."""
-    rounds, aggregate = [], trainer.server.aggregator.aggregate
+    """Record the ClientUpdates the server folds into each round (the usable ones), one list per round."""
+    rounds, fold = [], trainer.server.fold
 
-    def recording(updates):
-        rounds.append([(u.weight, {n: (a.clone(), b.clone()) for n, (a, b) in u.lora.items()}) for u in updates])
-        return aggregate(updates)
+    def recording(round_index, results, *args):
+        folded = fold(round_index, results, *args)
+        rounds.append([(r.update.weight, {n: (a.clone(), b.clone()) for n, (a, b) in r.update.lora.items()})
+                       for r, report in zip(results, folded.reports, strict=True) if report.bad is None])
+        return folded
 
-    trainer.server.aggregator.aggregate = recording
+    trainer.server.fold = recording
     return rounds
 
 

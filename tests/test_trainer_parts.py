@@ -120,13 +120,15 @@ def test_checkpoints_are_atomic_keep_the_previous_one_and_skip_unreadable_ones(t
 
 
 def test_identity_ignores_how_a_run_executes_but_not_what_it_computes():
-    base = trajectory_identity(flatten_config(config_to_dict(FitConfig())), "p")
+    base = trajectory_identity(flatten_config(config_to_dict(FitConfig())), {"partition": "p"})
     longer = FitConfig()
     longer.federation.rounds, longer.data.num_workers, longer.out_dir = 99, 0, "elsewhere"
-    assert identity_differences(base, trajectory_identity(flatten_config(config_to_dict(longer)), "p")) == []
+    same = trajectory_identity(flatten_config(config_to_dict(longer)), {"partition": "p"})
+    assert identity_differences(base, same) == []
     other = FitConfig()
     other.server.method, other.lora.r = "fedit", 8
-    assert identity_differences(base, trajectory_identity(flatten_config(config_to_dict(other)), "q")) == [
+    changed = trajectory_identity(flatten_config(config_to_dict(other)), {"partition": "q"})
+    assert identity_differences(base, changed) == [
         "lora.r: 16 -> 8", "partition: 'p' -> 'q'", "server.method: 'lorafair' -> 'fedit'"]
 
 

@@ -41,11 +41,12 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from lorafair.errors import UserError
+from lorafair.federated.launch import die_with_parent
 
 CACHE_FORMAT = 1
 CACHE_DIR_ENV = "LORAFAIR_CACHE_DIR"
-UNREADABLE_IMAGE = (OSError, SyntaxError, ValueError)
-"""What PIL raises for missing, truncated and corrupt files."""
+UNREADABLE_IMAGE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+"""What PIL raises for missing, truncated and corrupt files, and for a header declaring billions of pixels."""
 
 
 def human_size(size: int) -> str:
@@ -236,6 +237,11 @@ def _set_prepare(prepare: Callable) -> None:
     _PREPARE = prepare
 
 
+def _start_worker(prepare: Callable) -> None:
+    die_with_parent()
+    _set_prepare(prepare)
+
+
 def _decode(path: str) -> tuple[np.ndarray | None, str | None]:
     """(C x H x W uint8 pixels, None), or (None, the message) for an unreadable image."""
     try:
@@ -252,7 +258,7 @@ def _decoded(paths: Sequence[str], prepare: Callable, workers: int) -> Iterator[
         _set_prepare(prepare)
         yield from map(_decode, paths)
         return
-    with multiprocessing.get_context("fork").Pool(workers, initializer=_set_prepare, initargs=(prepare,)) as pool:
+    with multiprocessing.get_context("fork").Pool(workers, initializer=_start_worker, initargs=(prepare,)) as pool:
         yield from pool.imap(_decode, paths, chunksize=8)
 
 

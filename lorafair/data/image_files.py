@@ -58,8 +58,8 @@ FOLDERS_LAYOUT = ("expected image-folder layout: <root>/<domain>/<class>/<image>
 
 
 class ImageFileDataset(Dataset):
-    """(path, label) samples decoded with PIL on access. With on_bad_image="skip" an unreadable image yields None,
-    which make_loader drops and counts; with "error" it raises a UserError naming the file."""
+    """(path, label) samples decoded with PIL on access. With on_bad_image="skip" an unreadable image (a decompression
+    bomb included) yields None, which make_loader drops and counts; with "error" it raises a UserError naming it."""
 
     def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable, on_bad_image: str = "error") -> None:
         self.paths = [path for path, _ in samples]

@@ -5,7 +5,7 @@ Datasets backed by the decode-once cache (`CachedImageDataset`, also inside Subs
 training process. Any other dataset gets a `SkippingLoader` over a torch DataLoader.
 
 A dataset yields None for an image it skipped (on_bad_image="skip"). The collate function drops those and sends
-their count along with the batch, so the main process learns it even when workers decode the images; a UserError
+their indices along with the batch, so the main process learns it even when workers decode the images; a UserError
 raised while decoding in a worker travels the same way and is raised again in the main process with its own
 message (a worker's exception would otherwise arrive wrapped in its traceback).
 """
@@ -21,11 +21,17 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, default
 
 from lorafair.data.cache import CachedImageDataset, normalize
 from lorafair.errors import UserError
+from lorafair.federated.launch import die_with_parent
 
 
 @dataclass
 class _Failure:
     message: str
+
+
+@dataclass
+class _Skipped:
+    index: int
 
 
 class _CatchUserErrors(Dataset):
@@ -39,26 +45,33 @@ class _CatchUserErrors(Dataset):
 
     def __getitem__(self, index: int):
         try:
-            return self.dataset[index]
+            sample = self.dataset[index]
         except UserError as err:
             return _Failure(str(err))
+        return _Skipped(index) if sample is None else sample
 
 
-def _collate(samples: list) -> tuple[object, int, str | None]:
-    """(batch or None when every sample was skipped, number skipped, first error message or None)."""
+def _collate(samples: list) -> tuple[object, list[int], str | None]:
+    """(batch or None when every sample was skipped, indices skipped, first error message or None)."""
     failures = [sample.message for sample in samples if isinstance(sample, _Failure)]
     if failures:
-        return None, 0, failures[0]
-    kept = [sample for sample in samples if sample is not None]
-    return (default_collate(kept) if kept else None), len(samples) - len(kept), None
+        return None, [], failures[0]
+    kept = [sample for sample in samples if not isinstance(sample, _Skipped)]
+    skipped = [sample.index for sample in samples if isinstance(sample, _Skipped)]
+    return (default_collate(kept) if kept else None), skipped, None
 
 
 class SkippingLoader:
-    """Iterates (images, labels) batches of a DataLoader; `skipped` counts the images dropped so far."""
+    """Iterates (images, labels) batches of a DataLoader; `skipped` is the number of distinct images dropped so far,
+    so a bad file met again in a later epoch counts once."""
 
     def __init__(self, loader: DataLoader) -> None:
         self.loader = loader
-        self.skipped = 0
+        self.skipped_indices: set[int] = set()
+
+    @property
+    def skipped(self) -> int:
+        return len(self.skipped_indices)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -67,7 +80,7 @@ class SkippingLoader:
         for batch, skipped, failure in self.loader:
             if failure is not None:
                 raise UserError(failure)
-            self.skipped += skipped
+            self.skipped_indices.update(skipped)
             if batch is not None:
                 yield batch
 
@@ -101,7 +114,8 @@ def _cached_parts(dataset: Dataset) -> tuple[list[CachedImageDataset], np.ndarra
 
 
 class CachedLoader:
-    """(images, labels) batches of cached datasets, normalised on `device`; `skipped` counts unreadable images.
+    """(images, labels) batches of cached datasets, normalised on `device`; `skipped` is the number of distinct
+    unreadable images met so far (a later epoch meeting them again adds none).
 
     Each batch is gathered from each cache file with one sorted fancy index into pinned memory (on CUDA), copied
     without blocking, put back into the sampled order and normalised on the device. With augment, the random crop
@@ -118,7 +132,11 @@ class CachedLoader:
         self.device = torch.device(device)
         self.pin = self.device.type == "cuda"
         self.mean, self.std = sources[0].mean.to(self.device), sources[0].std.to(self.device)
-        self.skipped = 0
+        self.skipped_positions: set[int] = set()
+
+    @property
+    def skipped(self) -> int:
+        return len(self.skipped_positions)
 
     def __len__(self) -> int:
         return len(self.order)
@@ -126,7 +144,7 @@ class CachedLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for positions in self.order:
             keep = positions[self.readable[positions]]
-            self.skipped += len(positions) - len(keep)
+            self.skipped_positions.update(positions[~self.readable[positions]].tolist())
             if len(keep):
                 yield self._batch(keep)
 
@@ -180,4 +198,5 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num
     return SkippingLoader(DataLoader(
         _CatchUserErrors(dataset), batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
         drop_last=drop_last, collate_fn=_collate, generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=die_with_parent if num_workers > 0 else None,
     ))

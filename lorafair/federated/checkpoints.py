@@ -13,7 +13,7 @@ import hashlib
 import os
 import pickle
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import torch
 
 from lorafair.errors import UserError
 from lorafair.federated.state import GlobalState, ResumeState, pack, pack_pairs, unpack, unpack_pairs
-from lorafair.reporting.run_folder import checkpoint_dir, results_path
+from lorafair.reporting.run_folder import checkpoint_dir, is_finished, read_results, results_path
 
 CHECKPOINT_KEYS = frozenset({"round", "identity", "results", "lora", "extra", "base"})
 
@@ -132,14 +132,6 @@ def content_digest(state: Any) -> str:
     return digest.hexdigest()
 
 
-def partition_fingerprint(clients: Iterable[tuple[int, str, int, list[int]]]) -> str:
-    """A short label of the client partition: client count, sample count and a hash of every client's
-    (id, domain, num_samples, class_counts)."""
-    clients = [(int(i), str(domain), int(size), [int(c) for c in counts]) for i, domain, size, counts in clients]
-    digest = hashlib.sha256(repr(clients).encode()).hexdigest()[:12]
-    return f"{len(clients)} clients, {sum(size for _, _, size, _ in clients)} samples, sha256 {digest}"
-
-
 def first_shape_mismatch(saved: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size]) -> str | None:
     """The first tensor (in `expected`'s order) that is missing, extra or shaped differently in `saved`, described
     in words; None when every tensor fits."""
@@ -179,25 +171,47 @@ def checkpoint_state(round_index: int, identity: dict[str, Any], results: dict[s
             "base": {name: t.cpu() for name, t in base.items()} if base is not None else None}
 
 
-def find_checkpoint(out_dir: Path, resume: str | None, log: Callable[[str], None]) -> tuple[Path, Any] | None:
-    """The checkpoint to resume from: None for a fresh start (resume=None removes an earlier run's checkpoints and
-    results.json), the newest readable one for resume="auto", else the file `resume` names."""
+def find_checkpoint(out_dir: Path, resume: str | None, overwrite: bool,
+                    log: Callable[[str], None]) -> tuple[Path, Any] | None:
+    """The checkpoint to resume from: the newest readable one for resume="auto", the file `resume` names, or None
+    for a fresh start once out_dir is clear for it (`clear_for_new_run`)."""
     directory = checkpoint_dir(out_dir)
-    if resume is None:
-        stale = list_checkpoints(directory)
-        if stale:
-            log(f"starting a new run in {out_dir}: removing {len(stale)} checkpoint(s) of an earlier run there "
-                f"(pass --resume auto to continue it instead)")
-            for path in stale:
-                path.unlink()
-        results_path(out_dir).unlink(missing_ok=True)  # a stale "final" would read as this run's
+    if resume is None or overwrite:
+        clear_for_new_run(out_dir, overwrite, log)
         return None
     if resume == "auto":
         found = load_latest(directory, log)
         if found is None:
             log(f"no checkpoint in {directory}: starting from round 1")
+            clear_for_new_run(out_dir, overwrite, log)
         return found
     return Path(resume), load_checkpoint(Path(resume))
+
+
+def clear_for_new_run(out_dir: Path, overwrite: bool, log: Callable[[str], None]) -> None:
+    """Before a run starts from round 1 in `out_dir`: refuse (UserError) where an earlier run's checkpoints or
+    finished results.json are there, unless `overwrite`, which deletes them (said in the log). A stale, unfinished
+    results.json is removed: its records would read as this run's."""
+    checkpoints = list_checkpoints(checkpoint_dir(out_dir))
+    results = results_path(out_dir)
+    finished = results.is_file() and _holds_final(results)
+    if (checkpoints or finished) and not overwrite:
+        held = f"{len(checkpoints)} checkpoint(s)" if checkpoints else "the finished results.json"
+        raise UserError(f"out_dir {out_dir} holds an earlier run ({held}); pass --resume auto to continue it, "
+                        f"--overwrite true to delete it and start over, or another --out_dir")
+    if checkpoints or finished:
+        log(f"starting a new run in {out_dir}: deleting {len(checkpoints)} checkpoint(s) and the results.json of an "
+            f"earlier run there (--overwrite true)")
+    for path in checkpoints:
+        path.unlink()
+    results.unlink(missing_ok=True)
+
+
+def _holds_final(results: Path) -> bool:
+    try:
+        return is_finished(read_results(results))
+    except UserError:
+        return False
 
 
 def read_round(path: Path, state: Any) -> ResumeState:

@@ -5,6 +5,9 @@ point of a round, as a pre-emption would: nothing gets a chance to clean up, exa
 must survive. It fires once per job: under torchrun only in the first attempt (TORCHELASTIC_RESTART_COUNT unset or
 0), so the processes torchrun restarts run through and resume.
 
+LORAFAIR_FAIL_SIGNAL=SIGSTOP (any signal name; default SIGKILL) sends that signal instead, e.g. to freeze a rank the
+way a dead node without a closed socket would.
+
 LORAFAIR_POISON=ROUND:CLIENT[,ROUND:CLIENT...] turns the update of that client in that round into NaN, as a
 diverged client's would be, so the server's dropping of bad updates can be tested end to end.
 
@@ -18,16 +21,17 @@ import os
 import signal
 
 ENV_VAR = "LORAFAIR_FAIL_AT"
+SIGNAL_ENV_VAR = "LORAFAIR_FAIL_SIGNAL"
 POISON_ENV_VAR = "LORAFAIR_POISON"
 CLIENT_ERROR_ENV_VAR = "LORAFAIR_CLIENT_ERROR"
 PHASES = ("train", "gather", "aggregate", "eval", "checkpoint")
-"""Where a round can be interrupted: during local training, the gather, the aggregation, the evaluation, and with
-the new checkpoint written but not yet renamed into place."""
+"""Where a round can be interrupted: during local training, before the exchange between ranks, the aggregation, the
+evaluation, and with the new checkpoint written but not yet renamed into place."""
 
 
 def maybe_fail(round_index: int, phase: str) -> None:
-    """Kill this process if LORAFAIR_FAIL_AT names this round, phase (and this process's RANK, as torchrun sets it;
-    0 without torchrun), in a job's first attempt."""
+    """Kill (or signal, LORAFAIR_FAIL_SIGNAL) this process if LORAFAIR_FAIL_AT names this round, phase (and this
+    process's RANK, as torchrun sets it; 0 without torchrun), in a job's first attempt."""
     target = os.environ.get(ENV_VAR)
     if not target:
         return
@@ -38,7 +42,7 @@ def maybe_fail(round_index: int, phase: str) -> None:
         return
     rank = int(os.environ.get("RANK", "0"))
     if int(parts[0]) == round_index and parts[1] == phase and (len(parts) == 2 or int(parts[2]) == rank):
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), getattr(signal, os.environ.get(SIGNAL_ENV_VAR, "SIGKILL")))
 
 
 def is_poisoned(round_index: int, client_id: int) -> bool:

@@ -1,10 +1,11 @@
 """`lorafair fit`: the round loop, composing the client, the server and the transport on Lightning Fabric.
 
 One round (`FederatedTrainer.run_round`):
-    sample clients -> assign them to ranks -> each rank trains its clients (client role) -> the transport gathers
-    the results on rank 0 -> the server aggregates -> the transport delivers its answer to every rank -> every rank
-    applies it (merging into its frozen weights for FLoRA / FedEx-LoRA) -> sharded evaluation -> results.json,
-    TensorBoard and a checkpoint on rank 0.
+    sample clients -> assign them to ranks -> each rank trains its clients (client role) and folds their updates
+    into the method's accumulators (server role) -> the transport shares the clients' reports and sums the
+    accumulators over the ranks -> rank 0 finishes the aggregation and the transport delivers its answer to every
+    rank -> every rank applies it (merging into its frozen weights for FLoRA / FedEx-LoRA) -> sharded evaluation ->
+    results.json, TensorBoard and a checkpoint on rank 0.
 After the last round rank 0 prints the accuracy table and exports the global model to out_dir/final
 (`lorafair.export`).
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +26,10 @@ import torch
 import torch.distributed as dist
 from lightning.fabric import Fabric
 from lightning.fabric.loggers import TensorBoardLogger
+from lightning.fabric.strategies import DDPStrategy
 from tqdm import tqdm
 
+from lorafair.aggregation import ClientUpdate, RoundState
 from lorafair.config import FitConfig
 from lorafair.data import FederatedData, build_federated_data, model_data_config
 from lorafair.errors import UserError
@@ -34,11 +38,12 @@ from lorafair.federated.checkpoints import (
     check_fits,
     checkpoint_state,
     find_checkpoint,
-    partition_fingerprint,
     resume_state,
     save_checkpoint,
 )
 from lorafair.federated.client import ClientModel, LocalTrainer
+from lorafair.federated.fingerprints import run_fingerprints
+from lorafair.federated.launch import check_launch, die_with_parent
 from lorafair.federated.sampling import assign_to_ranks, derive_seed, sample_clients
 from lorafair.federated.server import Server
 from lorafair.federated.state import (
@@ -47,16 +52,18 @@ from lorafair.federated.state import (
     ResumeState,
     RoundRecord,
     ServerAnswer,
+    ServerRecord,
     pack,
     pack_pairs,
 )
-from lorafair.federated.transport import TorchDistributedTransport
+from lorafair.federated.transport import PeerLost, TorchDistributedTransport
 from lorafair.model import LoraClassifier
 from lorafair.reporting.run_folder import (
     CLASSES_NAME,
     CONFIG_NAME,
     TENSORBOARD_NAME,
     accuracy_table,
+    check_out_dir,
     checkpoint_dir,
     config_to_dict,
     flatten_config,
@@ -70,6 +77,7 @@ from lorafair.reporting.run_folder import (
 
 def fit(cfg: FitConfig) -> dict[str, Any]:
     """Run the federated job of `cfg` and return the content of its results.json (on every rank)."""
+    check_out_dir(cfg.out_dir)
     trainer = FederatedTrainer(cfg, launch_fabric(cfg))
     results = trainer.run()
     trainer.transport.close()
@@ -82,24 +90,30 @@ def launch_fabric(cfg: FitConfig, tensorboard: bool = True) -> Fabric:
     bf16-mixed on CUDA and 32-true elsewhere unless `precision` says otherwise. TensorBoard goes to
     out_dir/tensorboard (Fabric writes it from rank 0 only); a process that only trains clients (a Flower node)
     passes tensorboard=False.
+    The launch is checked against num_nodes first, and every collective times out after federation.timeout, so a
+    missing or stuck rank is one line instead of a hang.
     """
+    check_launch(cfg.num_nodes, os.environ, sys.argv[1:])
     if cfg.cpu_threads is not None:
         torch.set_num_threads(cfg.cpu_threads)
     under_torchrun = "LOCAL_WORLD_SIZE" in os.environ
+    timeout = timedelta(seconds=cfg.federation.timeout)
+    if under_torchrun:
+        die_with_parent()  # a killed torchrun agent takes its ranks with it
     on_cuda = cfg.accelerator in ("auto", "cuda", "gpu") and torch.cuda.is_available()
     if under_torchrun and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        join_restarted_process_group("nccl" if on_cuda else "gloo")
+        join_restarted_process_group("nccl" if on_cuda else "gloo", timeout)
     precision = cfg.precision or ("bf16-mixed" if on_cuda else "32-true")
     logger = (TensorBoardLogger(root_dir=cfg.out_dir, name=TENSORBOARD_NAME, version="", default_hp_metric=False)
               if tensorboard else None)
-    fabric = Fabric(accelerator=cfg.accelerator, strategy="ddp" if under_torchrun else "auto",
+    fabric = Fabric(accelerator=cfg.accelerator, strategy=DDPStrategy(timeout=timeout) if under_torchrun else "auto",
                     devices=int(os.environ["LOCAL_WORLD_SIZE"]) if under_torchrun else 1, num_nodes=cfg.num_nodes,
                     precision=precision, loggers=logger)
     fabric.launch()
     return fabric
 
 
-def join_restarted_process_group(backend: str) -> None:
+def join_restarted_process_group(backend: str, timeout: timedelta) -> None:
     """Join the process group of a torchrun restart under a key prefix of its own (Fabric then reuses the group).
 
     torchrun keeps one key-value store for all attempts of a job; without the prefix, the ranks of a restarted
@@ -108,7 +122,7 @@ def join_restarted_process_group(backend: str) -> None:
     agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
     attempt = os.environ["TORCHELASTIC_RESTART_COUNT"]
     dist.init_process_group(backend, store=dist.PrefixStore(f"lorafair/attempt_{attempt}", agent_store),
-                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
 
 
 def build_data(cfg: FitConfig) -> FederatedData:
@@ -147,7 +161,6 @@ def state_shapes(model: LoraClassifier) -> dict[str, torch.Size]:
 class FederatedTrainer:
     """The round loop: holds this rank's roles, the global state every client starts a round from, and the
     results."""
-
     def __init__(self, cfg: FitConfig, fabric: Fabric) -> None:
         self.cfg, self.fabric = cfg, fabric
         self.out_dir = Path(cfg.out_dir)
@@ -161,13 +174,11 @@ class FederatedTrainer:
         self.model = build_model(cfg, self.data.num_classes, fabric.device)
         self.global_state = GlobalState(self.fresh_lora("lora_init", cfg.seed), self.model.get_extra())
         self.merged = False
-        shapes = {key: t.shape for key, t in self.global_state.tensors().items()}
-        self.transport = TorchDistributedTransport(fabric.device, shapes)
+        self.transport = TorchDistributedTransport(fabric.device)
         self.rank, self.world = self.transport.rank, self.transport.world
         self.client = LocalTrainer(self.model, fabric, cfg.client, cfg.data, cfg.seed, show_progress=self.rank == 0)
         self.server = Server(cfg.server, cfg.federation.on_bad_update, cfg.seed, log=fabric.print)
-        self.identity = trajectory_identity(flatten_config(config_to_dict(cfg)), partition_fingerprint(
-            (c.id, c.domain, c.num_samples, c.class_counts) for c in clients))
+        self.identity = trajectory_identity(flatten_config(config_to_dict(cfg)), run_fingerprints(self.data, cfg.model))
         self.results: dict[str, Any] = {
             "method": cfg.server.method, "seed": cfg.seed, "config": config_to_dict(cfg), "domains": self.data.domains,
             "clients": [{"id": c.id, "domain": c.domain, "num_samples": c.num_samples} for c in clients],
@@ -180,7 +191,11 @@ class FederatedTrainer:
         progress = tqdm(range(first, rounds + 1), desc=f"{self.cfg.server.method} rounds", initial=first - 1,
                         total=rounds, disable=self.rank != 0, file=sys.stdout, dynamic_ncols=True)
         for round_index in progress:
-            record = self.run_round(round_index)
+            try:
+                record = self.run_round(round_index)
+            except PeerLost as err:
+                kept = f"the checkpoint of round {round_index - 1} is kept" if round_index > 1 else "nothing was lost"
+                raise UserError(f"round {round_index}: {err}; {kept}: run the same command again to resume") from err
             if record is not None and record.accuracy is not None:
                 progress.set_postfix(mean_acc=f"{100 * record.to_dict()['mean_accuracy']:.2f}%")
         if self.rank == 0:
@@ -192,9 +207,8 @@ class FederatedTrainer:
         clock = time.perf_counter
         start = clock()
         sampled = sample_clients([c.id for c in self.data.clients], self.per_round, self.cfg.seed, round_index)
-        gathered_results, ranks, trained = self.train_clients(round_index, sampled)
-        gathered = clock()
-        answer = self.transport.from_server(lambda: self.aggregate(round_index, gathered_results), ServerAnswer)
+        results, ranks, trained = self.train_clients(round_index, sampled)
+        answer = self.aggregate(round_index, results, sampled)
         self.apply(round_index, answer)
         applied = clock()
         evaluate = round_index % self.cfg.federation.eval_every == 0 or round_index == self.cfg.federation.rounds
@@ -202,7 +216,7 @@ class FederatedTrainer:
         evaluated = clock()
         record = None
         if self.rank == 0:
-            comm = (gathered - trained) + (applied - gathered - self.server_seconds)
+            comm = applied - trained - self.server_seconds
             seconds = {"train": trained - start, "comm": comm, "aggregate": self.server_seconds,
                        "eval": evaluated - applied, "round": evaluated - start}
             record = RoundRecord(round_index, sampled, ranks, answer.record, seconds, accuracy)
@@ -211,22 +225,38 @@ class FederatedTrainer:
         return record
 
     def train_clients(self, round_index: int, sampled: list[int]) -> tuple[list[ClientResult], dict[str, int], float]:
-        """Each rank trains its share of `sampled` and the transport gathers the results on rank 0 (ordered by
-        client id); also returns client id -> rank, and the clock when training ended."""
+        """Each rank trains its share of `sampled`: this rank's results, client id -> rank, and the clock when
+        training ended on every rank."""
         hosted = assign_to_ranks(sampled, {c.id: c.num_samples for c in self.data.clients}, self.world)
         results = [self.client.train(self.data.clients[c], self.global_state, round_index) for c in hosted[self.rank]]
         self.transport.wait_for_all()
         trained = time.perf_counter()
         faults.maybe_fail(round_index, "gather")
         ranks = {str(client): rank for rank, clients in enumerate(hosted) for client in clients}
-        return self.transport.gather(results, hosted), ranks, trained
+        return results, ranks, trained
 
-    def aggregate(self, round_index: int, results: list[ClientResult]) -> ServerAnswer:
-        """Rank 0: the server's answer to the round, timed (server_seconds) apart from the transport."""
+    def aggregate(self, round_index: int, results: list[ClientResult], sampled: list[int]) -> ServerAnswer:
+        """Every rank: the server's answer to the round, pre-reduced. Each rank folds its own `results` (slot =
+        the client's index in `sampled`), the transport shares the reports and sums the folds, rank 0 finishes.
+        server_seconds: this rank's folding and finishing, apart from the transport."""
+        start = time.perf_counter()
+        like = ClientUpdate(weight=1.0, lora=self.global_state.lora, extra=self.global_state.extra)
+        slot = {client: index for index, client in enumerate(sampled)}
+        fold = self.server.fold(round_index, results, [slot[r.client] for r in results], like, len(sampled))
+        self.server_seconds = time.perf_counter() - start
+        shared = self.transport.share((fold.reports, fold.refusal))
+        record = self.server.decide(round_index, [report for reports, _ in shared for report in reports],
+                                    [refusal for _, refusal in shared])
+        if not record.skipped:
+            self.transport.sum_over_ranks(fold.state.accumulators())
+        return self.transport.from_server(lambda: self.finish_round(round_index, fold.state, record), ServerAnswer)
+
+    def finish_round(self, round_index: int, state: RoundState, record: ServerRecord) -> ServerAnswer:
+        """Rank 0: the answer from the fold summed over the ranks, timed into server_seconds."""
         start = time.perf_counter()
         faults.maybe_fail(round_index, "aggregate")
-        answer = self.server.aggregate(round_index, results)
-        self.server_seconds = time.perf_counter() - start
+        answer = self.server.finish(round_index, state, record)
+        self.server_seconds += time.perf_counter() - start
         return answer
 
     def apply(self, round_index: int, answer: ServerAnswer) -> None:
@@ -249,7 +279,7 @@ class FederatedTrainer:
         faults.maybe_fail(round_index, "eval")
         counts = self.client.count_correct(self.global_state, [self.data.test[d] for d in self.data.domains],
                                            (self.rank, self.world))
-        self.transport.sum_over_ranks(counts)
+        self.transport.sum_over_ranks([counts])
         return {domain: (counts[i, 0] / counts[i, 1]).item() for i, domain in enumerate(self.data.domains)}
 
     # ---- outputs and checkpoints (rank 0) ------------------------------------------------------------------------
@@ -304,7 +334,7 @@ class FederatedTrainer:
 
     def read_resume_state(self) -> ResumeState | None:
         """Rank 0: None for a fresh start, else the checkpoint's state, checked against this run and model."""
-        found = find_checkpoint(self.out_dir, self.cfg.resume, self.fabric.print)
+        found = find_checkpoint(self.out_dir, self.cfg.resume, self.cfg.overwrite, self.fabric.print)
         if found is None:
             return None
         resumed = resume_state(*found, self.identity, self.cfg.federation.rounds, self.cfg.resume_force,

@@ -2,7 +2,7 @@
 
 The ClientApp is the client role (`LocalTrainer.train`: the same LightningModule, local loop and seeds derived from
 (seed, round, client)) on the one client its node's `partition-id` names, holding only that client's data. The
-ServerApp is `fit`'s round loop (`FederatedTrainer`) with its local training and gather replaced by messages to the
+ServerApp is `fit`'s round loop (`FederatedTrainer`) with its local training replaced by messages to the
 nodes: the same sampling, server role (bad-update policy and aggregation), evaluation, results.json, TensorBoard,
 checkpoints and resume. Messages carry the named tensors of `federated/state.py` in ArrayRecords. A node whose
 reply is an error (it failed mid-round) is left out of the round and named in results.json.
@@ -132,7 +132,6 @@ def make_client_app(config_of: Callable[[Context], FitConfig]) -> ClientApp:
 
 class FlowerRoundLoop(FederatedTrainer):
     """`fit`'s round loop in one process, whose clients train on the grid's nodes."""
-
     def __init__(self, cfg: FitConfig, grid: Grid, timeout: float) -> None:
         super().__init__(cfg, launch_fabric(cfg))
         self.grid, self.timeout = grid, timeout
@@ -180,8 +179,8 @@ class FlowerRoundLoop(FederatedTrainer):
                                          for key, tensor in pack_pairs(f"merge/{index}", self.merges[index]).items()})
         return Message(content, message_type=MessageType.TRAIN, dst_node_id=self.node_of[client])
 
-    def aggregate(self, round_index: int, results: list[ClientResult]) -> ServerAnswer:
-        answer = super().aggregate(round_index, results)
+    def aggregate(self, round_index: int, results: list[ClientResult], sampled: list[int]) -> ServerAnswer:
+        answer = super().aggregate(round_index, results, sampled)
         answer.record.failed_clients = dict(sorted(self.failed.items(), key=lambda item: int(item[0])))
         return answer
 

@@ -111,6 +111,9 @@ def plan_runs(cfg: FitConfig, methods: list[str], seeds: list[int] | None, grid:
                         f"valid: {', '.join(registered_methods())}")
     if cfg.resume not in (None, "auto"):
         raise UserError("resume: compare resumes each run from its own folder; drop --resume or pass 'auto'")
+    if cfg.overwrite:
+        raise UserError("overwrite: compare keeps finished runs and resumes the others; delete a run's folder to run "
+                        "it again")
     methods = list(dict.fromkeys(methods))
     seeds = list(dict.fromkeys(seeds)) if seeds else [cfg.seed]
     key, values = parse_grid(grid) if grid else (None, [None])
@@ -161,6 +164,8 @@ def compare(cfg: FitConfig, methods: list[str], seeds: list[int] | None, grid: s
                       file=sys.stderr)
     for index, (run, status) in enumerate(zip(runs, statuses, strict=True), start=1):
         where = f"[{index}/{len(runs)}] {run.cfg.out_dir}"
+        if status == "unreadable" and not distributed:
+            continue  # the report names it
         if status == "done" and not distributed:
             changed = config_differences(run.cfg.out_dir, run.cfg)
             if changed:
@@ -171,4 +176,7 @@ def compare(cfg: FitConfig, methods: list[str], seeds: list[int] | None, grid: s
             print(f"lorafair compare: {where}: {'starting' if status == 'new' else 'resuming'}")
         fit(replace(run.cfg, resume=None if status == "new" and not distributed else "auto"))
     if lead:
-        report(cfg.out_dir)
+        bad = report(cfg.out_dir, skip_bad=True)
+        if bad:
+            raise UserError(f"compare: left out of the report: {bad[0]}; fix it or delete its folder and run compare "
+                            f"again" + (f" ({len(bad) - 1} more such runs)" if len(bad) > 1 else ""))

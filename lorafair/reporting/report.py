@@ -29,6 +29,7 @@ from lorafair.reporting.run_folder import (
     RESULTS_NAME,
     flatten_config,
     is_finished,
+    read_results,
     run_config,
     write_text_atomic,
 )
@@ -107,16 +108,17 @@ def _method_rank(method: str) -> int:
     return methods.index(method) if method in methods else len(methods)
 
 
-def load_runs(directory: Path) -> tuple[list[Run], list[str]]:
-    """Every complete run under `directory`, and one line for each run that is not (yet) complete."""
-    runs, incomplete = [], []
+def load_runs(directory: Path) -> tuple[list[Run], list[str], list[str]]:
+    """Every complete run under `directory`, one line for each run that is not (yet) complete, and one line for
+    each results.json that cannot be read as one (naming the file and the problem)."""
+    runs, incomplete, bad = [], [], []
     results_files = sorted(directory.rglob(RESULTS_NAME))
     for path in results_files:
         folder = path.parent.relative_to(directory).as_posix()
         try:
-            results = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            incomplete.append(f"{folder}: unreadable results.json ({err})")
+            results = read_results(path)
+        except UserError as err:
+            bad.append(str(err))
             continue
         config = run_config(path.parent, results)
         if not is_finished(results):
@@ -129,7 +131,7 @@ def load_runs(directory: Path) -> tuple[list[Run], list[str]]:
     started = {path.parent for path in directory.rglob(CONFIG_NAME)} - {path.parent for path in results_files}
     incomplete += [f"{folder.relative_to(directory).as_posix()}: started, no round finished" for folder in
                    sorted(started)]
-    return runs, incomplete
+    return runs, incomplete, bad
 
 
 def group_rows(runs: list[Run]) -> list[Row]:
@@ -363,14 +365,21 @@ def sweep_plot_name(key: str) -> str:
     return f"accuracy_vs_{key}.png"
 
 
-def report(dir: Path) -> None:
-    """Write comparison.md, comparison.csv and the plots into `dir` from every finished run below it."""
+def report(dir: Path, skip_bad: bool = False) -> list[str]:
+    """Write comparison.md, comparison.csv and the plots into `dir` from every finished run below it.
+
+    A results.json that cannot be read stops the report (UserError naming it), or with `skip_bad` is left out and
+    listed in comparison.md; the returned lines describe the ones left out."""
     directory = Path(dir)
     if not directory.is_dir():
         raise UserError(f"report: {directory} is not a folder; pass the --out_dir of a compare or fit run")
-    runs, incomplete = load_runs(directory)
+    runs, incomplete, bad = load_runs(directory)
+    if bad and not skip_bad:
+        raise UserError(f"report: {bad[0]}; fix or delete it" + (f" ({len(bad) - 1} more such files)" if len(bad) > 1
+                                                                  else ""))
     for line in incomplete:
         print(f"lorafair report: not finished, left out: {line}", file=sys.stderr)
+    incomplete += bad
     if not runs:
         raise UserError(f"report: no finished run under {directory} (no results.json with a 'final' entry); "
                         "run `lorafair compare` or `lorafair fit` with --out_dir inside it first")
@@ -388,3 +397,4 @@ def report(dir: Path) -> None:
             written.append(name)
     print(table)
     print(f"lorafair report: wrote {', '.join(written)} in {directory}")
+    return bad

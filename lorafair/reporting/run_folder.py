@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -34,8 +35,9 @@ TENSORBOARD_NAME = "tensorboard"
 CHECKPOINTS_NAME = "checkpoints"
 EXPORT_NAME = "final"
 
-EXECUTION_KEYS = frozenset({"out_dir", "resume", "resume_force", "accelerator", "precision", "num_nodes", "cpu_threads",
-                            "federation.rounds", "federation.eval_every", "data.num_workers", "data.eval_batch_size"})
+EXECUTION_KEYS = frozenset({"out_dir", "resume", "resume_force", "overwrite", "accelerator", "precision", "num_nodes",
+                            "cpu_threads", "federation.rounds", "federation.eval_every", "federation.timeout",
+                            "data.num_workers", "data.eval_batch_size"})
 """Settings free to change on resume: how long a run lasts and how it executes (accelerator and precision change
 the numerics a little, not the experiment)."""
 
@@ -43,7 +45,7 @@ PER_RUN_KEYS = frozenset({"seed", "out_dir", "resume", "server.method"})
 """Settings that differ between the runs of one comparison by design, so they never make a report row of their own
 nor count as a changed config."""
 
-RunStatus = Literal["done", "resume", "new"]
+RunStatus = Literal["done", "unreadable", "resume", "new"]
 
 
 def results_path(out_dir: Path) -> Path:
@@ -60,16 +62,63 @@ def is_finished(results: Any) -> bool:
 
 
 def run_status(out_dir: Path) -> RunStatus:
-    """done: results.json holds the final evaluation; resume: a checkpoint was written; new: anything else."""
+    """done: results.json holds the final evaluation; unreadable: results.json is not one lorafair wrote (the run is
+    left alone); resume: a checkpoint was written; new: anything else."""
     results = results_path(out_dir)
     if results.is_file():
         try:
-            if is_finished(json.loads(results.read_text())):
+            if is_finished(read_results(results)):
                 return "done"
-        except json.JSONDecodeError:
-            pass
+        except UserError:
+            return "unreadable"
     checkpoints = checkpoint_dir(out_dir)
     return "resume" if checkpoints.is_dir() and any(p.is_file() for p in checkpoints.rglob("*")) else "new"
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    """A results.json as `lorafair fit` writes it, or a UserError naming the file and what is wrong with it."""
+    try:
+        results = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except OSError as err:
+        raise UserError(f"results file {path} cannot be read ({err.strerror or err})") from err
+    except UnicodeDecodeError as err:
+        raise UserError(f"results file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from err
+    except json.JSONDecodeError as err:
+        raise UserError(f"results file {path} is not valid JSON ({err.msg} at line {err.lineno} column {err.colno}; "
+                        f"cut short?)") from err
+    problem = results_problem(results)
+    if problem:
+        raise UserError(f"results file {path} is not a lorafair results.json: {problem}")
+    return results
+
+
+def results_problem(results: Any) -> str | None:
+    """What keeps `results` from being a lorafair results.json (the keys report and compare read), or None."""
+    if not isinstance(results, dict):
+        return f"it holds {json.dumps(results)[:40]} instead of an object"
+    rounds = results.get("rounds")
+    if not isinstance(rounds, list) or not all(isinstance(record, dict) for record in rounds):
+        return "'rounds' is missing or not a list of objects"
+    final = results.get("final")
+    if final is None:
+        return None
+    if not isinstance(final, dict) or not isinstance(final.get("accuracy"), dict):
+        return "'final' has no 'accuracy' object"
+    if not all(isinstance(value, int | float) for value in [*final["accuracy"].values(), final.get("mean_accuracy")]):
+        return "'final' has a non-numeric accuracy or no 'mean_accuracy'"
+    return None
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Create `out_dir` and write a probe file in it, so an unusable folder (a file, read-only, a parent that is a
+    file) is one line before any data or model is loaded rather than a traceback after the first round."""
+    try:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):  # a name of its own: every rank probes at once
+            pass
+    except OSError as err:
+        raise UserError(f"out_dir: cannot write the run folder {out_dir} ({err.strerror or err}); pass --out_dir a "
+                        f"folder that can be created and written") from err
 
 
 def run_config(out_dir: Path, results: dict) -> dict[str, Any]:
@@ -80,10 +129,10 @@ def run_config(out_dir: Path, results: dict) -> dict[str, Any]:
     return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
 
 
-def trajectory_identity(flat_config: Mapping[str, Any], partition: str) -> dict[str, Any]:
-    """The settings that determine a run's results, from a flat {section.key: value} config, plus the partition
-    fingerprint (the data behind the same config can change)."""
-    return {**{key: value for key, value in flat_config.items() if key not in EXECUTION_KEYS}, "partition": partition}
+def trajectory_identity(flat_config: Mapping[str, Any], fingerprints: Mapping[str, str]) -> dict[str, Any]:
+    """The settings that determine a run's results, from a flat {section.key: value} config, plus the fingerprints
+    of the data and weights behind them (lorafair.federated.fingerprints), which can change under the same config."""
+    return {**{key: value for key, value in flat_config.items() if key not in EXECUTION_KEYS}, **fingerprints}
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

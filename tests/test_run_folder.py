@@ -1,0 +1,80 @@
+"""Re-running the same command never loses work: it continues, or refuses naming the flags; only --overwrite deletes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from conftest import tiny_args
+
+from lorafair.cli import main
+from lorafair.federated.checkpoints import list_checkpoints
+
+
+def _same_command(out_dir, *extra, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lorafair", "fit", *tiny_args(out_dir, *extra)],
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **env}, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.slow
+def test_a_killed_run_relaunched_by_the_same_command_continues_exactly(tiny_run, tmp_path):
+    _, uninterrupted = tiny_run
+    killed = _same_command(tmp_path, LORAFAIR_FAIL_AT="2:train")
+    assert killed.returncode == -signal.SIGKILL
+    assert [path.name for path in list_checkpoints(tmp_path / "checkpoints")] == ["round_00001.ckpt"]
+    again = _same_command(tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming after round 1" in again.stdout
+    resumed = json.loads((tmp_path / "results.json").read_text())
+    assert resumed["final"] == uninterrupted["final"]
+    assert [r["train_loss"] for r in resumed["rounds"]] == [r["train_loss"] for r in uninterrupted["rounds"]]
+
+
+@pytest.fixture
+def earlier_run(tiny_run, tmp_path):
+    """A copy of the tiny run's checkpoints and finished results.json."""
+    out_dir, _ = tiny_run
+    (tmp_path / "checkpoints").mkdir()
+    for path in list_checkpoints(out_dir / "checkpoints"):
+        (tmp_path / "checkpoints" / path.name).write_bytes(path.read_bytes())
+    (tmp_path / "results.json").write_bytes((out_dir / "results.json").read_bytes())
+    return tmp_path
+
+
+@pytest.mark.parametrize("keep", ["checkpoints and results", "finished results only"])
+def test_a_new_run_over_an_earlier_one_is_refused_naming_both_flags(earlier_run, capsys, keep):
+    if keep == "finished results only":
+        for path in list_checkpoints(earlier_run / "checkpoints"):
+            path.unlink()
+    before = sorted(p.name for p in earlier_run.rglob("*"))
+    assert main(["fit", *tiny_args(earlier_run), "--resume", "null"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"out_dir {earlier_run} holds an earlier run" in err and "--resume auto" in err and "--overwrite true" in err
+    assert sorted(p.name for p in earlier_run.rglob("*")) == before  # nothing deleted
+    if keep == "finished results only":  # the default (auto) finds no checkpoint and refuses too
+        assert main(["fit", *tiny_args(earlier_run)]) == 2
+        assert "holds an earlier run (the finished results.json)" in capsys.readouterr().err
+
+
+def test_overwrite_deletes_the_earlier_run_and_starts_over(earlier_run, capsys):
+    earlier = json.loads((earlier_run / "results.json").read_text())
+    assert main(["fit", *tiny_args(earlier_run, "--federation.rounds", "1", "--overwrite", "true")]) == 0
+    out = capsys.readouterr().out
+    assert f"starting a new run in {earlier_run}: deleting 2 checkpoint(s)" in out
+    assert [path.name for path in list_checkpoints(earlier_run / "checkpoints")] == ["round_00001.ckpt"]
+    results = json.loads((earlier_run / "results.json").read_text())
+    assert [r["round"] for r in results["rounds"]] == [1] and "final" in results
+    for key in ("clients", "train_loss", "accuracy"):  # round 1 trained again from the start, not resumed
+        assert results["rounds"][0][key] == earlier["rounds"][0][key]
+
+
+def test_overwrite_with_a_checkpoint_path_is_a_config_error(earlier_run, capsys):
+    checkpoint = list_checkpoints(earlier_run / "checkpoints")[0]
+    assert main(["fit", *tiny_args(earlier_run, "--resume", str(checkpoint), "--overwrite", "true")]) == 2
+    assert "overwrite: starts a new run, which contradicts --resume" in capsys.readouterr().err
