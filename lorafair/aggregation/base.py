@@ -199,7 +199,12 @@ class Aggregator:
         of the largest rank)."""
         total = check_weights(updates)
         check_round_shapes(updates)
-        like = like or max(updates, key=lambda update: next(iter(update.lora.values()))[0].shape[0])
+        if like is None:
+            template = max(range(len(updates)), key=lambda k: next(iter(updates[k].lora.values()))[0].shape[0])
+            bad = find_bad_updates([updates[template]])
+            if bad:  # the template's own checks would name it client 0
+                raise ValueError(f"client {template}: {bad[0]}; drop this client (find_bad_updates lists them)")
+            like = updates[template]
         state = self.start(like, clients=len(updates), lower_ranks=lower_ranks)
         for update in updates:
             state.add(replace(update, weight=float(update.weight) / total))
