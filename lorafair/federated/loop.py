@@ -24,6 +24,7 @@ from lightning.fabric import Fabric
 from lightning.fabric.loggers import TensorBoardLogger
 from tqdm import tqdm
 
+from lorafair.aggregation import ClientUpdate, ranks
 from lorafair.config import FitConfig
 from lorafair.data import FederatedData, build_federated_data, model_data_config
 from lorafair.errors import UserError
@@ -125,9 +126,11 @@ class FederatedTrainer:
             raise UserError(f"federation.clients_per_round: {self.per_round} is more than the {len(clients)} clients "
                             f"of this partition; lower it (or null for all)")
         self.model = build_model(cfg, self.data, fabric.device)
-        self.global_state = GlobalState(self.fresh_lora("lora_init", cfg.seed), self.model.get_extra())
+        self.client_ranks = cfg.lora.rank_of([(c.id, c.domain) for c in clients], self.data.domains)
+        self.lower_ranks = tuple(sorted(set(self.client_ranks.values()) - {cfg.lora.r}))
+        self.global_state = self.state_of(self.fresh_lora("lora_init", cfg.seed), self.model.get_extra())
         self.merged = False
-        shapes = {key: t.shape for key, t in self.global_state.tensors().items()}
+        shapes = {key: t.shape for key, t in self.global_state.tensors().items() if not key.startswith("lora_r")}
         self.transport = TorchDistributedTransport(fabric.device, shapes)
         self.rank, self.world = self.transport.rank, self.transport.world
         self.client = LocalTrainer(self.model, fabric, cfg.client, cfg.data, cfg.seed, show_progress=self.rank == 0)
@@ -159,7 +162,8 @@ class FederatedTrainer:
         start = clock()
         sampled = sample_clients([c.id for c in self.data.clients], self.per_round, self.cfg.seed, round_index)
         hosted = assign_to_ranks(sampled, {c.id: c.num_samples for c in self.data.clients}, self.world)
-        results = [self.client.train(self.data.clients[c], self.global_state, round_index) for c in hosted[self.rank]]
+        results = [self.client.train(self.data.clients[c], self.global_state, round_index, self.client_ranks[c])
+                   for c in hosted[self.rank]]
         self.transport.wait_for_all()
         trained = clock()
         faults.maybe_fail(round_index, "gather")
@@ -186,7 +190,8 @@ class FederatedTrainer:
         """Rank 0: the server's answer to the round, timed (server_seconds) apart from the transport."""
         start = time.perf_counter()
         faults.maybe_fail(round_index, "aggregate")
-        answer = self.server.aggregate(round_index, results)
+        like = ClientUpdate(weight=1.0, lora=self.global_state.lora, extra=self.global_state.extra)
+        answer = self.server.aggregate(round_index, results, like, self.lower_ranks)
         self.server_seconds = time.perf_counter() - start
         return answer
 
@@ -197,8 +202,15 @@ class FederatedTrainer:
         if answer.merge:
             self.model.merge(answer.merge)
             self.merged = True
-        lora = answer.lora if answer.lora is not None else self.fresh_lora("lora_reinit", self.cfg.seed, round_index)
-        self.global_state = GlobalState(lora, answer.extra)
+        if answer.lora is None:
+            self.global_state = self.state_of(self.fresh_lora("lora_reinit", self.cfg.seed, round_index), answer.extra)
+        else:
+            self.global_state = GlobalState(answer.lora, answer.extra, answer.by_rank)
+
+    def state_of(self, lora: dict, extra: dict) -> GlobalState:
+        """A global state whose lower-rank clients start from the leading components of `lora` (a fresh LoRA)."""
+        return GlobalState(lora, extra, {rank: {name: ranks.to_client(pair, rank) for name, pair in lora.items()}
+                                         for rank in self.lower_ranks})
 
     def fresh_lora(self, *seed_parts: int | str) -> dict:
         """A fresh LoRA start (A random, B zero) from a generator every rank seeds alike."""

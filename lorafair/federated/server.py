@@ -11,7 +11,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from lorafair.aggregation import Aggregator, build_aggregator, find_bad_updates, method_options
+from lorafair.aggregation import Aggregator, ClientUpdate, build_aggregator, find_bad_updates, method_options
 from lorafair.config import ServerConfig
 from lorafair.errors import UserError
 from lorafair.federated.sampling import derive_seed
@@ -33,8 +33,11 @@ class Server:
         self.server_cfg, self.on_bad_update, self.seed, self.log = server_cfg, on_bad_update, seed, log
         self.aggregator: Aggregator = build_aggregator(server_cfg.method, **aggregator_options(server_cfg, seed))
 
-    def aggregate(self, round_index: int, results: list[ClientResult]) -> ServerAnswer:
-        """The answer to a round whose results are ordered by client id; raises UserError to stop the run."""
+    def aggregate(self, round_index: int, results: list[ClientResult], like: ClientUpdate,
+                  lower_ranks: tuple[int, ...] = ()) -> ServerAnswer:
+        """The answer to a round whose results are ordered by client id; raises UserError to stop the run.
+        like: the global state as an update (the global ranks, FFA-LoRA's frozen A); lower_ranks: the clients'
+        ranks below the global one, each of which gets its starting pairs."""
         if "seed" in method_options(self.server_cfg.method):
             self.aggregator = build_aggregator(self.server_cfg.method,
                                                **aggregator_options(self.server_cfg, self.seed, round_index))
@@ -49,12 +52,17 @@ class Server:
             record.skipped = True
             return ServerAnswer(lora=None, merge=None, extra={}, record=record)
         try:
-            update = self.aggregator.aggregate(good)
+            update = self.aggregator.aggregate(good, like=like, lower_ranks=lower_ranks)
         except ValueError as err:  # e.g. FFA-LoRA clients whose A differ
             raise UserError(f"round {round_index}: aggregation failed: {err}") from err
-        record.bytes_up, record.bytes_down = int(update.bytes_up), int(update.bytes_down)
+        record.bytes_by_client = {str(result.client): list(update.bytes_for(_rank(result.update)))
+                                  for position, result in enumerate(results) if position not in bad}
+        per_client = list(record.bytes_by_client.values())
+        record.bytes_up, record.bytes_down = (round(sum(values) / len(values))
+                                              for values in zip(*per_client, strict=True))
         record.aggregation = {name: float(value) for name, value in update.metrics.items()}
-        return ServerAnswer(lora=update.lora, merge=update.merge, extra=update.extra, record=record)
+        return ServerAnswer(lora=update.lora, merge=update.merge, extra=update.extra, record=record,
+                            by_rank=update.by_rank)
 
     def _bad_clients(self, round_index: int, results: list[ClientResult]) -> dict[int, str]:
         """Position -> why that result is unusable; warns about them, or stops the run under on_bad_update=error."""
@@ -70,3 +78,7 @@ class Server:
         self.log(f"warning: round {round_index}: dropping {len(bad)} bad update(s), the others are re-weighted: "
                  f"{described}")
         return bad
+
+
+def _rank(update: ClientUpdate) -> int:
+    return next(iter(update.lora.values()))[0].shape[0]

@@ -20,7 +20,7 @@ from lorafair.aggregation import ClientUpdate
 from lorafair.errors import UserError
 from lorafair.federated.state import ClientResult, pack, pack_pairs, unpack, unpack_pairs
 
-META = ("client", "num_samples", "train_loss", "steps", "skipped_images")
+META = ("client", "num_samples", "train_loss", "steps", "skipped_images", "rank")
 """What travels to the server beside each client's tensors, one float64 per entry."""
 
 
@@ -51,9 +51,13 @@ class TorchDistributedTransport:
         """Every rank's client results on rank 0, ordered by client id (None elsewhere). `hosted[rank]` lists the
         clients of each rank, the same list on every rank."""
         counts = [len(clients) for clients in hosted]
-        rows = [flatten({**pack_pairs("lora", r.update.lora), **pack("extra", r.update.extra)}) for r in results]
+        # a lower-rank update travels zero-padded to the global shapes, and is cut back to its rank on arrival
+        rows = [flatten({key: _padded(tensor, self.update_shapes[key]) for key, tensor in
+                         {**pack_pairs("lora", r.update.lora), **pack("extra", r.update.extra)}.items()})
+                for r in results]
         stacked = torch.stack(rows) if rows else torch.zeros(0, self.width, device=self.device)
-        metas = [[r.client, r.update.weight, r.train_loss, r.steps, r.skipped_images] for r in results]
+        metas = [[r.client, r.update.weight, r.train_loss, r.steps, r.skipped_images,
+                  next(iter(r.update.lora.values()))[0].shape[0]] for r in results]
         meta_rows = torch.tensor(metas, dtype=torch.float64, device=self.device).view(-1, len(META))
         rows, meta_rows = gather_rows(stacked, counts), gather_rows(meta_rows, counts)
         if self.rank != 0:
@@ -64,7 +68,9 @@ class TorchDistributedTransport:
 
     def _result(self, row: Tensor, meta: dict[str, float]) -> ClientResult:
         flat = unflatten(row, self.update_shapes)
-        update = ClientUpdate(weight=meta["num_samples"], lora=unpack_pairs(flat, "lora"), extra=unpack(flat, "extra"))
+        rank = int(meta["rank"])
+        lora = {name: (A[:rank], B[:, :rank]) for name, (A, B) in unpack_pairs(flat, "lora").items()}
+        update = ClientUpdate(weight=meta["num_samples"], lora=lora, extra=unpack(flat, "extra"))
         return ClientResult(client=int(meta["client"]), update=update, train_loss=meta["train_loss"],
                             steps=int(meta["steps"]), skipped_images=int(meta["skipped_images"]))
 
@@ -99,6 +105,15 @@ def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def _padded(tensor: Tensor, shape: torch.Size) -> Tensor:
+    """`tensor` in the top-left corner of zeros of `shape` (itself when it has that shape)."""
+    if tensor.shape == shape:
+        return tensor
+    padded = tensor.new_zeros(shape)
+    padded[tuple(slice(0, size) for size in tensor.shape)] = tensor
+    return padded
 
 
 def flatten(tensors: Mapping[str, Tensor]) -> Tensor:
