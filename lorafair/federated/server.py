@@ -33,11 +33,11 @@ class Server:
         self.server_cfg, self.on_bad_update, self.seed, self.log = server_cfg, on_bad_update, seed, log
         self.aggregator: Aggregator = build_aggregator(server_cfg.method, **aggregator_options(server_cfg, seed))
 
-    def aggregate(self, round_index: int, results: list[ClientResult], like: ClientUpdate,
+    def aggregate(self, round_index: int, results: list[ClientResult], like: ClientUpdate | None = None,
                   lower_ranks: tuple[int, ...] = ()) -> ServerAnswer:
         """The answer to a round whose results are ordered by client id; raises UserError to stop the run.
-        like: the global state as an update (the global ranks, FFA-LoRA's frozen A); lower_ranks: the clients'
-        ranks below the global one, each of which gets its starting pairs."""
+        like: the global state as an update (the global ranks, FFA-LoRA's frozen A; None: the update of the
+        largest rank); lower_ranks: the clients' ranks below the global one, each of which gets its starting pairs."""
         if "seed" in method_options(self.server_cfg.method):
             self.aggregator = build_aggregator(self.server_cfg.method,
                                                **aggregator_options(self.server_cfg, self.seed, round_index))
