@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_args, tiny_config
+from conftest import parse_fit_args, tiny_args, tiny_config
 from test_distributed import ROOT, _environment
 from test_reliability import _same_trajectory
 
-from lorafair.aggregation import ClientUpdate, build_aggregator
+from lorafair.aggregation import ClientUpdate, build_aggregator, registered_methods
 from lorafair.federated.loop import FederatedTrainer, fit, launch_fabric
 
 MIXED = ("--lora.client_ranks", "[2, 4]")
@@ -115,3 +115,20 @@ def test_torchrun_with_two_ranks_matches_one_process_at_mixed_ranks(mixed_run, t
         assert abs(distributed["final"]["accuracy"][domain] - accuracy) <= 0.005
     for mine, theirs in zip(distributed["rounds"], mixed_run["rounds"], strict=True):
         assert (mine["clients"], mine["bytes_by_client"]) == (theirs["clients"], theirs["bytes_by_client"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", registered_methods())
+def test_every_method_runs_the_hetero_demo(method, tmp_path):
+    cfg = parse_fit_args(["--config", str(ROOT / "configs" / "demo_hetero.yaml"), "--federation.rounds", "2",
+                          "--client.max_local_steps", "2", "--server.method", method, "--server.steps", "20",
+                          "--out_dir", str(tmp_path)])
+    results = fit(cfg)
+    assert results["final"]["round"] == 2 and 0 < results["final"]["mean_accuracy"] <= 1
+    sent = results["rounds"][-1]["bytes_by_client"]
+    assert sent["0"][0] * 4 == sent["2"][0] - head_bytes(results) * 3  # ranks 2 and 8: a quarter of the factors
+
+
+def head_bytes(results: dict) -> int:
+    """The classifier head (96 x 10 + 10 float32) travels with every update."""
+    return (96 * 10 + 10) * 4
