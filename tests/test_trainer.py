@@ -79,9 +79,9 @@ def _spy_on_updates(trainer: FederatedTrainer) -> list[list]:
     """Record the ClientUpdates the server aggregates, one list per round."""
     rounds, aggregate = [], trainer.server.aggregator.aggregate
 
-    def recording(updates):
+    def recording(updates, **options):
         rounds.append([(u.weight, {n: (a.clone(), b.clone()) for n, (a, b) in u.lora.items()}) for u in updates])
-        return aggregate(updates)
+        return aggregate(updates, **options)
 
     trainer.server.aggregator.aggregate = recording
     return rounds
