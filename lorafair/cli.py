@@ -1,8 +1,11 @@
 """`lorafair COMMAND`: a table of plain typed functions, each handed to jsonargparse with the settings of a run.
 
 A command whose first parameter is `cfg: FitConfig` takes `--config FILE_OR_NAME` and every FitConfig key as flags
-(`--federation.rounds 3`); its other parameters become flags of their own, documented by its docstring. `--config`
-takes a path, or the name of a config shipped with the package (`lorafair configs` lists them).
+(`--federation.rounds 3`); its other parameters become arguments of their own, documented by its docstring:
+positional without a default, `--name` flags with one, required `--name` flags when keyword-only without one. A list
+takes several values (`--seeds 0 1 2`), a bool flag alone means true (`--overwrite`), and `Settings` takes the data
+section's keys as `--data.KEY` flags and receives only those given. `--config` takes a path, or the name of a config
+shipped with the package (`lorafair configs` lists them).
 
 Every user error (unknown key, wrong type, impossible value, missing dataset) ends as one line on stderr and
 exit code 2; tracebacks are kept for bugs.
@@ -18,16 +21,19 @@ from collections.abc import Callable
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 from types import UnionType
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Union, get_args, get_origin, get_type_hints
 
 from docstring_parser import parse as parse_docstring
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
 
-from lorafair.config import FitConfig
+from lorafair.config import DataConfig, FitConfig
 from lorafair.config_hub import list_configs, resolve_config
 from lorafair.errors import UserError
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)  # field docstrings become --help text
+
+Settings = Annotated[dict[str, Any], DataConfig]
+"""Data settings given as --data.KEY flags, only those typed on the command line (they override a run's own)."""
 
 
 def fit(cfg: FitConfig) -> None:
@@ -35,6 +41,15 @@ def fit(cfg: FitConfig) -> None:
     from lorafair.federated.loop import fit as run_fit
 
     run_fit(cfg)
+
+
+def flower(cfg: FitConfig) -> None:
+    """Run the job of `fit` on Flower's simulation engine, one SuperNode per client (pip install lorafair[flower])."""
+    try:
+        from lorafair.flower.app import simulate
+    except ImportError as err:
+        raise UserError(f"lorafair flower needs Flower ({err}); install it with pip install lorafair[flower]") from err
+    simulate(cfg)
 
 
 def data(cfg: FitConfig, plot: Path | None = None, build_cache: bool = False) -> None:
@@ -80,8 +95,53 @@ def configs() -> None:
     print("\n".join(list_configs()))
 
 
-COMMANDS: dict[str, Callable[..., None]] = {"fit": fit, "data": data, "compare": compare, "report": report,
-                                            "configs": configs}
+def export(*, run: Path, round: int | None = None, out: Path | None = None, overwrite: bool = False) -> None:
+    """Write a run's global model as a peft adapter and timm models (run_dir/final at the end of fit).
+
+    Args:
+        run: A run folder (its newest checkpoint is used).
+        round: Export this round's checkpoint instead (a run keeps its newest two).
+        out: Export folder (default: RUN/final).
+        overwrite: Replace an existing export folder.
+    """
+    from lorafair.export import export_run
+
+    export_run(run, round, out, overwrite)
+
+
+def evaluate(*, run: Path, round: int | None = None, data: Settings | None = None) -> None:
+    """Print the top-1 per domain of a run's global model on its own test splits, or on other data.
+
+    Args:
+        run: A run folder (its newest checkpoint is used) or a folder `lorafair export` wrote.
+        round: Score this round's checkpoint instead.
+        data: Data settings overriding the run's (only those given), e.g. --data.name folders --data.root DIR.
+    """
+    from lorafair.inference import evaluate_run
+
+    evaluate_run(run, round, data)
+
+
+def predict(images: list[Path], *, run: Path, round: int | None = None, top_k: int = 5, output: Path | None = None,
+            batch_size: int = 64) -> None:
+    """Print the top-k classes with probabilities of each image, classified by a run's global model.
+
+    Args:
+        images: Image files or folders (searched recursively).
+        run: A run folder (its newest checkpoint is used) or a folder `lorafair export` wrote.
+        round: Use this round's checkpoint instead.
+        top_k: Classes listed per image.
+        output: Also write CSV rows (image, rank, class, probability) here.
+        batch_size: Images per forward pass.
+    """
+    from lorafair.inference import predict as run_predict
+
+    run_predict(run, images, round, top_k, output, batch_size)
+
+
+COMMANDS: dict[str, Callable[..., None]] = {"fit": fit, "flower": flower, "data": data, "compare": compare,
+                                            "report": report, "configs": configs, "export": export,
+                                            "evaluate": evaluate, "predict": predict}
 """The command line: name -> the function it runs."""
 
 
@@ -100,17 +160,37 @@ def command_parser(function: Callable[..., None]) -> ArgumentParser:
                                  "override it.")
         parser.add_class_arguments(FitConfig, as_group=False)
     docs = {param.arg_name: param.description for param in parse_docstring(inspect.getdoc(function)).params}
-    hints = get_type_hints(function)
+    hints = get_type_hints(function, include_extras=True)
     for name, param in inspect.signature(function).parameters.items():
         if name == "cfg":
             continue
-        if param.default is inspect.Parameter.empty:
-            parser.add_argument(name, type=hints[name], help=docs.get(name))
+        section = _settings_section(hints[name])
+        if section is not None:
+            parser.add_class_arguments(section, name, help=docs.get(name))
             continue
-        many = get_origin(hints[name]) in (Union, UnionType) and list[int] in get_args(hints[name])
-        parser.add_argument(f"--{name}", type=int if many else hints[name], nargs="+" if many else None,
-                            default=param.default, help=docs.get(name))
+        item = _list_item(hints[name])
+        kind = {"type": item, "nargs": "+"} if item is not None else {"type": hints[name]}
+        if hints[name] is bool:
+            kind.update(nargs="?", const=True)  # --overwrite alone means true
+        if param.default is not inspect.Parameter.empty:
+            parser.add_argument(f"--{name}", default=param.default, help=docs.get(name), **kind)
+        elif param.kind is inspect.Parameter.KEYWORD_ONLY:
+            parser.add_argument(f"--{name}", required=True, help=docs.get(name), **kind)
+        else:
+            parser.add_argument(name, help=docs.get(name), **kind)
     return parser
+
+
+def _list_item(hint: Any) -> Any:
+    """X for a hint list[X] or list[X] | None (taken as several values), else None."""
+    options = get_args(hint) if get_origin(hint) in (Union, UnionType) else (hint,)
+    return next((get_args(option)[0] for option in options if get_origin(option) is list), None)
+
+
+def _settings_section(hint: Any) -> type | None:
+    """The config section of a `Settings` hint (or `Settings | None`), else None."""
+    options = get_args(hint) if get_origin(hint) in (Union, UnionType) else (hint,)
+    return next((option.__metadata__[0] for option in options if get_origin(option) is Annotated), None)
 
 
 def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
@@ -138,11 +218,18 @@ def parse(argv: list[str]) -> tuple[Callable[..., None], dict[str, Any]]:
     parser, parsers = build_parser()
     args = parser.parse_args(with_config_paths(argv))
     function, namespace = COMMANDS[args.command], args[args.command]
-    own = [name for name in inspect.signature(function).parameters if name != "cfg"]
-    kwargs = {name: namespace[name] for name in own}
+    hints = get_type_hints(function, include_extras=True)
+    kwargs = {name: given_settings(argv, name, namespace[name]) if _settings_section(hints[name]) else namespace[name]
+              for name in inspect.signature(function).parameters if name != "cfg"}
     if _takes_config(function):
         kwargs["cfg"] = to_fit_config(parsers[args.command], namespace)
     return function, kwargs
+
+
+def given_settings(argv: list[str], section: str, parsed: Namespace) -> dict[str, Any]:
+    """The --SECTION.KEY settings typed in argv, with their parsed values."""
+    keys = {arg[len(section) + 3:].split("=")[0] for arg in argv if arg.startswith(f"--{section}.")}
+    return {key: parsed[key] for key in sorted(keys) if key in parsed}
 
 
 def with_config_paths(argv: list[str]) -> list[str]:
@@ -178,6 +265,12 @@ def explain_parse_error(message: str, known_keys: list[str]) -> str:
         close = difflib.get_close_matches(key, known_keys, n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see `lorafair fit --help` for the valid keys"
         return f"unknown config key '{key}'{hint}"
+    required = re.search(r"the following arguments are required: (\w+)\.(\w+)", message)
+    if required and required.group(1) in COMMANDS:
+        command, name = required.groups()
+        param = inspect.signature(COMMANDS[command]).parameters.get(name)
+        flag = "--" if param is not None and param.kind is inspect.Parameter.KEYWORD_ONLY else ""
+        return f"lorafair {command} needs {flag}{name}; see `lorafair {command} --help`"
     literal = re.search(r'Parser key "([\w.]+)": Expected a typing.Literal\[(.*?)\]\. Got value: (.*)', message)
     if literal:
         key, choices, got = literal.groups()

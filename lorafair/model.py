@@ -11,6 +11,7 @@ the LoRA factors explicitly.
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 
@@ -164,6 +165,15 @@ class LoraClassifier(lightning.LightningModule):
     def load_base_state(self, state: dict[str, Tensor]) -> None:
         for name, layer in zip(self.layer_names, self._layers(), strict=True):
             layer.base_layer.weight.copy_(state[name])
+
+    def plain_backbone(self) -> nn.Module:
+        """A copy of the backbone without LoRA: the frozen weights (merges included) and the head, as the plain
+        timm model the global adapter applies to."""
+        backbone = copy.deepcopy(self.backbone)
+        del backbone.peft_config
+        for layer in self.layer_names:
+            backbone.set_submodule(layer, backbone.get_submodule(layer).base_layer)
+        return backbone.requires_grad_(True)
 
     def freeze_lora_A(self, frozen: bool) -> None:
         """FFA-LoRA trains B only, keeping A at its shared seeded init."""

@@ -1,8 +1,10 @@
 """Every config error exits with code 2 and one line that names the key and the fix, never a traceback."""
 
+from pathlib import Path
+
 import pytest
 
-from lorafair.cli import main
+from lorafair.cli import main, parse
 
 
 @pytest.mark.parametrize(
@@ -45,3 +47,33 @@ def test_help_lists_every_section(capsys):
     for key in ("--federation.rounds", "--federation.clients_per_round", "--server.method", "--server.lam", "--seed",
                 "--out_dir", "--resume", "--lora.r", "--data.root"):
         assert key in out
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["export"], "lorafair export needs --run; see `lorafair export --help`"),
+        (["predict", "--run", "runs/demo"], "lorafair predict needs images; see `lorafair predict --help`"),
+        (["evaluate", "--run", "r", "--data.nme", "x"], "unknown config key 'data.nme'; did you mean data.name"),
+        (["predict", "--run", "runs/demo", "a.png", "--top_k", "many"], "top_k: expected a value of type int"),
+    ],
+)
+def test_model_command_errors_are_one_line(capsys, args, expected):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert expected in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_model_command_arguments():
+    """Keyword-only parameters are required flags, a list is positional with several values, a bool flag alone is
+    true, and only the --data.* settings typed reach evaluate (they override the run's own)."""
+    _, kwargs = parse(["predict", "a.png", "photos/", "--run", "runs/demo", "--top_k", "3"])
+    assert kwargs == {"images": [Path("a.png"), Path("photos")], "run": Path("runs/demo"), "round": None, "top_k": 3,
+                      "output": None, "batch_size": 64}
+    assert parse(["export", "--run", "r", "--overwrite", "--round", "2"])[1] == {
+        "run": Path("r"), "round": 2, "out": None, "overwrite": True}
+    assert parse(["export", "--run", "r", "--overwrite", "false"])[1]["overwrite"] is False
+    _, kwargs = parse(["evaluate", "--run", "r", "--data.eval_batch_size=7", "--data.domains", "[rotated]"])
+    assert kwargs["data"] == {"domains": ["rotated"], "eval_batch_size": 7}
+    assert parse(["evaluate", "--run", "r"])[1]["data"] == {}

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 from conftest import tiny_args
+from test_report import markdown_rows
 
-from lorafair.aggregation import registered_methods
+from lorafair.aggregation import display_name, registered_methods
 from lorafair.cli import main, parse
 from lorafair.config import ConfigError, DataConfig, FitConfig
 from lorafair.errors import UserError
@@ -189,10 +190,22 @@ def test_every_paper_config_parses_and_plans_its_runs() -> None:
 
 
 def test_a_tiny_compare_through_the_cli_writes_tables_and_plots(tmp_path: Path) -> None:
-    args = ["compare", "--methods", "fedit,lorafair", *tiny_args(tmp_path, "--federation.rounds", "1")]
+    args = ["compare", "--methods", "fedit,lorafair", *tiny_args(tmp_path)]
     assert main(args) == 0
     table = (tmp_path / "comparison.md").read_text()
-    assert "| FedIT |" in table and "| LoRA-FAIR |" in table
+    results = {method: json.loads((tmp_path / method / "seed0" / "results.json").read_text())
+               for method in ("fedit", "lorafair")}
+    header, rows = markdown_rows(table, "## Top-1 accuracy (%)")
+    for method, row in zip(results, rows, strict=True):  # one seed: each cell is the run's final accuracy
+        final = results[method]["final"]
+        expected = [100 * final["accuracy"][domain] for domain in header[1:-1]] + [100 * final["mean_accuracy"]]
+        assert [display_name(method), *(f"{value:.2f}" for value in expected)] == [cell.strip("*") for cell in row]
+    header, rows = markdown_rows(table, "## Server aggregation metrics")
+    assert "cos_avg_mean" in header and "cos_factor_mean" in header
+    for method, row in zip(results, rows, strict=True):
+        for column, name in enumerate(header[1:], start=1):
+            values = [r["aggregation"][name] for r in results[method]["rounds"] if name in r["aggregation"]]
+            assert row[column] == (f"{sum(values) / len(values):.6f}" if values else "-")
     for name in ("comparison.csv", "accuracy_vs_round.png", "communication.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert sorted(p.parent.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("results.json")) == [

@@ -92,6 +92,16 @@ def test_federated_digits_with_class_filter_augmentation_and_a_loader():
     assert images.shape == (16, 3, 24, 24) and labels.max() < 4
 
 
+@pytest.mark.parametrize("augment", [False, True])
+def test_augment_redraws_each_fetch_of_a_training_image_and_never_a_test_image(augment):
+    fd = build_federated_data(DataConfig(name="digits", domains=["plain"], augment=augment), FederationConfig(), 0,
+                              DATA_CONFIG)
+    torch.manual_seed(0)
+    train = fd.clients[0].dataset
+    assert torch.equal(train[0][0], train[0][0]) != augment
+    assert torch.equal(fd.test["plain"][0][0], fd.test["plain"][0][0])
+
+
 def test_model_data_config_needs_no_weights_and_honours_img_size():
     assert model_data_config(TINY_VIT)["input_size"] == (3, 32, 32)
     assert model_data_config(TINY_VIT, image_size=48)["input_size"] == (3, 48, 48)

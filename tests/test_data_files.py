@@ -11,8 +11,9 @@ from PIL import Image
 
 from lorafair.cli import main
 from lorafair.config import DataConfig, FederationConfig
-from lorafair.data import build_federated_data, make_loader
-from lorafair.data.image_files import DOMAINNET, NICOPP, read_image_folders, read_split_file_dataset
+from lorafair.data import build_client_data, build_federated_data, make_loader
+from lorafair.data.cache import CachedImageDataset
+from lorafair.data.image_files import DOMAINNET, NICOPP, ImageFileDataset, read_image_folders, read_split_file_dataset
 from lorafair.errors import UserError
 
 DATA_CONFIG = {"input_size": (3, 16, 16), "interpolation": "bicubic", "mean": (0.5, 0.5, 0.5),
@@ -157,6 +158,23 @@ def test_image_folders_use_split_files_when_present(tmp_path):
         read_image_folders(tmp_path, ["photo"], None, 0.3, seed=0)
 
 
+@pytest.mark.parametrize("cache", ["auto", "off"])
+@pytest.mark.parametrize("augment", [False, True])
+def test_augment_redraws_each_fetch_of_a_training_image_and_never_a_test_image(tmp_path, augment, cache):
+    """Both ways of reading images: the decode-once cache (crop and flip on its uint8 pixels) and PIL."""
+    for i in range(10):  # an asymmetric picture, so that a flip or a crop shows
+        path = tmp_path / "photo" / "cat" / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.arange(12 * 10 * 3, dtype=np.uint8).reshape(12, 10, 3) * (i + 1)).save(path)
+    data = DataConfig(name="folders", root=tmp_path, augment=augment, cache=cache)
+    fd = build_federated_data(data, FederationConfig(), 0, DATA_CONFIG)
+    assert isinstance(fd.test["photo"], CachedImageDataset) == (cache == "auto")
+    torch.manual_seed(0)
+    train = fd.clients[0].dataset
+    assert torch.equal(train[0][0], train[0][0]) != augment
+    assert torch.equal(fd.test["photo"][0][0], fd.test["photo"][0][0])
+
+
 def test_image_folders_refuse_classes_that_differ_only_in_case(tmp_path):
     make_folders(tmp_path)
     write_jpeg(tmp_path / "photo" / "Dog" / "0.jpg", 1)
@@ -278,3 +296,25 @@ def test_cli_data_on_a_domainnet_tree_with_the_shipped_config(tmp_path, capsys, 
     assert [row[1:] for row in rows if row[:1] and row[0].isdigit()] == [[d, "18", "3", ranks[d]]
                                                                          for d in DOMAINNET.domains]
     assert ["total", "108", "3"] in rows and ["total", "36"] in rows and (tmp_path / "c.png").is_file()
+
+
+def test_a_node_holds_only_its_own_clients_files(domainnet):
+    """build_client_data (a Flower node's data) is client k of build_federated_data, item for item, as a file
+    dataset of its own images only: the nodes' files are disjoint and together every training image."""
+    data = DataConfig(name="domainnet", root=domainnet, domains=["clipart", "sketch"], num_workers=0, cache="off")
+    federation = FederationConfig(partition="iid", num_clients=3, min_client_samples=1)
+    full = build_federated_data(data, federation, 0, DATA_CONFIG)
+    nodes = [build_client_data(data, federation, 0, DATA_CONFIG, k)[0] for k in range(3)]
+    for node, reference in zip(nodes, full.clients, strict=True):
+        assert isinstance(node.dataset, ImageFileDataset)
+        assert (node.id, node.num_samples, node.class_counts) == (reference.id, reference.num_samples,
+                                                                  reference.class_counts)
+        for index in range(len(reference.dataset)):
+            (image, label), (expected_image, expected_label) = node.dataset[index], reference.dataset[index]
+            assert torch.equal(image, expected_image) and label == expected_label
+    paths = [path for node in nodes for path in node.dataset.paths]
+    assert len(set(paths)) == len(paths) == sum(len(d.paths) for d in full.clients[0].dataset.dataset.datasets)
+    cached = DataConfig(name="domainnet", root=domainnet, domains=["clipart", "sketch"], num_workers=0, cache="auto")
+    assert build_client_data(cached, federation, 0, DATA_CONFIG, 1)[0].dataset.paths == nodes[1].dataset.paths
+    with pytest.raises(UserError, match="partition-id 3 is not a client of this partition"):
+        build_client_data(data, federation, 0, DATA_CONFIG, 3)

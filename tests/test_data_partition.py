@@ -84,17 +84,18 @@ def test_small_alpha_gives_measurable_label_skew():
     assert entropy(0.1) < entropy(0.5) < entropy(5.0)
 
 
-def test_dirichlet_split_cuts_each_class_by_its_proportions():
-    labels = np.repeat(np.arange(4), 1000)
-    shares = dirichlet_split(labels, 3, alpha=1.0, rng=np.random.default_rng(0))
-    counts = np.array([np.bincount(labels[s], minlength=4) for s in shares])
-    assert counts.sum() == 4000 and np.all(counts.sum(axis=0) == 1000)
-    # the same draw by hand: each class's proportions, rounded into cuts of its 1000 samples
-    rng = np.random.default_rng(0)
-    for label in range(4):
-        rng.permutation(1000)
-        expected = np.diff(np.round(np.concatenate([[0], np.cumsum(rng.dirichlet(np.ones(3)))]) * 1000))
-        assert np.array_equal(counts[:, label], expected)
+def test_dirichlet_split_cuts_each_class_completely_by_its_proportions():
+    labels = np.tile(np.arange(4), 1000)  # classes interleaved: indices, not positions, are what gets cut
+    for alpha in (1e6, 1.0, 1e-3):
+        shares = dirichlet_split(labels, 3, alpha=alpha, rng=np.random.default_rng(0))
+        assert np.array_equal(np.sort(np.concatenate(shares)), np.arange(4000))  # disjoint and complete
+        counts = np.array([np.bincount(labels[s], minlength=4) for s in shares])
+        if alpha == 1e6:  # proportions all but equal: a third of each class, give or take rounding
+            assert np.all(np.abs(counts - 1000 / 3) <= 5)
+        elif alpha == 1e-3:  # proportions all but one-hot: each class goes (almost) whole to one client
+            assert np.all(counts.max(axis=0) >= 995)
+        else:  # a proper draw: the classes are cut differently
+            assert len({tuple(column) for column in counts.T}) == 4
 
 
 def test_iid_partition_mixes_domains_evenly():

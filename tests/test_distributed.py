@@ -21,14 +21,8 @@ from lorafair.federated import transport as comm
 def _collectives(rank: int, store: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
-        counts = [2, 1]  # uneven: rank 1's single row is padded to two
-        rows = torch.arange(6.0).view(2, 3)[: counts[rank]] + 10 * rank
-        gathered = comm.gather_rows(rows, counts)
-        if rank == 0:
-            expected = torch.cat([torch.arange(6.0).view(2, 3), torch.arange(3.0).view(1, 3) + 10])
-            assert torch.equal(gathered, expected)
-        else:
-            assert gathered is None
+        assert comm.all_gather_objects({"rank": rank, "reports": [rank] * (rank + 1)}) == [
+            {"rank": 0, "reports": [0]}, {"rank": 1, "reports": [1, 1]}]
 
         sent = {"a": torch.linspace(0, 1, 7, dtype=torch.float64), "b": torch.randn(2, 3, generator=torch.Generator()
                                                                                     .manual_seed(0))}
@@ -38,8 +32,13 @@ def _collectives(rank: int, store: str) -> None:
         assert tensors["a"].dtype == torch.float64 and torch.allclose(tensors["a"], sent["a"])
         assert torch.equal(tensors["b"], sent["b"])
 
-        counts_tensor = comm.all_reduce_sum(torch.tensor([rank + 1.0, 2.0]))
-        assert torch.equal(counts_tensor, torch.tensor([3.0, 4.0]))
+        # mixed dtypes travel in one buffer per dtype and come back in place, exactly (float64 is not rounded)
+        mixed = [torch.tensor(1e-12 * (rank + 1) + 1.0, dtype=torch.float64), torch.tensor([rank + 1.0, 2.0]),
+                 torch.full((2, 2), 0.25 * (rank + 1), dtype=torch.float64)]
+        comm.all_reduce_sum(mixed)
+        assert mixed[0].item() == (1.0 + 1e-12) + (1.0 + 2e-12) and mixed[0].dtype == torch.float64
+        assert torch.equal(mixed[1], torch.tensor([3.0, 4.0]))
+        assert torch.equal(mixed[2], torch.full((2, 2), 0.75, dtype=torch.float64))
     finally:
         dist.destroy_process_group()
 

@@ -65,11 +65,10 @@ def test_a_rank_2_client_trains_a_rank_2_lora_and_nothing_outside_it(mixed_round
 def test_the_server_answers_at_the_global_rank_with_a_pair_for_rank_2_and_bytes_by_rank(mixed_round):
     trainer, results = mixed_round
     like = trainer.global_state
-    template = ClientUpdate(1.0, like.lora, like.extra)
     only_rank_2 = [r for r in results if trainer.client_ranks[r.client] == 2]
-    answer = trainer.server.aggregate(1, only_rank_2, template, trainer.lower_ranks)
+    answer = trainer.aggregate(1, only_rank_2, [r.client for r in only_rank_2])
     assert all(A.shape[0] == 4 for A, _ in answer.lora.values()) and sorted(answer.by_rank) == [2]
-    answer = trainer.server.aggregate(1, results, template, trainer.lower_ranks)
+    answer = trainer.aggregate(1, results, [r.client for r in results])
     per_rank = {rank: sum(rank * (A.shape[1] + B.shape[0]) * 4 for A, B in like.lora.values()) for rank in (2, 4)}
     head = sum(t.numel() * 4 for t in like.extra.values())
     for client, (up, _) in answer.record.bytes_by_client.items():
@@ -84,7 +83,7 @@ def test_a_nan_rank_2_update_is_dropped_and_the_rest_aggregated_alone(mixed_roun
     saved = bad_A.clone()
     bad_A[0, 0] = float("nan")
     try:
-        answer = trainer.server.aggregate(1, results, template, trainer.lower_ranks)
+        answer = trainer.aggregate(1, results, [r.client for r in results])
     finally:
         bad_A.copy_(saved)
     assert "client 2" in capsys.readouterr().out

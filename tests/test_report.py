@@ -28,7 +28,10 @@ def write_run(folder: Path, method: str, seed: int, *, finished: bool = True, la
     rng = random.Random(f"{method}-{seed}-{lam}")
     rounds = []
     for t in range(1, ROUNDS + 1):
-        entry = {"round": t, "bytes_up": 4000, "bytes_down": bytes_down, "seconds": {"train": 1.0}}
+        entry = {"round": t, "bytes_up": 4000, "bytes_down": bytes_down, "seconds": {"train": 1.0},
+                 "aggregation": {"cos_avg_mean": rng.uniform(0.9, 1.0)}}
+        if method == "lorafair":
+            entry["aggregation"]["cos_factor_mean"] = rng.uniform(0.5, 1.0)
         if t != 2:  # round 2 without evaluation, as with eval_every > 1
             accuracy = {domain: rng.uniform(0.2, 0.9) for domain in DOMAINS}
             entry.update(accuracy=accuracy, mean_accuracy=statistics.fmean(accuracy.values()))
@@ -45,7 +48,7 @@ def write_run(folder: Path, method: str, seed: int, *, finished: bool = True, la
 
 def markdown_rows(text: str, heading: str) -> tuple[list[str], list[list[str]]]:
     lines = text.splitlines()
-    start = lines.index(heading) + 2
+    start = next(i for i in range(lines.index(heading), len(lines)) if lines[i].startswith("|"))
     table = []
     for line in lines[start:]:
         if not line.startswith("|"):
@@ -105,6 +108,39 @@ def test_csv_holds_the_numbers_of_the_markdown_table(comparison) -> None:
     assert by_method["flora"]["bytes_down"] == "12000" and by_method["fedit"]["bytes_down"] == "4000"
     _, comm_rows = markdown_rows(text, "## Communication per client per round")
     assert [row[1:] for row in comm_rows] == [["4.00 kB", "4.00 kB"], ["4.00 kB", "12.00 kB"], ["4.00 kB", "4.00 kB"]]
+
+
+def test_aggregation_metrics_are_averaged_over_rounds_then_seeds(comparison) -> None:
+    directory, _ = comparison
+    report(directory)
+    header, rows = markdown_rows((directory / "comparison.md").read_text(), "## Server aggregation metrics")
+    assert header == ["Method", "cos_avg_mean", "cos_factor_mean"]
+    for method, row in zip(["fedit", "flora", "lorafair"], rows, strict=True):
+        assert row[0] == display_name(method)
+        for column, name in enumerate(header[1:], start=1):
+            per_seed = []
+            for seed in SEEDS:
+                rounds = json.loads((directory / method / f"seed{seed}" / "results.json").read_text())["rounds"]
+                values = [r["aggregation"][name] for r in rounds if name in r["aggregation"]]
+                if values:
+                    per_seed.append(sum(values) / len(values))
+            assert row[column] == (f"{sum(per_seed) / len(per_seed):.6f}" if per_seed else "-")
+    assert rows[2][2] != "-" and rows[0][2] == "-"  # only LoRA-FAIR logs cos_factor
+
+
+def test_runs_without_round_details_report_zero_bytes_and_no_metrics(tmp_path) -> None:
+    """Results files that hold the final accuracies but no per-round records (or records without metrics)."""
+    for method, rounds in (("fedit", []), ("lorafair", [{"round": 1, "bytes_up": 10, "bytes_down": 30}])):
+        folder = tmp_path / method / "seed0"
+        folder.mkdir(parents=True)
+        final = {"accuracy": {"a": 0.5}, "mean_accuracy": 0.5}
+        (folder / "results.json").write_text(json.dumps({"method": method, "seed": 0, "rounds": rounds,
+                                                         "config": {"seed": 0}, "final": final}))
+    report(tmp_path)
+    text = (tmp_path / "comparison.md").read_text()
+    _, rows = markdown_rows(text, "## Communication per client per round")
+    assert rows == [["FedIT", "0 B", "0 B"], ["LoRA-FAIR", "10 B", "30 B"]]
+    assert "## Server aggregation metrics" not in text
 
 
 def test_plots_are_png_and_a_rerun_writes_the_same_bytes(comparison) -> None:

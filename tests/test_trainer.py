@@ -30,13 +30,15 @@ def test_a_run_writes_every_output(tiny_run):
         assert set(record["train_steps"].values()) == {3}
         assert sorted(record["accuracy"]) == sorted(DOMAINS)
         assert all(0 <= acc <= 1 for acc in record["accuracy"].values())
-        assert record["mean_accuracy"] == pytest.approx(sum(record["accuracy"].values()) / 6)
+        assert min(record["accuracy"].values()) <= record["mean_accuracy"] <= max(record["accuracy"].values())
         assert record["bytes_up"] > 0 and record["bytes_down"] > 0 and record["bad_updates"] == {}
         assert -1 <= record["aggregation"]["cos_avg_mean"] <= 1
         seconds = record["seconds"]
         assert set(seconds) == {"train", "comm", "aggregate", "eval", "round"}
-        assert seconds["round"] >= seconds["train"] + seconds["aggregate"] > 0
-        assert record["overhead"] == pytest.approx((seconds["comm"] + seconds["aggregate"]) / seconds["round"])
+        assert all(value > 0 for value in seconds.values())
+        assert seconds["round"] == pytest.approx(sum(seconds[p] for p in ("train", "comm", "aggregate", "eval")))
+        # the overhead is the share of the round spent neither training nor evaluating
+        assert 0 < record["overhead"] == pytest.approx(1 - (seconds["train"] + seconds["eval"]) / seconds["round"])
     assert results["rounds"][0]["clients"] != results["rounds"][1]["clients"]  # sampled anew each round
     last = results["rounds"][-1]
     assert results["final"] == {"round": 2, "accuracy": last["accuracy"], "mean_accuracy": last["mean_accuracy"]}
@@ -48,11 +50,23 @@ def test_a_run_writes_every_output(tiny_run):
     assert state["base"] is None and set(state["extra"]) == {"head.weight", "head.bias"}
 
     events = EventAccumulator(str(out_dir / "tensorboard")).Reload()
-    scalars = events.Tags()["scalars"]
-    for tag in [*(f"accuracy/{d}" for d in DOMAINS), "accuracy/mean", "train_loss/mean", "bytes/up_per_client",
-                "seconds/comm", "seconds/overhead_fraction", "aggregation/cos_avg_mean", "bad_updates"]:
-        assert tag in scalars
-        assert [event.step for event in events.Scalars(tag)] == [1, 2]
+    clients = sorted({client for record in results["rounds"] for client in record["clients"]})
+    metrics = results["rounds"][0]["aggregation"]
+    assert set(events.Tags()["scalars"]) == {
+        *(f"accuracy/{d}" for d in DOMAINS), "accuracy/mean", *(f"train_loss/client_{c}" for c in clients),
+        "train_loss/mean", "bytes/up_per_client", "bytes/down_per_client", "bad_updates", "bad_updates_total",
+        *(f"seconds/{phase}" for phase in ("train", "comm", "aggregate", "eval", "round")),
+        "seconds/overhead_fraction", *(f"aggregation/{name}" for name in metrics), "hparams/mean_accuracy"}
+    for record in results["rounds"]:  # each round's scalars are its record's values, at its round
+        losses = list(record["train_loss"].values())
+        expected = {"accuracy/plain": record["accuracy"]["plain"], "accuracy/mean": record["mean_accuracy"],
+                    "train_loss/mean": sum(losses) / len(losses), "bytes/up_per_client": record["bytes_up"],
+                    "bytes/down_per_client": record["bytes_down"], "bad_updates": 0,
+                    "seconds/train": record["seconds"]["train"], "seconds/overhead_fraction": record["overhead"],
+                    "aggregation/cos_avg_mean": record["aggregation"]["cos_avg_mean"]}
+        for tag, value in expected.items():
+            (event,) = [e for e in events.Scalars(tag) if e.step == record["round"]]
+            assert event.value == pytest.approx(value, rel=1e-6), tag
     assert events.Scalars("accuracy/mean")[-1].value == pytest.approx(results["final"]["mean_accuracy"])
     assert "_hparams_/experiment" in events.PluginTagToContent("hparams")
     assert events.Scalars("hparams/mean_accuracy")[-1].value == pytest.approx(results["final"]["mean_accuracy"])
@@ -76,14 +90,16 @@ def test_stopping_after_one_round_and_resuming_gives_the_same_results(tiny_run, 
 
 
 def _spy_on_updates(trainer: FederatedTrainer) -> list[list]:
-    """Record the ClientUpdates the server aggregates, one list per round."""
-    rounds, aggregate = [], trainer.server.aggregator.aggregate
+    """Record the ClientUpdates the server folds into each round (the usable ones), one list per round."""
+    rounds, fold = [], trainer.server.fold
 
-    def recording(updates, **options):
-        rounds.append([(u.weight, {n: (a.clone(), b.clone()) for n, (a, b) in u.lora.items()}) for u in updates])
-        return aggregate(updates, **options)
+    def recording(round_index, results, *args):
+        folded = fold(round_index, results, *args)
+        rounds.append([(r.update.weight, {n: (a.clone(), b.clone()) for n, (a, b) in r.update.lora.items()})
+                       for r, report in zip(results, folded.reports, strict=True) if report.bad is None])
+        return folded
 
-    trainer.server.aggregator.aggregate = recording
+    trainer.server.fold = recording
     return rounds
 
 
@@ -131,10 +147,18 @@ def test_ffa_lora_never_changes_a(tmp_path):
     assert all(torch.equal(a, initial[name]) for name, (a, _) in trainer.model.get_lora().items())
 
 
+DEMO_TABLE = {"plain": 74.51, "inverted": 82.35, "rotated": 25.49, "blurred": 74.51, "noisy": 70.59,
+              "coloured": 66.67}
+"""The README's demo table (top-1 % after round 20), mean 65.69."""
+
+
 @pytest.mark.slow
-def test_the_demo_keeps_its_promise(tmp_path):
-    """configs/demo.yaml as the README runs it: every round, and a final mean accuracy of at least 50%."""
+def test_the_demo_gives_the_readme_table(tmp_path):
+    """configs/demo.yaml as the README runs it. Its 51-image test sets make one image 1.96 points: each domain
+    within two images, the mean within 0.5 points. Keeping the server's answer is worth 5 points on the mean."""
     config = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
     results = fit(parse_fit_args(["--config", str(config), "--out_dir", str(tmp_path)]))
     assert len(results["rounds"]) == 20
-    assert results["final"]["mean_accuracy"] >= 0.5
+    final = {domain: 100 * acc for domain, acc in results["final"]["accuracy"].items()}
+    assert final == pytest.approx(DEMO_TABLE, abs=4.0)
+    assert 100 * results["final"]["mean_accuracy"] == pytest.approx(65.69, abs=0.5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -20,7 +21,7 @@ from lorafair.federated.checkpoints import (
 from lorafair.federated.loop import launch_fabric
 from lorafair.federated.sampling import assign_to_ranks, derive_seed, sample_clients
 from lorafair.federated.transport import flatten, unflatten
-from lorafair.reporting.run_folder import accuracy_table, config_to_dict, flatten_config, trajectory_identity
+from lorafair.reporting.run_folder import accuracy_table, config_to_dict, flatten_config, mean, trajectory_identity
 
 
 def test_sampling_is_a_seeded_sorted_subset_that_changes_with_the_round():
@@ -134,6 +135,10 @@ def test_config_flattens_to_dotted_keys_with_plain_values():
     cfg.model.kwargs = {"depth": 2}
     flat = flatten_config(config_to_dict(cfg))
     assert flat["model.kwargs"] == {"depth": 2} and flat["out_dir"] == "runs/lorafair" and flat["lora.r"] == 16
+
+
+def test_mean_of_no_values_is_nan():
+    assert mean([0.25, 0.5, 1.5]) == 0.75 and math.isnan(mean([]))
 
 
 def test_accuracy_table_shows_percentages_and_the_mean():

@@ -88,12 +88,22 @@ def test_missing_and_unreadable_files_say_what_to_do(tmp_path):
 
 
 def test_pretrained_without_network_fails_fast_and_points_to_model_weights(tmp_path, monkeypatch):
-    monkeypatch.setattr(weights, "_hub_reachable", lambda: False)
+    """The real probe runs; only its connection is replaced by one that times out, as behind a firewall that drops
+    packets. It must try once, with a short timeout, and then fail without the hub client's minute of retries."""
+    attempts = []
+
+    def dropped(address, timeout=None):
+        attempts.append((address, timeout))
+        raise TimeoutError("timed out")
+
+    monkeypatch.setattr(weights.socket, "create_connection", dropped)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))  # an empty cache
     start = time.perf_counter()
     with pytest.raises(UserError, match=r"no model hub is reachable.*use model\.weights"):
         create_backbone(ModelConfig(name="vit_tiny_patch16_224.augreg_in21k", pretrained=True), num_classes=3)
     assert time.perf_counter() - start < 30, "must not wait on network retries"
+    assert len(attempts) == 1 and attempts[0][0][1] == 443 and 0 < attempts[0][1] <= 5
     assert hub_constants.HF_HUB_OFFLINE is False
 
 

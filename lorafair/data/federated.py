@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -138,3 +138,31 @@ def build_caches(data: FederatedData, data_cfg: DataConfig) -> str:
     stores = [dataset.store(verify=True) for dataset in splits]
     size = sum(int(store.offsets[-1]) for store in stores)
     return f"image cache ready: {len(stores)} splits, {human_size(size)} in {splits[0].directory}"
+
+
+def build_client_data(data_cfg: DataConfig, federation_cfg: FederationConfig, seed: int, data_config: dict,
+                      client_id: int) -> tuple[Client, list[str]]:
+    """What a data owner's node holds: client `client_id` of the partition `build_federated_data` makes (so it trains
+    the same samples as under `fit`) and the class names. Of file datasets it keeps only this client's files, so no
+    other client's image is ever read (hence no image cache: building one decodes every image); no test set."""
+    data = build_federated_data(replace(data_cfg, cache="off"), federation_cfg, seed, data_config)
+    if not 0 <= client_id < len(data.clients):
+        raise UserError(f"partition-id {client_id} is not a client of this partition (0..{len(data.clients) - 1}); "
+                        f"give each node one id in that range")
+    client = data.clients[client_id]
+    return replace(client, dataset=own_files(client.dataset)), data.classes
+
+
+def own_files(dataset: Dataset) -> Dataset:
+    """A client's Subset of the concatenated file datasets as one file dataset of its own samples, in the same
+    order; any other dataset as it is."""
+    if not (isinstance(dataset, Subset) and isinstance(dataset.dataset, ConcatDataset)
+            and all(isinstance(part, ImageFileDataset) for part in dataset.dataset.datasets)):
+        return dataset
+    parts, ends = dataset.dataset.datasets, dataset.dataset.cumulative_sizes
+    samples = []
+    for index in dataset.indices:
+        position = int(np.searchsorted(ends, index, side="right"))
+        local = index - (ends[position - 1] if position else 0)
+        samples.append((parts[position].paths[local], int(parts[position].labels[local])))
+    return ImageFileDataset(samples, parts[0].transform, parts[0].on_bad_image)

@@ -34,12 +34,16 @@ def checkpoint_path(directory: Path, round_index: int) -> Path:
     return directory / f"round_{round_index:05d}.ckpt"
 
 
+def kept_rounds(directory: Path) -> dict[int, Path]:
+    """Round -> its complete checkpoint in `directory`, oldest round first (temporary files are ignored)."""
+    if not directory.is_dir():
+        return {}
+    return dict(sorted((int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.fullmatch(p.name))))
+
+
 def list_checkpoints(directory: Path) -> list[Path]:
     """Complete checkpoints in `directory`, oldest round first (temporary files are ignored)."""
-    if not directory.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.fullmatch(p.name))]
-    return [path for _, path in sorted(found)]
+    return list(kept_rounds(directory).values())
 
 
 def save_checkpoint(directory: Path, round_index: int, state: Mapping[str, Any], keep: int = 2,
@@ -198,23 +202,12 @@ def find_checkpoint(out_dir: Path, resume: str | None, log: Callable[[str], None
     return Path(resume), load_checkpoint(Path(resume))
 
 
-def resume_state(path: Path, state: Any, identity: dict[str, Any], rounds: int, force: bool,
-                 log: Callable[[str], None]) -> ResumeState:
-    """The checkpoint `state` read from `path` as a ResumeState, after checking that it is a lorafair checkpoint
-    of this run (same identity unless `force`) with no more than `rounds` rounds done."""
+def read_round(path: Path, state: Any) -> ResumeState:
+    """The checkpoint `state` read from `path` as the global model after its round, in the tensor-key format of
+    `federated.state`; a file that is no lorafair checkpoint is one UserError."""
     missing = sorted(CHECKPOINT_KEYS - set(state)) if isinstance(state, dict) else sorted(CHECKPOINT_KEYS)
     if missing:
-        raise UserError(f"resume: {path} is not a lorafair checkpoint (it lacks {', '.join(missing)})")
-    differences = identity_differences(state["identity"], identity)
-    if differences and not force:
-        raise UserError(f"resume: {path} was written by a run with other settings ({'; '.join(differences)}); "
-                        f"resume with the same settings, start a new run in another out_dir, or pass "
-                        f"--resume_force true to continue anyway (the results then match no single run)")
-    if differences:
-        log(f"warning: resume_force: continuing from {path}, written with other settings ({'; '.join(differences)})")
-    if state["round"] > rounds:
-        raise UserError(f"federation.rounds: {rounds} is fewer than the {state['round']} rounds already done in "
-                        f"{path}; raise it")
+        raise UserError(f"{path} is not a lorafair checkpoint (it lacks {', '.join(missing)})")
     try:
         tensors = {**pack_pairs("lora", {name: (pair["A"], pair["B"]) for name, pair in state["lora"].items()}),
                    **pack_by_rank({rank: {name: (pair["A"], pair["B"]) for name, pair in pairs.items()}
@@ -222,18 +215,41 @@ def resume_state(path: Path, state: Any, identity: dict[str, Any], rounds: int, 
                    **pack("extra", state["extra"]), **pack("base", state["base"])}
         records = list(state["results"]["rounds"])
     except (KeyError, TypeError, AttributeError) as err:
-        raise UserError(f"resume: {path} is not a lorafair checkpoint (its tensors are malformed: {err!r})") from err
+        raise UserError(f"{path} is not a lorafair checkpoint (its tensors are malformed: {err!r})") from err
     return ResumeState(round=state["round"], path=path, records=records,
                        state=GlobalState.from_tensors(tensors),
                        base=unpack(tensors, "base"))
 
 
+def resume_state(path: Path, state: Any, identity: dict[str, Any], rounds: int, force: bool,
+                 log: Callable[[str], None]) -> ResumeState:
+    """The checkpoint `state` read from `path` as a ResumeState, after checking that it is a lorafair checkpoint
+    of this run (same identity unless `force`) with no more than `rounds` rounds done."""
+    try:
+        resumed = read_round(path, state)
+    except UserError as err:
+        raise UserError(f"resume: {err}") from err
+    differences = identity_differences(state["identity"], identity)
+    if differences and not force:
+        raise UserError(f"resume: {path} was written by a run with other settings ({'; '.join(differences)}); "
+                        f"resume with the same settings, start a new run in another out_dir, or pass "
+                        f"--resume_force true to continue anyway (the results then match no single run)")
+    if differences:
+        log(f"warning: resume_force: continuing from {path}, written with other settings ({'; '.join(differences)})")
+    if resumed.round > rounds:
+        raise UserError(f"federation.rounds: {rounds} is fewer than the {resumed.round} rounds already done in "
+                        f"{path}; raise it")
+    return resumed
+
+
 def check_fits(resumed: ResumeState, expected: Mapping[str, torch.Size]) -> None:
-    """Refuse a resume state whose tensors do not fit the model (`expected`: shapes in the packed key format)."""
-    tensors = {**resumed.state.tensors(), **pack("base", resumed.base)}
+    """Refuse a checkpoint's state whose tensors do not fit the model (`expected`: shapes in the packed key format)."""
+    # the lower ranks' starting pairs ("lora_r<rank>/...") depend on lora.client_ranks, which the identity checks
+    tensors = {key: tensor for key, tensor in {**resumed.state.tensors(), **pack("base", resumed.base)}.items()
+               if not key.startswith("lora_r")}
     # the frozen weights are checked only where the checkpoint holds them (after merges)
     expected = {key: shape for key, shape in expected.items() if resumed.base or not key.startswith("base/")}
     mismatch = first_shape_mismatch(tensors, expected)
     if mismatch:
-        raise UserError(f"resume: {resumed.path} does not fit this model: {mismatch}; resume with the model and "
-                        f"LoRA settings it was written with")
+        raise UserError(f"{resumed.path} does not fit this model: {mismatch}; use it with the model and LoRA "
+                        f"settings it was written with")

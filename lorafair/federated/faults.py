@@ -7,6 +7,9 @@ must survive. It fires once per job: under torchrun only in the first attempt (T
 
 LORAFAIR_POISON=ROUND:CLIENT[,ROUND:CLIENT...] turns the update of that client in that round into NaN, as a
 diverged client's would be, so the server's dropping of bad updates can be tested end to end.
+
+LORAFAIR_CLIENT_ERROR=ROUND:CLIENT[,...] makes that client's Flower ClientApp raise in that round, as a node that
+fails mid-round: Flower turns it into an error reply and the round goes on with the others.
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ import signal
 
 ENV_VAR = "LORAFAIR_FAIL_AT"
 POISON_ENV_VAR = "LORAFAIR_POISON"
+CLIENT_ERROR_ENV_VAR = "LORAFAIR_CLIENT_ERROR"
 PHASES = ("train", "gather", "aggregate", "eval", "checkpoint")
-"""Where a round can be interrupted: during local training, the gather, the aggregation, the evaluation, and with
-the new checkpoint written but not yet renamed into place."""
+"""Where a round can be interrupted: during local training, before the exchange between ranks, the aggregation, the
+evaluation, and with the new checkpoint written but not yet renamed into place."""
 
 
 def maybe_fail(round_index: int, phase: str) -> None:
@@ -39,10 +43,20 @@ def maybe_fail(round_index: int, phase: str) -> None:
 
 def is_poisoned(round_index: int, client_id: int) -> bool:
     """Whether LORAFAIR_POISON names this client in this round."""
-    target = os.environ.get(POISON_ENV_VAR)
+    return _names(POISON_ENV_VAR, round_index, client_id)
+
+
+def maybe_raise_in_client(round_index: int, client_id: int) -> None:
+    """Raise if LORAFAIR_CLIENT_ERROR names this client in this round."""
+    if _names(CLIENT_ERROR_ENV_VAR, round_index, client_id):
+        raise RuntimeError(f"{CLIENT_ERROR_ENV_VAR}: client {client_id} fails in round {round_index}")
+
+
+def _names(env_var: str, round_index: int, client_id: int) -> bool:
+    target = os.environ.get(env_var)
     if not target:
         return False
     pairs = [item.split(":") for item in target.split(",")]
     if not all(len(pair) == 2 and all(part.strip().isdigit() for part in pair) for pair in pairs):
-        raise ValueError(f"{POISON_ENV_VAR}={target!r}: expected ROUND:CLIENT[,ROUND:CLIENT...]")
+        raise ValueError(f"{env_var}={target!r}: expected ROUND:CLIENT[,ROUND:CLIENT...]")
     return [round_index, client_id] in [[int(part) for part in pair] for pair in pairs]

@@ -1,10 +1,13 @@
 """`lorafair fit`: the round loop, composing the client, the server and the transport on Lightning Fabric.
 
 One round (`FederatedTrainer.run_round`):
-    sample clients -> assign them to ranks -> each rank trains its clients (client role) -> the transport gathers
-    the results on rank 0 -> the server aggregates -> the transport delivers its answer to every rank -> every rank
-    applies it (merging into its frozen weights for FLoRA / FedEx-LoRA) -> sharded evaluation -> results.json,
-    TensorBoard and a checkpoint on rank 0.
+    sample clients -> assign them to ranks -> each rank trains its clients (client role) and folds their updates
+    into the method's accumulators (server role) -> the transport shares the clients' reports and sums the
+    accumulators over the ranks -> rank 0 finishes the aggregation and the transport delivers its answer to every
+    rank -> every rank applies it (merging into its frozen weights for FLoRA / FedEx-LoRA) -> sharded evaluation ->
+    results.json, TensorBoard and a checkpoint on rank 0.
+After the last round rank 0 prints the accuracy table and exports the global model to out_dir/final
+(`lorafair.export`).
 
 Clients keep no state between rounds and everything random is seeded by (seed, round, client), so the results do
 not depend on the number of ranks, on which rank hosts a client, or on whether the run was interrupted and resumed.
@@ -24,9 +27,9 @@ from lightning.fabric import Fabric
 from lightning.fabric.loggers import TensorBoardLogger
 from tqdm import tqdm
 
-from lorafair.aggregation import ClientUpdate, ranks
+from lorafair.aggregation import ClientUpdate, RoundState, ranks
 from lorafair.config import FitConfig
-from lorafair.data import FederatedData, build_federated_data, model_data_config
+from lorafair.data import build_federated_data, model_data_config
 from lorafair.errors import UserError
 from lorafair.federated import faults
 from lorafair.federated.checkpoints import (
@@ -39,8 +42,17 @@ from lorafair.federated.checkpoints import (
 )
 from lorafair.federated.client import LocalTrainer
 from lorafair.federated.sampling import assign_to_ranks, derive_seed, sample_clients
-from lorafair.federated.server import Server
-from lorafair.federated.state import ClientResult, GlobalState, ResumeState, RoundRecord, ServerAnswer, pack
+from lorafair.federated.server import ClientReport, Server
+from lorafair.federated.state import (
+    ClientResult,
+    GlobalState,
+    ResumeState,
+    RoundRecord,
+    ServerAnswer,
+    ServerRecord,
+    pack,
+    pack_pairs,
+)
 from lorafair.federated.transport import TorchDistributedTransport
 from lorafair.model import LoraClassifier
 from lorafair.reporting.run_folder import (
@@ -67,11 +79,12 @@ def fit(cfg: FitConfig) -> dict[str, Any]:
     return results
 
 
-def launch_fabric(cfg: FitConfig) -> Fabric:
+def launch_fabric(cfg: FitConfig, tensorboard: bool = True) -> Fabric:
     """One process per device under torchrun (gloo on CPU, NCCL on GPU), else a single process.
 
     bf16-mixed on CUDA and 32-true elsewhere unless `precision` says otherwise. TensorBoard goes to
-    out_dir/tensorboard (Fabric writes it from rank 0 only).
+    out_dir/tensorboard (Fabric writes it from rank 0 only); a process that only trains clients (a Flower node)
+    passes tensorboard=False.
     """
     if cfg.cpu_threads is not None:
         torch.set_num_threads(cfg.cpu_threads)
@@ -80,7 +93,8 @@ def launch_fabric(cfg: FitConfig) -> Fabric:
     if under_torchrun and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         join_restarted_process_group("nccl" if on_cuda else "gloo")
     precision = cfg.precision or ("bf16-mixed" if on_cuda else "32-true")
-    logger = TensorBoardLogger(root_dir=cfg.out_dir, name=TENSORBOARD_NAME, version="", default_hp_metric=False)
+    logger = (TensorBoardLogger(root_dir=cfg.out_dir, name=TENSORBOARD_NAME, version="", default_hp_metric=False)
+              if tensorboard else None)
     fabric = Fabric(accelerator=cfg.accelerator, strategy="ddp" if under_torchrun else "auto",
                     devices=int(os.environ["LOCAL_WORLD_SIZE"]) if under_torchrun else 1, num_nodes=cfg.num_nodes,
                     precision=precision, loggers=logger)
@@ -100,14 +114,21 @@ def join_restarted_process_group(backend: str) -> None:
                             rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
 
 
-def build_model(cfg: FitConfig, data: FederatedData, device: torch.device) -> LoraClassifier:
+def build_model(cfg: FitConfig, num_classes: int, device: torch.device) -> LoraClassifier:
     """The client model of this process, with identical random parts (head, LoRA, a backbone without weights) on
-    every rank."""
+    every rank, and in `lorafair export` which rebuilds a run's global model from a checkpoint."""
     torch.manual_seed(derive_seed("model", cfg.seed))
-    model = LoraClassifier(cfg.model, cfg.lora, data.num_classes, cfg.client).to(device)
+    model = LoraClassifier(cfg.model, cfg.lora, num_classes, cfg.client).to(device)
     if cfg.server.method == "ffa_lora":
         model.freeze_lora_A(True)
     return model
+
+
+def state_shapes(model: LoraClassifier) -> dict[str, torch.Size]:
+    """The shapes a checkpoint's tensors must have to fit `model`, in the packed key format."""
+    tensors = {**pack_pairs("lora", model.get_lora()), **pack("extra", model.get_extra()),
+               **pack("base", model.base_state())}
+    return {key: tensor.shape for key, tensor in tensors.items()}
 
 
 class FederatedTrainer:
@@ -125,13 +146,12 @@ class FederatedTrainer:
         if self.per_round > len(clients):
             raise UserError(f"federation.clients_per_round: {self.per_round} is more than the {len(clients)} clients "
                             f"of this partition; lower it (or null for all)")
-        self.model = build_model(cfg, self.data, fabric.device)
+        self.model = build_model(cfg, self.data.num_classes, fabric.device)
         self.client_ranks = cfg.lora.rank_of([(c.id, c.domain) for c in clients], self.data.domains)
         self.lower_ranks = tuple(sorted(set(self.client_ranks.values()) - {cfg.lora.r}))
         self.global_state = self.state_of(self.fresh_lora("lora_init", cfg.seed), self.model.get_extra())
         self.merged = False
-        shapes = {key: t.shape for key, t in self.global_state.tensors().items() if not key.startswith("lora_r")}
-        self.transport = TorchDistributedTransport(fabric.device, shapes)
+        self.transport = TorchDistributedTransport(fabric.device)
         self.rank, self.world = self.transport.rank, self.transport.world
         self.client = LocalTrainer(self.model, fabric, cfg.client, cfg.data, cfg.seed, show_progress=self.rank == 0)
         self.server = Server(cfg.server, cfg.federation.on_bad_update, cfg.seed, log=fabric.print)
@@ -161,15 +181,8 @@ class FederatedTrainer:
         clock = time.perf_counter
         start = clock()
         sampled = sample_clients([c.id for c in self.data.clients], self.per_round, self.cfg.seed, round_index)
-        hosted = assign_to_ranks(sampled, {c.id: c.num_samples for c in self.data.clients}, self.world)
-        results = [self.client.train(self.data.clients[c], self.global_state, round_index, self.client_ranks[c])
-                   for c in hosted[self.rank]]
-        self.transport.wait_for_all()
-        trained = clock()
-        faults.maybe_fail(round_index, "gather")
-        gathered_results = self.transport.gather(results, hosted)
-        gathered = clock()
-        answer = self.transport.from_server(lambda: self.aggregate(round_index, gathered_results), ServerAnswer)
+        results, hosts, trained = self.train_clients(round_index, sampled)
+        answer = self.aggregate(round_index, results, sampled)
         self.apply(round_index, answer)
         applied = clock()
         evaluate = round_index % self.cfg.federation.eval_every == 0 or round_index == self.cfg.federation.rounds
@@ -177,22 +190,52 @@ class FederatedTrainer:
         evaluated = clock()
         record = None
         if self.rank == 0:
-            comm = (gathered - trained) + (applied - gathered - self.server_seconds)
+            comm = applied - trained - self.server_seconds
             seconds = {"train": trained - start, "comm": comm, "aggregate": self.server_seconds,
                        "eval": evaluated - applied, "round": evaluated - start}
-            ranks = {str(client): rank for rank, clients in enumerate(hosted) for client in clients}
-            record = RoundRecord(round_index, sampled, ranks, answer.record, seconds, accuracy)
+            record = RoundRecord(round_index, sampled, hosts, answer.record, seconds, accuracy)
             self.save(round_index, record)
         self.transport.wait_for_all()  # the round is on disk before any rank starts the next
         return record
 
-    def aggregate(self, round_index: int, results: list[ClientResult]) -> ServerAnswer:
-        """Rank 0: the server's answer to the round, timed (server_seconds) apart from the transport."""
+    def train_clients(self, round_index: int, sampled: list[int]) -> tuple[list[ClientResult], dict[str, int], float]:
+        """Each rank trains its share of `sampled`: this rank's results, client id -> rank, and the clock when
+        training ended on every rank."""
+        hosted = assign_to_ranks(sampled, {c.id: c.num_samples for c in self.data.clients}, self.world)
+        results = [self.client.train(self.data.clients[c], self.global_state, round_index, self.client_ranks[c])
+                   for c in hosted[self.rank]]
+        self.transport.wait_for_all()
+        trained = time.perf_counter()
+        faults.maybe_fail(round_index, "gather")
+        hosts = {str(client): rank for rank, clients in enumerate(hosted) for client in clients}
+        return results, hosts, trained
+
+    def aggregate(self, round_index: int, results: list[ClientResult], sampled: list[int]) -> ServerAnswer:
+        """Every rank: the server's answer to the round, pre-reduced. Each rank folds its own `results` (slot =
+        the client's index in `sampled`), the transport shares the reports and sums the folds, rank 0 finishes.
+        Every client rank below the global one (those the global state holds starting pairs for) gets its pairs.
+        server_seconds: this rank's folding and finishing, apart from the transport."""
+        start = time.perf_counter()
+        like = ClientUpdate(weight=1.0, lora=self.global_state.lora, extra=self.global_state.extra)
+        slot = {client: index for index, client in enumerate(sampled)}
+        fold = self.server.fold(round_index, results, [slot[r.client] for r in results], like, len(sampled),
+                                sorted(self.global_state.by_rank))
+        self.server_seconds = time.perf_counter() - start
+        shared = self.transport.share((fold.reports, fold.refusal))
+        reports = [report for rank_reports, _ in shared for report in rank_reports]
+        record = self.server.decide(round_index, reports, [refusal for _, refusal in shared])
+        if not record.skipped:
+            self.transport.sum_over_ranks(fold.state.accumulators())
+        return self.transport.from_server(lambda: self.finish_round(round_index, fold.state, record, reports),
+                                          ServerAnswer)
+
+    def finish_round(self, round_index: int, state: RoundState, record: ServerRecord,
+                     reports: list[ClientReport]) -> ServerAnswer:
+        """Rank 0: the answer from the fold summed over the ranks, timed into server_seconds."""
         start = time.perf_counter()
         faults.maybe_fail(round_index, "aggregate")
-        like = ClientUpdate(weight=1.0, lora=self.global_state.lora, extra=self.global_state.extra)
-        answer = self.server.aggregate(round_index, results, like, self.lower_ranks)
-        self.server_seconds = time.perf_counter() - start
+        answer = self.server.finish(round_index, state, record, reports)
+        self.server_seconds += time.perf_counter() - start
         return answer
 
     def apply(self, round_index: int, answer: ServerAnswer) -> None:
@@ -222,7 +265,7 @@ class FederatedTrainer:
         faults.maybe_fail(round_index, "eval")
         counts = self.client.count_correct(self.global_state, [self.data.test[d] for d in self.data.domains],
                                            (self.rank, self.world))
-        self.transport.sum_over_ranks(counts)
+        self.transport.sum_over_ranks([counts])
         return {domain: (counts[i, 0] / counts[i, 1]).item() for i, domain in enumerate(self.data.domains)}
 
     # ---- outputs and checkpoints (rank 0) ------------------------------------------------------------------------
@@ -243,7 +286,9 @@ class FederatedTrainer:
                         before_rename=lambda: faults.maybe_fail(round_index, "checkpoint"))
 
     def finish(self) -> None:
-        """The final results.json, the hparams entry of TensorBoard and the accuracy table."""
+        """The final results.json, the hparams entry of TensorBoard, the accuracy table and the export."""
+        from lorafair.export import export_run  # imported here: export builds its model with build_model
+
         self.results["final"] = final = final_accuracy(self.results)
         write_json(results_path(self.out_dir), self.results)
         self.fabric.logger.log_hyperparams(flatten_config(self.results["config"]),
@@ -251,6 +296,7 @@ class FederatedTrainer:
         self.fabric.logger.finalize("success")
         self.fabric.print(accuracy_table(final["accuracy"], final["mean_accuracy"],
                                          f"{self.cfg.server.method}: global model after round {final['round']}"))
+        export_run(self.out_dir, overwrite=True, say=self.fabric.print)
 
     def start_or_resume(self) -> int:
         """Every rank: the first round to run. Rank 0 writes config.yaml and classes.json, reads the checkpoint
@@ -279,8 +325,7 @@ class FederatedTrainer:
             return None
         resumed = resume_state(*found, self.identity, self.cfg.federation.rounds, self.cfg.resume_force,
                                self.fabric.print)
-        expected = {**self.global_state.tensors(), **pack("base", self.model.base_state())}
-        check_fits(resumed, {key: tensor.shape for key, tensor in expected.items()})
+        check_fits(resumed, state_shapes(self.model))
         return resumed
 
 

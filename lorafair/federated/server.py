@@ -1,17 +1,26 @@
 """The server role: the round's client results in, the answer every client applies and the server's record out.
 
-It applies the bad-update policy (drop and re-weight, or stop), calls the aggregation method and reports what it
-did. It knows nothing of torch.distributed: the transport hands it the results and delivers its answer, and a
-UserError it raises reaches every rank.
+A round is pre-reduced on the ranks: every rank folds its own clients into a `RoundState` (`fold`), the transport
+sums the folds' accumulators over the ranks and shares the clients' reports, every rank applies the bad-update
+policy to the same reports (`decide`), and rank 0 turns the summed fold into the answer (`finish`). It knows
+nothing of torch.distributed: a UserError it raises is raised on every rank, with the same message.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from lorafair.aggregation import Aggregator, ClientUpdate, build_aggregator, find_bad_updates, method_options
+from lorafair.aggregation import (
+    Aggregator,
+    ClientUpdate,
+    RoundState,
+    build_aggregator,
+    find_bad_updates,
+    method_options,
+)
 from lorafair.config import ServerConfig
 from lorafair.errors import UserError
 from lorafair.federated.sampling import derive_seed
@@ -25,6 +34,30 @@ def aggregator_options(server_cfg: ServerConfig, seed: int, round_index: int = 0
     return {name: settings[name] for name in method_options(server_cfg.method) if name in settings}
 
 
+@dataclass
+class ClientReport:
+    """What the round record and the bad-update policy need of one client, sent by the rank that trained it."""
+
+    client: int
+    train_loss: float
+    steps: int
+    skipped_images: int
+    rank: int
+    """The LoRA rank of its update (its bytes follow it)."""
+    bad: str | None = None
+    """Why its update was left out of the round; None: it was folded in."""
+
+
+@dataclass
+class RankFold:
+    """One rank's part of a round: its good clients folded into `state`, the reports of all its clients, and why
+    the method refuses the round (FFA-LoRA: a client's A differs from the shared one), if it does."""
+
+    state: RoundState
+    reports: list[ClientReport]
+    refusal: str | None = None
+
+
 class Server:
     """Aggregates each round with the configured method; `log` prints the warnings (rank 0's console)."""
 
@@ -33,30 +66,67 @@ class Server:
         self.server_cfg, self.on_bad_update, self.seed, self.log = server_cfg, on_bad_update, seed, log
         self.aggregator: Aggregator = build_aggregator(server_cfg.method, **aggregator_options(server_cfg, seed))
 
-    def aggregate(self, round_index: int, results: list[ClientResult], like: ClientUpdate | None = None,
-                  lower_ranks: tuple[int, ...] = ()) -> ServerAnswer:
-        """The answer to a round whose results are ordered by client id; raises UserError to stop the run.
-        like: the global state as an update (the global ranks, FFA-LoRA's frozen A; None: the update of the
-        largest rank); lower_ranks: the clients' ranks below the global one, each of which gets its starting pairs."""
+    def fold(self, round_index: int, results: Sequence[ClientResult], slots: Sequence[int], like: ClientUpdate,
+             clients: int, lower_ranks: Sequence[int] = ()) -> RankFold:
+        """Every rank: fold this rank's good results into a round of `clients` slots (result i into slots[i], its
+        index among the round's sampled clients). `like`, `clients` and `lower_ranks` (the client ranks below the
+        global one, each of which gets its starting pairs) must be the same on every rank, so the folds'
+        accumulators line up."""
         if "seed" in method_options(self.server_cfg.method):
             self.aggregator = build_aggregator(self.server_cfg.method,
                                                **aggregator_options(self.server_cfg, self.seed, round_index))
-        bad = self._bad_clients(round_index, results)
-        record = ServerRecord(train_loss={str(r.client): r.train_loss for r in results},
-                              train_steps={str(r.client): r.steps for r in results},
-                              skipped_images=sum(r.skipped_images for r in results),
-                              bad_updates={str(results[i].client): reason for i, reason in sorted(bad.items())})
-        good = [result.update for position, result in enumerate(results) if position not in bad]
-        if not good:
+        state = self.aggregator.start(like, clients=clients, lower_ranks=lower_ranks)
+        bad = bad_updates(results)
+        refusal = None
+        for position, (result, slot) in enumerate(zip(results, slots, strict=True)):
+            if position in bad:
+                continue
+            try:
+                state.add(result.update, slot=slot)
+            except ValueError as err:  # a mis-shaped update: the round cannot go on
+                refusal = refusal or f"client {result.client}: {err}"
+            refusal = refusal or self.aggregator.check_update(result.client, result.update, like)
+        reports = [ClientReport(r.client, r.train_loss, r.steps, r.skipped_images, update_rank(r.update),
+                                bad.get(position))
+                   for position, r in enumerate(results)]
+        return RankFold(state, reports, refusal)
+
+    def decide(self, round_index: int, reports: Sequence[ClientReport], refusals: Sequence[str | None]) -> ServerRecord:
+        """Every rank, on every rank's reports and refusals: the round's record (skipped when no update is usable),
+        or a UserError that stops the run (on_bad_update=error, or a round the method refuses)."""
+        reports = sorted(reports, key=lambda report: report.client)
+        record = ServerRecord(train_loss={str(r.client): r.train_loss for r in reports},
+                              train_steps={str(r.client): r.steps for r in reports},
+                              skipped_images=sum(r.skipped_images for r in reports),
+                              bad_updates={str(r.client): r.bad for r in reports if r.bad is not None})
+        if record.bad_updates:
+            described = "; ".join(f"client {client}: {reason}" for client, reason in record.bad_updates.items())
+            if self.on_bad_update == "error":
+                raise UserError(f"round {round_index}: bad client update ({described}); federation.on_bad_update="
+                                f"error stops the run, 'drop' leaves such clients out of the round")
+            self.log(f"warning: round {round_index}: dropping {len(record.bad_updates)} bad update(s), the others "
+                     f"are re-weighted: {described}")
+        if len(record.bad_updates) == len(reports):
             self.log(f"warning: round {round_index}: no usable update, the global model stays as it was")
             record.skipped = True
+            return record
+        refusal = next((refusal for refusal in refusals if refusal is not None), None)
+        if refusal is not None:
+            raise UserError(f"round {round_index}: aggregation failed: {refusal}")
+        return record
+
+    def finish(self, round_index: int, state: RoundState, record: ServerRecord,
+               reports: Sequence[ClientReport]) -> ServerAnswer:
+        """Rank 0: the answer to the round from its fold summed over the ranks (`record` from `decide`, on every
+        rank's `reports`); each good client's bytes follow its rank, the record's bytes are their mean."""
+        if record.skipped:
             return ServerAnswer(lora=None, merge=None, extra={}, record=record)
         try:
-            update = self.aggregator.aggregate(good, like=like, lower_ranks=lower_ranks)
-        except ValueError as err:  # e.g. FFA-LoRA clients whose A differ
+            update = state.finish()
+        except ValueError as err:  # e.g. factors that overflow float32
             raise UserError(f"round {round_index}: aggregation failed: {err}") from err
-        record.bytes_by_client = {str(result.client): list(update.bytes_for(_rank(result.update)))
-                                  for position, result in enumerate(results) if position not in bad}
+        record.bytes_by_client = {str(report.client): list(update.bytes_for(report.rank))
+                                  for report in sorted(reports, key=lambda report: report.client) if report.bad is None}
         per_client = list(record.bytes_by_client.values())
         record.bytes_up, record.bytes_down = (round(sum(values) / len(values))
                                               for values in zip(*per_client, strict=True))
@@ -64,21 +134,15 @@ class Server:
         return ServerAnswer(lora=update.lora, merge=update.merge, extra=update.extra, record=record,
                             by_rank=update.by_rank)
 
-    def _bad_clients(self, round_index: int, results: list[ClientResult]) -> dict[int, str]:
-        """Position -> why that result is unusable; warns about them, or stops the run under on_bad_update=error."""
-        bad = {position: f"local train loss is {result.train_loss}" for position, result in enumerate(results)
-               if not math.isfinite(result.train_loss)}
-        bad.update(find_bad_updates([result.update for result in results]))
-        if not bad:
-            return bad
-        described = "; ".join(f"client {results[i].client}: {reason}" for i, reason in sorted(bad.items()))
-        if self.on_bad_update == "error":
-            raise UserError(f"round {round_index}: bad client update ({described}); federation.on_bad_update=error "
-                            f"stops the run, 'drop' leaves such clients out of the round")
-        self.log(f"warning: round {round_index}: dropping {len(bad)} bad update(s), the others are re-weighted: "
-                 f"{described}")
-        return bad
+
+def bad_updates(results: Sequence[ClientResult]) -> dict[int, str]:
+    """Position -> why that result is unusable: a non-finite local loss, or NaN/Inf in its update."""
+    bad = {position: f"local train loss is {result.train_loss}" for position, result in enumerate(results)
+           if not math.isfinite(result.train_loss)}
+    bad.update(find_bad_updates([result.update for result in results]))
+    return bad
 
 
-def _rank(update: ClientUpdate) -> int:
+def update_rank(update: ClientUpdate) -> int:
+    """The LoRA rank of a client's update (that of its first layer; a mis-shaped update is refused by the fold)."""
     return next(iter(update.lora.values()))[0].shape[0]

@@ -102,6 +102,8 @@ class ServerRecord:
     bytes_by_client: dict[str, list[int]] = field(default_factory=dict)
     """Client id -> [bytes up, bytes down], which follow its rank."""
     aggregation: dict[str, float] = field(default_factory=dict)
+    failed_clients: dict[str, str] = field(default_factory=dict)
+    """Client id -> why it sent no result (its node failed mid-round under Flower; the round went on without it)."""
 
 
 @dataclass

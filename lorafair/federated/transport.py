@@ -1,9 +1,11 @@
-"""The transport of a round: client results to the server (rank 0) and its answer back, over torch.distributed.
+"""The transport of a round over torch.distributed: sums over ranks, small reports to every rank, and the server's
+answer from rank 0 to every rank.
 
 `TorchDistributedTransport` is what the round loop talks to; a transport for another engine (Flower messages, ...)
-offers the same methods. Below it, the collectives move flat float32 buffers. Collectives need the same calls with
-the same shapes on every rank: rows are padded to the largest per-rank count (known on every rank from the client
-assignment), and a broadcast sends a small pickled header before the buffer.
+offers the same methods. A round is pre-reduced: each rank folds its own clients and the ranks sum the folds'
+accumulators (`sum_over_ranks`) instead of gathering every client's payload on rank 0. Collectives need the same
+calls with the same shapes on every rank: tensors are summed as one flat buffer per dtype, and a broadcast sends a
+small pickled header before the buffer.
 With one process (or no process group) every function is a local no-op, so the single-process path needs nothing.
 """
 
@@ -16,12 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lorafair.aggregation import ClientUpdate
 from lorafair.errors import UserError
-from lorafair.federated.state import ClientResult, pack, pack_pairs, unpack, unpack_pairs
-
-META = ("client", "num_samples", "train_loss", "steps", "skipped_images", "rank")
-"""What travels to the server beside each client's tensors, one float64 per entry."""
 
 
 class Wire(Protocol):
@@ -40,39 +37,13 @@ Message = TypeVar("Message", bound=Wire)
 class TorchDistributedTransport:
     """Every rank hosts some clients; rank 0 also runs the server. With one process every call is local."""
 
-    def __init__(self, device: torch.device, update_shapes: Mapping[str, torch.Size]) -> None:
+    def __init__(self, device: torch.device) -> None:
         self.rank, self.world = rank_and_world()
         self.device = device
-        self.update_shapes = dict(update_shapes)
-        """Shape of every tensor of a client update, keyed as the update packs them ("lora/<layer>/A", ...)."""
-        self.width = sum(shape.numel() for shape in self.update_shapes.values())
 
-    def gather(self, results: list[ClientResult], hosted: list[list[int]]) -> list[ClientResult] | None:
-        """Every rank's client results on rank 0, ordered by client id (None elsewhere). `hosted[rank]` lists the
-        clients of each rank, the same list on every rank."""
-        counts = [len(clients) for clients in hosted]
-        # a lower-rank update travels zero-padded to the global shapes, and is cut back to its rank on arrival
-        rows = [flatten({key: _padded(tensor, self.update_shapes[key]) for key, tensor in
-                         {**pack_pairs("lora", r.update.lora), **pack("extra", r.update.extra)}.items()})
-                for r in results]
-        stacked = torch.stack(rows) if rows else torch.zeros(0, self.width, device=self.device)
-        metas = [[r.client, r.update.weight, r.train_loss, r.steps, r.skipped_images,
-                  next(iter(r.update.lora.values()))[0].shape[0]] for r in results]
-        meta_rows = torch.tensor(metas, dtype=torch.float64, device=self.device).view(-1, len(META))
-        rows, meta_rows = gather_rows(stacked, counts), gather_rows(meta_rows, counts)
-        if self.rank != 0:
-            return None
-        gathered = [self._result(row, dict(zip(META, meta, strict=True))) for row, meta in
-                    zip(rows, meta_rows.tolist(), strict=True)]
-        return sorted(gathered, key=lambda result: result.client)
-
-    def _result(self, row: Tensor, meta: dict[str, float]) -> ClientResult:
-        flat = unflatten(row, self.update_shapes)
-        rank = int(meta["rank"])
-        lora = {name: (A[:rank], B[:, :rank]) for name, (A, B) in unpack_pairs(flat, "lora").items()}
-        update = ClientUpdate(weight=meta["num_samples"], lora=lora, extra=unpack(flat, "extra"))
-        return ClientResult(client=int(meta["client"]), update=update, train_loss=meta["train_loss"],
-                            steps=int(meta["steps"]), skipped_images=int(meta["skipped_images"]))
+    def share(self, value: Any) -> list[Any]:
+        """Every rank's small picklable `value` (a rank's client reports), in rank order, on every rank."""
+        return all_gather_objects(value)
 
     def from_server(self, compute: Callable[[], Message | None], kind: type[Message]) -> Message | None:
         """Run `compute` on rank 0 and deliver its answer to every rank. A UserError it raises is raised on every
@@ -90,8 +61,9 @@ class TorchDistributedTransport:
             raise UserError(error)
         return None if info is None else kind.from_wire(tensors, info)
 
-    def sum_over_ranks(self, tensor: Tensor) -> Tensor:
-        return all_reduce_sum(tensor)
+    def sum_over_ranks(self, tensors: Sequence[Tensor]) -> None:
+        """Sum each tensor over ranks, in place (the accumulators of a round, evaluation counts)."""
+        all_reduce_sum(tensors)
 
     def wait_for_all(self) -> None:
         barrier()
@@ -105,15 +77,6 @@ def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def _padded(tensor: Tensor, shape: torch.Size) -> Tensor:
-    """`tensor` in the top-left corner of zeros of `shape` (itself when it has that shape)."""
-    if tensor.shape == shape:
-        return tensor
-    padded = tensor.new_zeros(shape)
-    padded[tuple(slice(0, size) for size in tensor.shape)] = tensor
-    return padded
 
 
 def flatten(tensors: Mapping[str, Tensor]) -> Tensor:
@@ -135,22 +98,14 @@ def unflatten(buffer: Tensor, shapes: Mapping[str, Sequence[int]]) -> dict[str, 
     return out
 
 
-def gather_rows(rows: Tensor, counts: Sequence[int]) -> Tensor | None:
-    """Stack every rank's rows on rank 0, in rank order; None on other ranks.
-
-    `rows` is this rank's (counts[rank], width) tensor; `counts` is the same list on every rank. Rows are padded to
-    max(counts) so every rank sends the same shape.
-    """
-    rank, world = rank_and_world()
+def all_gather_objects(value: Any) -> list[Any]:
+    """Every rank's picklable `value` in rank order, on every rank; [value] with one process."""
+    world = rank_and_world()[1]
     if world == 1:
-        return rows
-    padded = rows.new_zeros((max(counts), rows.shape[1]))
-    padded[: rows.shape[0]] = rows
-    received = [torch.empty_like(padded) for _ in range(world)] if rank == 0 else None
-    dist.gather(padded, received, dst=0)
-    if rank != 0:
-        return None
-    return torch.cat([block[:count] for block, count in zip(received, counts, strict=True)])
+        return [value]
+    received = [None] * world
+    dist.all_gather_object(received, value)
+    return received
 
 
 def broadcast_named(tensors: Mapping[str, Tensor] | None, info: Any, device: torch.device) -> tuple[dict[str, Tensor],
@@ -175,11 +130,19 @@ def broadcast_named(tensors: Mapping[str, Tensor] | None, info: Any, device: tor
     return {name: flat[name].to(dtype) for name, (_, dtype) in layout.items()}, info
 
 
-def all_reduce_sum(tensor: Tensor) -> Tensor:
-    """Sum a tensor over ranks in place (evaluation counts); a no-op with one process."""
-    if rank_and_world()[1] > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
+def all_reduce_sum(tensors: Sequence[Tensor]) -> None:
+    """Sum tensors over ranks in place with one all_reduce per dtype (the same tensors in the same order on every
+    rank); a no-op with one process."""
+    if rank_and_world()[1] == 1:
+        return
+    for dtype in dict.fromkeys(tensor.dtype for tensor in tensors):
+        same = [tensor for tensor in tensors if tensor.dtype == dtype]
+        buffer = torch.cat([tensor.reshape(-1) for tensor in same])
+        dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+        start = 0
+        for tensor in same:
+            tensor.copy_(buffer[start:start + tensor.numel()].view_as(tensor))
+            start += tensor.numel()
 
 
 def barrier() -> None:

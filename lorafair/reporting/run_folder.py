@@ -5,6 +5,7 @@
     <out_dir>/results.json       per-round records, rewritten after every round
     <out_dir>/tensorboard/       TensorBoard scalars and hparams
     <out_dir>/checkpoints/       round_NNNNN.ckpt (lorafair.federated.checkpoints)
+    <out_dir>/final/             the global model exported for timm and peft at the end (lorafair.export)
 
 results.json is rewritten atomically after every round, so a reader (or `lorafair report`) never sees half a file:
 {"method", "domains", "rounds": [per-round record], "final": {"round", "accuracy", "mean_accuracy"}};
@@ -19,15 +20,19 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_type_hints
 
 import yaml
+
+from lorafair.config import FitConfig
+from lorafair.errors import UserError
 
 CONFIG_NAME = "config.yaml"
 CLASSES_NAME = "classes.json"
 RESULTS_NAME = "results.json"
 TENSORBOARD_NAME = "tensorboard"
 CHECKPOINTS_NAME = "checkpoints"
+EXPORT_NAME = "final"
 
 EXECUTION_KEYS = frozenset({"out_dir", "resume", "resume_force", "accelerator", "precision", "num_nodes", "cpu_threads",
                             "federation.rounds", "federation.eval_every", "data.num_workers", "data.eval_batch_size"})
@@ -94,6 +99,28 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
         return value
 
     return plain(dataclasses.asdict(cfg))
+
+
+def read_fit_config(folder: Path) -> FitConfig:
+    """The FitConfig of the config.yaml in a run folder (or an export of one): config_to_dict undone, sections back
+    to their dataclasses and paths back to Path; a file that is no lorafair config is one UserError."""
+    def typed(cls: type, values: Mapping[str, Any]) -> Any:
+        hints = get_type_hints(cls)
+        fields = {}
+        for name, value in values.items():
+            if dataclasses.is_dataclass(hints[name]):
+                value = typed(hints[name], value)
+            elif value is not None and Path in (hints[name], *get_args(hints[name])):
+                value = Path(value)
+            fields[name] = value
+        return cls(**fields)
+
+    path = Path(folder) / CONFIG_NAME
+    try:
+        return typed(FitConfig, yaml.safe_load(path.read_text()))
+    except (OSError, KeyError, TypeError, AttributeError, yaml.YAMLError) as err:
+        raise UserError(f"{path} cannot be read as a lorafair config ({type(err).__name__}: {err}); pass a folder "
+                        f"that `lorafair fit` wrote") from err
 
 
 def flatten_config(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

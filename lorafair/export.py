@@ -1,0 +1,226 @@
+"""The global model leaves lorafair: files that timm and peft load on their own.
+
+A run's global model is its frozen backbone (the starting weights plus every merge FLoRA or FedEx-LoRA made), the
+global LoRA factors and the trained head. `export_run` reads it back from a round checkpoint and writes
+
+    base/                 the backbone the adapter applies to (merges folded in, trained head), timm's folder layout
+    adapter/              the LoRA factors and the head, as peft's save_pretrained writes them
+    config.json, model.safetensors   the whole model with the adapter folded in, timm's folder layout
+    config.yaml, classes.json, README.md
+
+The model-family part is small on purpose: `write_export` takes a plain model, the adapter and a `save_model`
+function (timm's `save_for_hf` here; `save_pretrained` for a transformers model), so every family exports alike.
+The adapter and the merged model are made by peft itself (`get_peft_model`, `save_pretrained`, `merge_and_unload`),
+so the files are what peft would write.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model, set_peft_model_state_dict
+from safetensors.torch import save_file
+from timm.models import save_for_hf
+from torch import Tensor, nn
+
+from lorafair.config import FitConfig
+from lorafair.data import model_data_config
+from lorafair.errors import UserError
+from lorafair.federated.checkpoints import check_fits, kept_rounds, load_checkpoint, read_round
+from lorafair.federated.loop import build_model, state_shapes
+from lorafair.federated.state import ResumeState
+from lorafair.model import LoraClassifier
+from lorafair.reporting.run_folder import (
+    CLASSES_NAME,
+    CONFIG_NAME,
+    EXPORT_NAME,
+    checkpoint_dir,
+    read_fit_config,
+    write_json,
+)
+from lorafair.weights import head_parameter_names
+
+SaveModel = Callable[[nn.Module, Path], None]
+"""Writes a plain model as a folder its own library loads (timm: config.json + model.safetensors)."""
+
+
+@dataclass
+class RunState:
+    """One round's global state of a run folder, as its checkpoint holds it."""
+
+    run_dir: Path
+    cfg: FitConfig
+    classes: list[str]
+    saved: ResumeState
+    """The round, its results so far and the global model then (LoRA pairs, head, merged frozen weights)."""
+
+
+@dataclass
+class LoraAdapter:
+    """What peft needs to rebuild an adapter, keyed by the model's own names: its settings, (A, B) per adapted
+    module and the tensors of the modules trained in full (`config.modules_to_save`, e.g. the head)."""
+
+    config: PeftLoraConfig
+    factors: dict[str, tuple[Tensor, Tensor]]
+    trained: dict[str, Tensor]
+
+    def peft_state(self) -> dict[str, Tensor]:
+        """The adapter under the names peft's save_pretrained uses (adapter name left out)."""
+        factors = {f"{name}.lora_{factor}.weight": tensor
+                   for name, pair in self.factors.items() for factor, tensor in zip("AB", pair, strict=True)}
+        return {f"base_model.model.{name}": tensor for name, tensor in {**factors, **self.trained}.items()}
+
+
+# ---- reading a run ----------------------------------------------------------------------------------------------
+
+
+def open_run(run_dir: Path, round_index: int | None = None, say: Callable[[str], None] = print) -> RunState:
+    """The checkpoint of `round_index` (default: the newest) of a run folder, with the run's settings.
+
+    An unfinished run gives its newest checkpoint and says which round that is.
+    """
+    run_dir = Path(run_dir)
+    kept = kept_rounds(checkpoint_dir(run_dir))
+    if not (run_dir / CONFIG_NAME).is_file() or not kept:
+        raise UserError(f"{run_dir} is not a lorafair run folder (it needs {CONFIG_NAME} and checkpoints/"
+                        f"round_NNNNN.ckpt, as `lorafair fit --out_dir {run_dir}` writes them)")
+    cfg = read_fit_config(run_dir)
+    try:
+        classes = json.loads((run_dir / CLASSES_NAME).read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{run_dir}: cannot read the run's {CLASSES_NAME} ({err})") from err
+    if round_index is None:
+        round_index = max(kept)
+        if round_index < cfg.federation.rounds:
+            say(f"{run_dir} is unfinished: using its newest checkpoint, round {round_index} of "
+                f"{cfg.federation.rounds}")
+    elif round_index not in kept:
+        raise UserError(f"--round {round_index}: {run_dir} keeps the checkpoints of round(s) "
+                        f"{', '.join(map(str, sorted(kept)))} only (a run keeps its newest two); choose one of those")
+    path = kept[round_index]
+    return RunState(run_dir, cfg, classes, read_round(path, load_checkpoint(path)))
+
+
+def global_model(run: RunState) -> LoraClassifier:
+    """The run's global model as the round loop held it: the client model built alike, with the round's state."""
+    model = build_model(run.cfg, len(run.classes), torch.device("cpu"))
+    saved = run.saved
+    check_fits(saved, state_shapes(model))
+    if saved.base:
+        model.load_base_state(saved.base)
+    model.set_lora(saved.state.lora)
+    model.set_extra(saved.state.extra)
+    return model.eval()
+
+
+def global_adapter(run: RunState, model: LoraClassifier) -> LoraAdapter:
+    """The global LoRA factors with peft settings matching the client model's, the head saved beside them."""
+    lora = run.cfg.lora
+    head = head_parameter_names(model.backbone)[0].rsplit(".", 1)[0]
+    config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
+                            target_modules="|".join(re.escape(name) for name in model.layer_names),
+                            modules_to_save=[head])
+    return LoraAdapter(config, model.get_lora(), model.get_extra())
+
+
+# ---- writing --------------------------------------------------------------------------------------------------
+
+
+def write_export(base: nn.Module, adapter: LoraAdapter, folder: Path, save_model: SaveModel) -> None:
+    """base/ (the plain model), adapter/ (peft's save_pretrained) and the merged model at the top of `folder`."""
+    save_model(base, folder / "base")
+    peft_model = get_peft_model(copy.deepcopy(base), adapter.config)
+    loaded = set_peft_model_state_dict(peft_model, adapter.peft_state())
+    if loaded.unexpected_keys:
+        raise ValueError(f"the adapter does not fit the model: {loaded.unexpected_keys[:3]}")
+    peft_model.save_pretrained(str(folder / "adapter"))
+    save_model(peft_model.merge_and_unload(), folder)
+
+
+def timm_saver(classes: list[str], data_config: dict) -> SaveModel:
+    """Writes config.json (architecture, model args, class names, preprocessing) and model.safetensors.
+
+    A model timm's factory did not build (model.name mlp_mixer: MlpMixer from model.kwargs) has no registry name
+    for config.json to give; its folder holds model.safetensors alone, for MlpMixer(**kwargs).load_state_dict.
+    """
+    def save(model: nn.Module, folder: Path) -> None:
+        if not hasattr(model, "pretrained_cfg"):
+            folder.mkdir(parents=True, exist_ok=True)
+            save_file(model.state_dict(), str(folder / "model.safetensors"))
+            return
+        save_for_hf(model, str(folder), model_config={"label_names": list(classes)}, data_config=data_config,
+                    safe_serialization=True)
+    return save
+
+
+def export_run(run_dir: Path, round: int | None = None, out: Path | None = None, overwrite: bool = False,
+               say: Callable[[str], None] = print) -> Path:
+    """Export the global model of a run (its newest checkpoint, or `round`) to `out` (default run_dir/final)."""
+    out = Path(out) if out is not None else Path(run_dir) / EXPORT_NAME
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} already exists; pass --overwrite to replace it, or --out another folder")
+    run = open_run(run_dir, round, say)
+    model = global_model(run)
+    data_config = model_data_config(run.cfg.model, run.cfg.data.image_size)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write_export(model.plain_backbone(), global_adapter(run, model), staging,
+                     timm_saver(run.classes, data_config))
+        shutil.copy(run.run_dir / CONFIG_NAME, staging / CONFIG_NAME)
+        write_json(staging / CLASSES_NAME, run.classes)
+        (staging / "README.md").write_text(model_card(run))
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    say(f"exported the global model of round {run.saved.round} to {out}")
+    return out
+
+
+# ---- the model card ---------------------------------------------------------------------------------------------
+
+GLOBAL_MODEL = {
+    "flora": "FLoRA merges every round's stacked client update into the frozen weights and restarts LoRA, so the "
+             "adapter is empty (B = 0): everything learnt sits in base/ and in the merged model.",
+    "fedex_lora": "FedEx-LoRA merges each round's residual (ideal update minus the averaged product) into the frozen "
+                  "weights: base/ holds those merges, the adapter the averaged factors.",
+}
+"""What the exported global model is, for methods whose frozen weights change."""
+UNCHANGED_BASE = ("the starting backbone (with the trained head) in base/ and the server's global factors in the "
+                  "adapter: the frozen weights never change.")
+
+
+def model_card(run: RunState) -> str:
+    """A short README.md: base model, method, data, rounds, accuracy per domain and how to reproduce and load."""
+    cfg = run.cfg
+    evaluated = [record for record in run.saved.records if "accuracy" in record]
+    weights = cfg.model.weights or ("timm pretrained weights" if cfg.model.pretrained else "random initialisation")
+    lines = [f"# {cfg.server.method} fine-tune of {cfg.model.name}", "",
+             f"- base model: `{cfg.model.name}` {cfg.model.kwargs or ''}, weights: {weights}",
+             f"- method: `{cfg.server.method}`, LoRA rank {cfg.lora.r}, alpha {cfg.lora.alpha}",
+             f"- data: `{cfg.data.name}` ({len(run.classes)} classes), partition `{cfg.federation.partition}`",
+             f"- rounds: {run.saved.round} of {cfg.federation.rounds}, seed {cfg.seed}",
+             f"- global model: {GLOBAL_MODEL.get(cfg.server.method, UNCHANGED_BASE)}", ""]
+    if evaluated:
+        last = evaluated[-1]
+        lines += [f"Top-1 accuracy of the global model after round {last['round']}:", "",
+                  "| domain | top-1 % |", "| --- | --- |"]
+        lines += [f"| {domain} | {100 * value:.2f} |" for domain, value in last["accuracy"].items()]
+        lines += [f"| mean | {100 * last['mean_accuracy']:.2f} |", ""]
+    lines += ["Produced by `lorafair fit --config config.yaml` (the run's resolved config, beside this file) and "
+              f"exported with `lorafair export --run RUN --round {run.saved.round}`.", "",
+              "Load with timm alone: `timm.create_model('local-dir:FOLDER', pretrained=True)`; with peft: "
+              "`PeftModel.from_pretrained(timm.create_model('local-dir:FOLDER/base', pretrained=True), "
+              "'FOLDER/adapter')`.", ""]
+    return "\n".join(lines)

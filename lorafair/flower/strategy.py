@@ -1,0 +1,203 @@
+"""`LoraStrategy`: a Flower strategy (Message API) for every lorafair aggregation method.
+
+It is FedAvg with the averaging swapped for `lorafair.aggregation`: the same sampling, constructor arguments,
+records and error handling (a node whose reply carries an error is left out of the round and logged), plus
+lorafair's bad-update policy (NaN/Inf updates dropped and the others re-weighted, or the run stopped) and, for the
+methods that merge into the frozen weights (FLoRA, FedEx-LoRA), a log of merges from which every node receives the
+ones it has not confirmed yet, so a node that sat out rounds catches up exactly before it trains.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from logging import INFO
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+from flwr.supercore import log
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+from lorafair.aggregation import ClientUpdate, build_aggregator, find_bad_updates, method_options
+from lorafair.federated.sampling import derive_seed
+from lorafair.flower.records import Pairs, arrays_to_state, fresh_lora, merges_to_arrays, state_to_arrays
+
+MERGING_METHODS = frozenset({"flora", "fedex_lora"})
+"""Methods whose answer includes a merge into every client's frozen weights."""
+SUM_ONLY_METHODS = frozenset({"fedit", "ffa_lora"})
+"""Methods that need only the weighted sum of the clients' factors, so they can run under secure aggregation."""
+
+
+def check_secure_aggregation(method: str) -> None:
+    """Refuse a method that needs each client's factors where the server may only see their sum."""
+    if method not in SUM_ONLY_METHODS:
+        raise ValueError(f"{method} needs each client's LoRA factors, which secure aggregation hides (it reveals "
+                         f"only their sum); use {' or '.join(sorted(SUM_ONLY_METHODS))} under secure aggregation")
+
+
+class LoraStrategy(FedAvg):
+    """Federated LoRA with any lorafair method.
+
+    Parameters beyond FedAvg's (which keep their meaning and defaults)
+    ----------
+    method : str (default: "lorafair")
+        One of `lorafair.aggregation.registered_methods()`.
+    options : dict, optional
+        The method's options (see `lorafair.aggregation.method_options(method)`), e.g. {"lam": 0.01}.
+    seed : int (default: 0)
+        Seeds the method's own draws (round by round) and the fresh LoRA start after a FLoRA merge.
+    on_bad_update : "drop" | "error" (default: "drop")
+        What to do with an update holding NaN/Inf (or a non-finite `train-loss` metric).
+    secure_aggregation : bool (default: False)
+        Declare that replies are only revealed as a sum; refused for methods that need each client's factors.
+    mergerecord_key : str (default: "lorafair.merges")
+        Key of the ArrayRecord carrying the merges a node has not applied yet (merging methods only).
+
+    Replies carry one ArrayRecord with the model's LoRA factors keyed as peft's state dict does
+    (`L.lora_A.weight`, `L.lora_B.weight`) plus any other tensors (averaged), and one MetricRecord with
+    `weighted_by_key`. An optional `partition-id` metric orders the clients in the aggregation (else node id), so
+    results do not depend on the order replies arrive in.
+    """
+
+    def __init__(self, method: str = "lorafair", options: dict[str, Any] | None = None, *, seed: int = 0,
+                 on_bad_update: str = "drop", secure_aggregation: bool = False,
+                 mergerecord_key: str = "lorafair.merges", **fedavg_kwargs: Any) -> None:
+        fedavg_kwargs.setdefault("train_metrics_aggr_fn", train_metrics_without_ids)
+        super().__init__(**fedavg_kwargs)
+        self.method, self.options, self.seed = method, dict(options or {}), seed
+        build_aggregator(method, **self.options)  # unknown methods and options fail here, not in round 1
+        if on_bad_update not in ("drop", "error"):
+            raise ValueError(f"on_bad_update must be 'drop' or 'error', got {on_bad_update!r}")
+        if secure_aggregation:
+            check_secure_aggregation(method)
+        self.on_bad_update, self.mergerecord_key = on_bad_update, mergerecord_key
+        self.merges: list[Pairs] = []
+        """Every merge of the run, in order: merge i came out of the i-th merging round."""
+        self.merges_applied: dict[int, int] = {}
+        """node id -> how many merges it has confirmed (by replying to a message that carried them)."""
+        self._merges_sent: dict[int, int] = {}
+        self.round_records: dict[int, dict[str, Any]] = {}
+        """server round -> what happened: failed nodes, bad updates, aggregation metrics."""
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> lorafair method: %s %s (bad updates: %s)", self.method, self.options, self.on_bad_update)
+        super().summary()
+
+    def aggregator(self, server_round: int):
+        """The method's aggregator for this round: its draws are seeded by (seed, round), so a round repeats."""
+        options = dict(self.options)
+        if "seed" in method_options(self.method):
+            options.setdefault("seed", derive_seed("server", self.seed, server_round))
+        return build_aggregator(self.method, **options)
+
+    # ---- sending ----------------------------------------------------------------------------------------------
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        if KEY_CLIPPING_NORM in config and self.method in MERGING_METHODS:
+            raise ValueError(f"{self.method} merges into the frozen weights outside the arrays a differential-privacy"
+                             f" wrapper clips and noises; use a method without merges under differential privacy")
+        return self._with_merges(super().configure_train(server_round, arrays, config, grid))
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self._with_merges(super().configure_evaluate(server_round, arrays, config, grid))
+
+    def _with_merges(self, messages: Iterable[Message]) -> list[Message]:
+        """Give each message its own content holding the merges its node has not confirmed."""
+        messages = list(messages)
+        if self.method not in MERGING_METHODS:
+            return messages
+        self._merges_sent = {}
+        for message in messages:
+            node = message.metadata.dst_node_id
+            applied = self.merges_applied.get(node, 0)
+            self._merges_sent[node] = len(self.merges)
+            if applied < len(self.merges):
+                content = RecordDict(dict(message.content.items()))
+                content[self.mergerecord_key] = merges_to_arrays(self.merges, applied)
+                message.content = content
+        return messages
+
+    def _confirm_merges(self, replies: list[Message]) -> None:
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if node in self._merges_sent:
+                self.merges_applied[node] = self._merges_sent[node]
+
+    # ---- receiving --------------------------------------------------------------------------------------------
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid, errors = self._check_and_log_replies(replies, is_train=True)
+        record: dict[str, Any] = {"failed_nodes": {str(m.metadata.src_node_id): m.error.reason for m in errors},
+                                  "bad_updates": {}, "clients": [], "aggregation": {}}
+        self.round_records[server_round] = record
+        self._confirm_merges(valid)
+        valid.sort(key=self._client_of)
+        record["clients"] = [self._client_of(m) for m in valid]
+        record["train_loss"] = {str(client): float(next(iter(m.content.metric_records.values()))["train-loss"])
+                                for client, m in zip(record["clients"], valid, strict=True)
+                                if "train-loss" in next(iter(m.content.metric_records.values()))}
+        updates, keys = self._updates(valid)
+        bad = self._bad_updates(valid, updates)
+        record["bad_updates"] = {str(record["clients"][i]): reason for i, reason in sorted(bad.items())}
+        if bad and self.on_bad_update == "error":
+            described = "; ".join(f"client {c}: {r}" for c, r in record["bad_updates"].items())
+            raise ValueError(f"round {server_round}: bad client update ({described}); on_bad_update='drop' leaves "
+                             "such clients out of the round")
+        good = [i for i in range(len(valid)) if i not in bad]
+        if not good:
+            return None, None
+        result = self.aggregator(server_round).aggregate([updates[i] for i in good])
+        if result.merge:
+            self.merges.append(result.merge)
+        lora = result.lora or fresh_lora(updates[0].lora, derive_seed("lora_reinit", self.seed, server_round))
+        record["aggregation"] = dict(result.metrics)
+        record.update(bytes_up=int(result.bytes_up), bytes_down=int(result.bytes_down))
+        metrics = self.train_metrics_aggr_fn([valid[i].content for i in good], self.weighted_by_key)
+        metrics.update({f"aggregation-{name}": float(value) for name, value in result.metrics.items()})
+        metrics.update({"bad-updates": len(bad), "failed-nodes": len(errors)})
+        return state_to_arrays(lora, result.extra, keys), metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
+        self._confirm_merges([reply for reply in replies if not reply.has_error()])
+        return super().aggregate_evaluate(server_round, replies)
+
+    def _client_of(self, reply: Message) -> int:
+        metrics = next(iter(reply.content.metric_records.values()))
+        return int(metrics.get("partition-id", reply.metadata.src_node_id))
+
+    def _updates(self, replies: list[Message]) -> tuple[list[ClientUpdate], list[str]]:
+        """ClientUpdates of the replies, and the key order of the first reply's ArrayRecord."""
+        updates, keys = [], []
+        for reply in replies:
+            arrays = next(iter(reply.content.array_records.values()))
+            keys = keys or list(arrays.keys())
+            lora, extra = arrays_to_state(arrays)
+            weight = next(iter(reply.content.metric_records.values()))[self.weighted_by_key]
+            updates.append(ClientUpdate(weight=weight, lora=lora, extra=extra))
+        return updates, keys
+
+    def _bad_updates(self, replies: list[Message], updates: list[ClientUpdate]) -> dict[int, str]:
+        bad = {}
+        for position, reply in enumerate(replies):
+            loss = next(iter(reply.content.metric_records.values())).get("train-loss", 0.0)
+            if not math.isfinite(loss):
+                bad[position] = f"local train loss is {loss}"
+        return {**find_bad_updates(updates), **bad}
+
+
+def train_metrics_without_ids(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+    """FedAvg's weighted mean of the train metrics, leaving out `partition-id` (an id, not a measurement)."""
+    stripped = []
+    for content in records:
+        metrics = next(iter(content.metric_records.values()))
+        stripped.append(RecordDict({"metrics": MetricRecord({k: v for k, v in metrics.items()
+                                                             if k != "partition-id"})}))
+    return aggregate_metricrecords(stripped, weighted_by_key)
+
