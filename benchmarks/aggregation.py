@@ -5,6 +5,8 @@ cost of a round as the number of clients grows.
     python benchmarks/aggregation.py --quick              # K = 6, r = 16 only
     python benchmarks/aggregation.py --out benchmarks/results/aggregation.json
     python benchmarks/aggregation.py --sweep              # K in {6, 30, 100, 300, 1000}, r = 16, against two floors
+    python benchmarks/aggregation.py --mixed              # K = 6 at ranks {4, 8, 16}: LoRA-FAIR against its dense
+                                                          # reference (one Eq. 8 per rank)
 
 The sweep times one `aggregate` call per method against two floors measured in the same run: plain weighted
 averaging of A and B (stacked einsum per layer) and the dense ideal update dW = sum p_k B_k A_k (one matmul per
@@ -50,6 +52,11 @@ VARIANTS = [
 ]
 
 
+MIXED_VARIANTS = [("lorafair", {"objective": "cosine"}),
+                  ("lorafair", {"objective": "cosine", "lower_ranks": "zero_pad"}), ("fedit", {})]
+"""The mixed-rank row: LoRA-FAIR solving Eq. 8 per rank, zero-padding only, and plain averaging."""
+
+
 def make_updates(clients: int, rank: int, dtype: torch.dtype, seed: int = 0,
                  layers: dict[str, tuple[int, int]] = VIT_B_LAYERS) -> list[ClientUpdate]:
     """Factors at the scale of trained LoRA: A like its Kaiming start, B small."""
@@ -67,6 +74,13 @@ def shared_A_updates(updates: list[ClientUpdate]) -> list[ClientUpdate]:
     """Every client with client 0's A, as FFA-LoRA requires."""
     first = updates[0].lora
     return [ClientUpdate(u.weight, {n: (first[n][0], B) for n, (_, B) in u.lora.items()}) for u in updates]
+
+
+def mixed_rank_updates(clients: int, ranks: tuple[int, ...], dtype: torch.dtype) -> list[ClientUpdate]:
+    """make_updates at the largest rank, client k cut to its leading ranks[k % len(ranks)] components."""
+    updates = make_updates(clients, max(ranks), dtype)
+    return [ClientUpdate(u.weight, {name: (A[:rank].clone(), B[:, :rank].clone()) for name, (A, B) in u.lora.items()})
+            for u, rank in zip(updates, (ranks[k % len(ranks)] for k in range(clients)), strict=True)]
 
 
 def seconds(call: Callable[[], object]) -> float:
@@ -179,6 +193,7 @@ def main() -> None:
     parser.add_argument("--dense-steps", type=int, default=10, help="dense SGD steps actually run")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--sweep", action="store_true", help="K in --clients, r = 16, against the two floors")
+    parser.add_argument("--mixed", action="store_true", help="only K = 6 at ranks {4, 8, 16}, LoRA-FAIR")
     parser.add_argument("--clients", type=str, default=",".join(map(str, SWEEP_CLIENTS)),
                         help="sweep: comma-separated K")
     parser.add_argument("--methods", type=str, default="", help="sweep: comma-separated labels (default: all)")
@@ -198,6 +213,7 @@ def main() -> None:
             print(f"wrote {args.out}")
         return
     grid = [(6, 16)] if args.quick else [(k, r) for k in (6, 18, 30) for r in (4, 16, 32)]
+    grid = [(6, (4, 8, 16))] if args.mixed else grid
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                "load_average_at_start": os.getloadavg()[0]}
@@ -207,15 +223,18 @@ def main() -> None:
     print(f"ViT-B/16, 24 LoRA layers, float32, {machine['torch_threads']} torch threads, {machine['cores']} cores")
     print(header)
     for clients, rank in grid:
-        updates = make_updates(clients, rank, torch.float32)
-        for method, options in VARIANTS:
+        updates = mixed_rank_updates(clients, rank, torch.float32) if args.mixed else \
+            make_updates(clients, rank, torch.float32)
+        for method, options in MIXED_VARIANTS if args.mixed else VARIANTS:
             used = shared_A_updates(updates) if method == "ffa_lora" else updates
             row = {"K": clients, "r": rank, "method": method, "options": options,
                    **measure(method, options, used, args.steps, args.dense_steps)}
             rows.append(row)
             label = method + (f"[{options['objective']}]" if "objective" in options else "")
             mark = "~" if row["extrapolated"] else " "
-            print(f"{clients:>3} {rank:>3}  {label:<24} {row['fast_s']:>9.3f} {mark}{row['dense_s']:>9.2f} "
+            label += "[zero_pad]" if options.get("lower_ranks") == "zero_pad" else ""
+            ranks = "/".join(map(str, rank)) if args.mixed else rank
+            print(f"{clients:>3} {ranks:>3}  {label:<24} {row['fast_s']:>9.3f} {mark}{row['dense_s']:>9.2f} "
                   f"{mark}{row['speedup']:>8.1f} {row['fast_peak_bytes'] / 2**20:>9.1f} "
                   f"{row['dense_peak_bytes'] / 2**20:>10.1f}", flush=True)
     machine["load_average_at_end"] = os.getloadavg()[0]

@@ -76,7 +76,7 @@ class LoraConfig:
     """The LoRA adapters (peft) placed on the backbone's linear layers."""
 
     r: int = 16
-    """LoRA rank, > 0."""
+    """LoRA rank, > 0: the global model's rank, and the largest a client may have."""
     alpha: float = 16.0
     """LoRA alpha; the update is (alpha / r) * B @ A."""
     dropout: float = 0.0
@@ -84,10 +84,32 @@ class LoraConfig:
     target_modules: str | None = None
     """Regex matched against full module names. None uses the model's default (ViT: attn.proj and mlp.fc2;
     Mixer: mlp_tokens.fc2 and mlp_channels.fc2), which never touches patch_embed."""
+    client_ranks: list[int] | dict[str, int] | None = None
+    """Clients of different ranks: None gives every client lora.r; a list is cycled over client ids (e.g.
+    [4, 8, 16]); a mapping domain -> rank sets each domain's clients (domains left out get lora.r). Each client
+    trains with its own scaling alpha / rank."""
+
+    def rank_of(self, clients: list[tuple[int, str]], domains: list[str]) -> dict[int, int]:
+        """Client id -> its LoRA rank, for (id, domain) pairs; an unknown domain is a ConfigError."""
+        ranks = self.client_ranks
+        if isinstance(ranks, dict):
+            unknown = sorted(set(ranks) - set(domains))
+            _require(not unknown, "lora.client_ranks", f"unknown domain(s) {', '.join(unknown)}; the domains are "
+                     f"{', '.join(domains)}")
+            return {client: ranks.get(domain, self.r) for client, domain in clients}
+        if ranks:
+            return {client: ranks[client % len(ranks)] for client, _ in clients}
+        return {client: self.r for client, _ in clients}
 
     def validate(self) -> None:
         _require_finite({"lora.alpha": self.alpha, "lora.dropout": self.dropout})
         _require(self.r > 0, "lora.r", f"must be a positive integer, got {self.r}")
+        ranks = list(self.client_ranks.values()) if isinstance(self.client_ranks, dict) else self.client_ranks or []
+        _require(self.client_ranks != [], "lora.client_ranks", "must be null, a non-empty list or a mapping")
+        for rank in ranks:
+            _require(isinstance(rank, int) and 0 < rank <= self.r, "lora.client_ranks",
+                     f"every rank must be an integer in [1, lora.r = {self.r}] (lora.r is the largest, the global "
+                     f"model's rank), got {rank!r}")
         _require(self.alpha > 0, "lora.alpha", f"must be > 0, got {self.alpha}")
         _require(0 <= self.dropout < 1, "lora.dropout", f"must be in [0, 1), got {self.dropout}")
 

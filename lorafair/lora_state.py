@@ -36,6 +36,10 @@ class PeftLoraState:
     backbone: nn.Module
     layer_names: list[str]
     scaling: float
+    """alpha / lora.r: the global model's scaling, the one merges use."""
+    alpha: float
+    lora_rank: int
+    """The rank the model trains and reports now (`set_rank`); lora.r, the global rank, by default."""
 
     def inject_lora(self, lora_cfg: LoraConfig, layer_names: list[str]) -> None:
         """Put LoRA on exactly these Linear layers and freeze everything else of the backbone; the factors are
@@ -43,6 +47,7 @@ class PeftLoraState:
         check_rank(lora_cfg.r, {name: self.backbone.get_submodule(name) for name in layer_names})
         self.layer_names = layer_names
         self.scaling = lora_cfg.alpha / lora_cfg.r
+        self.alpha, self.lora_rank = lora_cfg.alpha, lora_cfg.r
         exact_names = "|".join(re.escape(name) for name in layer_names)
         peft_cfg = PeftLoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
                                   target_modules=exact_names, bias="none")
@@ -55,17 +60,26 @@ class PeftLoraState:
 
     # ---- client state -------------------------------------------------------------------------------------
 
+    def set_rank(self, rank: int) -> None:
+        """Act as a rank-`rank` LoRA with its own scaling alpha / rank, on the one adapter of the global rank: the
+        components past `rank` are held at zero (`set_lora` pads them), so their gradients are exactly zero too."""
+        for layer in self._layers():
+            layer.scaling[_ADAPTER] = self.alpha / rank
+        self.lora_rank = rank
+
     def get_lora(self) -> dict[str, tuple[Tensor, Tensor]]:
-        """(A: r x in, B: out x r) per adapted layer, detached copies."""
-        return {name: (layer.lora_A[_ADAPTER].weight.detach().clone(), layer.lora_B[_ADAPTER].weight.detach().clone())
+        """(A: r x in, B: out x r) per adapted layer at the current rank, detached copies."""
+        return {name: (layer.lora_A[_ADAPTER].weight[:self.lora_rank].detach().clone(),
+                       layer.lora_B[_ADAPTER].weight[:, :self.lora_rank].detach().clone())
                 for name, layer in zip(self.layer_names, self._layers(), strict=True)}
 
     @torch.no_grad()
     def set_lora(self, lora: dict[str, tuple[Tensor, Tensor]]) -> None:
+        """Pairs of the current rank; the adapter's components past it are zeroed."""
         for name, layer in zip(self.layer_names, self._layers(), strict=True):
             lora_a, lora_b = lora[name]
-            layer.lora_A[_ADAPTER].weight.copy_(lora_a)
-            layer.lora_B[_ADAPTER].weight.copy_(lora_b)
+            layer.lora_A[_ADAPTER].weight.zero_()[:lora_a.shape[0]].copy_(lora_a)
+            layer.lora_B[_ADAPTER].weight.zero_()[:, :lora_b.shape[1]].copy_(lora_b)
 
     @torch.no_grad()
     def init_lora(self, generator: torch.Generator) -> None:

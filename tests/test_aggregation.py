@@ -339,9 +339,11 @@ BAD_INPUTS = [
     (_nan_in_B, r"client 2: NaN or Inf in layer 'blocks.0.mlp.fc2' B"),
     (_inf_in_extra, r"client 1, extra tensor 'head.weight': has NaN or Inf"),
     (_missing_layer, r"client 3: LoRA layers differ from client 0's: missing \['blocks.1.attn.proj'\]"),
-    (_wrong_shape, r"client 1, layer 'blocks.0.mlp.fc2': A has shape \(3, 16\) but client 0's has \(3, 17\)"),
-    (_other_rank, r"layer 'blocks.0.attn.proj': clients have different LoRA ranks \(rank 3: clients \[0, 1, 3\]; "
-                  r"rank 2: clients \[2\]\)"),
+    (_wrong_shape, r"client 1, layer 'blocks.0.mlp.fc2': A, B have shapes \(3, 16\), \(12, 3\) but the round's "
+                   r"template \(client 0\) has rank 3, in 17, out 12; a client may have a lower rank, never another "
+                   r"layer size"),
+    (_other_rank, r"client 2: LoRA ranks \[2, 3\] differ from the template's; a client of a lower rank has one rank "
+                  r"r < 3 for all its layers"),
     (_ranks_differ_within_client, r"client 1, layer 'blocks.0.attn.proj': A is r x in = \(3, 10\) and B is "
                                   r"out x r = \(12, 2\)"),
     (_other_dtype, r"client 1, layer 'blocks.0.attn.proj': B is torch.float32 on cpu but client 0's"),

@@ -1,5 +1,5 @@
-"""Random rounds (shapes, ranks, weights, scales, NaN/Inf positions) thrown at every method: each returns finite
-factors of the right shapes or raises ValueError naming the problem, and the accuracy order
+"""Random rounds (shapes, ranks mixed or not, weights, scales, NaN/Inf positions) thrown at every method: each
+returns finite factors of the right shapes or raises ValueError naming the problem, and the accuracy order
 FlexLoRA <= FLoRA-NA <= FedIT (in ||B A - dW||) holds."""
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ class Round:
 
 
 @st.composite
-def rounds(draw, corrupt=MAYBE, weight=ANY_WEIGHT, scales=(1e-3, 1.0, 1e3)):
+def rounds(draw, corrupt=MAYBE, weight=ANY_WEIGHT, scales=(1e-3, 1.0, 1e3), mixed=MAYBE):
     clients, rank = draw(st.integers(1, 4)), draw(st.integers(1, 3))
+    ranks = [draw(st.integers(1, rank)) if draw(mixed) else rank for _ in range(clients)]
     shapes = draw(st.lists(st.tuples(st.integers(1, 6), st.integers(1, 6)), min_size=1, max_size=3))
     dtype = draw(st.sampled_from([torch.float32, torch.float64]))
     scale = draw(st.sampled_from(scales))
@@ -50,10 +51,10 @@ def rounds(draw, corrupt=MAYBE, weight=ANY_WEIGHT, scales=(1e-3, 1.0, 1e3)):
 
     shared = [randn(rank, fan_in) for _, fan_in in shapes]
     updates = [ClientUpdate(weight=draw(weight),
-                            lora={f"layer{i}": (shared[i].clone() if shared_A else randn(rank, fan_in),
-                                                randn(fan_out, rank)) for i, (fan_out, fan_in) in enumerate(shapes)},
+                            lora={f"layer{i}": (shared[i][:own].clone() if shared_A else randn(own, fan_in),
+                                                randn(fan_out, own)) for i, (fan_out, fan_in) in enumerate(shapes)},
                             extra={"head": randn(3)})
-               for _ in range(clients)]
+               for own in ranks]
     corrupted = None
     if draw(corrupt):
         corrupted = draw(st.integers(0, clients - 1))
@@ -80,8 +81,12 @@ def test_any_round_gives_finite_factors_or_a_value_error(method, options, round_
             assert f"client {round_.corrupted_client}" in str(error)
         return
     assert not refusal_expected
+    global_rank = max(u.lora["layer0"][0].shape[0] for u in updates)
+    assert sorted(out.by_rank) == ([] if out.lora is None else
+                                   sorted({u.lora["layer0"][0].shape[0] for u in updates} - {global_rank}))
     for name, (A, B) in updates[0].lora.items():
-        for pairs, ranks in ((out.lora, A.shape[0]), (out.merge, None)):
+        for pairs, ranks in ((out.lora, global_rank), (out.merge, None),
+                             *((out.by_rank[rank], rank) for rank in out.by_rank)):
             if pairs is None:
                 continue
             got_A, got_B = pairs[name]
@@ -109,7 +114,7 @@ def _error(updates, out) -> float:
 
 
 @PROPERTY_SETTINGS
-@given(round_=rounds(corrupt=NEVER, weight=POSITIVE_WEIGHT))
+@given(round_=rounds(corrupt=NEVER, weight=POSITIVE_WEIGHT, mixed=NEVER))
 def test_error_order_flexlora_florana_lorafair_fedit(round_):
     updates = round_.updates
     errors = {method: _error(updates, build_aggregator(method, **options).aggregate(updates))
@@ -146,7 +151,7 @@ def test_single_client_gets_its_own_update_back(method, options, data):
 
 def test_strategy_covers_refusals_and_rank_above_the_layer_size():
     """The generator must produce the awkward cases the properties are about, or they prove nothing."""
-    seen = {"corrupted": False, "zero_weight": False, "rank_above_size": False}
+    seen = {"corrupted": False, "zero_weight": False, "rank_above_size": False, "mixed_ranks": False}
 
     @settings(max_examples=60, deadline=None, database=None, derandomize=True)
     @given(round_=rounds())
@@ -155,6 +160,7 @@ def test_strategy_covers_refusals_and_rank_above_the_layer_size():
         seen["zero_weight"] |= sum(u.weight for u in round_.updates) == 0
         seen["rank_above_size"] |= any(A.shape[0] > min(A.shape[1], B.shape[0])
                                        for A, B in round_.updates[0].lora.values())
+        seen["mixed_ranks"] |= len({u.lora["layer0"][0].shape[0] for u in round_.updates}) > 1
 
     look()
     assert seen == {key: True for key in seen}, seen

@@ -62,7 +62,7 @@ def test_grid_values_are_parsed_with_the_field_type() -> None:
 
 @pytest.mark.parametrize(("methods", "grid", "error", "message"), [
     (["fedit", "fedavg"], None, UserError, "unknown method fedavg; valid: " + ", ".join(registered_methods())),
-    (["fedit"], "server.lamda=0,1", UserError, "KEY one of .*server.lam, server.lr"),
+    (["fedit"], "server.lamda=0,1", UserError, "KEY one of .*server.lam, server.lower_ranks, server.lr"),
     (["fedit"], "lora.r=4,4.5", UserError, "lora.r='4.5' is not valid, expected int"),
     (["fedit"], "server.residual_on=A,C", UserError, "expected one of A, B"),
     (["fedit"], "server.method=fedit", UserError, "use --methods"),

@@ -82,5 +82,5 @@ def test_configs_lists_every_yaml_file_once(capsys):
 def test_an_unknown_config_name_is_one_line_with_close_matches(capsys):
     assert main(["fit", "--config", "vit_domainet.yaml"]) == 2
     assert capsys.readouterr().err == ("lorafair: error: --config: vit_domainet.yaml is neither a file nor a shipped "
-                                       "config; did you mean vit_domainnet, mixer_domainnet, "
-                                       "vit_domainnet_label_skew?\n")
+                                       "config; did you mean vit_domainnet, vit_domainnet_hetero, "
+                                       "mixer_domainnet?\n")

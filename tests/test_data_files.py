@@ -298,15 +298,21 @@ def test_loader_order_is_a_pure_function_of_the_seed(domainnet):
     assert np.allclose(sorted(first.tolist()), sorted(torch.cat(order(4)).tolist()))
 
 
-def test_cli_data_on_a_domainnet_tree_with_the_shipped_config(tmp_path, capsys):
+HETERO_RANKS = {"clipart": "16", "infograph": "4", "painting": "8", "quickdraw": "4", "real": "16", "sketch": "8"}
+
+
+@pytest.mark.parametrize("name", ["vit_domainnet", "vit_domainnet_hetero"])
+def test_cli_data_on_a_domainnet_tree_with_the_shipped_config(tmp_path, capsys, name):
     root = tmp_path / "domainnet"
     make_domainnet(root, domains=DOMAINNET.domains)
-    config = Path(__file__).resolve().parents[1] / "configs" / "vit_domainnet.yaml"
+    config = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
     assert main(["data", "--config", str(config), "--data.root", str(root), "--plot", str(tmp_path / "c.png")]) == 0
     out = capsys.readouterr().out
     assert "domainnet: 6 domains, 3 classes, 6 clients (feature partition, seed 0), images 224x224" in out
     rows = [line.split() for line in out.splitlines()]
-    assert [row[1:] for row in rows if row[:1] and row[0].isdigit()] == [[d, "18", "3"] for d in DOMAINNET.domains]
+    ranks = HETERO_RANKS if name.endswith("hetero") else dict.fromkeys(DOMAINNET.domains, "16")
+    assert [row[1:] for row in rows if row[:1] and row[0].isdigit()] == [[d, "18", "3", ranks[d]]
+                                                                         for d in DOMAINNET.domains]
     assert ["total", "108", "3"] in rows and ["total", "36"] in rows and (tmp_path / "c.png").is_file()
 
 

@@ -126,7 +126,7 @@ def test_server_options_reach_the_aggregator_and_decide_the_answer(tmp_path, ser
 
 @pytest.mark.parametrize(("method", "options"), [
     ("lorafair", {"lam": 0.5, "objective": "column_cosine", "steps": 7, "lr": 0.02, "init": "xavier",
-                  "residual_on": "A", "relative": False}),
+                  "residual_on": "A", "relative": False, "lower_ranks": "zero_pad"}),
     ("florana", {"sweeps": 3}),
 ])
 def test_every_server_option_reaches_the_aggregator(tmp_path, server_calls, method, options):

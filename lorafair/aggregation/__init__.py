@@ -9,7 +9,8 @@ A is r x in and B is out x r (peft). Client weights are normalised inside. The s
 updates arrive: `state = aggregator.start(like=u_0, clients=K)`, `state.add(u)` per client, `state.finish()`
 (`streaming`). One module per method; the ideal update sum p_k B_k A_k is held factored or dense (`ideal`),
 whichever the cost model (`cost`) finds cheaper; the shared low-rank math lives in `lowrank`, dense textbook
-versions of every method (for tests and benchmarks) in `reference`.
+versions of every method (for tests and benchmarks) in `reference`. Clients may have different ranks: `ranks`
+states the one scaling convention, and `GlobalUpdate.lora_for(rank)` gives each rank its starting pairs.
 """
 
 from lorafair.aggregation.base import Aggregator, ClientUpdate, GlobalUpdate, OptionError, find_bad_updates

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import Tensor
 
-from lorafair.aggregation import cost, lowrank
+from lorafair.aggregation import cost, lowrank, ranks
 from lorafair.aggregation.ideal import DenseIdeal, FactoredIdeal, Ideal
 
 if TYPE_CHECKING:
@@ -30,7 +30,10 @@ SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
 @dataclass
 class ClientUpdate:
-    """One client's result of a round. A is r x in and B is out x r (peft); weight is usually its example count."""
+    """One client's result of a round. A is r x in and B is out x r (peft); weight is usually its example count.
+
+    The rank is read from the shapes: the template's (the global rank R) or one rank r < R for all layers, trained
+    with the scaling alpha / r (`ranks` states the convention)."""
 
     weight: float
     lora: dict[str, tuple[Tensor, Tensor]]
@@ -45,7 +48,11 @@ class GlobalUpdate:
     merge: name -> (A_m, B_m) whose product (times the LoRA scaling) every client adds to its frozen weight.
     extra: weighted average of the non-LoRA trainable tensors.
     metrics: floats for the logs (cosines to the ideal update summarised over layers, solve seconds, ...).
-    bytes_up / bytes_down: bytes one client sends / receives this round (LoRA factors and extra tensors).
+    bytes_up / bytes_down: bytes one client of the global rank sends / receives this round (LoRA factors and extra
+    tensors).
+    by_rank: rank r -> name -> (A, B) a rank-r client starts from, in its own scaling, for every rank below the
+    global one that the round had or was asked for (empty when all clients have the global rank).
+    bytes_by_rank: rank r -> (bytes up, bytes down) of a rank-r client, for the same ranks.
     """
 
     lora: dict[str, tuple[Tensor, Tensor]] | None
@@ -54,6 +61,16 @@ class GlobalUpdate:
     metrics: dict[str, float]
     bytes_up: int
     bytes_down: int
+    by_rank: dict[int, dict[str, tuple[Tensor, Tensor]]] = field(default_factory=dict)
+    bytes_by_rank: dict[int, tuple[int, int]] = field(default_factory=dict)
+
+    def lora_for(self, rank: int) -> dict[str, tuple[Tensor, Tensor]] | None:
+        """The pairs a client of `rank` starts from (None when clients re-initialise their LoRA)."""
+        return self.by_rank.get(rank, self.lora) if self.lora is not None else None
+
+    def bytes_for(self, rank: int) -> tuple[int, int]:
+        """(bytes up, bytes down) of a client of `rank`."""
+        return self.bytes_by_rank.get(rank, (self.bytes_up, self.bytes_down))
 
 
 @dataclass
@@ -63,6 +80,9 @@ class LayerGroup:
 
     Methods that need every client's factors (`Aggregator.needs == "factors"`) also get them: A [L, K, r, in],
     B [L, out, K, r] and the normalised weights p_k; `dense` then says whether the metrics should form dW.
+    Clients of lower ranks arrive padded to the group's rank (`ranks.to_server`): client_ranks [K] holds each
+    kept client's own rank, and lower_ranks the ranks below the group's that clients restart from. A group made by
+    `truncated(r)` has kept_rank = r: its averages are zero beyond their leading r components.
     """
 
     names: list[str]
@@ -73,6 +93,9 @@ class LayerGroup:
     B: Tensor | None = None
     weights: Tensor | None = None
     dense: bool = False
+    client_ranks: Tensor | None = None
+    lower_ranks: tuple[int, ...] = ()
+    kept_rank: int | None = None
 
     def __post_init__(self) -> None:
         if self.ideal is None:
@@ -99,6 +122,19 @@ class LayerGroup:
         """cos(dW, B @ A) per layer, on the group's path, without forming B @ A."""
         return lowrank.cosine_from_parts(self.ideal.inner(B, A), lowrank.norm_sq(B, A), self.ideal.norm_sq)
 
+    def own_components(self) -> Tensor | None:
+        """Indices, among the K r stacked components, of those within each client's own rank (the rest are the
+        zero padding of lower-rank clients); None when every client has the group's rank."""
+        if self.client_ranks is None or bool((self.client_ranks == self.rank).all()):
+            return None
+        within = torch.arange(self.rank, device=self.client_ranks.device) < self.client_ranks[:, None]
+        return within.view(-1).nonzero().view(-1).to(self.A_bar.device)
+
+    def truncated(self, rank: int) -> LayerGroup:
+        """The same round with the averages cut to their leading `rank` components (zero beyond, same shapes)."""
+        A_bar, B_bar = ranks.leading((self.A_bar, self.B_bar), rank)
+        return replace(self, A_bar=A_bar, B_bar=B_bar, lower_ranks=(), kept_rank=rank)
+
 
 @dataclass
 class GroupResult:
@@ -107,6 +143,9 @@ class GroupResult:
     lora: tuple[Tensor, Tensor] | None = None
     merge: tuple[Tensor, Tensor] | None = None
     metrics: dict[str, Tensor] = field(default_factory=dict)
+    by_rank: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    """Lower rank r -> the pair (at the group's rank and scaling) whose leading r components a rank-r client takes;
+    by default `lora` itself."""
 
 
 class Aggregator:
@@ -143,20 +182,30 @@ class Aggregator:
         after every update's own checks. None: it can."""
         return None
 
-    def start(self, like: ClientUpdate, clients: int, path: str | None = None) -> RoundState:
+    def start(self, like: ClientUpdate, clients: int, path: str | None = None,
+              lower_ranks: Sequence[int] = ()) -> RoundState:
         """A round expecting `clients` updates shaped like `like` (names, shapes, dtype and device of its LoRA
-        layers and extra tensors; called client 0 in messages). path forces 'factored' or 'dense' for every
-        layer group instead of the cost model's choice (for tests and benchmarks)."""
+        layers and extra tensors; called client 0 in messages; its ranks are the global ones). path forces
+        'factored' or 'dense' for every layer group instead of the cost model's choice (for tests and benchmarks).
+        lower_ranks: ranks below the global one to return starting pairs for, besides those the round brings."""
         from lorafair.aggregation.streaming import RoundState
 
-        return RoundState(self, like, clients, path)
+        return RoundState(self, like, clients, path, lower_ranks)
 
-    def aggregate(self, updates: Sequence[ClientUpdate]) -> GlobalUpdate:
+    def aggregate(self, updates: Sequence[ClientUpdate], like: ClientUpdate | None = None,
+                  lower_ranks: Sequence[int] = ()) -> GlobalUpdate:
         """All updates of a round at once: `start`, `add` each, `finish`. The weights are normalised first (in
-        float64), so any finite weights work whatever the factors' dtype."""
+        float64), so any finite weights work whatever the factors' dtype. like: the template (default: the update
+        of the largest rank)."""
         total = check_weights(updates)
         check_round_shapes(updates)
-        state = self.start(updates[0], clients=len(updates))
+        if like is None:
+            template = max(range(len(updates)), key=lambda k: next(iter(updates[k].lora.values()))[0].shape[0])
+            bad = find_bad_updates([updates[template]])
+            if bad:  # the template's own checks would name it client 0
+                raise ValueError(f"client {template}: {bad[0]}; drop this client (find_bad_updates lists them)")
+            like = updates[template]
+        state = self.start(like, clients=len(updates), lower_ranks=lower_ranks)
         for update in updates:
             state.add(replace(update, weight=float(update.weight) / total))
         return state.finish()
@@ -172,10 +221,17 @@ class Aggregator:
         metrics = _summarise([result.metrics for result in results])
         metrics["solve_seconds"] = seconds + time.perf_counter() - start
         extra_bytes = _nbytes(extra.values())
-        bytes_down = self._lora_bytes((lora or {}).values()) + sum(_nbytes(pair) for pair in (merge or {}).values())
+        merge_bytes = sum(_nbytes(pair) for pair in (merge or {}).values()) + extra_bytes
+        by_rank = {} if lora is None else {
+            rank: _by_layer(order, groups, [ranks.to_client(result.by_rank[rank], rank) for result in results])
+            for rank in groups[0].lower_ranks}
+        up = {rank: self._lora_bytes(ranks.to_client(pair, rank) for pair in like.lora.values()) + extra_bytes
+              for rank in groups[0].lower_ranks}
         return GlobalUpdate(lora=lora, merge=merge, extra=extra, metrics=metrics,
                             bytes_up=self._lora_bytes(like.lora.values()) + extra_bytes,
-                            bytes_down=bytes_down + extra_bytes)
+                            bytes_down=self._lora_bytes((lora or {}).values()) + merge_bytes, by_rank=by_rank,
+                            bytes_by_rank={rank: (up[rank], self._lora_bytes(by_rank.get(rank, {}).values())
+                                                  + merge_bytes) for rank in up})
 
     def _combine_checked(self, groups: list[LayerGroup]) -> list[GroupResult]:
         """`combine_groups`, plus the averaging bias every method logs. Finite inputs can still overflow (float32
@@ -189,7 +245,12 @@ class Aggregator:
                              f"with finite inputs this means {advice}") from error
         for group, result in zip(groups, results, strict=True):
             result.metrics = {"cos_avg": group.cosine_to_ideal(group.B_bar, group.A_bar), **result.metrics}
-            for batched in (*(result.lora or ()), *(result.merge or ()), *result.metrics.values()):
+            if result.lora is not None:
+                result.by_rank = {rank: result.by_rank.get(rank, result.lora) for rank in group.lower_ranks}
+            for rank, pair in result.by_rank.items():  # how close each rank's starting pair points to dW
+                result.metrics[f"cos_rank{rank}"] = group.cosine_to_ideal(*reversed(ranks.leading(pair, rank)))
+            lower = [factor for pair in result.by_rank.values() for factor in pair]
+            for batched in (*(result.lora or ()), *(result.merge or ()), *lower, *result.metrics.values()):
                 finite = torch.isfinite(batched).reshape(len(group.names), -1).all(-1)
                 if not bool(finite.all()):
                     layer = group.names[int((~finite).nonzero()[0])]
@@ -234,15 +295,16 @@ def check_weights(updates: Sequence[ClientUpdate]) -> float:
 
 
 def check_round_shapes(updates: Sequence[ClientUpdate]) -> None:
-    """Checks that need the whole round: every client has client 0's layer names, and each layer one rank (the
-    message lists which clients have which). Each update's own checks run as it is added."""
+    """Checks that need the whole round: every client has client 0's layer names and pairs. Each update's own
+    checks (shapes against the template's, one rank per client) run as it is added."""
     first = updates[0].lora
     if not isinstance(first, dict) or not first:
         raise ValueError("client 0: lora must be a non-empty dict of layer name -> (A, B)")
     for index, update in enumerate(updates):
         check_same_names(index, "LoRA layers", update.lora, first)
-    for name in first:
-        _check_ranks(updates, name)
+    for index, update in enumerate(updates):
+        for name in first:
+            check_pair(index, name, update.lora[name])
 
 
 def check_extra(index: int, name: str, tensor: object, reference: Tensor) -> None:
@@ -277,32 +339,36 @@ def check_pair(index: int, name: str, pair: object) -> None:
                              "(cast them with .float() before aggregating)")
 
 
-def _check_ranks(updates: Sequence[ClientUpdate], name: str) -> None:
-    clients_by_rank: dict[int, list[int]] = {}
-    for index, update in enumerate(updates):
-        check_pair(index, name, update.lora[name])
-        clients_by_rank.setdefault(update.lora[name][0].shape[0], []).append(index)
-    if len(clients_by_rank) > 1:
-        ranks = "; ".join(f"rank {rank}: clients {clients}" for rank, clients in clients_by_rank.items())
-        raise ValueError(f"layer '{name}': clients have different LoRA ranks ({ranks}); heterogeneous ranks are "
-                         "not supported: give every client the same lora.r")
-
-
 def check_factors(index: int, name: str, pair: tuple[Tensor, Tensor], first_pair: tuple[Tensor, Tensor],
-                   reference: Tensor) -> None:
-    """Shapes against client 0's same layer; dtype and device against client 0's first layer."""
+                  reference: Tensor) -> None:
+    """Shapes against client 0's same layer (the rank may be lower); dtype and device against client 0's first
+    layer."""
     where = f"client {index}, layer '{name}'"
     A, B = pair
     if A.shape[0] != B.shape[1]:
         raise ValueError(f"{where}: A is r x in = {tuple(A.shape)} and B is out x r = {tuple(B.shape)}; "
                          "their ranks differ")
-    for factor, tensor, first in (("A", A, first_pair[0]), ("B", B, first_pair[1])):
-        if tensor.shape != first.shape:
-            raise ValueError(f"{where}: {factor} has shape {tuple(tensor.shape)} but client 0's has "
-                             f"{tuple(first.shape)}")
+    global_rank, fan_in, fan_out = first_pair[0].shape[0], first_pair[0].shape[1], first_pair[1].shape[0]
+    if (A.shape[1], B.shape[0]) != (fan_in, fan_out) or A.shape[0] > global_rank:
+        raise ValueError(f"{where}: A, B have shapes {tuple(A.shape)}, {tuple(B.shape)} but the round's template "
+                         f"(client 0) has rank {global_rank}, in {fan_in}, out {fan_out}; a client may have a lower "
+                         "rank, never another layer size or a higher rank")
+    for factor, tensor in (("A", A), ("B", B)):
         if (tensor.dtype, tensor.device) != (reference.dtype, reference.device):
             raise ValueError(f"{where}: {factor} is {tensor.dtype} on {tensor.device} but client 0's first layer is "
                              f"{reference.dtype} on {reference.device}; all factors must share one dtype and device")
+
+
+def client_rank(index: int, update: ClientUpdate, like: ClientUpdate) -> int | None:
+    """None when `update` has the template's ranks, else its one rank r, below every layer's global rank."""
+    own = {name: pair[0].shape[0] for name, pair in update.lora.items()}
+    if all(own[name] == pair[0].shape[0] for name, pair in like.lora.items()):
+        return None
+    lowest = min(pair[0].shape[0] for pair in like.lora.values())
+    if len(set(own.values())) > 1 or next(iter(own.values())) >= lowest:
+        raise ValueError(f"client {index}: LoRA ranks {sorted(set(own.values()))} differ from the template's; a "
+                         f"client of a lower rank has one rank r < {lowest} for all its layers")
+    return next(iter(own.values()))
 
 
 def _by_layer(order: list[str], groups: list[LayerGroup],

@@ -2,6 +2,10 @@
 B_stack = [B_1 ... B_K], so B_stack @ A_stack = sum p_k B_k A_k exactly. Every client adds that product to its
 frozen weight and re-initialises its LoRA, hence lora is None. The download holds K r ranks: it grows with K,
 and so does the server's memory, which keeps every client's factors to send them (needs = "factors").
+
+Mixed ranks: each client's pair arrives padded to the global rank in the server's scaling (`ranks`), so the stack
+is exact at any ranks; the padding is dropped, so the download holds sum_k r_k components. Every client then
+re-initialises LoRA at its own rank.
 """
 
 from __future__ import annotations
@@ -20,4 +24,7 @@ class FLoRA(Aggregator):
         layers, clients, rank, fan_in = group.A.shape
         A_stack = (group.A * group.weights.view(1, -1, 1, 1)).reshape(layers, clients * rank, fan_in)
         B_stack = group.B.reshape(layers, -1, clients * rank)
+        own = group.own_components()
+        if own is not None:
+            A_stack, B_stack = A_stack[:, own], B_stack[:, :, own]
         return GroupResult(merge=(A_stack, B_stack))

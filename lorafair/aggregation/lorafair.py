@@ -31,6 +31,13 @@ relative=True the correction is measured in units of the averaged factor, dB = |
 closeness the paper's Table 4 reports (S(B_bar, B') = 0.9998). relative=False is the literal Eq. 8 with lam on the
 absolute ||dB||^2, as the public code; both are checked against dense autograd SGD. The xavier start is the public
 code's absolute draw in either case. The frobenius objective has no step size and ignores `relative`.
+
+Mixed ranks (`lower_ranks`): with "solve", each rank r below the global one gets Eq. 8 of its own, with the
+truncated A_bar[:r] fixed and the regulariser towards the truncated B_bar[:, :r] (on the same dW, in the server's
+scaling, see `ranks`), so that each rank's starting pair points as close to dW as its rank allows. The truncated
+problems are the global one's with zero components (`LayerGroup.truncated`), which stay zero under every step, so
+all ranks and all layers of every shape still go through one batched solve. "zero_pad" gives every client the
+leading components of the global rank's solution, as a server that only zero-pads would.
 """
 
 from __future__ import annotations
@@ -57,7 +64,9 @@ from lorafair.aggregation.base import (
 Objective = Literal["cosine", "column_cosine", "frobenius"]
 Init = Literal["zero", "xavier"]
 ResidualOn = Literal["A", "B"]
+LowerRanks = Literal["solve", "zero_pad"]
 OBJECTIVES, INITS, RESIDUAL_ON = get_args(Objective), get_args(Init), get_args(ResidualOn)
+LOWER_RANKS = get_args(LowerRanks)
 
 SimilarityGradient = Callable[[Tensor], Tensor]
 """X -> dS/dX for a batch of corrected factors in tall form."""
@@ -82,6 +91,9 @@ class LoRAFAIR(Aggregator):
     """Which averaged factor receives the correction: B (the method) or A (the paper's ablation)."""
     relative: bool = True
     """Cosine objectives: measure the correction in units of ||B_bar||_F (scale-free SGD), or absolutely (False)."""
+    lower_ranks: LowerRanks = "solve"
+    """Clients below the global rank: solve Eq. 8 for each rank with the truncated averages (solve), or take the
+    leading components of the global rank's solution (zero_pad)."""
 
     name: ClassVar[str] = "lorafair"
     display_name: ClassVar[str] = "LoRA-FAIR"
@@ -97,6 +109,8 @@ class LoRAFAIR(Aggregator):
         check_option(self.name, "residual_on", self.residual_on, self.residual_on in RESIDUAL_ON,
                      f"one of {RESIDUAL_ON}")
         check_option(self.name, "relative", self.relative, isinstance(self.relative, bool), "true or false")
+        check_option(self.name, "lower_ranks", self.lower_ranks, self.lower_ranks in LOWER_RANKS,
+                     f"one of {LOWER_RANKS}")
         if self.objective != "frobenius":
             # Each step scales dB by (1 - 2 lr lam) before the similarity pulls it: beyond lr lam = 1 it diverges.
             check_option(self.name, "lam", self.lam, self.lr * self.lam < 1,
@@ -110,6 +124,15 @@ class LoRAFAIR(Aggregator):
         return cost.IdealUse(products=2)
 
     def combine_groups(self, groups: list[LayerGroup]) -> list[GroupResult]:
+        """Every group, and under "solve" its truncation to each lower rank, in one batch."""
+        truncated = [(index, rank, group.truncated(rank)) for index, group in enumerate(groups)
+                     for rank in group.lower_ranks] if self.lower_ranks == "solve" else []
+        results = self._solve([*groups, *(group for *_, group in truncated)])
+        for (index, rank, _), result in zip(truncated, results[len(groups):], strict=True):
+            results[index].by_rank[rank] = result.lora
+        return results[:len(groups)]
+
+    def _solve(self, groups: list[LayerGroup]) -> list[GroupResult]:
         if self.objective != "cosine":
             return super().combine_groups(groups)
         # The coefficient problems of the whole-matrix cosine are 3r x r for every layer shape: one batch for all.
@@ -128,7 +151,7 @@ class LoRAFAIR(Aggregator):
         column_norms = lowrank.clamped_norm(group.ideal.column_norms_sq())
         gradient = (_row_cosine_gradient(C, G, column_norms[:, :, None]) if self.residual_on == "A"
                     else _column_cosine_gradient(group, column_norms[:, None, :]))
-        return self._result(group, start, unit * self._sgd(start / unit, self._initial_correction(start) / unit,
+        return self._result(group, start, unit * self._sgd(start / unit, self._initial_correction(group, start) / unit,
                                                              gradient))
 
     def _tall_form(self, group: LayerGroup) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -155,11 +178,14 @@ class LoRAFAIR(Aggregator):
             "cos_factor": F.cosine_similarity(start.flatten(1), corrected.flatten(1), dim=1, eps=lowrank.EPS),
         })
 
-    def _initial_correction(self, start: Tensor) -> Tensor:
+    def _initial_correction(self, group: LayerGroup, start: Tensor) -> Tensor:
+        """Zero, or xavier_uniform_ of each correction matrix (of its kept components in a truncated group)."""
         if self.init == "zero":
             return torch.zeros_like(start)
-        bound = math.sqrt(6.0 / (start.shape[-2] + start.shape[-1]))  # xavier_uniform_ of each correction matrix
+        rank = group.kept_rank or start.shape[-1]
+        bound = math.sqrt(6.0 / (start.shape[-2] + rank))
         draw = torch.rand(start.shape, generator=self._generator, dtype=start.dtype)
+        draw[..., rank:] = 0.5
         return ((2 * draw - 1) * bound).to(start.device)
 
     def _sgd(self, start: Tensor, correction: Tensor, similarity_gradient: SimilarityGradient) -> Tensor:
@@ -180,7 +206,7 @@ class LoRAFAIR(Aggregator):
         """
         start, _, C, G = self._tall_form(group)
         unit = self._unit(start)
-        basis = torch.cat([start / unit, C, self._initial_correction(start) / unit], dim=-1)
+        basis = torch.cat([start / unit, C, self._initial_correction(group, start) / unit], dim=-1)
         rank = start.shape[-1]
         eye = torch.eye(rank, dtype=start.dtype, device=start.device).expand_as(G)
         W = torch.cat([eye, torch.zeros_like(G), eye], dim=-2)

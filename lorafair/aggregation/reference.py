@@ -3,6 +3,11 @@ formula as written (dense SVD, dense least squares, autograd SGD on the dense ma
 
 Slow by design, and CPU only (least squares uses the gelsd driver). They are the yardstick the fast methods are
 tested and benchmarked against.
+
+Mixed ranks, as the methods define them (README): with scalings s_r = alpha / r and R the largest rank, each
+client's B is taken in the server's scaling, (s_k / s_R) B_k, and zero-padded to R, as is A_k; the method runs at R;
+a rank-r client then starts from the leading r components, its B times s_R / s_r, except LoRA-FAIR under "solve",
+which solves Eq. 8 again on the r x in and out x r truncated averages themselves.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ class DenseResult:
 
     lora: dict[str, Factors] | None
     merge: dict[str, Tensor] | None
+    by_rank: dict[int, dict[str, Factors]]
+    """Lower rank r -> name -> the rank-r client's starting pair, in its own scaling."""
 
 
 @dataclass
@@ -35,6 +42,8 @@ class _Layer:
     As: list[Tensor]
     Bs: list[Tensor]
     p: list[float]
+    template: int = 0
+    """The first client of the global rank."""
 
     @cached_property
     def A_bar(self) -> Tensor:
@@ -49,19 +58,49 @@ class _Layer:
         return sum(p * B @ A for p, A, B in zip(self.p, self.As, self.Bs, strict=True))
 
 
-def dense_reference(method: str, updates: Sequence[ClientUpdate], **options: object) -> DenseResult:
-    """The dense result of `method` (lorafair: zero start only) on `updates`."""
+@dataclass
+class _Truncated:
+    """The averages cut to rank r (r x in, out x r) and the same dW: the problem a rank-r LoRA-FAIR client gets."""
+
+    A_bar: Tensor
+    B_bar: Tensor
+    dW: Tensor
+
+
+def dense_reference(method: str, updates: Sequence[ClientUpdate], alpha: float = 16.0,
+                    **options: object) -> DenseResult:
+    """The dense result of `method` (lorafair: zero start only) on `updates`, at any mix of ranks (alpha only sets
+    the scalings, whose ratios are what matter)."""
     total = sum(u.weight for u in updates)
     p = [u.weight / total for u in updates]
-    lora, merge = {}, {}
+    lower_ranks = options.pop("lower_ranks", "solve")
+    lora, merge, by_rank = {}, {}, {}
     for name in updates[0].lora:
-        layer = _Layer([u.lora[name][0] for u in updates], [u.lora[name][1] for u in updates], p)
+        global_rank = max(u.lora[name][0].shape[0] for u in updates)
+        padded = [_padded(*u.lora[name], global_rank, alpha) for u in updates]
+        template = next(k for k, u in enumerate(updates) if u.lora[name][0].shape[0] == global_rank)
+        layer = _Layer([A for A, _ in padded], [B for _, B in padded], p, template)
         factors, merged = _METHODS[method](layer, **options)
         if factors is not None:
             lora[name] = factors
         if merged is not None:
             merge[name] = merged
-    return DenseResult(lora=lora or None, merge=merge or None)
+        for rank in sorted({u.lora[name][0].shape[0] for u in updates} - {global_rank}):
+            if factors is None:
+                continue
+            A, B = factors
+            if method == "lorafair" and lower_ranks == "solve":
+                A, B = _lorafair(_Truncated(layer.A_bar[:rank], layer.B_bar[:, :rank], layer.dW), **options)[0]
+            by_rank.setdefault(rank, {})[name] = (A[:rank], B[:, :rank] * (alpha / global_rank) / (alpha / rank))
+    return DenseResult(lora=lora or None, merge=merge or None, by_rank=by_rank)
+
+
+def _padded(A: Tensor, B: Tensor, global_rank: int, alpha: float) -> Factors:
+    """A rank-r pair in the server's scaling s_R: B times s_r / s_R, both zero-padded to the global rank."""
+    missing = global_rank - A.shape[0]
+    scaled_B = B * ((alpha / A.shape[0]) / (alpha / global_rank))
+    return (torch.cat([A, A.new_zeros(missing, A.shape[1])]),
+            torch.cat([scaled_B, B.new_zeros(B.shape[0], missing)], dim=1))
 
 
 def _fedit(layer: _Layer) -> tuple[Factors, None]:
@@ -69,7 +108,8 @@ def _fedit(layer: _Layer) -> tuple[Factors, None]:
 
 
 def _ffa_lora(layer: _Layer) -> tuple[Factors, None]:
-    return (layer.As[0], layer.B_bar), None
+    """The shared frozen A is the global rank's (a lower-rank client's is its leading rows, zero-padded here)."""
+    return (layer.As[layer.template], layer.B_bar), None
 
 
 def _flora(layer: _Layer) -> tuple[None, Tensor]:
@@ -86,8 +126,8 @@ def _fedex_lora(layer: _Layer) -> tuple[Factors, Tensor]:
     return (layer.A_bar, layer.B_bar), layer.dW - layer.B_bar @ layer.A_bar
 
 
-def _lorafair(layer: _Layer, lam: float = 0.01, objective: str = "cosine", steps: int = 500, lr: float = 0.01,
-              residual_on: str = "B", relative: bool = True) -> tuple[Factors, None]:
+def _lorafair(layer: _Layer | _Truncated, lam: float = 0.01, objective: str = "cosine", steps: int = 500,
+              lr: float = 0.01, residual_on: str = "B", relative: bool = True) -> tuple[Factors, None]:
     def product(delta: Tensor) -> Tensor:
         return (layer.B_bar + delta) @ layer.A_bar if residual_on == "B" else layer.B_bar @ (layer.A_bar + delta)
 
@@ -113,7 +153,7 @@ def _lorafair(layer: _Layer, lam: float = 0.01, objective: str = "cosine", steps
     return (layer.A_bar + delta, layer.B_bar), None
 
 
-def _ridge(layer: _Layer, lam: float, residual_on: str) -> Tensor:
+def _ridge(layer: _Layer | _Truncated, lam: float, residual_on: str) -> Tensor:
     """Ridge regression as an augmented least-squares problem: min ||delta F - R||^2 + lam ||delta||^2 is
     min ||[F^T; sqrt(lam) I] delta^T - [R^T; 0]||^2 (residual on B, F = A_bar; on A the same with transposes)."""
     residual = layer.dW - layer.B_bar @ layer.A_bar

@@ -16,17 +16,21 @@ What a round keeps is what its method declares (`Aggregator.needs`):
 Every tensor of `accumulators()` is a sum over clients (a client's slot is zero in every other state). Two states
 that folded disjoint clients into disjoint slots therefore add up, tensor by tensor, to the state that folded them
 all: an all_reduce(SUM) of each accumulator across ranks, then `finish` on any rank.
+
+A client of a lower rank is folded as the rank-R pair that means the same update (`ranks.to_server`); the round
+counts the clients of each lower rank, and the groups that keep factors note each client's own rank.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from lorafair.aggregation import cost
+from lorafair.aggregation import cost, ranks
 from lorafair.aggregation.base import (
     ClientUpdate,
     GlobalUpdate,
@@ -35,6 +39,7 @@ from lorafair.aggregation.base import (
     check_factors,
     check_pair,
     check_same_names,
+    client_rank,
     is_finite_number,
 )
 from lorafair.aggregation.ideal import DenseIdeal, FactoredIdeal
@@ -49,7 +54,8 @@ WEIGHT_DTYPE = torch.float64
 class GroupState:
     """The accumulators of the layers of one shape: A_sum [L, r, in] (unless A is frozen) and B_sum [L, out, r]; slots
     A_slots [L, C, r, in] and B_slots [L, out, C, r] for one client each (the round's K clients, or a chunk
-    on the dense path); dW_sum [L, out, in] on the dense path of a method that needs the ideal update."""
+    on the dense path), with slot_ranks [C] (each client's own rank) where every client keeps its slot; dW_sum
+    [L, out, in] on the dense path of a method that needs the ideal update."""
 
     def __init__(self, names: list[str], like: ClientUpdate, needs: str, path: str, clients: int,
                  frozen_A: bool = False) -> None:
@@ -69,9 +75,13 @@ class GroupState:
         self.B_slots = B.new_zeros(layers, fan_out, capacity, rank) if has_slots else None
         self.chunk_weights = torch.zeros(capacity, dtype=A.dtype, device=A.device) if self.folds_dense else None
         self.chunk_filled = 0
+        self.slot_ranks = torch.zeros(capacity, dtype=WEIGHT_DTYPE, device=A.device) if self.keeps_clients else None
 
-    def fold(self, update: ClientUpdate, slot: int, weight: float) -> None:
+    def fold(self, update: ClientUpdate, slot: int, weight: float, rank: int | None) -> None:
+        """Fold one update padded to the group's rank; rank: the client's own (None: the group's)."""
         position = slot if self.keeps_clients else self.chunk_filled
+        if self.slot_ranks is not None:
+            self.slot_ranks[slot] = rank or self.B_sum.shape[-1]
         for layer, name in enumerate(self.names):
             A, B = update.lora[name]
             if self.A_sum is not None:
@@ -99,11 +109,12 @@ class GroupState:
 
     def accumulators(self) -> list[Tensor]:
         self.flush()
-        slots = [self.A_slots, self.B_slots] if self.keeps_clients else []
+        slots = [self.A_slots, self.B_slots, self.slot_ranks] if self.keeps_clients else []
         sums = [self.B_sum] if self.A_sum is None else [self.A_sum, self.B_sum]
         return [*sums, *slots, *([self.dW_sum] if self.folds_dense else [])]
 
-    def layer_group(self, weight_sum: Tensor, slot_weights: Tensor | None, filled: Tensor | None) -> LayerGroup:
+    def layer_group(self, weight_sum: Tensor, slot_weights: Tensor | None, filled: Tensor | None,
+                    lower_ranks: tuple[int, ...]) -> LayerGroup:
         """What the method sees at finish: averages, the ideal update on this group's path, and the clients'
         factors (only those of filled slots) where they were kept."""
         self.flush()
@@ -112,20 +123,22 @@ class GroupState:
         B_bar = self.B_sum / total
         if not self.keeps_clients:
             ideal = DenseIdeal(self.dW_sum / total) if self.folds_dense else FactoredIdeal(B_bar, A_bar)
-            return LayerGroup(names=self.names, A_bar=A_bar, B_bar=B_bar, ideal=ideal)
+            return LayerGroup(names=self.names, A_bar=A_bar, B_bar=B_bar, ideal=ideal, lower_ranks=lower_ranks)
         kept = filled.nonzero().view(-1)
         A, B = self.A_slots, self.B_slots
         if len(kept) < len(filled):
             A, B = A[:, kept], B[:, :, kept]
         weights = (slot_weights[kept] / weight_sum).to(A.dtype)
         return LayerGroup(names=self.names, A_bar=A_bar, B_bar=B_bar, A=A, B=B, weights=weights,
-                          dense=self.path == "dense")
+                          dense=self.path == "dense", client_ranks=self.slot_ranks[kept].long(),
+                          lower_ranks=lower_ranks)
 
 
 class RoundState:
     """One round on the server between `Aggregator.start` and `finish`; see the module docstring."""
 
-    def __init__(self, aggregator: Aggregator, like: ClientUpdate, clients: int, path: str | None = None) -> None:
+    def __init__(self, aggregator: Aggregator, like: ClientUpdate, clients: int, path: str | None = None,
+                 lower_ranks: Sequence[int] = ()) -> None:
         started = time.perf_counter()
         if not (isinstance(clients, int) and clients >= 1):
             raise ValueError(f"start() needs clients >= 1 (the number of updates the round expects), got {clients!r}")
@@ -147,6 +160,10 @@ class RoundState:
             else None
         self.filled = torch.zeros_like(self.slot_weights) if keeps_clients else None
         self.extra_sums = {name: torch.zeros_like(tensor) for name, tensor in like.extra.items()}
+        lowest = min(A.shape[0] for A, _ in like.lora.values())
+        # rank_counts[r]: clients of rank r < lowest global rank in this round (a sum, like every accumulator)
+        self.rank_counts = torch.zeros(lowest, dtype=WEIGHT_DTYPE, device=reference.device)
+        self.lower_ranks = _check_lower_ranks(lower_ranks, lowest)
         self.refusal: str | None = None
         self.seconds = time.perf_counter() - started
 
@@ -162,26 +179,31 @@ class RoundState:
         different clients of one round give each its index in the round, so their accumulators add up."""
         started = time.perf_counter()
         slot = int(self.count.item()) if slot is None else slot
-        self._check(update, slot)
+        rank = self._check(update, slot)
         weight = float(update.weight)
         self.weight_sum += weight
         self.count += 1
         if self.filled is not None:
             self.slot_weights[slot] = weight
             self.filled[slot] = 1
-        for group in self.groups:
-            group.fold(update, slot, weight)
-        for name, tensor in update.extra.items():
-            self.extra_sums[name].add_(tensor, alpha=weight)
         if self.refusal is None:
             self.refusal = self.aggregator.check_update(slot, update, self.like)
+        if rank is not None:
+            self.rank_counts[rank] += 1
+            update = ClientUpdate(update.weight, {name: ranks.to_server(pair, self.like.lora[name][0].shape[0])
+                                                  for name, pair in update.lora.items()}, update.extra)
+        for group in self.groups:
+            group.fold(update, slot, weight, rank)
+        for name, tensor in update.extra.items():
+            self.extra_sums[name].add_(tensor, alpha=weight)
         self.seconds += time.perf_counter() - started
 
     def accumulators(self) -> list[Tensor]:
         """Every tensor the round has folded, each a sum over clients: sum them across ranks (in place, in this
         order; the order and shapes are the same in every state started alike), then `finish`. Their shapes do
         not depend on the number of clients, except the slots of groups that keep every client's factors."""
-        tensors = [self.weight_sum, self.count, *([self.slot_weights, self.filled] if self.filled is not None else [])]
+        tensors = [self.weight_sum, self.count, self.rank_counts,
+                   *([self.slot_weights, self.filled] if self.filled is not None else [])]
         for group in self.groups:
             tensors += group.accumulators()
         return tensors + list(self.extra_sums.values())
@@ -197,13 +219,16 @@ class RoundState:
                              "(its number of training examples)")
         if self.refusal is not None:
             raise ValueError(self.refusal)
-        groups = [group.layer_group(self.weight_sum, self.slot_weights, self.filled) for group in self.groups]
+        present = {int(rank) for rank in self.rank_counts.nonzero().view(-1)}
+        lower = tuple(sorted(present | set(self.lower_ranks)))
+        groups = [group.layer_group(self.weight_sum, self.slot_weights, self.filled, lower) for group in self.groups]
         extra = {name: tensor / torch.tensor(total, dtype=tensor.dtype, device=tensor.device)
                  for name, tensor in self.extra_sums.items()}
         return self.aggregator.global_update(self.like, groups, extra,
                                              self.seconds + time.perf_counter() - started)
 
-    def _check(self, update: ClientUpdate, slot: int) -> None:
+    def _check(self, update: ClientUpdate, slot: int) -> int | None:
+        """Refuse a bad update; its own rank when below the template's, else None."""
         if not (isinstance(slot, int) and 0 <= slot < self.clients):
             raise ValueError(f"add(): slot must be an integer in [0, {self.clients}) (the round was started for "
                              f"{self.clients} clients), got {slot!r}")
@@ -225,6 +250,15 @@ class RoundState:
         check_same_names(slot, "extra tensors", update.extra, self.like.extra)
         for name, tensor in update.extra.items():
             check_extra(slot, name, tensor, self.like.extra[name])
+        return client_rank(slot, update, self.like)
+
+
+def _check_lower_ranks(lower_ranks: Sequence[int], lowest: int) -> tuple[int, ...]:
+    for rank in lower_ranks:
+        if not (isinstance(rank, int) and 1 <= rank < lowest):
+            raise ValueError(f"start(): lower_ranks must be integers in [1, {lowest}) (below the template's rank), "
+                             f"got {rank!r}")
+    return tuple(lower_ranks)
 
 
 def _shapes_of(like: ClientUpdate) -> dict[tuple[int, int, int], list[str]]:

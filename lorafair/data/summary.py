@@ -9,13 +9,15 @@ from lorafair.data.federated import FederatedData, build_caches
 from lorafair.data.transforms import model_data_config
 
 
-def summary_table(fd: FederatedData) -> str:
-    """One row per client (domain, training samples, classes present), one per domain (test size), and totals."""
+def summary_table(fd: FederatedData, ranks: dict[int, int]) -> str:
+    """One row per client (domain, training samples, classes present, LoRA rank), one per domain (test size), and
+    totals."""
     width = max([len("domain"), *(len(name) for name in fd.domains), *(len(c.domain) for c in fd.clients)])
-    lines = [f"{'client':>6}  {'domain':<{width}}  {'samples':>8}  {'classes':>7}"]
+    lines = [f"{'client':>6}  {'domain':<{width}}  {'samples':>8}  {'classes':>7}  {'rank':>4}"]
     for client in fd.clients:
         present = sum(count > 0 for count in client.class_counts)
-        lines.append(f"{client.id:>6}  {client.domain:<{width}}  {client.num_samples:>8}  {present:>7}")
+        lines.append(f"{client.id:>6}  {client.domain:<{width}}  {client.num_samples:>8}  {present:>7}  "
+                     f"{ranks[client.id]:>4}")
     total_train = sum(client.num_samples for client in fd.clients)
     present = sum(any(client.class_counts[label] for client in fd.clients) for label in range(fd.num_classes))
     lines.append(f"{'total':>6}  {'':<{width}}  {total_train:>8}  {present:>7}")
@@ -59,7 +61,7 @@ def summarize(cfg: FitConfig, plot: Path | None = None, build_cache: bool = Fals
         shape = f"text of at most {cfg.text.max_length} tokens"
     print(f"{cfg.data.name}: {len(fd.domains)} domains, {fd.num_classes} classes, {len(fd.clients)} clients "
           f"({cfg.federation.partition} partition, seed {cfg.seed}), {shape}")
-    print(summary_table(fd))
+    print(summary_table(fd, cfg.lora.rank_of([(c.id, c.domain) for c in fd.clients], fd.domains)))
     if plot is not None:
         plot_class_counts(fd, plot)
         print(f"heatmap written to {plot}")

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from lorafair.errors import UserError
-from lorafair.federated.state import GlobalState, ResumeState, pack, pack_pairs, unpack, unpack_pairs
+from lorafair.federated.state import GlobalState, ResumeState, pack, pack_by_rank, pack_pairs, unpack
 from lorafair.reporting.run_folder import checkpoint_dir, is_finished, read_results, results_path
 
 CHECKPOINT_KEYS = frozenset({"round", "identity", "results", "lora", "extra", "base"})
@@ -167,6 +167,8 @@ def checkpoint_state(round_index: int, identity: dict[str, Any], results: dict[s
     """What a round's checkpoint holds (on the CPU); `base` only once merges changed the frozen weights."""
     return {"round": round_index, "identity": identity, "results": results,
             "lora": {name: {"A": a.cpu(), "B": b.cpu()} for name, (a, b) in state.lora.items()},
+            "lora_by_rank": {rank: {name: {"A": a.cpu(), "B": b.cpu()} for name, (a, b) in pairs.items()}
+                             for rank, pairs in state.by_rank.items()},
             "extra": {name: t.cpu() for name, t in state.extra.items()},
             "base": {name: t.cpu() for name, t in base.items()} if base is not None else None}
 
@@ -222,12 +224,14 @@ def read_round(path: Path, state: Any) -> ResumeState:
         raise UserError(f"{path} is not a lorafair checkpoint (it lacks {', '.join(missing)})")
     try:
         tensors = {**pack_pairs("lora", {name: (pair["A"], pair["B"]) for name, pair in state["lora"].items()}),
+                   **pack_by_rank({rank: {name: (pair["A"], pair["B"]) for name, pair in pairs.items()}
+                                   for rank, pairs in state.get("lora_by_rank", {}).items()}),
                    **pack("extra", state["extra"]), **pack("base", state["base"])}
         records = list(state["results"]["rounds"])
     except (KeyError, TypeError, AttributeError) as err:
         raise UserError(f"{path} is not a lorafair checkpoint (its tensors are malformed: {err!r})") from err
     return ResumeState(round=state["round"], path=path, records=records,
-                       state=GlobalState(unpack_pairs(tensors, "lora"), unpack(tensors, "extra")),
+                       state=GlobalState.from_tensors(tensors),
                        base=unpack(tensors, "base"))
 
 
@@ -254,7 +258,9 @@ def resume_state(path: Path, state: Any, identity: dict[str, Any], rounds: int, 
 
 def check_fits(resumed: ResumeState, expected: Mapping[str, torch.Size]) -> None:
     """Refuse a checkpoint's state whose tensors do not fit the model (`expected`: shapes in the packed key format)."""
-    tensors = {**resumed.state.tensors(), **pack("base", resumed.base)}
+    # the lower ranks' starting pairs ("lora_r<rank>/...") depend on lora.client_ranks, which the identity checks
+    tensors = {key: tensor for key, tensor in {**resumed.state.tensors(), **pack("base", resumed.base)}.items()
+               if not key.startswith("lora_r")}
     # the frozen weights are checked only where the checkpoint holds them (after merges)
     expected = {key: shape for key, shape in expected.items() if resumed.base or not key.startswith("base/")}
     mismatch = first_shape_mismatch(tensors, expected)

@@ -30,6 +30,7 @@ from lorafair.federated.state import ClientResult, GlobalState, Pairs
 class ClientModel(Protocol):
     """What the client role needs from a model (LightningModule hooks plus the swappable federated state)."""
 
+    def set_rank(self, rank: int) -> None: ...
     def get_lora(self) -> Pairs: ...
     def set_lora(self, lora: Pairs) -> None: ...
     def get_extra(self) -> dict[str, Tensor]: ...
@@ -52,17 +53,22 @@ class LocalTrainer:
         self.client_cfg, self.data_cfg, self.seed = client_cfg, data_cfg, seed
         self.show_progress = show_progress
         self.eval_loaders: dict[tuple, list] = {}
+        self.global_rank = len(next(iter(model.get_lora().values()))[0])
 
-    def load(self, state: GlobalState) -> None:
-        self.model.set_lora(state.lora)
+    def load(self, state: GlobalState, rank: int | None = None) -> None:
+        """The model at `state` as a client of `rank` sees it (None: the global model)."""
+        rank = rank or self.global_rank
+        self.model.set_rank(rank)
+        self.model.set_lora(state.lora_for(rank))
         self.model.set_extra(state.extra)
 
-    def train(self, client: Client, start: GlobalState, round_index: int) -> ClientResult:
-        """Local SGD from `start` (SGD momentum starts fresh every round, as in the public code), seeded by
-        (seed, round, client) so the result does not depend on where or when the client trains."""
+    def train(self, client: Client, start: GlobalState, round_index: int, rank: int | None = None) -> ClientResult:
+        """Local SGD from `start` at the client's LoRA `rank` (None: the global one); SGD momentum starts fresh
+        every round, as in the public code, seeded by (seed, round, client) so the result does not depend on where
+        or when the client trains."""
         seed = derive_seed("client", self.seed, round_index, client.id)
         torch.manual_seed(seed)
-        self.load(start)
+        self.load(start, rank)
         self.model.train()
         loader = make_loader(client.dataset, self.data_cfg.batch_size, shuffle=True, seed=seed,
                              num_workers=self.data_cfg.num_workers, device=self.fabric.device)
@@ -79,6 +85,7 @@ class LocalTrainer:
             first = next(iter(lora))
             lora[first][0].view(-1)[0] = float("nan")
         update = ClientUpdate(weight=client.num_samples, lora=lora, extra=self.model.get_extra())
+        self.model.set_rank(self.global_rank)
         return ClientResult(client=client.id, update=update, train_loss=loss_sum / steps if steps else float("nan"),
                             steps=steps, skipped_images=loader.skipped)
 

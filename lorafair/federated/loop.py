@@ -29,7 +29,7 @@ from lightning.fabric.loggers import TensorBoardLogger
 from lightning.fabric.strategies import DDPStrategy
 from tqdm import tqdm
 
-from lorafair.aggregation import ClientUpdate, RoundState
+from lorafair.aggregation import ClientUpdate, RoundState, ranks
 from lorafair.config import FitConfig
 from lorafair.data import FederatedData, build_federated_data, model_data_config
 from lorafair.errors import UserError
@@ -45,7 +45,7 @@ from lorafair.federated.client import ClientModel, LocalTrainer
 from lorafair.federated.fingerprints import run_fingerprints
 from lorafair.federated.launch import check_launch, die_with_parent
 from lorafair.federated.sampling import assign_to_ranks, derive_seed, sample_clients
-from lorafair.federated.server import Server
+from lorafair.federated.server import ClientReport, Server
 from lorafair.federated.state import (
     ClientResult,
     GlobalState,
@@ -172,7 +172,9 @@ class FederatedTrainer:
             raise UserError(f"federation.clients_per_round: {self.per_round} is more than the {len(clients)} clients "
                             f"of this partition; lower it (or null for all)")
         self.model = build_model(cfg, self.data.num_classes, fabric.device)
-        self.global_state = GlobalState(self.fresh_lora("lora_init", cfg.seed), self.model.get_extra())
+        self.client_ranks = cfg.lora.rank_of([(c.id, c.domain) for c in clients], self.data.domains)
+        self.lower_ranks = tuple(sorted(set(self.client_ranks.values()) - {cfg.lora.r}))
+        self.global_state = self.state_of(self.fresh_lora("lora_init", cfg.seed), self.model.get_extra())
         self.merged = False
         self.transport = TorchDistributedTransport(fabric.device)
         self.rank, self.world = self.transport.rank, self.transport.world
@@ -207,7 +209,7 @@ class FederatedTrainer:
         clock = time.perf_counter
         start = clock()
         sampled = sample_clients([c.id for c in self.data.clients], self.per_round, self.cfg.seed, round_index)
-        results, ranks, trained = self.train_clients(round_index, sampled)
+        results, hosts, trained = self.train_clients(round_index, sampled)
         answer = self.aggregate(round_index, results, sampled)
         self.apply(round_index, answer)
         applied = clock()
@@ -219,7 +221,7 @@ class FederatedTrainer:
             comm = applied - trained - self.server_seconds
             seconds = {"train": trained - start, "comm": comm, "aggregate": self.server_seconds,
                        "eval": evaluated - applied, "round": evaluated - start}
-            record = RoundRecord(round_index, sampled, ranks, answer.record, seconds, accuracy)
+            record = RoundRecord(round_index, sampled, hosts, answer.record, seconds, accuracy)
             self.save(round_index, record)
         self.transport.wait_for_all()  # the round is on disk before any rank starts the next
         return record
@@ -228,34 +230,39 @@ class FederatedTrainer:
         """Each rank trains its share of `sampled`: this rank's results, client id -> rank, and the clock when
         training ended on every rank."""
         hosted = assign_to_ranks(sampled, {c.id: c.num_samples for c in self.data.clients}, self.world)
-        results = [self.client.train(self.data.clients[c], self.global_state, round_index) for c in hosted[self.rank]]
+        results = [self.client.train(self.data.clients[c], self.global_state, round_index, self.client_ranks[c])
+                   for c in hosted[self.rank]]
         self.transport.wait_for_all()
         trained = time.perf_counter()
         faults.maybe_fail(round_index, "gather")
-        ranks = {str(client): rank for rank, clients in enumerate(hosted) for client in clients}
-        return results, ranks, trained
+        hosts = {str(client): rank for rank, clients in enumerate(hosted) for client in clients}
+        return results, hosts, trained
 
     def aggregate(self, round_index: int, results: list[ClientResult], sampled: list[int]) -> ServerAnswer:
         """Every rank: the server's answer to the round, pre-reduced. Each rank folds its own `results` (slot =
         the client's index in `sampled`), the transport shares the reports and sums the folds, rank 0 finishes.
+        Every client rank below the global one (those the global state holds starting pairs for) gets its pairs.
         server_seconds: this rank's folding and finishing, apart from the transport."""
         start = time.perf_counter()
         like = ClientUpdate(weight=1.0, lora=self.global_state.lora, extra=self.global_state.extra)
         slot = {client: index for index, client in enumerate(sampled)}
-        fold = self.server.fold(round_index, results, [slot[r.client] for r in results], like, len(sampled))
+        fold = self.server.fold(round_index, results, [slot[r.client] for r in results], like, len(sampled),
+                                sorted(self.global_state.by_rank))
         self.server_seconds = time.perf_counter() - start
         shared = self.transport.share((fold.reports, fold.refusal))
-        record = self.server.decide(round_index, [report for reports, _ in shared for report in reports],
-                                    [refusal for _, refusal in shared])
+        reports = [report for rank_reports, _ in shared for report in rank_reports]
+        record = self.server.decide(round_index, reports, [refusal for _, refusal in shared])
         if not record.skipped:
             self.transport.sum_over_ranks(fold.state.accumulators())
-        return self.transport.from_server(lambda: self.finish_round(round_index, fold.state, record), ServerAnswer)
+        return self.transport.from_server(lambda: self.finish_round(round_index, fold.state, record, reports),
+                                          ServerAnswer)
 
-    def finish_round(self, round_index: int, state: RoundState, record: ServerRecord) -> ServerAnswer:
+    def finish_round(self, round_index: int, state: RoundState, record: ServerRecord,
+                     reports: list[ClientReport]) -> ServerAnswer:
         """Rank 0: the answer from the fold summed over the ranks, timed into server_seconds."""
         start = time.perf_counter()
         faults.maybe_fail(round_index, "aggregate")
-        answer = self.server.finish(round_index, state, record)
+        answer = self.server.finish(round_index, state, record, reports)
         self.server_seconds += time.perf_counter() - start
         return answer
 
@@ -266,8 +273,15 @@ class FederatedTrainer:
         if answer.merge:
             self.model.merge(answer.merge)
             self.merged = True
-        lora = answer.lora if answer.lora is not None else self.fresh_lora("lora_reinit", self.cfg.seed, round_index)
-        self.global_state = GlobalState(lora, answer.extra)
+        if answer.lora is None:
+            self.global_state = self.state_of(self.fresh_lora("lora_reinit", self.cfg.seed, round_index), answer.extra)
+        else:
+            self.global_state = GlobalState(answer.lora, answer.extra, answer.by_rank)
+
+    def state_of(self, lora: dict, extra: dict) -> GlobalState:
+        """A global state whose lower-rank clients start from the leading components of `lora` (a fresh LoRA)."""
+        return GlobalState(lora, extra, {rank: {name: ranks.to_client(pair, rank) for name, pair in lora.items()}
+                                         for rank in self.lower_ranks})
 
     def fresh_lora(self, *seed_parts: int | str) -> dict:
         """A fresh LoRA start (A random, B zero) from a generator every rank seeds alike."""

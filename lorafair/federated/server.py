@@ -42,6 +42,8 @@ class ClientReport:
     train_loss: float
     steps: int
     skipped_images: int
+    rank: int
+    """The LoRA rank of its update (its bytes follow it)."""
     bad: str | None = None
     """Why its update was left out of the round; None: it was folded in."""
 
@@ -65,14 +67,15 @@ class Server:
         self.aggregator: Aggregator = build_aggregator(server_cfg.method, **aggregator_options(server_cfg, seed))
 
     def fold(self, round_index: int, results: Sequence[ClientResult], slots: Sequence[int], like: ClientUpdate,
-             clients: int) -> RankFold:
+             clients: int, lower_ranks: Sequence[int] = ()) -> RankFold:
         """Every rank: fold this rank's good results into a round of `clients` slots (result i into slots[i], its
-        index among the round's sampled clients). `like` and `clients` must be the same on every rank, so the
-        folds' accumulators line up."""
+        index among the round's sampled clients). `like`, `clients` and `lower_ranks` (the client ranks below the
+        global one, each of which gets its starting pairs) must be the same on every rank, so the folds'
+        accumulators line up."""
         if "seed" in method_options(self.server_cfg.method):
             self.aggregator = build_aggregator(self.server_cfg.method,
                                                **aggregator_options(self.server_cfg, self.seed, round_index))
-        state = self.aggregator.start(like, clients=clients)
+        state = self.aggregator.start(like, clients=clients, lower_ranks=lower_ranks)
         bad = bad_updates(results)
         refusal = None
         for position, (result, slot) in enumerate(zip(results, slots, strict=True)):
@@ -83,7 +86,8 @@ class Server:
             except ValueError as err:  # a mis-shaped update: the round cannot go on
                 refusal = refusal or f"client {result.client}: {err}"
             refusal = refusal or self.aggregator.check_update(result.client, result.update, like)
-        reports = [ClientReport(r.client, r.train_loss, r.steps, r.skipped_images, bad.get(position))
+        reports = [ClientReport(r.client, r.train_loss, r.steps, r.skipped_images, update_rank(r.update),
+                                bad.get(position))
                    for position, r in enumerate(results)]
         return RankFold(state, reports, refusal)
 
@@ -111,17 +115,24 @@ class Server:
             raise UserError(f"round {round_index}: aggregation failed: {refusal}")
         return record
 
-    def finish(self, round_index: int, state: RoundState, record: ServerRecord) -> ServerAnswer:
-        """Rank 0: the answer to the round from its fold summed over the ranks (`record` from `decide`)."""
+    def finish(self, round_index: int, state: RoundState, record: ServerRecord,
+               reports: Sequence[ClientReport]) -> ServerAnswer:
+        """Rank 0: the answer to the round from its fold summed over the ranks (`record` from `decide`, on every
+        rank's `reports`); each good client's bytes follow its rank, the record's bytes are their mean."""
         if record.skipped:
             return ServerAnswer(lora=None, merge=None, extra={}, record=record)
         try:
             update = state.finish()
         except ValueError as err:  # e.g. factors that overflow float32
             raise UserError(f"round {round_index}: aggregation failed: {err}") from err
-        record.bytes_up, record.bytes_down = int(update.bytes_up), int(update.bytes_down)
+        record.bytes_by_client = {str(report.client): list(update.bytes_for(report.rank))
+                                  for report in sorted(reports, key=lambda report: report.client) if report.bad is None}
+        per_client = list(record.bytes_by_client.values())
+        record.bytes_up, record.bytes_down = (round(sum(values) / len(values))
+                                              for values in zip(*per_client, strict=True))
         record.aggregation = {name: float(value) for name, value in update.metrics.items()}
-        return ServerAnswer(lora=update.lora, merge=update.merge, extra=update.extra, record=record)
+        return ServerAnswer(lora=update.lora, merge=update.merge, extra=update.extra, record=record,
+                            by_rank=update.by_rank)
 
 
 def bad_updates(results: Sequence[ClientResult]) -> dict[int, str]:
@@ -130,3 +141,8 @@ def bad_updates(results: Sequence[ClientResult]) -> dict[int, str]:
            if not math.isfinite(result.train_loss)}
     bad.update(find_bad_updates([result.update for result in results]))
     return bad
+
+
+def update_rank(update: ClientUpdate) -> int:
+    """The LoRA rank of a client's update (that of its first layer; a mis-shaped update is refused by the fold)."""
+    return next(iter(update.lora.values()))[0].shape[0]

@@ -41,15 +41,36 @@ def unpack(tensors: dict[str, Tensor], kind: str) -> dict[str, Tensor]:
     return {key[len(kind) + 1:]: tensor for key, tensor in tensors.items() if key.startswith(f"{kind}/")}
 
 
+def pack_by_rank(by_rank: dict[int, Pairs] | None) -> dict[str, Tensor]:
+    """Starting pairs of lower ranks under the kinds "lora_r<rank>" ("lora_r4/blocks.0.attn.proj/A")."""
+    return {key: tensor for rank, pairs in (by_rank or {}).items()
+            for key, tensor in pack_pairs(f"lora_r{rank}", pairs).items()}
+
+
+def unpack_by_rank(tensors: dict[str, Tensor]) -> dict[int, Pairs]:
+    """Inverse of `pack_by_rank` for a mixed mapping."""
+    kinds = sorted({key.split("/")[0] for key in tensors if key.startswith("lora_r")}, key=lambda k: int(k[6:]))
+    return {int(kind[6:]): unpack_pairs(tensors, kind) for kind in kinds}
+
+
 @dataclass
 class GlobalState:
-    """What every client starts a round from: the global LoRA pairs and the extra tensors (classifier head)."""
+    """What every client starts a round from: the global LoRA pairs, the extra tensors (classifier head) and, for
+    each client rank below the global one, the pairs a client of that rank starts from (in its own scaling)."""
 
     lora: Pairs
     extra: dict[str, Tensor]
+    by_rank: dict[int, Pairs] = field(default_factory=dict)
+
+    def lora_for(self, rank: int) -> Pairs:
+        return self.by_rank.get(rank, self.lora)
 
     def tensors(self) -> dict[str, Tensor]:
-        return {**pack_pairs("lora", self.lora), **pack("extra", self.extra)}
+        return {**pack_pairs("lora", self.lora), **pack_by_rank(self.by_rank), **pack("extra", self.extra)}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor]) -> GlobalState:
+        return cls(unpack_pairs(tensors, "lora"), unpack(tensors, "extra"), unpack_by_rank(tensors))
 
 
 @dataclass
@@ -77,6 +98,9 @@ class ServerRecord:
     """No usable update: the global state stays as it was."""
     bytes_up: int = 0
     bytes_down: int = 0
+    """Bytes per client this round: the mean over the round's clients (of different ranks, they differ)."""
+    bytes_by_client: dict[str, list[int]] = field(default_factory=dict)
+    """Client id -> [bytes up, bytes down], which follow its rank."""
     aggregation: dict[str, float] = field(default_factory=dict)
     failed_clients: dict[str, str] = field(default_factory=dict)
     """Client id -> why it sent no result (its node failed mid-round under Flower; the round went on without it)."""
@@ -111,18 +135,22 @@ class ServerAnswer:
     lora: Pairs | None
     """The next round's starting pairs; None: every client restarts from a fresh LoRA (FLoRA)."""
     merge: Pairs | None
-    """Pairs whose product (times the LoRA scaling) every client adds to its frozen weights."""
+    """Pairs whose product (times the global LoRA scaling) every client adds to its frozen weights."""
     extra: dict[str, Tensor]
     record: ServerRecord
+    by_rank: dict[int, Pairs] = field(default_factory=dict)
+    """Lower rank -> the starting pairs of its clients (their own scaling)."""
 
     def to_wire(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        tensors = {**pack_pairs("lora", self.lora), **pack_pairs("merge", self.merge), **pack("extra", self.extra)}
+        tensors = {**pack_pairs("lora", self.lora), **pack_by_rank(self.by_rank), **pack_pairs("merge", self.merge),
+                   **pack("extra", self.extra)}
         return tensors, {"record": self.record, "fresh_lora": self.lora is None}
 
     @classmethod
     def from_wire(cls, tensors: dict[str, Tensor], info: dict[str, Any]) -> ServerAnswer:
         return cls(lora=None if info["fresh_lora"] else unpack_pairs(tensors, "lora"),
-                   merge=unpack_pairs(tensors, "merge") or None, extra=unpack(tensors, "extra"), record=info["record"])
+                   merge=unpack_pairs(tensors, "merge") or None, extra=unpack(tensors, "extra"), record=info["record"],
+                   by_rank=unpack_by_rank(tensors))
 
 
 @dataclass
@@ -143,5 +171,4 @@ class ResumeState:
     @classmethod
     def from_wire(cls, tensors: dict[str, Tensor], info: dict[str, Any]) -> ResumeState:
         return cls(round=info["round"], path=Path(info["path"]), records=info["records"],
-                   state=GlobalState(unpack_pairs(tensors, "lora"), unpack(tensors, "extra")),
-                   base=unpack(tensors, "base"))
+                   state=GlobalState.from_tensors(tensors), base=unpack(tensors, "base"))

@@ -103,10 +103,10 @@ def train(cfg: FitConfig, msg: Message, context: Context) -> Message:
     if cfg.server.method in MERGING_METHODS:
         catch_up(trainer, pristine, msg, context)
     tensors = msg.content["arrays"].to_torch_state_dict()
-    start = GlobalState(unpack_pairs(tensors, "lora"), unpack(tensors, "extra"))
+    start = GlobalState.from_tensors(tensors)
     round_index = int(msg.content["config"]["server-round"])
     faults.maybe_raise_in_client(round_index, client.id)
-    result = trainer.train(client, start, round_index)
+    result = trainer.train(client, start, round_index, int(msg.content["config"]["lora-rank"]))
     update = {**pack_pairs("lora", result.update.lora), **pack("extra", result.update.extra)}
     metrics = MetricRecord({"num-examples": int(result.update.weight), "train-loss": float(result.train_loss),
                             "steps": result.steps, "skipped-images": result.skipped_images})
@@ -170,7 +170,8 @@ class FlowerRoundLoop(FederatedTrainer):
 
     def train_message(self, round_index: int, client: int) -> Message:
         content = RecordDict({"arrays": to_arrays(self.global_state.tensors()),
-                              "config": ConfigRecord({"server-round": round_index})})
+                              "config": ConfigRecord({"server-round": round_index,
+                                                      "lora-rank": self.client_ranks[client]})})
         if self.cfg.server.method in MERGING_METHODS:
             if client not in self.merges_applied and self.resumed_base:
                 content[BASE] = to_arrays(self.resumed_base)
