@@ -98,6 +98,12 @@ TINY = ["--data.name", "digits", "--data.num_workers", "0", "--model.name", "vit
          "federation.num_clients=100000 is more than the 1234 training samples"),
         (["--lora.r", "100000"], "", "lora.r: 100000 is larger than the smallest adapted layer (blocks.0.attn.proj, "
                                      "32 x 32); use at most 32"),
+        (["--lora.r", "4", "--lora.client_ranks", "[2, 8]"], "",
+         "lora.client_ranks: every rank must be an integer in [1, lora.r = 4]"),
+        (["--lora.client_ranks", "[0, 4]"], "", "lora.client_ranks: every rank must be an integer in [1, lora.r"),
+        (["--lora.client_ranks", "[]"], "", "lora.client_ranks: must be null, a non-empty list or a mapping"),
+        ([], "lora:\n  client_ranks: {plain: 2, nowhere: 4}\n",
+         "lora.client_ranks: unknown domain(s) nowhere; the domains are plain, inverted"),
     ],
 )
 def test_values_that_cannot_be_right_are_one_line(tmp_path, capsys, args, yaml, expected):
