@@ -15,6 +15,7 @@ import torch
 from conftest import parse_fit_args, tiny_args, tiny_config
 from test_distributed import ROOT, _environment
 from test_reliability import _same_trajectory
+from test_text_federated import REDUCED_DEMO
 
 from lorafair.aggregation import ClientUpdate, build_aggregator, registered_methods
 from lorafair.federated.loop import FederatedTrainer, fit, launch_fabric
@@ -132,3 +133,27 @@ def test_every_method_runs_the_hetero_demo(method, tmp_path):
 def head_bytes(results: dict) -> int:
     """The classifier head (96 x 10 + 10 float32) travels with every update."""
     return (96 * 10 + 10) * 4
+
+
+def test_a_rank_2_client_of_a_language_model_trains_a_rank_2_lora_and_nothing_outside_it(tmp_path):
+    """The text client masks ranks through the same shared LoRA state as the image client."""
+    cfg = parse_fit_args([*REDUCED_DEMO, "--lora.client_ranks", "[2, 8]", "--out_dir", str(tmp_path)])
+    trainer = FederatedTrainer(cfg, launch_fabric(cfg))
+    model, client = trainer.model, trainer.data.clients[0]
+    assert trainer.client_ranks[client.id] == 2 and trainer.lower_ranks == (2,)
+    frozen = {name: p.detach().clone() for name, p in model.backbone.named_parameters() if ".lora_" not in name}
+    start = trainer.global_state.lora_for(2)
+    update = trainer.client.train(client, trainer.global_state, 1, 2).update
+    full = model.get_lora()  # back at the global rank 8
+    for name, (A, B) in update.lora.items():
+        assert A.shape[0] == B.shape[1] == 2 and torch.linalg.matrix_rank(B @ A) <= 2
+        assert not torch.equal(B, start[name][1])  # it did train
+        assert not full[name][0][2:].any() and not full[name][1][:, 2:].any()
+    assert all(torch.equal(p, frozen[name]) for name, p in model.backbone.named_parameters() if name in frozen)
+    name, (A, B) = next(iter(update.lora.items()))
+    model.set_rank(2)
+    model.set_lora(update.lora)
+    layer, x = model.backbone.get_submodule(name), torch.randn(3, A.shape[1])
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x) - layer.base_layer(x), x @ (cfg.lora.alpha / 2 * B @ A).T)
+    model.set_rank(8)
