@@ -162,6 +162,8 @@ def test_unfinished_runs_are_named_and_left_out(comparison, capsys) -> None:
     (directory / "florana" / "seed0").mkdir(parents=True)
     (directory / "florana" / "seed0" / "config.yaml").write_text("seed: 0\n")
     write_run(directory / "fedit" / "seed2", "fedit", 2)
+    (directory / "fedit" / "seed2" / "final").mkdir()  # the run's export, with a config.yaml of its own
+    (directory / "fedit" / "seed2" / "final" / "config.yaml").write_text("seed: 2\n")
     trainer_layout = directory / "ffa_lora" / "seed0"  # final is null until the last round; config in config.yaml
     trainer_layout.mkdir(parents=True)
     (trainer_layout / "config.yaml").write_text("seed: 0\nserver:\n  method: ffa_lora\n  lam: 0.01\n")
@@ -171,7 +173,7 @@ def test_unfinished_runs_are_named_and_left_out(comparison, capsys) -> None:
     _, rows = markdown_rows(text, "## Top-1 accuracy (%)")
     assert "FlexLoRA" not in [row[0] for row in rows] and "FLoRA-NA" not in [row[0] for row in rows]
     assert "flexlora/seed0: 3 of 3 rounds, not finished" in text
-    assert "florana/seed0: started, no round finished" in text
+    assert "florana/seed0: started, no round finished" in text and "fedit/seed2/final" not in text
     assert "ffa_lora/seed0: 0 of ? rounds, not finished" in text
     assert "Missing: FLoRA has no finished run for seed 2." in text
     assert "flexlora/seed0" in capsys.readouterr().err

@@ -25,6 +25,7 @@ from lorafair.aggregation import display_name, registered_methods
 from lorafair.errors import UserError
 from lorafair.reporting.run_folder import (
     CONFIG_NAME,
+    EXPORT_NAME,
     PER_RUN_KEYS,
     RESULTS_NAME,
     flatten_config,
@@ -128,7 +129,9 @@ def load_runs(directory: Path) -> tuple[list[Run], list[str], list[str]]:
         method = results.get("method") or config.get("server", {}).get("method", "?")
         runs.append(Run(folder=folder, method=method, seed=int(results.get("seed", config.get("seed", 0))),
                         config=flatten_config(config), rounds=results.get("rounds", []), final=results["final"]))
-    started = {path.parent for path in directory.rglob(CONFIG_NAME)} - {path.parent for path in results_files}
+    # a run's export (<run>/final/) holds a config.yaml too, but it is no run of its own
+    started = ({path.parent for path in directory.rglob(CONFIG_NAME)} - {path.parent for path in results_files}
+               - {path.parent / EXPORT_NAME for path in results_files})
     incomplete += [f"{folder.relative_to(directory).as_posix()}: started, no round finished" for folder in
                    sorted(started)]
     return runs, incomplete, bad
