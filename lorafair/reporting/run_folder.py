@@ -214,6 +214,9 @@ def tensorboard_scalars(record: Mapping[str, Any]) -> dict[str, float]:
     if "accuracy" in record:
         scalars.update({f"accuracy/{domain}": acc for domain, acc in record["accuracy"].items()})
         scalars["accuracy/mean"] = record["mean_accuracy"]
+    if "eval_loss" in record:
+        scalars.update({f"eval_loss/{domain}": loss for domain, loss in record["eval_loss"].items()})
+        scalars["eval_loss/mean"] = record["mean_eval_loss"]
     losses = record["train_loss"]
     scalars.update({f"train_loss/client_{client}": loss for client, loss in losses.items()})
     if losses:
@@ -227,10 +230,15 @@ def tensorboard_scalars(record: Mapping[str, Any]) -> dict[str, float]:
     return scalars
 
 
-def accuracy_table(accuracy: Mapping[str, float], mean_accuracy: float, title: str) -> str:
-    """Per-domain top-1 (in percent, as the paper reports it) and the mean, as an aligned text table."""
+def accuracy_table(accuracy: Mapping[str, float], mean_accuracy: float, title: str,
+                   eval_loss: Mapping[str, float] | None = None) -> str:
+    """Per-domain top-1 (in percent, as the paper reports it) and the mean, as an aligned text table; with
+    `eval_loss`, a column of the eval loss per domain and its mean."""
     rows = [*accuracy.items(), ("mean", mean_accuracy)]
+    losses = None if eval_loss is None else [*eval_loss.values(), mean(list(eval_loss.values()))]
     width = max(len("domain"), *(len(domain) for domain, _ in rows))
-    lines = [title, f"{'domain':<{width}}  top-1 %", f"{'-' * width}  -------"]
-    lines += [f"{domain:<{width}}  {100 * value:7.2f}" for domain, value in rows]
+    lines = [title, f"{'domain':<{width}}  top-1 %" + ("  eval loss" if losses else ""),
+             f"{'-' * width}  -------" + ("  ---------" if losses else "")]
+    lines += [f"{domain:<{width}}  {100 * value:7.2f}" + (f"  {losses[i]:9.4f}" if losses else "")
+              for i, (domain, value) in enumerate(rows)]
     return "\n".join(lines)
