@@ -5,10 +5,11 @@
     <out_dir>/results.json       per-round records, rewritten after every round
     <out_dir>/tensorboard/       TensorBoard scalars and hparams
     <out_dir>/checkpoints/       round_NNNNN.ckpt (lorafair.federated.checkpoints)
-    <out_dir>/final/             the global model exported for timm and peft at the end (lorafair.export)
+    <out_dir>/final/             the global model exported for timm (or transformers) and peft (lorafair.export)
 
 results.json is rewritten atomically after every round, so a reader (or `lorafair report`) never sees half a file:
-{"method", "domains", "rounds": [per-round record], "final": {"round", "accuracy", "mean_accuracy"}};
+{"method", "domains", "rounds": [per-round record], "final": {"round", "accuracy", "mean_accuracy"[, "eval_loss",
+"mean_eval_loss"]}};
 "final" appears once the last round is done.
 Accuracies are fractions in [0, 1]; bytes are per client per round.
 """
