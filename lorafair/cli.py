@@ -117,7 +117,8 @@ def configs() -> None:
 
 
 def export(*, run: Path, round: int | None = None, out: Path | None = None, overwrite: bool = False) -> None:
-    """Write a run's global model as a peft adapter and timm models (run_dir/final at the end of fit).
+    """Write a run's global model as a peft adapter and timm (or transformers) models (run_dir/final at the end of
+    fit).
 
     Args:
         run: A run folder (its newest checkpoint is used).
@@ -131,7 +132,7 @@ def export(*, run: Path, round: int | None = None, out: Path | None = None, over
 
 
 def evaluate(*, run: Path, round: int | None = None, data: Settings | None = None) -> None:
-    """Print the top-1 per domain of a run's global model on its own test splits, or on other data.
+    """Print the top-1 per domain of a run's global image model on its own test splits, or on other data.
 
     Args:
         run: A run folder (its newest checkpoint is used) or a folder `lorafair export` wrote.

@@ -1,15 +1,16 @@
-"""The global model leaves lorafair: files that timm and peft load on their own.
+"""The global model leaves lorafair: files that timm (or transformers) and peft load on their own.
 
 A run's global model is its frozen backbone (the starting weights plus every merge FLoRA or FedEx-LoRA made), the
 global LoRA factors and the trained head. `export_run` reads it back from a round checkpoint and writes
 
-    base/                 the backbone the adapter applies to (merges folded in, trained head), timm's folder layout
+    base/                 the backbone the adapter applies to (merges folded in, trained head), in its library's layout
     adapter/              the LoRA factors and the head, as peft's save_pretrained writes them
-    config.json, model.safetensors   the whole model with the adapter folded in, timm's folder layout
+    config.json, model.safetensors   the whole model with the adapter folded in, in its library's layout
     config.yaml, classes.json, README.md
 
-The model-family part is small on purpose: `write_export` takes a plain model, the adapter and a `save_model`
-function (timm's `save_for_hf` here; `save_pretrained` for a transformers model), so every family exports alike.
+The library's layout is timm's folder (`save_for_hf`) for images, and `save_pretrained` of the model and its
+tokenizer for a language model. The model-family part is small on purpose: `write_export` takes a plain model, the
+adapter and a `save_model` function, so every family exports alike.
 The adapter and the merged model are made by peft itself (`get_peft_model`, `save_pretrained`, `merge_and_unload`),
 so the files are what peft would write.
 """
@@ -24,6 +25,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -48,6 +50,9 @@ from lorafair.reporting.run_folder import (
     write_json,
 )
 from lorafair.weights import head_parameter_names
+
+if TYPE_CHECKING:
+    from lorafair.text.model import TextLoraModel
 
 SaveModel = Callable[[nn.Module, Path], None]
 """Writes a plain model as a folder its own library loads (timm: config.json + model.safetensors)."""
@@ -110,7 +115,7 @@ def open_run(run_dir: Path, round_index: int | None = None, say: Callable[[str],
     return RunState(run_dir, cfg, classes, read_round(path, load_checkpoint(path)))
 
 
-def global_model(run: RunState) -> LoraClassifier:
+def global_model(run: RunState) -> LoraClassifier | TextLoraModel:
     """The run's global model as the round loop held it: the client model built alike, with the round's state."""
     model = build_model(run.cfg, len(run.classes), torch.device("cpu"))
     saved = run.saved
@@ -122,14 +127,25 @@ def global_model(run: RunState) -> LoraClassifier:
     return model.eval()
 
 
-def global_adapter(run: RunState, model: LoraClassifier) -> LoraAdapter:
-    """The global LoRA factors with peft settings matching the client model's, the head saved beside them."""
+def global_adapter(run: RunState, model: LoraClassifier | TextLoraModel) -> LoraAdapter:
+    """The global LoRA factors with peft settings matching the client model's, the head saved beside them (a
+    timm head; a classifier's modules outside the transformer body; nothing for a causal LM, whose adapter is
+    typed CAUSAL_LM so that peft loads it with generation)."""
     lora = run.cfg.lora
-    head = head_parameter_names(model.backbone)[0].rsplit(".", 1)[0]
+    extra = model.get_extra()
+    if is_language_model(run):
+        trained = sorted({name.split(".")[0] for name in extra}) or None
+        task = None if run.cfg.data.name == "text_classification" else "CAUSAL_LM"
+    else:
+        trained, task = [head_parameter_names(model.backbone)[0].rsplit(".", 1)[0]], None
     config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
                             target_modules="|".join(re.escape(name) for name in model.layer_names),
-                            modules_to_save=[head])
-    return LoraAdapter(config, model.get_lora(), model.get_extra())
+                            modules_to_save=trained, task_type=task)
+    return LoraAdapter(config, model.get_lora(), extra)
+
+
+def is_language_model(run: RunState) -> bool:
+    return run.cfg.model.resolved_family(run.cfg.data.name) == "transformers"
 
 
 # ---- writing --------------------------------------------------------------------------------------------------
@@ -162,6 +178,15 @@ def timm_saver(classes: list[str], data_config: dict) -> SaveModel:
     return save
 
 
+def transformers_saver(tokenizer) -> SaveModel:
+    """Writes the model's save_pretrained folder (config.json, model.safetensors, generation settings) and the
+    tokenizer beside it, so that Auto classes load the folder on its own."""
+    def save(model: nn.Module, folder: Path) -> None:
+        model.save_pretrained(str(folder), safe_serialization=True)
+        tokenizer.save_pretrained(str(folder))
+    return save
+
+
 def export_run(run_dir: Path, round: int | None = None, out: Path | None = None, overwrite: bool = False,
                say: Callable[[str], None] = print) -> Path:
     """Export the global model of a run (its newest checkpoint, or `round`) to `out` (default run_dir/final)."""
@@ -169,17 +194,15 @@ def export_run(run_dir: Path, round: int | None = None, out: Path | None = None,
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists; pass --overwrite to replace it, or --out another folder")
     run = open_run(run_dir, round, say)
-    if run.cfg.model.resolved_family(run.cfg.data.name) != "timm":
-        say(f"export: language models are not exported yet; {run_dir} keeps the global model in its checkpoints "
-            f"(lorafair lm_eval --run {run_dir} scores it)")
-        return out
     model = global_model(run)
-    data_config = model_data_config(run.cfg.model, run.cfg.data.image_size)
+    if is_language_model(run):
+        save_model = transformers_saver(model.tokenizer)
+    else:
+        save_model = timm_saver(run.classes, model_data_config(run.cfg.model, run.cfg.data.image_size))
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        write_export(model.plain_backbone(), global_adapter(run, model), staging,
-                     timm_saver(run.classes, data_config))
+        write_export(model.plain_backbone(), global_adapter(run, model), staging, save_model)
         shutil.copy(run.run_dir / CONFIG_NAME, staging / CONFIG_NAME)
         write_json(staging / CLASSES_NAME, run.classes)
         (staging / "README.md").write_text(model_card(run))
@@ -217,14 +240,32 @@ def model_card(run: RunState) -> str:
              f"- rounds: {run.saved.round} of {cfg.federation.rounds}, seed {cfg.seed}",
              f"- global model: {GLOBAL_MODEL.get(cfg.server.method, UNCHANGED_BASE)}", ""]
     if evaluated:
-        last = evaluated[-1]
-        lines += [f"Top-1 accuracy of the global model after round {last['round']}:", "",
-                  "| domain | top-1 % |", "| --- | --- |"]
-        lines += [f"| {domain} | {100 * value:.2f} |" for domain, value in last["accuracy"].items()]
-        lines += [f"| mean | {100 * last['mean_accuracy']:.2f} |", ""]
+        lines += _score_lines(evaluated[-1])
     lines += ["Produced by `lorafair fit --config config.yaml` (the run's resolved config, beside this file) and "
-              f"exported with `lorafair export --run RUN --round {run.saved.round}`.", "",
-              "Load with timm alone: `timm.create_model('local-dir:FOLDER', pretrained=True)`; with peft: "
-              "`PeftModel.from_pretrained(timm.create_model('local-dir:FOLDER/base', pretrained=True), "
-              "'FOLDER/adapter')`.", ""]
+              f"exported with `lorafair export --run RUN --round {run.saved.round}`.", "", _loading_line(run), ""]
     return "\n".join(lines)
+
+
+def _score_lines(last: dict) -> list[str]:
+    """The table of a round's top-1 per domain (exact match for instruction data), with its eval loss if any."""
+    losses = last.get("eval_loss")
+    lines = [f"Top-1 accuracy of the global model after round {last['round']}:", "",
+             "| domain | top-1 % |" + (" eval loss |" if losses else ""),
+             "| --- | --- |" + (" --- |" if losses else "")]
+    lines += [f"| {domain} | {100 * value:.2f} |" + (f" {losses[domain]:.4f} |" if losses else "")
+              for domain, value in last["accuracy"].items()]
+    lines += [f"| mean | {100 * last['mean_accuracy']:.2f} |" + (f" {last['mean_eval_loss']:.4f} |" if losses else ""),
+              ""]
+    return lines
+
+
+def _loading_line(run: RunState) -> str:
+    if not is_language_model(run):
+        return ("Load with timm alone: `timm.create_model('local-dir:FOLDER', pretrained=True)`; with peft: "
+                "`PeftModel.from_pretrained(timm.create_model('local-dir:FOLDER/base', pretrained=True), "
+                "'FOLDER/adapter')`.")
+    auto = ("AutoModelForSequenceClassification" if run.cfg.data.name == "text_classification"
+            else "AutoModelForCausalLM")
+    return (f"Load with transformers alone: `{auto}.from_pretrained('FOLDER')` and "
+            "`AutoTokenizer.from_pretrained('FOLDER')`; with peft: "
+            f"`PeftModel.from_pretrained({auto}.from_pretrained('FOLDER/base'), 'FOLDER/adapter')`.")

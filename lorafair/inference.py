@@ -56,16 +56,26 @@ def load_model(source: Path, round: int | None = None, say: Callable[[str], None
     source = Path(source)
     if not is_export(source):
         run = open_run(source, round, say)
+        refuse_language_model(run.cfg, source)
         return LoadedModel(global_model(run), run.cfg, run.classes, f"run {source}, round {run.saved.round}")
+    cfg = read_fit_config(source)
+    refuse_language_model(cfg, source)
     if round is not None:
         raise UserError(f"--round: {source} is an exported model, which has no rounds; pass its run folder instead")
-    cfg = read_fit_config(source)
     try:
         classes = json.loads((source / CLASSES_NAME).read_text())
         model = timm.create_model(f"local-dir:{source}", pretrained=True)
     except (OSError, RuntimeError, TypeError, KeyError, ValueError) as err:
         raise UserError(f"{source} is not a complete `lorafair export` folder ({type(err).__name__}: {err})") from err
     return LoadedModel(model.eval(), cfg, classes, f"exported model {source}")
+
+
+def refuse_language_model(cfg: FitConfig, source: Path) -> None:
+    """evaluate and predict read images; a language model is scored by fit and by lm_eval."""
+    if cfg.model.resolved_family(cfg.data.name) == "transformers":
+        raise UserError(f"{source} holds a language model: evaluate and predict take image models; its scores per "
+                        f"domain are in the run's results.json (accuracy, eval_loss), and `lorafair lm_eval --run RUN` "
+                        f"scores it on lm-eval tasks")
 
 
 def inference_device(cfg: FitConfig) -> tuple[torch.device, contextlib.AbstractContextManager]:

@@ -23,8 +23,9 @@ ROUNDS = 3
 
 
 def write_run(folder: Path, method: str, seed: int, *, finished: bool = True, lam: float = 0.01,
-              bytes_down: int = 4000) -> dict[str, float]:
-    """A results.json as `lorafair fit` writes it; returns the final per-domain accuracies."""
+              bytes_down: int = 4000, eval_loss: bool = False) -> dict[str, float]:
+    """A results.json as `lorafair fit` writes it; returns the final per-domain accuracies (with `eval_loss`, a
+    language model's run: the final per-domain eval losses)."""
     rng = random.Random(f"{method}-{seed}-{lam}")
     rounds = []
     for t in range(1, ROUNDS + 1):
@@ -35,15 +36,19 @@ def write_run(folder: Path, method: str, seed: int, *, finished: bool = True, la
         if t != 2:  # round 2 without evaluation, as with eval_every > 1
             accuracy = {domain: rng.uniform(0.2, 0.9) for domain in DOMAINS}
             entry.update(accuracy=accuracy, mean_accuracy=statistics.fmean(accuracy.values()))
+            if eval_loss:
+                losses = {domain: rng.uniform(0.5, 3.0) for domain in DOMAINS}
+                entry.update(eval_loss=losses, mean_eval_loss=statistics.fmean(losses.values()))
         rounds.append(entry)
     results = {"method": method, "seed": seed, "rounds": rounds,
                "config": {"seed": seed, "out_dir": str(folder), "resume": None, "federation": {"rounds": ROUNDS},
                           "server": {"method": method, "lam": lam}, "lora": {"r": 16}}}
     if finished:
-        results["final"] = {"accuracy": rounds[-1]["accuracy"], "mean_accuracy": rounds[-1]["mean_accuracy"]}
+        results["final"] = {key: rounds[-1][key] for key in ("accuracy", "mean_accuracy", "eval_loss",
+                                                             "mean_eval_loss") if key in rounds[-1]}
     folder.mkdir(parents=True)
     (folder / "results.json").write_text(json.dumps(results))
-    return rounds[-1]["accuracy"]
+    return rounds[-1]["eval_loss" if eval_loss else "accuracy"]
 
 
 def markdown_rows(text: str, heading: str) -> tuple[list[str], list[list[str]]]:
@@ -108,6 +113,32 @@ def test_csv_holds_the_numbers_of_the_markdown_table(comparison) -> None:
     assert by_method["flora"]["bytes_down"] == "12000" and by_method["fedit"]["bytes_down"] == "4000"
     _, comm_rows = markdown_rows(text, "## Communication per client per round")
     assert [row[1:] for row in comm_rows] == [["4.00 kB", "4.00 kB"], ["4.00 kB", "12.00 kB"], ["4.00 kB", "4.00 kB"]]
+
+
+def test_language_model_runs_get_an_eval_loss_table_with_the_lowest_in_bold(tmp_path, comparison) -> None:
+    image_directory, _ = comparison
+    report(image_directory)
+    assert "Eval loss" not in (image_directory / "comparison.md").read_text()
+    assert "eval_loss" not in (image_directory / "comparison.csv").read_text()
+    methods = ["fedit", "lorafair"]
+    losses = {(method, seed): write_run(tmp_path / "text" / method / f"seed{seed}", method, seed, eval_loss=True)
+              for method in methods for seed in SEEDS}
+    report(tmp_path / "text")
+    header, rows = markdown_rows((tmp_path / "text" / "comparison.md").read_text(), "## Eval loss")
+    assert header == ["Method", *DOMAINS, "Average"]
+    csv_rows = {row["method"]: row for row in csv.DictReader(io.StringIO((tmp_path / "text" / "comparison.csv")
+                                                                          .read_text()))}
+    for column, domain in enumerate([*DOMAINS, "Average"], start=1):
+        means = {}
+        for method, row in zip(methods, rows, strict=True):
+            per_seed = [statistics.fmean(losses[method, s].values()) if domain == "Average"
+                        else losses[method, s][domain] for s in SEEDS]
+            mean, std = expected_cell(per_seed)
+            means[method] = round(mean, 2)
+            assert row[column].strip("*") == f"{mean:.2f} ± {std:.2f}"
+            assert float(csv_rows[method][f"{domain.lower()}_eval_loss_mean"]) == pytest.approx(mean, abs=1e-4)
+        for method, row in zip(methods, rows, strict=True):
+            assert row[column].startswith("**") == (means[method] == min(means.values()))
 
 
 def test_aggregation_metrics_are_averaged_over_rounds_then_seeds(comparison) -> None:

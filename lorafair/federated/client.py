@@ -26,6 +26,9 @@ from lorafair.federated import faults
 from lorafair.federated.sampling import derive_seed
 from lorafair.federated.state import ClientResult, GlobalState, Pairs
 
+EVALUATION_SUMS = 4
+"""Columns of `LocalTrainer.evaluation_sums`: correct, total, loss sum, loss terms."""
+
 
 class ClientModel(Protocol):
     """What the client role needs from a model (LightningModule hooks plus the swappable federated state)."""
@@ -36,7 +39,9 @@ class ClientModel(Protocol):
     def get_extra(self) -> dict[str, Tensor]: ...
     def set_extra(self, extra: dict[str, Tensor]) -> None: ...
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor: ...
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> tuple[Tensor, Tensor]: ...
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> tuple[Tensor, ...]:
+        """Sums over the batch: (correct, total), or (correct, total, loss sum, loss terms) for a model that also
+        reports an eval loss (a language model on instruction data)."""
     def configure_optimizers(self) -> torch.optim.Optimizer: ...
     def parameters(self) -> Iterable[nn.Parameter]: ...
     def train(self, mode: bool = True) -> nn.Module: ...
@@ -113,13 +118,14 @@ class LocalTrainer:
                     faults.maybe_fail(round_index, "train")
         return loss_sum.item(), steps
 
-    def count_correct(self, state: GlobalState, test_sets: Sequence[Dataset], shard: tuple[int, int]) -> Tensor:
-        """(correct, total) of the model at `state` on shard `shard[0]` of `shard[1]` contiguous shards of each test
-        set, one row per set (float64, to be summed over the shards)."""
+    def evaluation_sums(self, state: GlobalState, test_sets: Sequence[Dataset], shard: tuple[int, int]) -> Tensor:
+        """(correct, total, loss sum, loss terms) of the model at `state` on shard `shard[0]` of `shard[1]`
+        contiguous shards of each test set, one row per set (float64, to be summed over the shards); the loss
+        columns stay 0 for a model that reports no eval loss."""
         self.load(state)
         self.model.eval()
         index, count = shard
-        counts = torch.zeros(len(test_sets), 2, dtype=torch.float64, device=self.fabric.device)
+        sums = torch.zeros(len(test_sets), EVALUATION_SUMS, dtype=torch.float64, device=self.fabric.device)
         key = (tuple(map(id, test_sets)), index, count)
         if key not in self.eval_loaders:  # built once: the cached test sets stay open between evaluations
             self.eval_loaders[key] = evaluation_loaders(test_sets, index, count, self.data_cfg.eval_batch_size,
@@ -128,9 +134,9 @@ class LocalTrainer:
             for position, loader in enumerate(self.eval_loaders[key]):
                 for batch_index, (inputs, targets) in enumerate(loader):
                     with self.fabric.autocast():
-                        correct, total = self.model.validation_step(
+                        batch_sums = self.model.validation_step(
                             (inputs.to(self.fabric.device), targets.to(self.fabric.device)), batch_index)
-                    counts[position, 0] += correct
-                    counts[position, 1] += total
+                    for column, value in enumerate(batch_sums):
+                        sums[position, column] += value
         self.model.on_validation_epoch_end()
-        return counts
+        return sums

@@ -214,14 +214,14 @@ class FederatedTrainer:
         self.apply(round_index, answer)
         applied = clock()
         evaluate = round_index % self.cfg.federation.eval_every == 0 or round_index == self.cfg.federation.rounds
-        accuracy = self.evaluate(round_index) if evaluate else None
+        accuracy, eval_loss = self.evaluate(round_index) if evaluate else (None, None)
         evaluated = clock()
         record = None
         if self.rank == 0:
             comm = applied - trained - self.server_seconds
             seconds = {"train": trained - start, "comm": comm, "aggregate": self.server_seconds,
                        "eval": evaluated - applied, "round": evaluated - start}
-            record = RoundRecord(round_index, sampled, hosts, answer.record, seconds, accuracy)
+            record = RoundRecord(round_index, sampled, hosts, answer.record, seconds, accuracy, eval_loss)
             self.save(round_index, record)
         self.transport.wait_for_all()  # the round is on disk before any rank starts the next
         return record
@@ -288,13 +288,19 @@ class FederatedTrainer:
         self.model.init_lora(torch.Generator().manual_seed(derive_seed(*seed_parts)))
         return self.model.get_lora()
 
-    def evaluate(self, round_index: int) -> dict[str, float]:
-        """Top-1 of the global model per domain; each rank takes a contiguous shard of every test set."""
+    def evaluate(self, round_index: int) -> tuple[dict[str, float], dict[str, float] | None]:
+        """Top-1 of the global model per domain, and its eval loss per domain where the model reports one (mean
+        over the domain's loss terms: the response tokens of instruction data); each rank takes a contiguous shard
+        of every test set."""
         faults.maybe_fail(round_index, "eval")
-        counts = self.client.count_correct(self.global_state, [self.data.test[d] for d in self.data.domains],
+        sums = self.client.evaluation_sums(self.global_state, [self.data.test[d] for d in self.data.domains],
                                            (self.rank, self.world))
-        self.transport.sum_over_ranks([counts])
-        return {domain: (counts[i, 0] / counts[i, 1]).item() for i, domain in enumerate(self.data.domains)}
+        self.transport.sum_over_ranks([sums])
+        domains = self.data.domains
+        accuracy = {domain: (sums[i, 0] / sums[i, 1]).item() for i, domain in enumerate(domains)}
+        if not sums[:, 3].any():
+            return accuracy, None
+        return accuracy, {domain: (sums[i, 2] / sums[i, 3]).item() for i, domain in enumerate(domains)}
 
     # ---- outputs and checkpoints (rank 0) ------------------------------------------------------------------------
 
@@ -319,11 +325,12 @@ class FederatedTrainer:
 
         self.results["final"] = final = final_accuracy(self.results)
         write_json(results_path(self.out_dir), self.results)
-        self.fabric.logger.log_hyperparams(flatten_config(self.results["config"]),
-                                           metrics={"hparams/mean_accuracy": final["mean_accuracy"]})
+        metrics = {f"hparams/{key}": final[key] for key in ("mean_accuracy", "mean_eval_loss") if key in final}
+        self.fabric.logger.log_hyperparams(flatten_config(self.results["config"]), metrics=metrics)
         self.fabric.logger.finalize("success")
         self.fabric.print(accuracy_table(final["accuracy"], final["mean_accuracy"],
-                                         f"{self.cfg.server.method}: global model after round {final['round']}"))
+                                         f"{self.cfg.server.method}: global model after round {final['round']}",
+                                         final.get("eval_loss")))
         export_run(self.out_dir, overwrite=True, say=self.fabric.print)
 
     def start_or_resume(self) -> int:
@@ -358,6 +365,7 @@ class FederatedTrainer:
 
 
 def final_accuracy(results: dict[str, Any]) -> dict[str, Any]:
-    """The last evaluated round's accuracies: the run's result."""
+    """The last evaluated round's accuracies (and eval losses, where reported): the run's result."""
     last = next(record for record in reversed(results["rounds"]) if "accuracy" in record)
-    return {"round": last["round"], "accuracy": last["accuracy"], "mean_accuracy": last["mean_accuracy"]}
+    return {key: last[key] for key in ("round", "accuracy", "mean_accuracy", "eval_loss", "mean_eval_loss")
+            if key in last}

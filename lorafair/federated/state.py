@@ -117,6 +117,8 @@ class RoundRecord:
     server: ServerRecord
     seconds: dict[str, float]
     accuracy: dict[str, float] | None = None
+    eval_loss: dict[str, float] | None = None
+    """Mean cross-entropy per domain, for models that report one (instruction data: over the response tokens)."""
 
     def to_dict(self) -> dict[str, Any]:
         seconds = self.seconds
@@ -125,6 +127,9 @@ class RoundRecord:
         if self.accuracy is not None:
             record["accuracy"] = self.accuracy
             record["mean_accuracy"] = sum(self.accuracy.values()) / len(self.accuracy)
+        if self.eval_loss is not None:
+            record["eval_loss"] = self.eval_loss
+            record["mean_eval_loss"] = sum(self.eval_loss.values()) / len(self.eval_loss)
         return record
 
 

@@ -12,7 +12,7 @@ import io
 import json
 import statistics
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,11 +166,25 @@ def _domains(runs: Iterable[Run]) -> list[str]:
 
 def accuracy_stats(row: Row, domains: list[str]) -> dict[str, Stat | None]:
     """Final accuracy in percent per domain plus "Average", over the row's seeds (None where no run has it)."""
+    return _final_stats(row, domains, "accuracy", 100)
+
+
+def eval_loss_stats(row: Row, domains: list[str]) -> dict[str, Stat | None]:
+    """Final eval loss per domain plus "Average", over the row's seeds (None where no run reports one)."""
+    return _final_stats(row, domains, "eval_loss", 1)
+
+
+def has_eval_loss(rows: list[Row]) -> bool:
+    return any("eval_loss" in run.final for row in rows for run in row.runs)
+
+
+def _final_stats(row: Row, domains: list[str], key: str, scale: float) -> dict[str, Stat | None]:
     stats: dict[str, Stat | None] = {}
     for domain in domains:
-        values = [100 * run.final["accuracy"][domain] for run in row.runs if domain in run.final.get("accuracy", {})]
+        values = [scale * run.final[key][domain] for run in row.runs if domain in run.final.get(key, {})]
         stats[domain] = Stat.of(values) if values else None
-    stats["Average"] = Stat.of([100 * run.final["mean_accuracy"] for run in row.runs])
+    means = [scale * run.final[f"mean_{key}"] for run in row.runs if f"mean_{key}" in run.final]
+    stats["Average"] = Stat.of(means) if means else None
     return stats
 
 
@@ -226,21 +240,15 @@ def markdown_table(rows: list[Row], incomplete: list[str]) -> str:
     columns = [*domains, "Average"]
     setting_keys = [key for key, _ in rows[0].setting]
     stats = [accuracy_stats(row, domains) for row in rows]
-    best = {column: max((round(s[column].mean, 2) for s in stats if s[column] is not None), default=None)
-            for column in columns}
 
-    lines = ["## Top-1 accuracy (%)", "",
-             "| " + " | ".join(["Method", *setting_keys, *columns]) + " |",
-             "| " + " | ".join([":--"] * (1 + len(setting_keys)) + ["--:"] * len(columns)) + " |"]
-    for row, row_stats in zip(rows, stats, strict=True):
-        cells = [display_name(row.method), *(format_value(value) for _, value in row.setting)]
-        for column in columns:
-            stat = row_stats[column]
-            is_best = len(rows) > 1 and stat is not None and round(stat.mean, 2) == best[column]
-            cells.append(_cell(stat, is_best))
-        lines.append("| " + " | ".join(cells) + " |")
+    lines = ["## Top-1 accuracy (%)", "", *_stats_table(rows, setting_keys, columns, stats, best=max)]
     lines += ["", "Accuracy of the global model on each domain's test split after the last round; Average is the "
               "mean over domains. " + " ".join(_seed_note(rows)) + " Best per column in bold."]
+    if has_eval_loss(rows):
+        lines += ["", "## Eval loss", "",
+                  *_stats_table(rows, setting_keys, columns, [eval_loss_stats(row, domains) for row in rows], min),
+                  "", "Mean cross-entropy of the global model over each domain's test split after the last round "
+                  "(instruction data: the response tokens). Best (lowest) per column in bold."]
     if incomplete:
         lines += ["", "Not included (not finished): " + "; ".join(incomplete) + "."]
 
@@ -267,13 +275,33 @@ def markdown_table(rows: list[Row], incomplete: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _stats_table(rows: list[Row], setting_keys: list[str], columns: list[str],
+                 stats: list[dict[str, Stat | None]], best: Callable[..., float]) -> list[str]:
+    """Markdown lines of one row per method and one cell per column, the `best` mean of each column in bold."""
+    best_of = {column: best((round(s[column].mean, 2) for s in stats if s[column] is not None), default=None)
+               for column in columns}
+    lines = ["| " + " | ".join(["Method", *setting_keys, *columns]) + " |",
+             "| " + " | ".join([":--"] * (1 + len(setting_keys)) + ["--:"] * len(columns)) + " |"]
+    for row, row_stats in zip(rows, stats, strict=True):
+        cells = [display_name(row.method), *(format_value(value) for _, value in row.setting)]
+        for column in columns:
+            stat = row_stats[column]
+            is_best = len(rows) > 1 and stat is not None and round(stat.mean, 2) == best_of[column]
+            cells.append(_cell(stat, is_best))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def csv_table(rows: list[Row]) -> str:
     """comparison.csv: the numbers of comparison.md, one row per table row, std empty with a single seed."""
     domains = _domains(run for row in rows for run in row.runs)
     setting_keys = [key for key, _ in rows[0].setting]
     header = ["method", "name", *setting_keys, "seeds"]
+    losses = has_eval_loss(rows)
     for column in [*domains, "average"]:
         header += [f"{column}_mean", f"{column}_std"]
+    if losses:
+        header += [f"{column}_eval_loss_{part}" for column in [*domains, "average"] for part in ("mean", "std")]
     header += ["bytes_up", "bytes_down"]
     metrics = [aggregation_stats(row) for row in rows]
     names = sorted({name for found in metrics for name in found})
@@ -283,16 +311,25 @@ def csv_table(rows: list[Row]) -> str:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
     for row, found in zip(rows, metrics, strict=True):
-        stats = accuracy_stats(row, domains)
         line = [row.method, display_name(row.method),
                 *(format_value(value) for _, value in row.setting), " ".join(map(str, row.seeds))]
-        for column in [*domains, "Average"]:
-            stat = stats[column]
-            line += ["", ""] if stat is None else [f"{stat.mean:.2f}", "" if stat.std is None else f"{stat.std:.2f}"]
+        line += _csv_cells(accuracy_stats(row, domains), [*domains, "Average"], 2)
+        if losses:
+            line += _csv_cells(eval_loss_stats(row, domains), [*domains, "Average"], 4)
         line += [f"{bytes_stats(row, 'bytes_up').mean:.0f}", f"{bytes_stats(row, 'bytes_down').mean:.0f}"]
         line += [f"{found[name]:.6f}" if name in found else "" for name in names]
         writer.writerow(line)
     return buffer.getvalue()
+
+
+def _csv_cells(stats: dict[str, Stat | None], columns: list[str], digits: int) -> list[str]:
+    """Mean and std of each column; empty where missing (std: with a single seed)."""
+    cells = []
+    for column in columns:
+        stat = stats[column]
+        cells += ["", ""] if stat is None else [f"{stat.mean:.{digits}f}",
+                                                "" if stat.std is None else f"{stat.std:.{digits}f}"]
+    return cells
 
 
 def _save(fig: Figure, path: Path) -> None:

@@ -5,10 +5,11 @@
     <out_dir>/results.json       per-round records, rewritten after every round
     <out_dir>/tensorboard/       TensorBoard scalars and hparams
     <out_dir>/checkpoints/       round_NNNNN.ckpt (lorafair.federated.checkpoints)
-    <out_dir>/final/             the global model exported for timm and peft at the end (lorafair.export)
+    <out_dir>/final/             the global model exported for timm (or transformers) and peft (lorafair.export)
 
 results.json is rewritten atomically after every round, so a reader (or `lorafair report`) never sees half a file:
-{"method", "domains", "rounds": [per-round record], "final": {"round", "accuracy", "mean_accuracy"}};
+{"method", "domains", "rounds": [per-round record], "final": {"round", "accuracy", "mean_accuracy"[, "eval_loss",
+"mean_eval_loss"]}};
 "final" appears once the last round is done.
 Accuracies are fractions in [0, 1]; bytes are per client per round.
 """
@@ -214,6 +215,9 @@ def tensorboard_scalars(record: Mapping[str, Any]) -> dict[str, float]:
     if "accuracy" in record:
         scalars.update({f"accuracy/{domain}": acc for domain, acc in record["accuracy"].items()})
         scalars["accuracy/mean"] = record["mean_accuracy"]
+    if "eval_loss" in record:
+        scalars.update({f"eval_loss/{domain}": loss for domain, loss in record["eval_loss"].items()})
+        scalars["eval_loss/mean"] = record["mean_eval_loss"]
     losses = record["train_loss"]
     scalars.update({f"train_loss/client_{client}": loss for client, loss in losses.items()})
     if losses:
@@ -227,10 +231,15 @@ def tensorboard_scalars(record: Mapping[str, Any]) -> dict[str, float]:
     return scalars
 
 
-def accuracy_table(accuracy: Mapping[str, float], mean_accuracy: float, title: str) -> str:
-    """Per-domain top-1 (in percent, as the paper reports it) and the mean, as an aligned text table."""
+def accuracy_table(accuracy: Mapping[str, float], mean_accuracy: float, title: str,
+                   eval_loss: Mapping[str, float] | None = None) -> str:
+    """Per-domain top-1 (in percent, as the paper reports it) and the mean, as an aligned text table; with
+    `eval_loss`, a column of the eval loss per domain and its mean."""
     rows = [*accuracy.items(), ("mean", mean_accuracy)]
+    losses = None if eval_loss is None else [*eval_loss.values(), mean(list(eval_loss.values()))]
     width = max(len("domain"), *(len(domain) for domain, _ in rows))
-    lines = [title, f"{'domain':<{width}}  top-1 %", f"{'-' * width}  -------"]
-    lines += [f"{domain:<{width}}  {100 * value:7.2f}" for domain, value in rows]
+    lines = [title, f"{'domain':<{width}}  top-1 %" + ("  eval loss" if losses else ""),
+             f"{'-' * width}  -------" + ("  ---------" if losses else "")]
+    lines += [f"{domain:<{width}}  {100 * value:7.2f}" + (f"  {losses[i]:9.4f}" if losses else "")
+              for i, (domain, value) in enumerate(rows)]
     return "\n".join(lines)

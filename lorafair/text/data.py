@@ -9,8 +9,10 @@ does not use. An item is (inputs, target) with inputs = stack(token ids, attenti
 - classification: right-padded text (or text pair), target = class index;
 - instruction, training: prompt + response + EOS right-padded, target = the token ids with the prompt and the
   padding set to -100 (the loss covers the response only);
-- instruction, test: the prompt left-padded (for batched generation), target = the code points of the reference's
-  final answer (padded with -1), compared with the answer extracted from the generated text.
+- instruction, test: inputs = stack(prompt ids, prompt mask, ids, mask, labels): the prompt left-padded (for
+  batched generation), then the training item's three rows (for the eval loss over the response tokens); target =
+  the code points of the reference's final answer (padded with -1), compared with the answer extracted from the
+  generated text.
 """
 
 from __future__ import annotations
@@ -276,6 +278,13 @@ def encode_prompt(tokenizer, prompt: str, max_length: int) -> Tensor:
     return torch.tensor([[tokenizer.pad_token_id] * pad + ids, [0] * pad + [1] * len(ids)])
 
 
+def encode_test_instruction(tokenizer, prompt: str, response: str, max_length: int) -> Tensor:
+    """stack(prompt ids, prompt mask, ids, mask, labels): the prompt to generate from (`encode_prompt`) and the
+    training item (`encode_instruction`) whose response tokens give the eval loss."""
+    inputs, labels = encode_instruction(tokenizer, prompt, response, max_length)
+    return torch.cat([encode_prompt(tokenizer, prompt, max_length), inputs, labels[None]])
+
+
 class TextDataset(Dataset):
     """Rows tokenized when read. `labels` (class or category per row) is what partitions split by; `reads`
     counts the items read, to show that a round reads only what its sampled clients hold."""
@@ -296,7 +305,7 @@ class TextDataset(Dataset):
         prompt, response, answer = example
         if self.train:
             return encode_instruction(self.tokenizer, prompt, response, self.max_length)
-        return encode_prompt(self.tokenizer, prompt, self.max_length), answer_codes(answer)
+        return encode_test_instruction(self.tokenizer, prompt, response, self.max_length), answer_codes(answer)
 
 
 # ---- clients ----------------------------------------------------------------------------------------------------

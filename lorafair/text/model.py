@@ -21,7 +21,7 @@ from lorafair.config import FitConfig, ModelConfig
 from lorafair.errors import UserError
 from lorafair.lora_state import PeftLoraState
 from lorafair.model import target_layers
-from lorafair.text.data import answers_from_codes, extract_answer, load_tokenizer
+from lorafair.text.data import IGNORE_INDEX, answers_from_codes, extract_answer, load_tokenizer
 from lorafair.weights import resolve_weights_path
 
 
@@ -128,9 +128,11 @@ class TextLoraModel(PeftLoraState, lightning.LightningModule):
             return F.cross_entropy(self.backbone(input_ids=ids, attention_mask=mask).logits.float(), targets)
         return self.backbone(input_ids=ids, attention_mask=mask, labels=targets[:, used]).loss
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> tuple[Tensor, Tensor]:
-        """(correct, total) of the batch: the predicted class, or the exact match of the final answer extracted
-        from a greedy generation of at most text.max_new_tokens tokens."""
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> tuple[Tensor, ...]:
+        """(correct, total) of the batch for a classifier: the predicted class. For instruction data (correct,
+        total, loss sum, response tokens): the exact match of the final answer extracted from a greedy generation of
+        at most text.max_new_tokens tokens, and the summed cross-entropy of the response tokens (the training
+        loss's terms) with their count."""
         inputs, targets = batch
         used = trim(inputs)
         ids, mask = inputs[:, 0, used], inputs[:, 1, used]
@@ -145,7 +147,16 @@ class TextLoraModel(PeftLoraState, lightning.LightningModule):
         answers = [extract_answer(text, self.text_cfg.answer_pattern) for text in texts]
         correct = sum(answer is not None and answer == reference
                       for answer, reference in zip(answers, answers_from_codes(targets), strict=True))
-        return torch.tensor(correct, device=ids.device), total
+        return (torch.tensor(correct, device=ids.device), total, *self.response_loss(inputs[:, 2:]))
+
+    def response_loss(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
+        """(sum of the cross-entropies, count) of the response tokens of stack(ids, mask, labels) items."""
+        used = trim(inputs)
+        ids, mask, labels = inputs[:, 0, used], inputs[:, 1, used], inputs[:, 2, used]
+        logits = self.backbone(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        targets = labels[:, 1:]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+        return loss, (targets != IGNORE_INDEX).sum()
 
     def on_validation_epoch_end(self) -> None:
         """Nothing accumulates between batches."""
