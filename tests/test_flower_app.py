@@ -26,8 +26,11 @@ FAILING = "2:1"
 """Round 2, client 1: a client that trains in that round (the tiny job samples clients 0, 1, 3, 4, 5)."""
 
 
-def test_flower_simulation_equals_fit(tmp_path, monkeypatch):
-    method = ["--server.method", "flora"]
+@pytest.mark.parametrize("method", [["--server.method", "flora"],
+                                    ["--server.method", "lorafair", "--lora.client_ranks", "[2, 4, 1]"]],
+                         ids=["flora", "lorafair-mixed-ranks"])
+def test_flower_simulation_equals_fit(tmp_path, monkeypatch, method):
+    """FLoRA restarts from fresh LoRA and merges; LoRA-FAIR at ranks 2, 4, 1 sends each client its rank's pair."""
     monkeypatch.setenv("LORAFAIR_POISON", FAILING)
     assert main(["fit", *tiny_args(tmp_path / "fit", *method)]) == 0
     monkeypatch.delenv("LORAFAIR_POISON")
@@ -40,12 +43,15 @@ def test_flower_simulation_equals_fit(tmp_path, monkeypatch):
     for ours, reference in zip(flower["rounds"], fit["rounds"], strict=True):
         # same float32 operations in the same order on one CPU thread: equal, up to summation-order noise
         assert ours["accuracy"] == pytest.approx(reference["accuracy"], abs=1e-12)
+        assert ours["bytes_by_client"] == reference["bytes_by_client"]
         dropped = set(reference["bad_updates"])
         assert ours["train_loss"] == pytest.approx({c: loss for c, loss in reference["train_loss"].items()
                                                     if c not in dropped}, rel=1e-6)
     (reason,) = flower["rounds"][1]["failed_clients"].values()
     assert list(flower["rounds"][1]["failed_clients"]) == ["1"] and "client 1 fails in round 2" in reason
     assert flower["rounds"][0]["failed_clients"] == {} == fit["rounds"][1]["failed_clients"]
+    bytes_up = {up for round_ in flower["rounds"] for up, _ in round_["bytes_by_client"].values()}
+    assert len(bytes_up) == (3 if "--lora.client_ranks" in method else 1)  # each client's bytes follow its rank
     assert flower["final"]["mean_accuracy"] == pytest.approx(fit["final"]["mean_accuracy"], abs=1e-12)
     assert (tmp_path / "flower" / "checkpoints").is_dir() and list((tmp_path / "flower" / "tensorboard").iterdir())
 
