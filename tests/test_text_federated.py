@@ -58,11 +58,11 @@ def test_every_method_runs_the_text_demo(text_run, tmp_path, method):
         assert all(0 <= accuracy <= 1 for accuracy in record["accuracy"].values())
     # the demo LM: 3 layers; q, k, v and o_proj 64 -> 64, gate and up_proj 64 -> 192, down_proj 192 -> 64; rank 8;
     # a causal LM sends no extra tensors
-    lora = _lora_bytes(3, [(64, 64)] * 4 + [(64, 192), (64, 192), (192, 64)], 8)
+    modules = [(64, 64)] * 4 + [(64, 192), (64, 192), (192, 64)]
     if method in ("fedit", "lorafair", "florana", "flexlora"):
-        assert results["rounds"][0]["bytes_up"] == lora
-    if method == "ffa_lora":
-        assert results["rounds"][0]["bytes_up"] == lora // 2  # B only
+        assert results["rounds"][0]["bytes_up"] == _lora_bytes(3, modules, 8)
+    if method == "ffa_lora":  # B only: r x fan_out per module
+        assert results["rounds"][0]["bytes_up"] == _lora_bytes(3, [(0, fan_out) for _, fan_out in modules], 8)
 
 
 def _same_trajectory(mine: dict, theirs: dict) -> None:

@@ -1,8 +1,8 @@
 """The text demo's data: generated arithmetic problems of five kinds, one kind per client (feature non-IID).
 
 Clients hold problems in the instruction layout (instruction, input, output = "#### answer"), each kind worded its
-own way; the shipped demo language model was pretrained on equations and statements of counts, a text no client
-holds (`pretraining_text`).
+own way; the shipped demo language model was pretrained on the bare kinds over their whole range but on the worded
+kinds with small answers only (`pretraining_text`).
 Pure Python, seeded: every rank and every run with the same seed draws the same problems, and a kind's training
 and test problems never share an input.
 """
@@ -21,7 +21,7 @@ TENS = ("", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eight
 NAMES = ("Ann", "Bob", "Eva", "Tom", "Mia", "Sam")
 THINGS = ("pens", "cups", "apples", "books", "coins")
 PRETRAINING_MAX_ANSWER = 40
-"""The pretraining text holds questions with smaller answers only."""
+"""The pretraining text asks the worded kinds (word_problem, number_words) with smaller answers only."""
 PROMPT_TEMPLATE = "{input}\nA: "
 """The demo's compact prompt (text.prompt_template in configs/demo_text.yaml)."""
 
