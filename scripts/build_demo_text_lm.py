@@ -1,11 +1,12 @@
 """Pretrain the text demo's tiny causal language model and write it to lorafair/assets/demo_text_lm/.
 
 A 3-layer LLaMA-style model (width 64) with a character-level tokenizer (printable ASCII and newline), trained on
-equations ("23+45=68", "23+45\nA: #### 68") and statements of counts that no demo client holds
-(lorafair.text.arithmetic.pretraining_text): the clients' instruction-worded problems are then a new task for LoRA.
-About three minutes on one quiet CPU core; seeded, so a rebuild gives the same weights on one platform.
+questions answered as the demo's clients answer them (lorafair.text.arithmetic.pretraining_text): bare sums and
+differences over the clients' whole range, numbers in words, and the worded kinds (word problems, sums in words)
+only where the answer is below 40, so that carrying those over to larger answers is left to federated LoRA.
+About five minutes on one CPU core; seeded, so a rebuild gives the same weights on one platform.
 
-    python scripts/build_demo_text_lm.py [--steps 3000] [--out lorafair/assets/demo_text_lm]
+    python scripts/build_demo_text_lm.py [--steps 6000] [--out lorafair/assets/demo_text_lm]
 """
 
 from __future__ import annotations
@@ -43,22 +44,26 @@ def tiny_llama(vocab_size: int) -> LlamaForCausalLM:
 
 
 def batches(tokenizer: PreTrainedTokenizerFast, lines: list[str], batch_size: int, generator: torch.Generator):
-    """Endless shuffled batches of <s>line</s>, right-padded, with the padding left out of the loss."""
+    """Endless shuffled batches of <s>line</s>, right-padded, with the padding left out of the loss. Lines of
+    similar length share a batch (sorted within windows of 50 batches), so short equations pad little."""
     encoded = [[tokenizer.bos_token_id, *tokenizer.encode(line, add_special_tokens=False), tokenizer.eos_token_id]
                for line in lines]
+    window = 50 * batch_size
     while True:
-        order = torch.randperm(len(encoded), generator=generator)
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            chosen = [encoded[i] for i in order[start:start + batch_size]]
-            width = max(map(len, chosen))
-            ids = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in chosen])
-            labels = ids.masked_fill(ids == tokenizer.pad_token_id, -100)
-            yield ids, (ids != tokenizer.pad_token_id).long(), labels
+        order = torch.randperm(len(encoded), generator=generator).tolist()
+        for start in range(0, len(order) - window + 1, window):
+            by_length = sorted(order[start:start + window], key=lambda i: len(encoded[i]))
+            for group in torch.randperm(50, generator=generator).tolist():
+                chosen = [encoded[i] for i in by_length[group * batch_size:(group + 1) * batch_size]]
+                width = max(map(len, chosen))
+                ids = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in chosen])
+                labels = ids.masked_fill(ids == tokenizer.pad_token_id, -100)
+                yield ids, (ids != tokenizer.pad_token_id).long(), labels
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=6000)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--out", type=Path, default=Path("lorafair/assets/demo_text_lm"))
     args = parser.parse_args()

@@ -268,3 +268,25 @@ def test_arithmetic_problems_are_right_distinct_and_apart_from_training():
                 assert answer == sum(numbers)
             else:
                 assert answer == eval(row["input"])  # "87+91", "87-12", "3+12+7"
+
+
+def test_the_pretraining_text_holds_small_worded_questions_only_and_answers_right():
+    from lorafair.text.arithmetic import PRETRAINING_MAX_ANSWER, in_words, pretraining_text
+
+    words = {in_words(n): n for n in range(100)}
+    by_shape: dict[str, list[int]] = {}
+    for line in pretraining_text(3000, seed=0):
+        question, answer = line.split("\nA: #### ")
+        if " plus " in question:
+            shape, expected = "number_words", sum(words[side] for side in question.split(" plus "))
+        elif " has " in question:
+            shape, expected = "word_problem", sum(int(token) for token in question.split() if token.isdigit())
+        elif question in words:
+            shape, expected = "in_words", words[question]
+        else:
+            shape, expected = "".join(filter("+-".__contains__, question)), eval(question)  # "87+91", "3+12+7"
+        assert int(answer) == expected, line
+        by_shape.setdefault(shape, []).append(expected)
+    assert sorted(by_shape) == ["+", "++", "-", "in_words", "number_words", "word_problem"]
+    assert max(by_shape["number_words"] + by_shape["word_problem"]) == PRETRAINING_MAX_ANSWER - 1
+    assert max(by_shape["+"]) > 150  # the bare kinds span the clients' whole range

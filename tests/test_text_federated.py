@@ -56,12 +56,13 @@ def test_every_method_runs_the_text_demo(text_run, tmp_path, method):
         assert len(record["clients"]) == 4 and not record["bad_updates"]
         assert all(torch.isfinite(torch.tensor(loss)) for loss in record["train_loss"].values())
         assert all(0 <= accuracy <= 1 for accuracy in record["accuracy"].values())
-    # the demo LM: 3 layers, q_proj and v_proj both 64 -> 64, rank 8; a causal LM sends no extra tensors
-    lora = _lora_bytes(3, [(64, 64), (64, 64)], 8)
+    # the demo LM: 3 layers; q, k, v and o_proj 64 -> 64, gate and up_proj 64 -> 192, down_proj 192 -> 64; rank 8;
+    # a causal LM sends no extra tensors
+    modules = [(64, 64)] * 4 + [(64, 192), (64, 192), (192, 64)]
     if method in ("fedit", "lorafair", "florana", "flexlora"):
-        assert results["rounds"][0]["bytes_up"] == lora
-    if method == "ffa_lora":
-        assert results["rounds"][0]["bytes_up"] == lora // 2  # B only
+        assert results["rounds"][0]["bytes_up"] == _lora_bytes(3, modules, 8)
+    if method == "ffa_lora":  # B only: r x fan_out per module
+        assert results["rounds"][0]["bytes_up"] == _lora_bytes(3, [(0, fan_out) for _, fan_out in modules], 8)
 
 
 def _same_trajectory(mine: dict, theirs: dict) -> None:
@@ -131,7 +132,7 @@ def test_bf16_weights_and_gradient_checkpointing_train_float32_lora(tmp_path):
     model = TextLoraModel(cfg, 1)
     assert model.backbone.is_gradient_checkpointing
     base = dict(model.backbone.named_parameters())
-    assert base["model.layers.0.mlp.down_proj.weight"].dtype == torch.bfloat16
+    assert base["model.layers.0.mlp.down_proj.base_layer.weight"].dtype == torch.bfloat16
     assert all(a.dtype == b.dtype == torch.float32 for a, b in model.get_lora().values())
     inputs, labels = encode_instruction(model.tokenizer, "Add: 1 + 2\nA: ", "#### 3", 32)
     model.train()

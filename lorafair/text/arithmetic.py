@@ -1,8 +1,8 @@
 """The text demo's data: generated arithmetic problems of five kinds, one kind per client (feature non-IID).
 
 Clients hold problems in the instruction layout (instruction, input, output = "#### answer"), each kind worded its
-own way; the shipped demo language model was pretrained on equations and statements of counts, a text no client
-holds (`pretraining_text`).
+own way; the shipped demo language model was pretrained on the bare kinds over their whole range but on the worded
+kinds with small answers only (`pretraining_text`).
 Pure Python, seeded: every rank and every run with the same seed draws the same problems, and a kind's training
 and test problems never share an input.
 """
@@ -20,7 +20,9 @@ WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
 TENS = ("", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety")
 NAMES = ("Ann", "Bob", "Eva", "Tom", "Mia", "Sam")
 THINGS = ("pens", "cups", "apples", "books", "coins")
-PROMPT_TEMPLATE = "{instruction} {input}\nA: "
+PRETRAINING_MAX_ANSWER = 40
+"""The pretraining text asks the worded kinds (word_problem, number_words) with smaller answers only."""
+PROMPT_TEMPLATE = "{input}\nA: "
 """The demo's compact prompt (text.prompt_template in configs/demo_text.yaml)."""
 
 
@@ -83,24 +85,25 @@ def problems(kind: str, train: int, test: int, seed: int) -> tuple[list[dict], l
 
 
 def pretraining_text(count: int, seed: int) -> list[str]:
-    """The demo model's pretraining text, no client's: bare equations ("23+45=68", "68-23=45", "3+12+7=22"), the
-    same as question and answer ("23+45\nA: #### 68"), and statements of counts ("Eva has 12 cups.")."""
+    """The demo model's pretraining text, answered as the clients answer ("23+45\nA: #### 68"): bare sums and
+    differences over the clients' whole range, numbers in words ("forty-two\nA: #### 42"), and the worded kinds'
+    questions only where the answer is below PRETRAINING_MAX_ANSWER. Carrying the worded questions over to larger
+    answers is what federated LoRA has to learn."""
     rng = random.Random(f"pretraining:{seed}")
-    lines = []
-    for _ in range(count):
-        a, b, c = rng.randrange(100), rng.randrange(100), rng.randrange(30)
-        shape = rng.randrange(3)
-        if shape == 0:
-            question, answer = f"{a}+{b}", a + b
-        elif shape == 1:
-            question, answer = f"{max(a, b)}-{min(a, b)}", max(a, b) - min(a, b)
-        else:
-            question, answer = f"{a % 30}+{b % 30}+{c}", a % 30 + b % 30 + c
-        style = rng.randrange(5)
-        if style < 2:
-            lines.append(f"{question}={answer}")
-        elif style < 4:
-            lines.append(f"{question}\nA: #### {answer}")
-        else:
-            lines.append(f"{rng.choice(NAMES)} has {a} {rng.choice(THINGS)}.")
-    return lines
+    return [_pretraining_line(rng) for _ in range(count)]
+
+
+def _pretraining_line(rng: random.Random) -> str:
+    shape = rng.randrange(20)
+    if shape < 12:
+        _, question, answer = GENERATORS[KINDS[shape % 3]](rng)  # addition, subtraction, multi_step
+    elif shape < 14:
+        answer = rng.randrange(100)
+        question = in_words(answer)
+    else:
+        generate = GENERATORS[KINDS[3 + shape % 2]]  # word_problem, number_words
+        while True:
+            _, question, answer = generate(rng)
+            if answer < PRETRAINING_MAX_ANSWER:
+                break
+    return PROMPT_TEMPLATE.format(input=question) + f"#### {answer}"
