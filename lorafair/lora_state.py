@@ -31,10 +31,12 @@ def check_rank(r: int, layers: dict[str, nn.Linear]) -> None:
 
 
 class PeftLoraState:
-    """Mixin for a module whose `backbone` gets peft LoRA on `layer_names`: inject, read, write, merge the factors."""
+    """Mixin for a module whose `backbone` gets peft LoRA on `layer_names`: inject, read, write, merge the factors;
+    read and write the trainable tensors outside LoRA (`_head_names`: a classifier's head, none for a causal LM)."""
 
     backbone: nn.Module
     layer_names: list[str]
+    _head_names: list[str]
     scaling: float
     """alpha / lora.r: the global model's scaling, the one merges use."""
     alpha: float
@@ -59,6 +61,17 @@ class PeftLoraState:
                 factor.float().weight.requires_grad_(True)
 
     # ---- client state -------------------------------------------------------------------------------------
+
+    def get_extra(self) -> dict[str, Tensor]:
+        """The trainable tensors outside LoRA, detached copies."""
+        params = dict(self.backbone.named_parameters())
+        return {name: params[name].detach().clone() for name in self._head_names}
+
+    @torch.no_grad()
+    def set_extra(self, extra: dict[str, Tensor]) -> None:
+        params = dict(self.backbone.named_parameters())
+        for name in self._head_names:
+            params[name].copy_(extra[name])
 
     def set_rank(self, rank: int) -> None:
         """Act as a rank-`rank` LoRA with its own scaling alpha / rank, on the one adapter of the global rank: the

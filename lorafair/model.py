@@ -82,19 +82,6 @@ class LoraClassifier(PeftLoraState, lightning.LightningModule):
     def forward(self, images: Tensor) -> Tensor:
         return self.backbone(images)
 
-    # ---- client state ---------------------------------------------------------------------------------
-
-    def get_extra(self) -> dict[str, Tensor]:
-        """The trainable non-LoRA tensors (the classifier head), detached copies."""
-        params = dict(self.backbone.named_parameters())
-        return {name: params[name].detach().clone() for name in self._head_names}
-
-    @torch.no_grad()
-    def set_extra(self, extra: dict[str, Tensor]) -> None:
-        params = dict(self.backbone.named_parameters())
-        for name in self._head_names:
-            params[name].copy_(extra[name])
-
     # ---- data and training --------------------------------------------------------------------------------
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:

@@ -104,19 +104,6 @@ class TextLoraModel(PeftLoraState, lightning.LightningModule):
             self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.backbone.config.use_cache = False
 
-    # ---- client state -------------------------------------------------------------------------------------
-
-    def get_extra(self) -> dict[str, Tensor]:
-        """A classifier's head, detached copies (empty for a causal LM)."""
-        params = dict(self.backbone.named_parameters())
-        return {name: params[name].detach().clone() for name in self._head_names}
-
-    @torch.no_grad()
-    def set_extra(self, extra: dict[str, Tensor]) -> None:
-        params = dict(self.backbone.named_parameters())
-        for name in self._head_names:
-            params[name].copy_(extra[name])
-
     # ---- training and evaluation --------------------------------------------------------------------------
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
