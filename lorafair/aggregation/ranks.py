@@ -15,6 +15,7 @@ rounds where every client has the global rank give the same numbers as before, b
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import Tensor
 
 Pair = tuple[Tensor, Tensor]
@@ -23,15 +24,10 @@ Pair = tuple[Tensor, Tensor]
 def to_server(pair: Pair, rank: int) -> Pair:
     """A client's (A, B) of any rank r <= rank, as the rank-`rank` pair that means the same update."""
     A, B = pair
-    missing = rank - A.shape[-2]
-    if missing == 0:
+    own = A.shape[-2]
+    if own == rank:
         return pair
-    ratio = rank / A.shape[-2]
-    A = A.new_zeros(*A.shape[:-2], rank, A.shape[-1])
-    A[..., : rank - missing, :] = pair[0]
-    B_padded = B.new_zeros(*B.shape[:-1], rank)
-    B_padded[..., : rank - missing] = B * ratio
-    return A, B_padded
+    return F.pad(A, (0, 0, 0, rank - own)), F.pad(B * (rank / own), (0, rank - own))
 
 
 def to_client(pair: Pair, rank: int) -> Pair:
