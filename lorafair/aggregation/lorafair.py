@@ -184,9 +184,9 @@ class LoRAFAIR(Aggregator):
             return torch.zeros_like(start)
         rank = group.kept_rank or start.shape[-1]
         bound = math.sqrt(6.0 / (start.shape[-2] + rank))
-        draw = torch.rand(start.shape, generator=self._generator, dtype=start.dtype)
-        draw[..., rank:] = 0.5
-        return ((2 * draw - 1) * bound).to(start.device)
+        correction = (2 * torch.rand(start.shape, generator=self._generator, dtype=start.dtype) - 1) * bound
+        correction[..., rank:] = 0
+        return correction.to(start.device)
 
     def _sgd(self, start: Tensor, correction: Tensor, similarity_gradient: SimilarityGradient) -> Tensor:
         """Plain SGD on 1 - S(start + d) + lam ||d||^2, as torch.optim.SGD would step it."""
