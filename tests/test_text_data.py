@@ -270,6 +270,17 @@ def test_arithmetic_problems_are_right_distinct_and_apart_from_training():
                 assert answer == eval(row["input"])  # "87+91", "87-12", "3+12+7"
 
 
+def test_asking_a_kind_for_more_problems_than_it_holds_is_one_line_at_once():
+    """Addition holds 100 x 100 distinct problems; asking for 10^8 used to draw for hours before giving up."""
+    from lorafair.errors import UserError
+    from lorafair.text.arithmetic import problems
+
+    with pytest.raises(UserError, match="more than the distinct problems of kind 'addition' can fill; lower them"):
+        problems("addition", 10**8, 10, seed=0)
+    train, test = problems("addition", 9_000, 500, seed=0)
+    assert len({row["input"] for row in train + test}) == 9_500
+
+
 def test_the_pretraining_text_holds_small_worded_questions_only_and_answers_right():
     from lorafair.text.arithmetic import PRETRAINING_MAX_ANSWER, in_words, pretraining_text
 

@@ -22,6 +22,8 @@ NAMES = ("Ann", "Bob", "Eva", "Tom", "Mia", "Sam")
 THINGS = ("pens", "cups", "apples", "books", "coins")
 PRETRAINING_MAX_ANSWER = 40
 """The pretraining text asks the worded kinds (word_problem, number_words) with smaller answers only."""
+MAX_REPEATS = 10_000
+"""Draws in a row that give no new problem before a kind counts as exhausted (asking for more than it holds)."""
 PROMPT_TEMPLATE = "{input}\nA: "
 """The demo's compact prompt (text.prompt_template in configs/demo_text.yaml)."""
 
@@ -71,13 +73,13 @@ def problems(kind: str, train: int, test: int, seed: int) -> tuple[list[dict], l
         raise UserError(f"data.domains: arithmetic has no kind {kind!r}; choose from {', '.join(KINDS)}")
     rng = random.Random(f"{seed}:{kind}")
     seen: dict[str, dict] = {}
-    for _ in range(100 * (train + test)):
-        if len(seen) == train + test:
-            break
+    misses = 0
+    while len(seen) < train + test and misses < MAX_REPEATS:
         instruction, question, answer = GENERATORS[kind](rng)
+        misses = misses + 1 if question in seen else 0
         seen.setdefault(question, {"instruction": instruction, "input": question, "output": f"#### {answer}",
                                    "kind": kind})
-    else:
+    if len(seen) < train + test:
         raise UserError(f"text.examples_per_kind + text.test_per_kind = {train + test} is more than the distinct "
                         f"problems of kind {kind!r} can fill; lower them")
     rows = list(seen.values())
