@@ -66,29 +66,33 @@ def data(cfg: FitConfig, plot: Path | None = None, build_cache: bool = False) ->
     summarize(cfg, plot=plot, build_cache=build_cache)
 
 
-def compare(cfg: FitConfig, methods: str = "fedit,ffa_lora,flora,flexlora,lorafair,florana",
-            seeds: list[int] | None = None, grid: str | None = None) -> None:
+def compare(cfg: FitConfig, methods: str | None = None, seeds: list[int] | None = None, grid: str | None = None,
+            baseline: str = "fedit") -> None:
     """Run several methods (seeds, grid points) with everything else identical and write paper-style tables and plots.
 
     Args:
-        methods: Comma-separated methods to compare.
+        methods: Comma-separated methods to compare, and the bounds centralized and local (default: every method
+            and both bounds).
         seeds: Seeds to repeat every run with, e.g. --seeds 0 1 2 (default: the config's seed).
         grid: Sweep one key, e.g. server.lam=0,0.001,0.01 or lora.r=4,8,16.
+        baseline: The method every other is compared with (paired differences and their 95% intervals).
     """
     from lorafair.reporting.compare import compare as run_compare
 
-    run_compare(cfg, methods=[m.strip() for m in methods.split(",") if m.strip()], seeds=seeds, grid=grid)
+    chosen = None if methods is None else [m.strip() for m in methods.split(",") if m.strip()]
+    run_compare(cfg, methods=chosen, seeds=seeds, grid=grid, baseline=baseline)
 
 
-def report(dir: Path) -> None:
+def report(dir: Path, baseline: str = "fedit") -> None:
     """Rebuild comparison tables and plots from the run folders under a compare output folder.
 
     Args:
         dir: A compare output folder.
+        baseline: The method every other is compared with (paired differences and their 95% intervals).
     """
     from lorafair.reporting.report import report as run_report
 
-    run_report(dir)
+    run_report(dir, baseline=baseline)
 
 
 def lm_eval(*, run: Path, tasks: list[str], include_path: Path | None = None, batch_size: int = 8,

@@ -206,6 +206,10 @@ class TextConfig:
                  "and text.test_per_kind must be > 0")
 
 
+BOUNDS = ("centralized", "local")
+"""The reference settings of federation.setting, selected in compare like methods."""
+
+
 @dataclass
 class FederationConfig:
     """How the data is split into clients and how rounds proceed."""
@@ -229,6 +233,10 @@ class FederationConfig:
     """Evaluate the global model every this many rounds (and always after the last)."""
     on_bad_update: Literal["drop", "error"] = "drop"
     """A client update with NaN/Inf or a diverged loss: drop it from the round, or stop the run."""
+    setting: Literal["federated", "centralized", "local"] = "federated"
+    """federated: the server aggregates with server.method. The two bounds a comparison measures methods against:
+    centralized: one client holding every client's data, training as many steps a round as the sampled clients
+    together; local: each client trains alone, never aggregated, scored on its own domain."""
     timeout: float = 600.0
     """Seconds a rank waits at a collective (gather, broadcast, barrier) before it stops with the round it was in; it
     must exceed the longest wait there, i.e. the slowest rank's local training in a round. Multi-process runs only."""
@@ -246,6 +254,9 @@ class FederationConfig:
         _require(self.clients_per_round is None or self.clients_per_round > 0, "federation.clients_per_round",
                  f"must be > 0, got {self.clients_per_round}")
         _require(self.eval_every > 0, "federation.eval_every", f"must be > 0, got {self.eval_every}")
+        _require(self.setting != "local" or self.partition != "iid", "federation.setting",
+                 "local scores each client on its own domain, which clients of the iid partition do not have; use "
+                 "partition feature or feature_label")
 
 
 @dataclass

@@ -88,13 +88,13 @@ class LoraClassifier(PeftLoraState, lightning.LightningModule):
         images, labels = batch
         return F.cross_entropy(self(images), labels)
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> tuple[Tensor, Tensor]:
-        """Updates `val_accuracy` and returns (correct, total) of the batch as 0-d int64 tensors, to sum across
-        ranks; the caller computes and resets `val_accuracy`."""
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> tuple[Tensor]:
+        """Updates `val_accuracy` and returns (whether each image is classified right,) as a bool tensor; the
+        caller computes and resets `val_accuracy`."""
         images, labels = batch
         predictions = self(images).argmax(dim=-1)
         self.val_accuracy.update(predictions, labels)
-        return (predictions == labels).sum(), torch.tensor(labels.numel(), device=labels.device)
+        return (predictions == labels,)
 
     def on_validation_epoch_end(self) -> None:
         self.val_accuracy.reset()

@@ -20,7 +20,16 @@ from typing import Any
 import torch
 
 from lorafair.errors import UserError
-from lorafair.federated.state import GlobalState, ResumeState, pack, pack_by_rank, pack_pairs, unpack
+from lorafair.federated.state import (
+    GlobalState,
+    ResumeState,
+    pack,
+    pack_by_rank,
+    pack_client_states,
+    pack_pairs,
+    unpack,
+    unpack_client_states,
+)
 from lorafair.reporting.run_folder import checkpoint_dir, is_finished, read_results, results_path
 
 CHECKPOINT_KEYS = frozenset({"round", "identity", "results", "lora", "extra", "base"})
@@ -163,14 +172,17 @@ def _fsync_directory(directory: Path) -> None:
 
 
 def checkpoint_state(round_index: int, identity: dict[str, Any], results: dict[str, Any], state: GlobalState,
-                     base: dict[str, torch.Tensor] | None) -> dict[str, Any]:
-    """What a round's checkpoint holds (on the CPU); `base` only once merges changed the frozen weights."""
+                     base: dict[str, torch.Tensor] | None,
+                     client_states: dict[int, GlobalState] | None = None) -> dict[str, Any]:
+    """What a round's checkpoint holds (on the CPU); `base` only once merges changed the frozen weights,
+    `client_states` only where clients keep states of their own (the local bound)."""
     return {"round": round_index, "identity": identity, "results": results,
             "lora": {name: {"A": a.cpu(), "B": b.cpu()} for name, (a, b) in state.lora.items()},
             "lora_by_rank": {rank: {name: {"A": a.cpu(), "B": b.cpu()} for name, (a, b) in pairs.items()}
                              for rank, pairs in state.by_rank.items()},
             "extra": {name: t.cpu() for name, t in state.extra.items()},
-            "base": {name: t.cpu() for name, t in base.items()} if base is not None else None}
+            "base": {name: t.cpu() for name, t in base.items()} if base is not None else None,
+            "client_states": {key: t.cpu() for key, t in pack_client_states(client_states or {}).items()}}
 
 
 def find_checkpoint(out_dir: Path, resume: str | None, overwrite: bool,
@@ -228,11 +240,13 @@ def read_round(path: Path, state: Any) -> ResumeState:
                                    for rank, pairs in state.get("lora_by_rank", {}).items()}),
                    **pack("extra", state["extra"]), **pack("base", state["base"])}
         records = list(state["results"]["rounds"])
+        start = state["results"].get("start")
+        client_states = unpack_client_states(dict(state.get("client_states", {})))
     except (KeyError, TypeError, AttributeError) as err:
         raise UserError(f"{path} is not a lorafair checkpoint (its tensors are malformed: {err!r})") from err
     return ResumeState(round=state["round"], path=path, records=records,
                        state=GlobalState.from_tensors(tensors),
-                       base=unpack(tensors, "base"))
+                       base=unpack(tensors, "base"), start=start, client_states=client_states)
 
 
 def resume_state(path: Path, state: Any, identity: dict[str, Any], rounds: int, force: bool,

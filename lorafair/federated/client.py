@@ -23,6 +23,7 @@ from lorafair.aggregation import ClientUpdate
 from lorafair.config import ClientConfig, DataConfig
 from lorafair.data import Client, evaluation_loaders, make_loader
 from lorafair.federated import faults
+from lorafair.federated.bounds import local_steps
 from lorafair.federated.sampling import derive_seed
 from lorafair.federated.state import ClientResult, GlobalState, Pairs
 
@@ -40,8 +41,8 @@ class ClientModel(Protocol):
     def set_extra(self, extra: dict[str, Tensor]) -> None: ...
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor: ...
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> tuple[Tensor, ...]:
-        """Sums over the batch: (correct, total), or (correct, total, loss sum, loss terms) for a model that also
-        reports an eval loss (a language model on instruction data)."""
+        """(whether each item of the batch is right,) as a bool tensor, or (whether each item is right, loss sum,
+        loss terms) for a model that also reports an eval loss (a language model on instruction data)."""
     def configure_optimizers(self) -> torch.optim.Optimizer: ...
     def parameters(self) -> Iterable[nn.Parameter]: ...
     def train(self, mode: bool = True) -> nn.Module: ...
@@ -67,8 +68,10 @@ class LocalTrainer:
         self.model.set_lora(state.lora_for(rank))
         self.model.set_extra(state.extra)
 
-    def train(self, client: Client, start: GlobalState, round_index: int, rank: int | None = None) -> ClientResult:
-        """Local SGD from `start` at the client's LoRA `rank` (None: the global one); SGD momentum starts fresh
+    def train(self, client: Client, start: GlobalState, round_index: int, rank: int | None = None,
+              steps: int | None = None) -> ClientResult:
+        """Local SGD from `start` at the client's LoRA `rank` (None: the global one), for `steps` optimizer steps
+        (None: as many as client.local_epochs and client.max_local_steps give its data); SGD momentum starts fresh
         every round, as in the public code, seeded by (seed, round, client) so the result does not depend on where
         or when the client trains."""
         seed = derive_seed("client", self.seed, round_index, client.id)
@@ -77,9 +80,7 @@ class LocalTrainer:
         self.model.train()
         loader = make_loader(client.dataset, self.data_cfg.batch_size, shuffle=True, seed=seed,
                              num_workers=self.data_cfg.num_workers, device=self.fabric.device)
-        total_steps = self.client_cfg.local_epochs * len(loader)
-        if self.client_cfg.max_local_steps is not None:
-            total_steps = min(total_steps, self.client_cfg.max_local_steps)
+        total_steps = steps or local_steps(len(client.dataset), self.data_cfg.batch_size, self.client_cfg)
         # per-client bars only on a terminal: in a log file they would bury the round bar
         bar = tqdm(total=total_steps, desc=f"round {round_index} client {client.id}", leave=False,
                    disable=not self.show_progress or not sys.stdout.isatty(), file=sys.stdout, dynamic_ncols=True)
@@ -118,25 +119,35 @@ class LocalTrainer:
                     faults.maybe_fail(round_index, "train")
         return loss_sum.item(), steps
 
-    def evaluation_sums(self, state: GlobalState, test_sets: Sequence[Dataset], shard: tuple[int, int]) -> Tensor:
-        """(correct, total, loss sum, loss terms) of the model at `state` on shard `shard[0]` of `shard[1]`
-        contiguous shards of each test set, one row per set (float64, to be summed over the shards); the loss
-        columns stay 0 for a model that reports no eval loss."""
-        self.load(state)
+    def evaluation_sums(self, state: GlobalState, test_sets: Sequence[Dataset], shard: tuple[int, int],
+                        rank: int | None = None) -> tuple[Tensor, list[Tensor]]:
+        """The model at `state` (as a client of LoRA `rank` sees it; None: the global model) on shard `shard[0]` of
+        `shard[1]` contiguous shards of each test set, as tensors to be summed over the shards (float64): (correct,
+        total, loss sum, loss terms) with one row per set (the loss columns stay 0 for a model that reports no eval
+        loss), and per set a vector over all its items, 1 where the item is right, filled in on this shard's
+        items only."""
+        self.load(state, rank)
         self.model.eval()
         index, count = shard
-        sums = torch.zeros(len(test_sets), EVALUATION_SUMS, dtype=torch.float64, device=self.fabric.device)
+        device = self.fabric.device
+        sums = torch.zeros(len(test_sets), EVALUATION_SUMS, dtype=torch.float64, device=device)
+        items = [torch.zeros(len(test), dtype=torch.float64, device=device) for test in test_sets]
         key = (tuple(map(id, test_sets)), index, count)
         if key not in self.eval_loaders:  # built once: the cached test sets stay open between evaluations
             self.eval_loaders[key] = evaluation_loaders(test_sets, index, count, self.data_cfg.eval_batch_size,
-                                                        self.data_cfg.num_workers, self.fabric.device)
+                                                        self.data_cfg.num_workers, device)
         with torch.inference_mode():
             for position, loader in enumerate(self.eval_loaders[key]):
+                offset = index * len(test_sets[position]) // count  # the shard's first item
                 for batch_index, (inputs, targets) in enumerate(loader):
                     with self.fabric.autocast():
-                        batch_sums = self.model.validation_step(
-                            (inputs.to(self.fabric.device), targets.to(self.fabric.device)), batch_index)
-                    for column, value in enumerate(batch_sums):
+                        right, *loss = self.model.validation_step((inputs.to(device), targets.to(device)),
+                                                                  batch_index)
+                    items[position][offset:offset + len(right)] = right.to(torch.float64)
+                    offset += len(right)
+                    sums[position, :2] += torch.tensor([right.sum().item(), len(right)], dtype=torch.float64)
+                    for column, value in enumerate(loss, start=2):
                         sums[position, column] += value
         self.model.on_validation_epoch_end()
-        return sums
+        self.model.set_rank(self.global_rank)
+        return sums, items

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from lorafair.config import FitConfig
 from lorafair.data import FederatedData, build_federated_data, model_data_config
 from lorafair.errors import UserError
 from lorafair.federated import faults
+from lorafair.federated.bounds import local_steps, union_client
 from lorafair.federated.checkpoints import (
     check_fits,
     checkpoint_state,
@@ -51,6 +53,7 @@ from lorafair.federated.state import (
     GlobalState,
     ResumeState,
     RoundRecord,
+    Scores,
     ServerAnswer,
     ServerRecord,
     pack,
@@ -68,6 +71,7 @@ from lorafair.reporting.run_folder import (
     config_to_dict,
     flatten_config,
     results_path,
+    score_scalars,
     tensorboard_scalars,
     trajectory_identity,
     write_json,
@@ -162,6 +166,10 @@ class FederatedTrainer:
     """The round loop: holds this rank's roles, the global state every client starts a round from, and the
     results."""
     def __init__(self, cfg: FitConfig, fabric: Fabric) -> None:
+        method = cfg.server.method
+        self.setting = cfg.federation.setting
+        if self.setting != "federated":  # a bound takes its one update as it is: FedIT's average of one, or none
+            method, cfg = self.setting, replace(cfg, server=replace(cfg.server, method="fedit"))
         self.cfg, self.fabric = cfg, fabric
         self.out_dir = Path(cfg.out_dir)
         self.server_seconds = 0.0
@@ -173,6 +181,14 @@ class FederatedTrainer:
                             f"of this partition; lower it (or null for all)")
         self.model = build_model(cfg, self.data.num_classes, fabric.device)
         self.client_ranks = cfg.lora.rank_of([(c.id, c.domain) for c in clients], self.data.domains)
+        self.union = union_client(clients) if self.setting == "centralized" else None
+        self.participants = {c.id: c for c in ([self.union] if self.union else clients)}
+        """Who trains: the clients, or for the centralized bound the one client holding all their data."""
+        if self.union is not None:
+            self.client_ranks[self.union.id] = cfg.lora.r
+        self.own_states: dict[int, GlobalState] = {}
+        """The local bound: each client's own state after its last round (the global state until it trained)."""
+        self.trained: dict[int, GlobalState] = {}
         self.lower_ranks = tuple(sorted(set(self.client_ranks.values()) - {cfg.lora.r}))
         self.global_state = self.state_of(self.fresh_lora("lora_init", cfg.seed), self.model.get_extra())
         self.merged = False
@@ -182,14 +198,17 @@ class FederatedTrainer:
         self.server = Server(cfg.server, cfg.federation.on_bad_update, cfg.seed, log=fabric.print)
         self.identity = trajectory_identity(flatten_config(config_to_dict(cfg)), run_fingerprints(self.data, cfg.model))
         self.results: dict[str, Any] = {
-            "method": cfg.server.method, "seed": cfg.seed, "config": config_to_dict(cfg), "domains": self.data.domains,
-            "clients": [{"id": c.id, "domain": c.domain, "num_samples": c.num_samples} for c in clients],
+            "method": method, "seed": cfg.seed, "config": config_to_dict(cfg), "domains": self.data.domains,
+            "clients": [{"id": c.id, "domain": c.domain, "num_samples": c.num_samples}
+                        for c in self.participants.values()],
             "rounds": [], "bad_updates_total": 0,
         }
 
     def run(self) -> dict[str, Any]:
         rounds = self.cfg.federation.rounds
         first = self.start_or_resume()
+        if first == 1:
+            self.score_start()
         progress = tqdm(range(first, rounds + 1), desc=f"{self.cfg.server.method} rounds", initial=first - 1,
                         total=rounds, disable=self.rank != 0, file=sys.stdout, dynamic_ncols=True)
         for round_index in progress:
@@ -198,7 +217,7 @@ class FederatedTrainer:
             except PeerLost as err:
                 kept = f"the checkpoint of round {round_index - 1} is kept" if round_index > 1 else "nothing was lost"
                 raise UserError(f"round {round_index}: {err}; {kept}: run the same command again to resume") from err
-            if record is not None and record.accuracy is not None:
+            if record is not None and record.scores is not None:
                 progress.set_postfix(mean_acc=f"{100 * record.to_dict()['mean_accuracy']:.2f}%")
         if self.rank == 0:
             self.finish()
@@ -209,29 +228,41 @@ class FederatedTrainer:
         clock = time.perf_counter
         start = clock()
         sampled = sample_clients([c.id for c in self.data.clients], self.per_round, self.cfg.seed, round_index)
-        results, hosts, trained = self.train_clients(round_index, sampled)
+        steps = None
+        if self.union is not None:  # the union trains what the sampled clients would have trained together
+            steps = sum(local_steps(self.data.clients[c].num_samples, self.cfg.data.batch_size, self.cfg.client)
+                        for c in sampled)
+            sampled = [self.union.id]
+        results, hosts, trained = self.train_clients(round_index, sampled, steps)
         answer = self.aggregate(round_index, results, sampled)
         self.apply(round_index, answer)
         applied = clock()
-        evaluate = round_index % self.cfg.federation.eval_every == 0 or round_index == self.cfg.federation.rounds
-        accuracy, eval_loss = self.evaluate(round_index) if evaluate else (None, None)
+        last = round_index == self.cfg.federation.rounds
+        scores = self.evaluate(round_index) if last or round_index % self.cfg.federation.eval_every == 0 else None
         evaluated = clock()
         record = None
         if self.rank == 0:
             comm = applied - trained - self.server_seconds
             seconds = {"train": trained - start, "comm": comm, "aggregate": self.server_seconds,
                        "eval": evaluated - applied, "round": evaluated - start}
-            record = RoundRecord(round_index, sampled, hosts, answer.record, seconds, accuracy, eval_loss)
+            record = RoundRecord(round_index, sampled, hosts, answer.record, seconds, scores, items=last)
             self.save(round_index, record)
         self.transport.wait_for_all()  # the round is on disk before any rank starts the next
         return record
 
-    def train_clients(self, round_index: int, sampled: list[int]) -> tuple[list[ClientResult], dict[str, int], float]:
-        """Each rank trains its share of `sampled`: this rank's results, client id -> rank, and the clock when
-        training ended on every rank."""
-        hosted = assign_to_ranks(sampled, {c.id: c.num_samples for c in self.data.clients}, self.world)
-        results = [self.client.train(self.data.clients[c], self.global_state, round_index, self.client_ranks[c])
+    def train_clients(self, round_index: int, sampled: list[int],
+                      steps: int | None = None) -> tuple[list[ClientResult], dict[str, int], float]:
+        """Each rank trains its share of `sampled` (for `steps` steps each; None: their own count): this rank's
+        results, client id -> rank, and the clock when training ended on every rank. Under the local bound every
+        rank then holds every trained client's state (`trained`), to take as its own once the round keeps it."""
+        hosted = assign_to_ranks(sampled, {c: self.participants[c].num_samples for c in sampled}, self.world)
+        results = [self.client.train(self.participants[c], self.own_states.get(c, self.global_state), round_index,
+                                     self.client_ranks[c], steps)
                    for c in hosted[self.rank]]
+        if self.setting == "local":
+            own = {r.client: GlobalState({name: (a.cpu(), b.cpu()) for name, (a, b) in r.update.lora.items()},
+                                         {name: t.cpu() for name, t in r.update.extra.items()}) for r in results}
+            self.trained = {client: state for states in self.transport.share(own) for client, state in states.items()}
         self.transport.wait_for_all()
         trained = time.perf_counter()
         faults.maybe_fail(round_index, "gather")
@@ -263,12 +294,19 @@ class FederatedTrainer:
         start = time.perf_counter()
         faults.maybe_fail(round_index, "aggregate")
         answer = self.server.finish(round_index, state, record, reports)
+        if self.setting != "federated":  # a bound sends nothing: the average only screened the updates
+            answer.record.bytes_up = answer.record.bytes_down = 0
+            answer.record.bytes_by_client, answer.record.aggregation = {}, {}
         self.server_seconds += time.perf_counter() - start
         return answer
 
     def apply(self, round_index: int, answer: ServerAnswer) -> None:
         """Every rank: take the server's answer as the next starting point (FLoRA: merge, then fresh LoRA)."""
         if answer.record.skipped:
+            return
+        if self.setting == "local":  # each client keeps its own update, if the round kept it
+            self.own_states.update({client: state for client, state in self.trained.items()
+                                    if str(client) not in answer.record.bad_updates})
             return
         if answer.merge:
             self.model.merge(answer.merge)
@@ -288,19 +326,36 @@ class FederatedTrainer:
         self.model.init_lora(torch.Generator().manual_seed(derive_seed(*seed_parts)))
         return self.model.get_lora()
 
-    def evaluate(self, round_index: int) -> tuple[dict[str, float], dict[str, float] | None]:
-        """Top-1 of the global model per domain, and its eval loss per domain where the model reports one (mean
-        over the domain's loss terms: the response tokens of instruction data); each rank takes a contiguous shard
-        of every test set."""
+    def evaluate(self, round_index: int) -> Scores:
+        """Every rank: the global model's scores on every domain's test set; under the local bound, each client's
+        own model on its own domain's (a domain's score is the mean over its clients)."""
         faults.maybe_fail(round_index, "eval")
-        sums = self.client.evaluation_sums(self.global_state, [self.data.test[d] for d in self.data.domains],
-                                           (self.rank, self.world))
-        self.transport.sum_over_ranks([sums])
-        domains = self.data.domains
-        accuracy = {domain: (sums[i, 0] / sums[i, 1]).item() for i, domain in enumerate(domains)}
-        if not sums[:, 3].any():
-            return accuracy, None
-        return accuracy, {domain: (sums[i, 2] / sums[i, 3]).item() for i, domain in enumerate(domains)}
+        if self.setting != "local":
+            return self.score([(self.global_state, None, self.data.domains)])
+        return self.score([(self.own_states.get(c.id, self.global_state), self.client_ranks[c.id], [c.domain])
+                           for c in self.data.clients])
+
+    def score(self, models: list[tuple[GlobalState, int | None, list[str]]]) -> Scores:
+        """Scores of (state, LoRA rank, domains whose test sets it is scored on) models; each rank takes a
+        contiguous shard of every test set and the transport sums the shards."""
+        sums, items, domains = [], [], []
+        for state, rank, model_domains in models:
+            model_sums, model_items = self.client.evaluation_sums(state, [self.data.test[d] for d in model_domains],
+                                                                  (self.rank, self.world), rank)
+            sums.append(model_sums)
+            items += model_items
+            domains += model_domains
+        summed = torch.cat(sums)
+        self.transport.sum_over_ranks([summed, *items])
+        return Scores.of(self.data.domains, domains, summed.cpu(), [vector.cpu() for vector in items])
+
+    def score_start(self) -> None:
+        """Every rank: score the starting model (round 0: pretrained backbone, fresh LoRA and head) as the rounds
+        are scored; rank 0 logs it to TensorBoard (step 0) and keeps it for results.json (written with round 1)."""
+        entry = self.score([(self.global_state, None, self.data.domains)]).to_dict(items=True)
+        if self.rank == 0:
+            self.results["start"] = {"round": 0, **entry}
+            self.fabric.log_dict(score_scalars(entry), step=0)
 
     # ---- outputs and checkpoints (rank 0) ------------------------------------------------------------------------
 
@@ -316,7 +371,8 @@ class FederatedTrainer:
                              step=round_index)
         base = self.model.base_state() if self.merged else None
         save_checkpoint(checkpoint_dir(self.out_dir), round_index,
-                        checkpoint_state(round_index, self.identity, self.results, self.global_state, base),
+                        checkpoint_state(round_index, self.identity, self.results, self.global_state, base,
+                                         self.own_states),
                         before_rename=lambda: faults.maybe_fail(round_index, "checkpoint"))
 
     def finish(self) -> None:
@@ -328,9 +384,13 @@ class FederatedTrainer:
         metrics = {f"hparams/{key}": final[key] for key in ("mean_accuracy", "mean_eval_loss") if key in final}
         self.fabric.logger.log_hyperparams(flatten_config(self.results["config"]), metrics=metrics)
         self.fabric.logger.finalize("success")
+        whose = "each client's own model" if self.setting == "local" else "global model"
         self.fabric.print(accuracy_table(final["accuracy"], final["mean_accuracy"],
-                                         f"{self.cfg.server.method}: global model after round {final['round']}",
-                                         final.get("eval_loss")))
+                                         f"{self.results['method']}: {whose} after round {final['round']}",
+                                         final.get("eval_loss"), self.results.get("start", {}).get("accuracy")))
+        if self.setting == "local":
+            self.fabric.print("local: no global model to export (each client kept its own)")
+            return
         export_run(self.out_dir, overwrite=True, say=self.fabric.print)
 
     def start_or_resume(self) -> int:
@@ -344,11 +404,14 @@ class FederatedTrainer:
         if resumed is None:
             return 1
         self.global_state = resumed.state
+        self.own_states = resumed.client_states
         if resumed.base:
             self.model.load_base_state(resumed.base)
             self.merged = True
         if self.rank == 0:
             self.results["rounds"] = resumed.records
+            if resumed.start is not None:
+                self.results["start"] = resumed.start
             self.results["bad_updates_total"] = sum(len(r["bad_updates"]) for r in resumed.records)
             self.fabric.print(f"resuming after round {resumed.round} from {resumed.path}")
         return resumed.round + 1
@@ -365,7 +428,13 @@ class FederatedTrainer:
 
 
 def final_accuracy(results: dict[str, Any]) -> dict[str, Any]:
-    """The last evaluated round's accuracies (and eval losses, where reported): the run's result."""
+    """The last evaluated round's scores (and eval losses, where reported), with the gain over the starting model
+    (round 0) where the run scored it: the run's result."""
     last = next(record for record in reversed(results["rounds"]) if "accuracy" in record)
-    return {key: last[key] for key in ("round", "accuracy", "mean_accuracy", "eval_loss", "mean_eval_loss")
-            if key in last}
+    final = {key: last[key] for key in ("round", "accuracy", "mean_accuracy", "eval_loss", "mean_eval_loss",
+                                        "correct_items") if key in last}
+    start = results.get("start")
+    if start is not None:
+        final["gain"] = {domain: value - start["accuracy"][domain] for domain, value in final["accuracy"].items()}
+        final["mean_gain"] = final["mean_accuracy"] - start["mean_accuracy"]
+    return final

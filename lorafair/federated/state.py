@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from lorafair.aggregation import ClientUpdate
@@ -106,6 +107,64 @@ class ServerRecord:
     """Client id -> why it sent no result (its node failed mid-round under Flower; the round went on without it)."""
 
 
+def encode_items(right: Tensor) -> str | None:
+    """A test set's per-item scores (1 right, 0 wrong) as "<count>:<hex of the packed bits>", the compact form
+    results.json keeps them in for paired comparisons; None where they are not all 0 or 1 (an item was skipped)."""
+    bits = right.to(torch.float64)
+    if not bool(((bits == 0) | (bits == 1)).all()):
+        return None
+    padded = torch.zeros(-(-len(bits) // 8) * 8, dtype=torch.uint8)
+    padded[:len(bits)] = bits.to(torch.uint8)
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+    packed = (padded.view(-1, 8) * weights).sum(dim=1).to(torch.uint8)
+    return f"{len(bits)}:{bytes(packed.tolist()).hex()}"
+
+
+def decode_items(text: str) -> Tensor:
+    """Inverse of `encode_items`: a float64 vector of 0 and 1."""
+    count, _, hexdigits = text.partition(":")
+    packed = torch.tensor(list(bytes.fromhex(hexdigits)), dtype=torch.uint8)
+    bits = ((packed[:, None] >> torch.arange(7, -1, -1, dtype=torch.uint8)) & 1).flatten()
+    return bits[:int(count)].to(torch.float64)
+
+
+@dataclass
+class Scores:
+    """A model's (or, under the local bound, the clients' own models') scores per domain."""
+
+    accuracy: dict[str, float]
+    eval_loss: dict[str, float] | None
+    """Mean cross-entropy per domain, for models that report one (instruction data: over the response tokens)."""
+    items: dict[str, list[Tensor]]
+    """Per domain, per model scored on it: 1 where a test item is right, 0 where wrong."""
+
+    @classmethod
+    def of(cls, domains: list[str], rows: list[str], sums: Tensor, items: list[Tensor]) -> Scores:
+        """From `LocalTrainer.evaluation_sums` summed over the shards, with one row (and item vector) per model
+        and test set, `rows` naming each row's domain: a domain's score is the mean over its rows."""
+        def mean_of(ratios: Tensor, domain: str) -> float:
+            return torch.stack([ratios[i] for i, name in enumerate(rows) if name == domain]).mean().item()
+
+        accuracy = {domain: mean_of(sums[:, 0] / sums[:, 1], domain) for domain in domains}
+        eval_loss = (None if not sums[:, 3].any() else
+                     {domain: mean_of(sums[:, 2] / sums[:, 3], domain) for domain in domains})
+        return cls(accuracy, eval_loss, {domain: [items[i] for i, name in enumerate(rows) if name == domain]
+                                         for domain in domains})
+
+    def to_dict(self, items: bool) -> dict[str, Any]:
+        """The entry of results.json (in a round record, or as the starting model's); `items`: with the per-item
+        scores (kept for the starting model and the last round only)."""
+        entry: dict[str, Any] = {"accuracy": self.accuracy,
+                                 "mean_accuracy": sum(self.accuracy.values()) / len(self.accuracy)}
+        if self.eval_loss is not None:
+            entry["eval_loss"] = self.eval_loss
+            entry["mean_eval_loss"] = sum(self.eval_loss.values()) / len(self.eval_loss)
+        encoded = {domain: [encode_items(vector) for vector in vectors] for domain, vectors in self.items.items()}
+        if items and all(text is not None for texts in encoded.values() for text in texts):
+            entry["correct_items"] = encoded
+        return entry
+
+
 @dataclass
 class RoundRecord:
     """One round's entry of results.json, written by rank 0."""
@@ -116,20 +175,17 @@ class RoundRecord:
     """Client id -> the rank that trained it."""
     server: ServerRecord
     seconds: dict[str, float]
-    accuracy: dict[str, float] | None = None
-    eval_loss: dict[str, float] | None = None
-    """Mean cross-entropy per domain, for models that report one (instruction data: over the response tokens)."""
+    scores: Scores | None = None
+    """None in a round that was not evaluated."""
+    items: bool = False
+    """Keep the per-item scores (the last round)."""
 
     def to_dict(self) -> dict[str, Any]:
         seconds = self.seconds
         record = {"round": self.round, "clients": self.clients, "ranks": self.ranks, **asdict(self.server),
                   "seconds": seconds, "overhead": (seconds["comm"] + seconds["aggregate"]) / seconds["round"]}
-        if self.accuracy is not None:
-            record["accuracy"] = self.accuracy
-            record["mean_accuracy"] = sum(self.accuracy.values()) / len(self.accuracy)
-        if self.eval_loss is not None:
-            record["eval_loss"] = self.eval_loss
-            record["mean_eval_loss"] = sum(self.eval_loss.values()) / len(self.eval_loss)
+        if self.scores is not None:
+            record.update(self.scores.to_dict(self.items))
         return record
 
 
@@ -168,12 +224,31 @@ class ResumeState:
     state: GlobalState
     base: dict[str, Tensor] = field(default_factory=dict)
     """The frozen weights of the adapted layers after the merges so far; empty when nothing was merged."""
+    start: dict[str, Any] | None = None
+    """The starting model's scores (round 0); None in a checkpoint of a run that did not score it."""
+    client_states: dict[int, GlobalState] = field(default_factory=dict)
+    """The local bound: each client's own state."""
 
     def to_wire(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        return ({**self.state.tensors(), **pack("base", self.base)},
-                {"round": self.round, "path": str(self.path), "records": self.records})
+        return ({**self.state.tensors(), **pack("base", self.base), **pack_client_states(self.client_states)},
+                {"round": self.round, "path": str(self.path), "records": self.records, "start": self.start})
 
     @classmethod
     def from_wire(cls, tensors: dict[str, Tensor], info: dict[str, Any]) -> ResumeState:
         return cls(round=info["round"], path=Path(info["path"]), records=info["records"],
-                   state=GlobalState.from_tensors(tensors), base=unpack(tensors, "base"))
+                   state=GlobalState.from_tensors(tensors), base=unpack(tensors, "base"), start=info["start"],
+                   client_states=unpack_client_states(tensors))
+
+
+def pack_client_states(states: dict[int, GlobalState]) -> dict[str, Tensor]:
+    """Each client's own state under the kinds "client<id>.lora" and "client<id>.extra"."""
+    return {key: tensor for client, state in states.items()
+            for key, tensor in {**pack_pairs(f"client{client}.lora", state.lora),
+                                **pack(f"client{client}.extra", state.extra)}.items()}
+
+
+def unpack_client_states(tensors: dict[str, Tensor]) -> dict[int, GlobalState]:
+    """Inverse of `pack_client_states` for a mixed mapping."""
+    clients = sorted({int(key.split(".")[0][6:]) for key in tensors if key.startswith("client")})
+    return {client: GlobalState(unpack_pairs(tensors, f"client{client}.lora"), unpack(tensors, f"client{client}.extra"))
+            for client in clients}

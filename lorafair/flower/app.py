@@ -133,6 +133,9 @@ def make_client_app(config_of: Callable[[Context], FitConfig]) -> ClientApp:
 class FlowerRoundLoop(FederatedTrainer):
     """`fit`'s round loop in one process, whose clients train on the grid's nodes."""
     def __init__(self, cfg: FitConfig, grid: Grid, timeout: float) -> None:
+        if cfg.federation.setting != "federated":
+            raise UserError(f"federation.setting {cfg.federation.setting} is a bound for `lorafair fit` and "
+                            f"`lorafair compare`; Flower runs federated methods only")
         super().__init__(cfg, launch_fabric(cfg))
         self.grid, self.timeout = grid, timeout
         self.node_of: dict[int, int] = {}

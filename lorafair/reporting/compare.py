@@ -22,7 +22,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 from jsonargparse import ArgumentParser
 
 from lorafair.aggregation import method_options, registered_methods
-from lorafair.config import FitConfig
+from lorafair.config import BOUNDS, FitConfig
 from lorafair.errors import UserError
 from lorafair.reporting.report import format_value, report
 from lorafair.reporting.run_folder import (
@@ -103,12 +103,20 @@ def _with_override(cfg: FitConfig, key: str, value: Any) -> FitConfig:
     return replace(cfg, **{section: replace(getattr(cfg, section), **{name: value})})
 
 
-def plan_runs(cfg: FitConfig, methods: list[str], seeds: list[int] | None, grid: str | None) -> list[PlannedRun]:
-    """Every run of a comparison, seed by seed (a full table exists after the first seed), validated up front."""
-    unknown = [method for method in methods if method not in registered_methods()]
+def comparable() -> tuple[str, ...]:
+    """What --methods may name: every registered method, then the bounds."""
+    return (*registered_methods(), *BOUNDS)
+
+
+def plan_runs(cfg: FitConfig, methods: list[str] | None, seeds: list[int] | None,
+              grid: str | None) -> list[PlannedRun]:
+    """Every run of a comparison, seed by seed (a full table exists after the first seed), validated up front. A
+    bound is a run of its federation.setting (None: every method and both bounds)."""
+    methods = list(comparable()) if methods is None else methods
+    unknown = [method for method in methods if method not in comparable()]
     if unknown or not methods:
         raise UserError(f"--methods: unknown method {', '.join(unknown) or '(none given)'}; "
-                        f"valid: {', '.join(registered_methods())}")
+                        f"valid: {', '.join(comparable())}")
     if cfg.resume not in (None, "auto"):
         raise UserError("resume: compare resumes each run from its own folder; drop --resume or pass 'auto'")
     if cfg.overwrite:
@@ -122,8 +130,10 @@ def plan_runs(cfg: FitConfig, methods: list[str], seeds: list[int] | None, grid:
         for value in values:
             for method in methods:
                 name = method if key is None else f"{method}-{key}={format_value(value).replace(os.sep, '_')}"
+                bound = method in BOUNDS
                 run_cfg = replace(cfg, seed=seed, resume=None, out_dir=Path(cfg.out_dir) / name / f"seed{seed}",
-                                  server=replace(cfg.server, method=method))
+                                  server=replace(cfg.server, method="fedit" if bound else method),
+                                  federation=replace(cfg.federation, setting=method if bound else "federated"))
                 if key is not None:
                     run_cfg = _with_override(run_cfg, key, value)
                 run_cfg.validate()
@@ -147,10 +157,15 @@ def _is_rank_zero() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def compare(cfg: FitConfig, methods: list[str], seeds: list[int] | None, grid: str | None) -> None:
-    """Fit every planned run that is not finished yet, then write the report into cfg.out_dir."""
+def compare(cfg: FitConfig, methods: list[str] | None, seeds: list[int] | None, grid: str | None,
+            baseline: str = "fedit") -> None:
+    """Fit every planned run that is not finished yet, then write the report into cfg.out_dir, each row against
+    `baseline`."""
     from lorafair.federated.loop import fit
 
+    if baseline not in comparable() or (methods is not None and baseline not in methods):
+        raise UserError(f"--baseline: {baseline!r} is not one of the compared methods; pass one of "
+                        f"{', '.join(methods or comparable())}")
     runs = plan_runs(cfg, methods, seeds, grid)
     statuses = [run_status(run.cfg.out_dir) for run in runs]
     lead = _is_rank_zero()
@@ -159,7 +174,8 @@ def compare(cfg: FitConfig, methods: list[str], seeds: list[int] | None, grid: s
         print(f"lorafair compare: {len(runs)} runs in {cfg.out_dir}, {statuses.count('done')} finished earlier")
         key = runs[0].override[0] if runs[0].override else ""
         for method in dict.fromkeys(run.method for run in runs):
-            if key.startswith("server.") and key.removeprefix("server.") not in method_options(method):
+            if key.startswith("server.") and (method in BOUNDS or key.removeprefix("server.")
+                                              not in method_options(method)):
                 print(f"lorafair compare: note: {method} ignores {key}: its runs for each value are the same",
                       file=sys.stderr)
     for index, (run, status) in enumerate(zip(runs, statuses, strict=True), start=1):
@@ -176,7 +192,7 @@ def compare(cfg: FitConfig, methods: list[str], seeds: list[int] | None, grid: s
             print(f"lorafair compare: {where}: {'starting' if status == 'new' else 'resuming'}")
         fit(replace(run.cfg, resume=None if status == "new" and not distributed else "auto"))
     if lead:
-        bad = report(cfg.out_dir, skip_bad=True)
+        bad = report(cfg.out_dir, skip_bad=True, baseline=baseline)
         if bad:
             raise UserError(f"compare: left out of the report: {bad[0]}; fix it or delete its folder and run compare "
                             f"again" + (f" ({len(bad) - 1} more such runs)" if len(bad) > 1 else ""))

@@ -2,7 +2,9 @@
 
 Everything is rebuilt from the `results.json` files under DIR, so a report written by `compare` and one written
 later by `report` are the same bytes. A row is one method (and one value of every setting that differs between
-runs, e.g. a swept `server.lam`); its cells are mean +- std over the row's seeds.
+runs, e.g. a swept `server.lam`); its cells are mean +- std over the row's seeds. The tables show the starting
+model's score (round 0) and the gain, the bounds (centralized, local) apart from the methods, and which differences
+against a baseline method are significant (`lorafair.reporting.significance`).
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib.style
+import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from lorafair.aggregation import display_name, registered_methods
+from lorafair.config import BOUNDS
 from lorafair.errors import UserError
+from lorafair.federated.state import decode_items
 from lorafair.reporting.run_folder import (
     CONFIG_NAME,
     EXPORT_NAME,
@@ -34,6 +39,7 @@ from lorafair.reporting.run_folder import (
     run_config,
     write_text_atomic,
 )
+from lorafair.reporting.significance import BOOTSTRAP_SAMPLES, Interval, paired_bootstrap_interval, paired_t_interval
 
 TABLE_NAME = "comparison.md"
 CSV_NAME = "comparison.csv"
@@ -55,6 +61,8 @@ class Run:
     """Resolved config flattened to dotted keys (server.lam, lora.r, ...)."""
     rounds: list[dict]
     final: dict
+    start: dict | None = None
+    """The starting model's scores (round 0), where the run recorded them."""
 
 
 @dataclass(frozen=True)
@@ -67,8 +75,12 @@ class Row:
     runs: tuple[Run, ...]
 
     @property
+    def is_bound(self) -> bool:
+        return self.method in BOUNDS
+
+    @property
     def label(self) -> str:
-        name = display_name(self.method)
+        name = method_name(self.method)
         if not self.setting:
             return name
         return f"{name} ({', '.join(f'{key}={format_value(value)}' for key, value in self.setting)})"
@@ -104,9 +116,14 @@ def _sort_key(value: Any) -> tuple:
 
 
 def _method_rank(method: str) -> int:
-    """Position in the registration order (also picks the method's colour); unknown methods go last."""
-    methods = registered_methods()
+    """Position in the registration order, then the bounds (also picks the colour); unknown methods go last."""
+    methods = (*registered_methods(), *BOUNDS)
     return methods.index(method) if method in methods else len(methods)
+
+
+def method_name(method: str) -> str:
+    """A method as the paper writes it; a bound marked as one."""
+    return f"{method.capitalize()} (bound)" if method in BOUNDS else display_name(method)
 
 
 def load_runs(directory: Path) -> tuple[list[Run], list[str], list[str]]:
@@ -128,7 +145,8 @@ def load_runs(directory: Path) -> tuple[list[Run], list[str], list[str]]:
             continue
         method = results.get("method") or config.get("server", {}).get("method", "?")
         runs.append(Run(folder=folder, method=method, seed=int(results.get("seed", config.get("seed", 0))),
-                        config=flatten_config(config), rounds=results.get("rounds", []), final=results["final"]))
+                        config=flatten_config(config), rounds=results.get("rounds", []), final=results["final"],
+                        start=results.get("start")))
     # a run's export (<run>/final/) holds a config.yaml too, but it is no run of its own
     started = ({path.parent for path in directory.rglob(CONFIG_NAME)} - {path.parent for path in results_files}
                - {path.parent / EXPORT_NAME for path in results_files})
@@ -178,14 +196,115 @@ def has_eval_loss(rows: list[Row]) -> bool:
     return any("eval_loss" in run.final for row in rows for run in row.runs)
 
 
+def start_stats(row: Row, domains: list[str]) -> dict[str, Stat | None]:
+    """The starting model's accuracy in percent per domain plus "Average" (None where no run scored it)."""
+    return _entry_stats([run.start for run in row.runs if run.start is not None], domains, "accuracy", 100)
+
+
+def gain_stats(row: Row, domains: list[str]) -> dict[str, Stat | None]:
+    """Final minus starting accuracy in points per domain plus "Average", over the runs that scored both."""
+    gains = [{"accuracy": {d: run.final["accuracy"][d] - run.start["accuracy"][d] for d in run.final["accuracy"]
+                           if d in run.start["accuracy"]},
+              "mean_accuracy": run.final["mean_accuracy"] - run.start["mean_accuracy"]}
+             for run in row.runs if run.start is not None]
+    return _entry_stats(gains, domains, "accuracy", 100)
+
+
 def _final_stats(row: Row, domains: list[str], key: str, scale: float) -> dict[str, Stat | None]:
+    return _entry_stats([run.final for run in row.runs], domains, key, scale)
+
+
+def _entry_stats(entries: list[dict], domains: list[str], key: str, scale: float) -> dict[str, Stat | None]:
     stats: dict[str, Stat | None] = {}
     for domain in domains:
-        values = [scale * run.final[key][domain] for run in row.runs if domain in run.final.get(key, {})]
+        values = [scale * entry[key][domain] for entry in entries if domain in entry.get(key, {})]
         stats[domain] = Stat.of(values) if values else None
-    means = [scale * run.final[f"mean_{key}"] for run in row.runs if f"mean_{key}" in run.final]
+    means = [scale * entry[f"mean_{key}"] for entry in entries if f"mean_{key}" in entry]
     stats["Average"] = Stat.of(means) if means else None
     return stats
+
+
+def difference(row: Row, baseline: Row) -> Interval | None:
+    """Row minus baseline in average accuracy points, paired: Student t over the shared seeds (two or more), a
+    bootstrap over the test items of the one shared seed, or None (no shared seed, or no item scores)."""
+    base = {run.seed: run for run in baseline.runs}
+    pairs = [(run, base[run.seed]) for run in row.runs if run.seed in base]
+    if len(pairs) >= 2:
+        return paired_t_interval([100 * (run.final["mean_accuracy"] - other.final["mean_accuracy"])
+                                  for run, other in pairs])
+    if len(pairs) == 1:
+        run, other = pairs[0]
+        items, other_items = run.final.get("correct_items"), other.final.get("correct_items")
+        if not items or not other_items or items.keys() != other_items.keys():
+            return None
+        try:
+            return paired_bootstrap_interval([(100 * _item_scores(items[d]), 100 * _item_scores(other_items[d]))
+                                              for d in items])
+        except ValueError:  # other test items (another data setting): no pairing
+            return None
+    return None
+
+
+def _item_scores(encoded: list[str]) -> torch.Tensor:
+    """A domain's item scores: the mean over the models scored on it (one, or a local bound's clients)."""
+    return torch.stack([decode_items(text) for text in encoded]).mean(dim=0)
+
+
+def baseline_row(rows: list[Row], row: Row, baseline: str) -> Row | None:
+    """The baseline method's row with the same setting as `row` (None where there is none)."""
+    return next((other for other in rows if other.method == baseline and other.setting == row.setting), None)
+
+
+def _interval_cells(interval: Interval | None) -> list[str]:
+    if interval is None:
+        return ["-", "-", "-"]
+    return [f"{interval.difference:+.2f}", f"[{interval.low:+.2f}, {interval.high:+.2f}]",
+            "yes" if interval.excludes_zero else "no"]
+
+
+def significance_lines(rows: list[Row], setting_keys: list[str], baseline: str) -> list[str]:
+    """Markdown: every row against the baseline with its paired 95% interval, in words which differences are
+    significant, and the best method against the weakest."""
+    name = method_name(baseline)
+    if not any(row.method == baseline for row in rows):
+        return ["", f"## Differences against {name}", "",
+                f"No run of the baseline {name} here: pass --baseline with a method of this report."]
+    lines = ["", f"## Differences against {name} (paired, 95% interval)", "",
+             "| " + " | ".join(["Method", *setting_keys, f"Average − {name} (points)", "95% interval",
+                                "Significant"]) + " |",
+             "| " + " | ".join([":--"] * (1 + len(setting_keys)) + ["--:", "--:", ":-:"]) + " |"]
+    verdicts: dict[str, list[str]] = {"above": [], "below": [], "level": []}
+    kinds = set()
+    for row in rows:
+        base = baseline_row(rows, row, baseline)
+        if base is None or base is row:
+            continue
+        interval = difference(row, base)
+        if interval is not None:
+            kinds.add(interval.how)
+            verdict = "level" if not interval.excludes_zero else "above" if interval.difference > 0 else "below"
+            verdicts[verdict].append(row.label)
+        lines.append("| " + " | ".join([method_name(row.method), *(format_value(v) for _, v in row.setting),
+                                        *_interval_cells(interval)]) + " |")
+    how = {"t": "Student t on the per-seed paired differences of the average",
+           "bootstrap": f"percentile bootstrap over the test items of the one seed ({BOOTSTRAP_SAMPLES} resamples, "
+                        "items drawn within each domain, the same for both)"}
+    lines += ["", ("Interval: " + "; ".join(how[kind] for kind in sorted(kinds)) + ".") if kinds else
+              "No interval: the runs share no seed, or hold no per-item scores.",
+              "", f"Significantly above {name}: {', '.join(verdicts['above']) or 'none'}. Significantly below: "
+              f"{', '.join(verdicts['below']) or 'none'}. Not separated from it (the interval holds 0): "
+              f"{', '.join(verdicts['level']) or 'none'}."]
+    methods = [row for row in rows if not row.is_bound]
+    if len(methods) > 1 and all(not row.setting for row in methods):
+        ranked = sorted(methods, key=lambda row: statistics.fmean(r.final["mean_accuracy"] for r in row.runs))
+        weakest, best = ranked[0], ranked[-1]
+        interval = difference(best, weakest)
+        if interval is not None:
+            verdict = "significant" if interval.excludes_zero else "not significant: the interval holds 0"
+            lines += ["", f"Best method ({best.label}) against the weakest ({weakest.label}): "
+                      f"{interval.difference:+.2f} points, 95% interval [{interval.low:+.2f}, {interval.high:+.2f}], "
+                      f"{verdict}."]
+    return lines
 
 
 def bytes_stats(row: Row, direction: str) -> Stat:
@@ -204,10 +323,11 @@ def aggregation_stats(row: Row) -> dict[str, float]:
     return {name: statistics.fmean(found) for name, found in sorted(values.items())}
 
 
-def _cell(stat: Stat | None, bold: bool) -> str:
+def _cell(stat: Stat | None, bold: bool, signed: bool = False) -> str:
     if stat is None:
         return "-"
-    text = f"{stat.mean:.2f}" if stat.std is None else f"{stat.mean:.2f} ± {stat.std:.2f}"
+    mean = f"{stat.mean:+.2f}" if signed else f"{stat.mean:.2f}"
+    text = mean if stat.std is None else f"{mean} ± {stat.std:.2f}"
     return f"**{text}**" if bold else text
 
 
@@ -234,16 +354,39 @@ def _seed_note(rows: list[Row]) -> list[str]:
     return lines
 
 
-def markdown_table(rows: list[Row], incomplete: list[str]) -> str:
-    """comparison.md: accuracy per method and domain like the paper's Table 1, then the communication per round."""
+def markdown_table(rows: list[Row], incomplete: list[str], baseline: str = "fedit") -> str:
+    """comparison.md: accuracy per method and domain like the paper's Table 1 with the starting model's score and
+    the gain, the gain per domain, the differences against `baseline` with their intervals, then the communication
+    per round."""
     domains = _domains(run for row in rows for run in row.runs)
     columns = [*domains, "Average"]
     setting_keys = [key for key, _ in rows[0].setting]
-    stats = [accuracy_stats(row, domains) for row in rows]
+    stats = [{**accuracy_stats(row, domains), "Start": start_stats(row, domains)["Average"],
+              "Gain": gain_stats(row, domains)["Average"]} for row in rows]
 
-    lines = ["## Top-1 accuracy (%)", "", *_stats_table(rows, setting_keys, columns, stats, best=max)]
+    lines = ["## Top-1 accuracy (%)", "", *_stats_table(rows, setting_keys, [*columns, "Start", "Gain"], stats,
+                                                        best=max)]
+    bounds = [row.label for row in rows if row.is_bound]
     lines += ["", "Accuracy of the global model on each domain's test split after the last round; Average is the "
-              "mean over domains. " + " ".join(_seed_note(rows)) + " Best per column in bold."]
+              "mean over domains; Start is the starting model's Average (round 0: the pretrained backbone with a "
+              "fresh LoRA and head, scored the same way) and Gain is Average - Start, in points. "
+              + " ".join(_seed_note(rows)) + " Best per column in bold, bounds left out."
+              + (f" Bounds, not methods: {', '.join(bounds)} (centralized: one client holding every client's data, "
+                 "the same steps per round; local: each client alone, never aggregated, scored on its own domain)."
+                 if bounds else "")]
+    gains = [gain_stats(row, domains) for row in rows]
+    if any(gain["Average"] is not None for gain in gains):
+        starts = start_stats(rows[0], domains)
+        lines += ["", "## Gain over the starting model (points)", "",
+                  "| " + " | ".join(["Method", *setting_keys, *columns]) + " |",
+                  "| " + " | ".join([":--"] * (1 + len(setting_keys)) + ["--:"] * len(columns)) + " |",
+                  "| " + " | ".join(["Start (round 0, %)", *([""] * len(setting_keys)),
+                                     *(_cell(starts[column], False) for column in columns)]) + " |"]
+        for row, gain in zip(rows, gains, strict=True):
+            lines.append("| " + " | ".join([row.label if row.is_bound else method_name(row.method),
+                                             *(format_value(v) for _, v in row.setting),
+                                             *(_cell(gain[column], False, signed=True) for column in columns)]) + " |")
+    lines += significance_lines(rows, setting_keys, baseline)
     if has_eval_loss(rows):
         lines += ["", "## Eval loss", "",
                   *_stats_table(rows, setting_keys, columns, [eval_loss_stats(row, domains) for row in rows], min),
@@ -256,7 +399,7 @@ def markdown_table(rows: list[Row], incomplete: list[str]) -> str:
               "| " + " | ".join(["Method", *setting_keys, "Upload", "Download"]) + " |",
               "| " + " | ".join([":--"] * (1 + len(setting_keys)) + ["--:", "--:"]) + " |"]
     for row in rows:
-        cells = [display_name(row.method), *(format_value(value) for _, value in row.setting),
+        cells = [method_name(row.method), *(format_value(value) for _, value in row.setting),
                  _human_bytes(bytes_stats(row, "bytes_up").mean), _human_bytes(bytes_stats(row, "bytes_down").mean)]
         lines.append("| " + " | ".join(cells) + " |")
 
@@ -269,7 +412,7 @@ def markdown_table(rows: list[Row], incomplete: list[str]) -> str:
                   "| " + " | ".join(["Method", *setting_keys, *names]) + " |",
                   "| " + " | ".join([":--"] * (1 + len(setting_keys)) + ["--:"] * len(names)) + " |"]
         for row, found in zip(rows, metrics, strict=True):
-            cells = [display_name(row.method), *(format_value(value) for _, value in row.setting),
+            cells = [method_name(row.method), *(format_value(value) for _, value in row.setting),
                      *(f"{found[name]:.6f}" if name in found else "-" for name in names)]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -277,22 +420,25 @@ def markdown_table(rows: list[Row], incomplete: list[str]) -> str:
 
 def _stats_table(rows: list[Row], setting_keys: list[str], columns: list[str],
                  stats: list[dict[str, Stat | None]], best: Callable[..., float]) -> list[str]:
-    """Markdown lines of one row per method and one cell per column, the `best` mean of each column in bold."""
-    best_of = {column: best((round(s[column].mean, 2) for s in stats if s[column] is not None), default=None)
+    """Markdown lines of one row per method and one cell per column, the `best` mean of each column over the
+    methods (not the bounds) in bold."""
+    best_of = {column: best((round(s[column].mean, 2) for row, s in zip(rows, stats, strict=True)
+                             if s[column] is not None and not row.is_bound), default=None)
                for column in columns}
     lines = ["| " + " | ".join(["Method", *setting_keys, *columns]) + " |",
              "| " + " | ".join([":--"] * (1 + len(setting_keys)) + ["--:"] * len(columns)) + " |"]
     for row, row_stats in zip(rows, stats, strict=True):
-        cells = [display_name(row.method), *(format_value(value) for _, value in row.setting)]
+        cells = [method_name(row.method), *(format_value(value) for _, value in row.setting)]
         for column in columns:
             stat = row_stats[column]
-            is_best = len(rows) > 1 and stat is not None and round(stat.mean, 2) == best_of[column]
+            is_best = (len(rows) > 1 and stat is not None and not row.is_bound and column != "Start"
+                       and round(stat.mean, 2) == best_of[column])
             cells.append(_cell(stat, is_best))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
-def csv_table(rows: list[Row]) -> str:
+def csv_table(rows: list[Row], baseline: str = "fedit") -> str:
     """comparison.csv: the numbers of comparison.md, one row per table row, std empty with a single seed."""
     domains = _domains(run for row in rows for run in row.runs)
     setting_keys = [key for key, _ in rows[0].setting]
@@ -300,6 +446,9 @@ def csv_table(rows: list[Row]) -> str:
     losses = has_eval_loss(rows)
     for column in [*domains, "average"]:
         header += [f"{column}_mean", f"{column}_std"]
+    for part in ("start", "gain"):
+        header += [f"{column}_{part}_{stat}" for column in [*domains, "average"] for stat in ("mean", "std")]
+    header += [f"vs_{baseline}_difference", f"vs_{baseline}_low", f"vs_{baseline}_high", f"vs_{baseline}_interval"]
     if losses:
         header += [f"{column}_eval_loss_{part}" for column in [*domains, "average"] for part in ("mean", "std")]
     header += ["bytes_up", "bytes_down"]
@@ -311,9 +460,15 @@ def csv_table(rows: list[Row]) -> str:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
     for row, found in zip(rows, metrics, strict=True):
-        line = [row.method, display_name(row.method),
+        line = [row.method, method_name(row.method),
                 *(format_value(value) for _, value in row.setting), " ".join(map(str, row.seeds))]
         line += _csv_cells(accuracy_stats(row, domains), [*domains, "Average"], 2)
+        line += _csv_cells(start_stats(row, domains), [*domains, "Average"], 2)
+        line += _csv_cells(gain_stats(row, domains), [*domains, "Average"], 2)
+        base = baseline_row(rows, row, baseline)
+        interval = difference(row, base) if base is not None and base is not row else None
+        line += (["", "", "", ""] if interval is None else
+                 [f"{interval.difference:.2f}", f"{interval.low:.2f}", f"{interval.high:.2f}", interval.how])
         if losses:
             line += _csv_cells(eval_loss_stats(row, domains), [*domains, "Average"], 4)
         line += [f"{bytes_stats(row, 'bytes_up').mean:.0f}", f"{bytes_stats(row, 'bytes_down').mean:.0f}"]
@@ -343,17 +498,18 @@ def plot_accuracy_vs_round(rows: list[Row], path: Path) -> None:
     for index, row in enumerate(rows):
         per_round: dict[int, list[float]] = {}
         for run in row.runs:
-            for entry in run.rounds:
+            for entry in [*([run.start] if run.start else []), *run.rounds]:
                 if "mean_accuracy" in entry:
                     per_round.setdefault(int(entry["round"]), []).append(100 * entry["mean_accuracy"])
         rounds = sorted(per_round)
         stats = [Stat.of(per_round[r]) for r in rounds]
         color = f"C{(index if row.setting else _method_rank(row.method)) % 10}"
-        ax.plot(rounds, [s.mean for s in stats], marker="o", markersize=3, color=color, label=row.label)
+        ax.plot(rounds, [s.mean for s in stats], marker="o", markersize=3, color=color, label=row.label,
+                linestyle="--" if row.is_bound else "-")
         if len(row.runs) > 1:
             ax.fill_between(rounds, [s.mean - (s.std or 0) for s in stats], [s.mean + (s.std or 0) for s in stats],
                             color=color, alpha=0.2, linewidth=0)
-    ax.set_xlabel("Round")
+    ax.set_xlabel("Round (0: the starting model)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("Average accuracy over domains (%)")
     ax.grid(alpha=0.3)
@@ -392,7 +548,7 @@ def plot_sweep(rows: list[Row], path: Path) -> None:
         xs = [position[json.dumps(row.setting[0][1])] for row in method_rows]
         stats = [Stat.of([100 * run.final["mean_accuracy"] for run in row.runs]) for row in method_rows]
         ax.errorbar(xs, [s.mean for s in stats], yerr=[s.std or 0 for s in stats], marker="o", capsize=3,
-                    color=f"C{_method_rank(method) % 10}", label=display_name(method))
+                    color=f"C{_method_rank(method) % 10}", label=method_name(method))
     ax.set_xticks(range(len(values)), [format_value(json.loads(text)) for text in values])
     ax.set_xlabel(key)
     ax.set_ylabel("Final average accuracy (%)")
@@ -405,8 +561,9 @@ def sweep_plot_name(key: str) -> str:
     return f"accuracy_vs_{key}.png"
 
 
-def report(dir: Path, skip_bad: bool = False) -> list[str]:
-    """Write comparison.md, comparison.csv and the plots into `dir` from every finished run below it.
+def report(dir: Path, skip_bad: bool = False, baseline: str = "fedit") -> list[str]:
+    """Write comparison.md, comparison.csv and the plots into `dir` from every finished run below it; each row is
+    compared with the runs of `baseline` (paired 95% intervals).
 
     A results.json that cannot be read stops the report (UserError naming it), or with `skip_bad` is left out and
     listed in comparison.md; the returned lines describe the ones left out."""
@@ -424,9 +581,9 @@ def report(dir: Path, skip_bad: bool = False) -> list[str]:
         raise UserError(f"report: no finished run under {directory} (no results.json with a 'final' entry); "
                         "run `lorafair compare` or `lorafair fit` with --out_dir inside it first")
     rows = group_rows(runs)
-    table = markdown_table(rows, incomplete)
+    table = markdown_table(rows, incomplete, baseline)
     write_text_atomic(directory / TABLE_NAME, table)
-    write_text_atomic(directory / CSV_NAME, csv_table(rows))
+    write_text_atomic(directory / CSV_NAME, csv_table(rows, baseline))
     written = [TABLE_NAME, CSV_NAME, ROUNDS_PLOT_NAME, COMMUNICATION_PLOT_NAME]
     with matplotlib.style.context("default"):
         plot_accuracy_vs_round(rows, directory / ROUNDS_PLOT_NAME)

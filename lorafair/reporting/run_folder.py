@@ -42,7 +42,7 @@ EXECUTION_KEYS = frozenset({"out_dir", "resume", "resume_force", "overwrite", "a
 """Settings free to change on resume: how long a run lasts and how it executes (accelerator and precision change
 the numerics a little, not the experiment)."""
 
-PER_RUN_KEYS = frozenset({"seed", "out_dir", "resume", "server.method"})
+PER_RUN_KEYS = frozenset({"seed", "out_dir", "resume", "server.method", "federation.setting"})
 """Settings that differ between the runs of one comparison by design, so they never make a report row of their own
 nor count as a changed config."""
 
@@ -209,15 +209,21 @@ def mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+def score_scalars(entry: Mapping[str, Any]) -> dict[str, float]:
+    """The scores of a round's record (or of the starting model's entry, at step 0) as TensorBoard scalars."""
+    scalars: dict[str, float] = {}
+    if "accuracy" in entry:
+        scalars.update({f"accuracy/{domain}": acc for domain, acc in entry["accuracy"].items()})
+        scalars["accuracy/mean"] = entry["mean_accuracy"]
+    if "eval_loss" in entry:
+        scalars.update({f"eval_loss/{domain}": loss for domain, loss in entry["eval_loss"].items()})
+        scalars["eval_loss/mean"] = entry["mean_eval_loss"]
+    return scalars
+
+
 def tensorboard_scalars(record: Mapping[str, Any]) -> dict[str, float]:
     """The scalars of one round's record, named for TensorBoard's grouping (accuracy/clipart, seconds/train, ...)."""
-    scalars: dict[str, float] = {}
-    if "accuracy" in record:
-        scalars.update({f"accuracy/{domain}": acc for domain, acc in record["accuracy"].items()})
-        scalars["accuracy/mean"] = record["mean_accuracy"]
-    if "eval_loss" in record:
-        scalars.update({f"eval_loss/{domain}": loss for domain, loss in record["eval_loss"].items()})
-        scalars["eval_loss/mean"] = record["mean_eval_loss"]
+    scalars = score_scalars(record)
     losses = record["train_loss"]
     scalars.update({f"train_loss/client_{client}": loss for client, loss in losses.items()})
     if losses:
@@ -232,14 +238,20 @@ def tensorboard_scalars(record: Mapping[str, Any]) -> dict[str, float]:
 
 
 def accuracy_table(accuracy: Mapping[str, float], mean_accuracy: float, title: str,
-                   eval_loss: Mapping[str, float] | None = None) -> str:
-    """Per-domain top-1 (in percent, as the paper reports it) and the mean, as an aligned text table; with
+                   eval_loss: Mapping[str, float] | None = None, start: Mapping[str, float] | None = None) -> str:
+    """Per-domain top-1 (in percent, as the paper reports it) and the mean, as an aligned text table; with `start`
+    (the starting model's top-1 per domain), columns of the start and of the gain (final - start) first; with
     `eval_loss`, a column of the eval loss per domain and its mean."""
     rows = [*accuracy.items(), ("mean", mean_accuracy)]
+    starts = None if start is None else [*(start[domain] for domain in accuracy), mean(list(start.values()))]
     losses = None if eval_loss is None else [*eval_loss.values(), mean(list(eval_loss.values()))]
     width = max(len("domain"), *(len(domain) for domain, _ in rows))
-    lines = [title, f"{'domain':<{width}}  top-1 %" + ("  eval loss" if losses else ""),
-             f"{'-' * width}  -------" + ("  ---------" if losses else "")]
-    lines += [f"{domain:<{width}}  {100 * value:7.2f}" + (f"  {losses[i]:9.4f}" if losses else "")
-              for i, (domain, value) in enumerate(rows)]
+    lines = [title, f"{'domain':<{width}}" + ("  start %" if starts else "") + "  top-1 %"
+             + ("     gain" if starts else "") + ("  eval loss" if losses else ""),
+             f"{'-' * width}" + ("  -------" if starts else "") + "  -------" + ("  -------" if starts else "")
+             + ("  ---------" if losses else "")]
+    for i, (domain, value) in enumerate(rows):
+        line = f"{domain:<{width}}" + (f"  {100 * starts[i]:7.2f}" if starts else "") + f"  {100 * value:7.2f}"
+        line += f"  {100 * (value - starts[i]):+7.2f}" if starts else ""
+        lines.append(line + (f"  {losses[i]:9.4f}" if losses else ""))
     return "\n".join(lines)

@@ -116,25 +116,24 @@ class TextLoraModel(PeftLoraState, lightning.LightningModule):
         return self.backbone(input_ids=ids, attention_mask=mask, labels=targets[:, used]).loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> tuple[Tensor, ...]:
-        """(correct, total) of the batch for a classifier: the predicted class. For instruction data (correct,
-        total, loss sum, response tokens): the exact match of the final answer extracted from a greedy generation of
-        at most text.max_new_tokens tokens, and the summed cross-entropy of the response tokens (the training
-        loss's terms) with their count."""
+        """(whether each item is right,) for a classifier: the predicted class. For instruction data (whether each
+        item is right, loss sum, response tokens): the exact match of the final answer extracted from a greedy
+        generation of at most text.max_new_tokens tokens, and the summed cross-entropy of the response tokens (the
+        training loss's terms) with their count."""
         inputs, targets = batch
         used = trim(inputs)
         ids, mask = inputs[:, 0, used], inputs[:, 1, used]
-        total = torch.tensor(len(ids), device=ids.device)
         if self.classifier:
             predictions = self.backbone(input_ids=ids, attention_mask=mask).logits.argmax(dim=-1)
-            return (predictions == targets).sum(), total
+            return (predictions == targets,)
         generated = self.backbone.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.text_cfg
                                            .max_new_tokens, do_sample=False, pad_token_id=self.tokenizer.pad_token_id,
                                            eos_token_id=self.tokenizer.eos_token_id)
         texts = self.tokenizer.batch_decode(generated[:, ids.shape[1]:], skip_special_tokens=True)
         answers = [extract_answer(text, self.text_cfg.answer_pattern) for text in texts]
-        correct = sum(answer is not None and answer == reference
-                      for answer, reference in zip(answers, answers_from_codes(targets), strict=True))
-        return (torch.tensor(correct, device=ids.device), total, *self.response_loss(inputs[:, 2:]))
+        correct = [answer is not None and answer == reference
+                   for answer, reference in zip(answers, answers_from_codes(targets), strict=True)]
+        return (torch.tensor(correct, dtype=torch.bool, device=ids.device), *self.response_loss(inputs[:, 2:]))
 
     def response_loss(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
         """(sum of the cross-entropies, count) of the response tokens of stack(ids, mask, labels) items."""
