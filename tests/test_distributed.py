@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import tiny_args
+from conftest import tiny_args, tiny_config
 
 from lorafair.federated import transport as comm
 
@@ -54,9 +54,10 @@ def _environment(**settings: str) -> dict[str, str]:
     return {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **settings}
 
 
-def _torchrun(out_dir: Path, **settings: str) -> subprocess.CompletedProcess:
-    """The tiny job on 2 gloo ranks via the launch script (torchrun --standalone, --resume auto)."""
-    command = ["bash", str(ROOT / "launch" / "torchrun_single_node.sh"), "2", *tiny_args(out_dir)]
+def _torchrun(out_dir: Path, *extra: str, **settings: str) -> subprocess.CompletedProcess:
+    """The tiny job (with `extra` arguments) on 2 gloo ranks via the launch script (torchrun --standalone,
+    --resume auto)."""
+    command = ["bash", str(ROOT / "launch" / "torchrun_single_node.sh"), "2", *tiny_args(out_dir, *extra)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=_environment(**settings))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
@@ -77,6 +78,7 @@ def test_torchrun_with_two_ranks_matches_one_process(tiny_run, two_rank_run):
     assert done.stdout.count("global model after round 2") == 1  # only rank 0 prints the table
     for domain, accuracy in single["final"]["accuracy"].items():
         assert abs(distributed["final"]["accuracy"][domain] - accuracy) <= 0.005
+    assert distributed["start"] == single["start"]  # round 0: the same model, scored in two shards
     assert [r["clients"] for r in distributed["rounds"]] == [r["clients"] for r in single["rounds"]]
     for record in distributed["rounds"]:  # 5 clients on 2 ranks: 3 + 2
         assert sorted(list(record["ranks"].values()).count(rank) for rank in (0, 1)) == [2, 3]
@@ -94,6 +96,22 @@ def test_an_elastic_restart_after_a_rank_dies_resumes_exactly(two_rank_run, tmp_
     for mine, theirs in zip(restarted["rounds"], uninterrupted["rounds"], strict=True):
         assert (mine["clients"], mine["ranks"], mine["train_loss"]) == (theirs["clients"], theirs["ranks"],
                                                                          theirs["train_loss"])
+
+
+@pytest.mark.slow
+def test_the_local_bound_on_two_ranks_matches_one_process(tmp_path):
+    """5 of 6 clients a round, so a client can be trained on one rank in round 1 and the other in round 2: each
+    must start round 2 from its own state wherever it trains."""
+    from lorafair.federated.loop import fit
+
+    single = fit(tiny_config(tmp_path / "one", "--federation.setting", "local"))
+    _torchrun(tmp_path / "two", "--federation.setting", "local")
+    distributed = json.loads((tmp_path / "two" / "results.json").read_text())
+    moved = [client for client, rank in distributed["rounds"][1]["ranks"].items()
+             if distributed["rounds"][0]["ranks"].get(client, rank) != rank]
+    assert moved, "no client changed rank between the rounds: the test would not see a state left behind"
+    for domain, accuracy in single["final"]["accuracy"].items():
+        assert abs(distributed["final"]["accuracy"][domain] - accuracy) <= 0.005
 
 
 def _free_port() -> int:

@@ -361,16 +361,18 @@ def markdown_table(rows: list[Row], incomplete: list[str], baseline: str = "fedi
     domains = _domains(run for row in rows for run in row.runs)
     columns = [*domains, "Average"]
     setting_keys = [key for key, _ in rows[0].setting]
+    started = any(run.start is not None for row in rows for run in row.runs)  # runs older than round 0 have none
     stats = [{**accuracy_stats(row, domains), "Start": start_stats(row, domains)["Average"],
               "Gain": gain_stats(row, domains)["Average"]} for row in rows]
+    shown = [*columns, "Start", "Gain"] if started else columns
 
-    lines = ["## Top-1 accuracy (%)", "", *_stats_table(rows, setting_keys, [*columns, "Start", "Gain"], stats,
-                                                        best=max)]
+    lines = ["## Top-1 accuracy (%)", "", *_stats_table(rows, setting_keys, shown, stats, best=max)]
     bounds = [row.label for row in rows if row.is_bound]
     lines += ["", "Accuracy of the global model on each domain's test split after the last round; Average is the "
-              "mean over domains; Start is the starting model's Average (round 0: the pretrained backbone with a "
-              "fresh LoRA and head, scored the same way) and Gain is Average - Start, in points. "
-              + " ".join(_seed_note(rows)) + " Best per column in bold, bounds left out."
+              "mean over domains" + ("; Start is the starting model's Average (round 0: the pretrained backbone with "
+                                     "a fresh LoRA and head, scored the same way) and Gain is Average - Start, in "
+                                     "points" if started else "") + ". "
+              + " ".join(_seed_note(rows)) + " Best per column in bold" + (", bounds left out." if bounds else ".")
               + (f" Bounds, not methods: {', '.join(bounds)} (centralized: one client holding every client's data, "
                  "the same steps per round; local: each client alone, never aggregated, scored on its own domain)."
                  if bounds else "")]
