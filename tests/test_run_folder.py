@@ -13,6 +13,7 @@ from conftest import tiny_args
 
 from lorafair.cli import main
 from lorafair.federated.checkpoints import list_checkpoints
+from lorafair.reporting.run_folder import temporary_beside, write_text_atomic
 
 
 def _same_command(out_dir, *extra, **env) -> subprocess.CompletedProcess:
@@ -78,3 +79,25 @@ def test_overwrite_with_a_checkpoint_path_is_a_config_error(earlier_run, capsys)
     checkpoint = list_checkpoints(earlier_run / "checkpoints")[0]
     assert main(["fit", *tiny_args(earlier_run, "--resume", str(checkpoint), "--overwrite", "true")]) == 2
     assert "overwrite: starts a new run, which contradicts --resume" in capsys.readouterr().err
+
+
+# ---- the run folder is lorafair's ------------------------------------------------------------------------------
+
+
+def test_temporary_files_have_unique_names_plain_permissions_and_vanish_on_error(tmp_path):
+    target = tmp_path / "config.yaml"
+    with temporary_beside(target) as (_, first), temporary_beside(target) as (_, second):
+        assert first != second and first.parent == second.parent == tmp_path  # two writers never share a file
+        assert first.name.startswith(".config.yaml.") and first.name.endswith(".tmp")
+        first.unlink()
+        second.unlink()
+    mask = os.umask(0o027)
+    try:
+        write_text_atomic(target, "a: 1\n")
+        assert (target.stat().st_mode & 0o777) == 0o640  # what open() gives under this umask, not mkstemp's 0600
+        with pytest.raises(OSError), temporary_beside(target) as (handle, _):
+            handle.write(b"half")
+            raise OSError("disk full")
+    finally:
+        os.umask(mask)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"] and target.read_text() == "a: 1\n"

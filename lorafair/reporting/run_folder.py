@@ -20,9 +20,10 @@ import dataclasses
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, BinaryIO, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -189,12 +190,33 @@ def flatten_config(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Replace `path` with `text` so readers see either the old or the new content, never a mix."""
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w") as handle:
-        handle.write(text)
+    with temporary_beside(path) as (handle, temporary):
+        handle.write(text.encode())
         handle.flush()
         os.fsync(handle.fileno())
-    os.replace(temporary, path)
+        os.replace(temporary, path)
+
+
+@contextmanager
+def temporary_beside(path: Path) -> Iterator[tuple[BinaryIO, Path]]:
+    """A new file of a unique name beside `path` (".NAME.XXXXXXXX.tmp", so two writers of one file never share a
+    temporary), opened for writing with the permissions a plain `open` would give; removed again if the block
+    raises before renaming it."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    temporary = Path(name)
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 would make results.json private to its owner
+        with os.fdopen(fd, "wb") as handle:
+            yield handle, temporary
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: Path, data: Any) -> None:
