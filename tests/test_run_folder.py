@@ -7,13 +7,20 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import tiny_args
 
 from lorafair.cli import main
 from lorafair.federated.checkpoints import list_checkpoints
-from lorafair.reporting.run_folder import temporary_beside, write_text_atomic
+from lorafair.reporting.run_folder import (
+    RUN_MARKER,
+    claim_run_folder,
+    foreign_entries,
+    temporary_beside,
+    write_text_atomic,
+)
 
 
 def _same_command(out_dir, *extra, **env) -> subprocess.CompletedProcess:
@@ -38,12 +45,13 @@ def test_a_killed_run_relaunched_by_the_same_command_continues_exactly(tiny_run,
 
 @pytest.fixture
 def earlier_run(tiny_run, tmp_path):
-    """A copy of the tiny run's checkpoints and finished results.json."""
+    """A copy of the tiny run's checkpoints, finished results.json and run marker."""
     out_dir, _ = tiny_run
     (tmp_path / "checkpoints").mkdir()
     for path in list_checkpoints(out_dir / "checkpoints"):
         (tmp_path / "checkpoints" / path.name).write_bytes(path.read_bytes())
-    (tmp_path / "results.json").write_bytes((out_dir / "results.json").read_bytes())
+    for name in ("results.json", RUN_MARKER):
+        (tmp_path / name).write_bytes((out_dir / name).read_bytes())
     return tmp_path
 
 
@@ -101,3 +109,51 @@ def test_temporary_files_have_unique_names_plain_permissions_and_vanish_on_error
     finally:
         os.umask(mask)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"] and target.read_text() == "a: 1\n"
+
+
+def _refused(argv: list[str], capsys) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("foreign", ["a file of its own", "a results.json of something else", "an export folder"])
+def test_fit_refuses_a_folder_holding_what_lorafair_did_not_write_and_changes_nothing(tmp_path, capsys, foreign):
+    if foreign == "a file of its own":
+        (tmp_path / "final").mkdir()
+        (tmp_path / "final" / "thesis.txt").write_text("four years")
+        (tmp_path / "notes.txt").write_text("mine")
+    elif foreign == "a results.json of something else":
+        (tmp_path / "results.json").write_text('{"accuracy": 0.93}')
+    else:
+        for name in ("config.json", "model.safetensors", "README.md"):
+            (tmp_path / name).write_text("x")
+    before = _tree(tmp_path)
+    err = _refused(["fit", *tiny_args(tmp_path)], capsys)
+    assert f"out_dir {tmp_path} holds files lorafair did not write" in err and RUN_MARKER in err
+    assert _tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("where", ["root", "home"])
+def test_fit_refuses_the_root_and_the_home_folder(tmp_path, capsys, monkeypatch, where):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    out_dir = "/" if where == "root" else str(tmp_path)
+    err = _refused(["fit", *tiny_args(out_dir)], capsys)
+    assert f"out_dir: {out_dir} is {'the root folder' if where == 'root' else 'your home folder'}" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_folder_carries_the_marker_and_an_unmarked_earlier_run_is_taken_over(tiny_run, earlier_run):
+    assert (tiny_run[0] / RUN_MARKER).is_file()
+    (earlier_run / RUN_MARKER).unlink()  # a run folder written before the marker existed
+    assert foreign_entries(earlier_run) == []
+    claim_run_folder(earlier_run)
+    assert (earlier_run / RUN_MARKER).is_file()
+    (earlier_run / "mine.txt").write_text("a marked folder keeps what else it holds")
+    claim_run_folder(earlier_run)
+    assert (earlier_run / "mine.txt").is_file()

@@ -65,6 +65,7 @@ from lorafair.reporting.run_folder import (
     accuracy_table,
     check_out_dir,
     checkpoint_dir,
+    claim_run_folder,
     config_to_dict,
     flatten_config,
     results_path,
@@ -77,7 +78,8 @@ from lorafair.reporting.run_folder import (
 
 def fit(cfg: FitConfig) -> dict[str, Any]:
     """Run the federated job of `cfg` and return the content of its results.json (on every rank)."""
-    check_out_dir(cfg.out_dir)
+    lead = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 owns the run folder
+    (claim_run_folder if lead else check_out_dir)(cfg.out_dir)
     trainer = FederatedTrainer(cfg, launch_fabric(cfg))
     results = trainer.run()
     trainer.transport.close()

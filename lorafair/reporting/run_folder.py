@@ -1,5 +1,6 @@
 """The run folder: what a run leaves behind, its file names, whether it finished, and the config's plain forms.
 
+    <out_dir>/.lorafair_run      the marker of a lorafair run folder (no other folder is written into)
     <out_dir>/config.yaml        the resolved config
     <out_dir>/classes.json       class names; label i is classes[i]
     <out_dir>/results.json       per-round records, rewritten after every round
@@ -36,6 +37,12 @@ RESULTS_NAME = "results.json"
 TENSORBOARD_NAME = "tensorboard"
 CHECKPOINTS_NAME = "checkpoints"
 EXPORT_NAME = "final"
+RUN_MARKER = ".lorafair_run"
+"""The file that makes a folder a lorafair run folder, written when `fit` first takes the folder."""
+LOCK_NAME = ".lorafair.lock"
+RUN_ENTRIES = frozenset({CONFIG_NAME, CLASSES_NAME, RESULTS_NAME, TENSORBOARD_NAME, CHECKPOINTS_NAME, EXPORT_NAME,
+                         RUN_MARKER, LOCK_NAME})
+"""Every name a run folder holds."""
 
 EXECUTION_KEYS = frozenset({"out_dir", "resume", "resume_force", "overwrite", "accelerator", "precision", "num_nodes",
                             "cpu_threads", "federation.rounds", "federation.eval_every", "federation.timeout",
@@ -113,7 +120,9 @@ def results_problem(results: Any) -> str | None:
 
 def check_out_dir(out_dir: Path) -> None:
     """Create `out_dir` and write a probe file in it, so an unusable folder (a file, read-only, a parent that is a
-    file) is one line before any data or model is loaded rather than a traceback after the first round."""
+    file) is one line before any data or model is loaded rather than a traceback after the first round. The root
+    and the home folder are refused: lorafair deletes what it wrote in a run folder."""
+    refuse_shared_folder(out_dir, "out_dir")
     try:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out_dir):  # a name of its own: every rank probes at once
@@ -121,6 +130,62 @@ def check_out_dir(out_dir: Path) -> None:
     except OSError as err:
         raise UserError(f"out_dir: cannot write the run folder {out_dir} ({err.strerror or err}); pass --out_dir a "
                         f"folder that can be created and written") from err
+
+
+def refuse_shared_folder(folder: Path, key: str) -> None:
+    """A UserError where `folder` is the file system's root or the user's home folder, which no run may own."""
+    resolved = Path(folder).expanduser().resolve()
+    what = ("the root folder" if resolved == Path(resolved.anchor)
+            else "your home folder" if resolved == Path.home().resolve() else None)
+    if what:
+        raise UserError(f"{key}: {folder} is {what}; lorafair writes (and replaces) files in it: pass a folder of "
+                        f"its own, e.g. {Path.home() / 'runs' / 'NAME'}")
+
+
+def foreign_entries(out_dir: Path) -> list[str]:
+    """What in an existing `out_dir` without the run marker lorafair did not write: any name a run folder does not
+    have, and a results.json or config.yaml that is not lorafair's (a run folder written before the marker existed
+    has none of these and is taken over)."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    known = RUN_ENTRIES | {f"{name}.tmp" for name in RUN_ENTRIES}
+    foreign = sorted(path.name for path in out_dir.iterdir() if path.name not in known)
+    if (out_dir / RESULTS_NAME).exists():
+        try:
+            read_results(out_dir / RESULTS_NAME)
+        except UserError:
+            foreign.append(f"{RESULTS_NAME} (not one lorafair wrote)")
+    if (out_dir / CONFIG_NAME).exists() and not _is_fit_config(out_dir / CONFIG_NAME):
+        foreign.append(f"{CONFIG_NAME} (not a lorafair config)")
+    return foreign
+
+
+def _is_fit_config(path: Path) -> bool:
+    """Whether `path` reads as a config.yaml `fit` wrote: a mapping of FitConfig's keys, its sections among them."""
+    try:
+        config = yaml.safe_load(path.read_text()) if path.stat().st_size < 1_000_000 else None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    keys = {field.name for field in dataclasses.fields(FitConfig)}
+    return isinstance(config, dict) and {"model", "data", "federation", "server"} <= set(config) <= keys
+
+
+def claim_run_folder(out_dir: Path) -> None:
+    """Before a run touches `out_dir` (rank 0 of `fit` and of the Flower server): make it lorafair's, or refuse it
+    with one line. A folder with the run marker is a lorafair run's; an empty or missing one, or one holding only
+    what a run folder holds, gets the marker; anything else (files lorafair did not write, another run's export
+    folder, a comparison) is refused, so that nothing a run replaces or deletes was someone else's."""
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir)
+    if (out_dir / RUN_MARKER).is_file():
+        return
+    foreign = foreign_entries(out_dir)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise UserError(f"out_dir {out_dir} holds files lorafair did not write ({shown}) and is not a lorafair run "
+                        f"folder (no {RUN_MARKER} in it); pass --out_dir a new or empty folder")
+    write_json(out_dir / RUN_MARKER, {"lorafair": "run folder", "format": 1})
 
 
 def run_config(out_dir: Path, results: dict) -> dict[str, Any]:
