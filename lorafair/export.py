@@ -7,6 +7,7 @@ global LoRA factors and the trained head. `export_run` reads it back from a roun
     adapter/              the LoRA factors and the head, as peft's save_pretrained writes them
     config.json, model.safetensors   the whole model with the adapter folded in, in its library's layout
     config.yaml, classes.json, README.md
+    .lorafair_export      the marker of an export: an existing `out` is replaced only when it carries one
 
 The library's layout is timm's folder (`save_for_hf`) for images, and `save_pretrained` of the model and its
 tokenizer for a language model. The model-family part is small on purpose: `write_export` takes a plain model, the
@@ -44,9 +45,12 @@ from lorafair.model import LoraClassifier
 from lorafair.reporting.run_folder import (
     CLASSES_NAME,
     CONFIG_NAME,
+    EXPORT_MARKER,
     EXPORT_NAME,
     checkpoint_dir,
+    is_export,
     read_fit_config,
+    refuse_shared_folder,
     write_json,
 )
 from lorafair.weights import head_parameter_names
@@ -191,8 +195,12 @@ def export_run(run_dir: Path, round: int | None = None, out: Path | None = None,
                say: Callable[[str], None] = print) -> Path:
     """Export the global model of a run (its newest checkpoint, or `round`) to `out` (default run_dir/final)."""
     out = Path(out) if out is not None else Path(run_dir) / EXPORT_NAME
+    refuse_shared_folder(out, "--out")
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists; pass --overwrite to replace it, or --out another folder")
+    if out.exists() and not is_export(out):
+        raise UserError(f"{out} is not a lorafair export (no {EXPORT_MARKER} in it): --overwrite replaces only an "
+                        f"earlier export, never a run folder or a folder of other files; pass --out a new folder")
     run = open_run(run_dir, round, say)
     model = global_model(run)
     if is_language_model(run):
@@ -206,6 +214,7 @@ def export_run(run_dir: Path, round: int | None = None, out: Path | None = None,
         shutil.copy(run.run_dir / CONFIG_NAME, staging / CONFIG_NAME)
         write_json(staging / CLASSES_NAME, run.classes)
         (staging / "README.md").write_text(model_card(run))
+        write_json(staging / EXPORT_MARKER, {"lorafair": "export", "round": run.saved.round})
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)

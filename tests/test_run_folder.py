@@ -15,9 +15,12 @@ from conftest import tiny_args
 from lorafair.cli import main
 from lorafair.federated.checkpoints import list_checkpoints
 from lorafair.reporting.run_folder import (
+    EXPORT_MARKER,
+    EXPORT_NAME,
     RUN_MARKER,
     claim_run_folder,
     foreign_entries,
+    is_export,
     temporary_beside,
     write_text_atomic,
 )
@@ -157,3 +160,24 @@ def test_a_run_folder_carries_the_marker_and_an_unmarked_earlier_run_is_taken_ov
     (earlier_run / "mine.txt").write_text("a marked folder keeps what else it holds")
     claim_run_folder(earlier_run)
     assert (earlier_run / "mine.txt").is_file()
+
+
+@pytest.mark.parametrize("out", ["the run folder", "its parent", "a folder of other files"])
+def test_export_overwrite_replaces_only_an_earlier_export(tiny_run, tmp_path, capsys, out):
+    run_dir = tiny_run[0]
+    assert is_export(run_dir / EXPORT_NAME)  # fit's own export carries the marker
+    target = {"the run folder": run_dir, "its parent": run_dir.parent, "a folder of other files": tmp_path}[out]
+    (tmp_path / "thesis.txt").write_text("four years")
+    before = _tree(target)
+    err = _refused(["export", "--run", str(run_dir), "--out", str(target), "--overwrite"], capsys)
+    assert f"{target} is not a lorafair export (no {EXPORT_MARKER} in it)" in err
+    assert _tree(target) == before
+
+
+def test_fit_refuses_a_final_folder_that_is_not_its_export_before_training(earlier_run, capsys):
+    (earlier_run / EXPORT_NAME).mkdir()
+    (earlier_run / EXPORT_NAME / "thesis.txt").write_text("four years")
+    before = _tree(earlier_run)
+    err = _refused(["fit", *tiny_args(earlier_run)], capsys)
+    assert f"holds a {EXPORT_NAME}/ that is not a lorafair export" in err
+    assert _tree(earlier_run) == before

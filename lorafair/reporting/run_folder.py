@@ -6,7 +6,8 @@
     <out_dir>/results.json       per-round records, rewritten after every round
     <out_dir>/tensorboard/       TensorBoard scalars and hparams
     <out_dir>/checkpoints/       round_NNNNN.ckpt (lorafair.federated.checkpoints)
-    <out_dir>/final/             the global model exported for timm (or transformers) and peft (lorafair.export)
+    <out_dir>/final/             the global model exported for timm (or transformers) and peft (lorafair.export),
+                                 with the marker .lorafair_export (only a folder carrying it is ever replaced)
 
 results.json is rewritten atomically after every round, so a reader (or `lorafair report`) never sees half a file:
 {"method", "domains", "rounds": [per-round record], "final": {"round", "accuracy", "mean_accuracy"[, "eval_loss",
@@ -39,6 +40,8 @@ CHECKPOINTS_NAME = "checkpoints"
 EXPORT_NAME = "final"
 RUN_MARKER = ".lorafair_run"
 """The file that makes a folder a lorafair run folder, written when `fit` first takes the folder."""
+EXPORT_MARKER = ".lorafair_export"
+"""The file that makes a folder a lorafair export: only such a folder is ever replaced by an export."""
 LOCK_NAME = ".lorafair.lock"
 RUN_ENTRIES = frozenset({CONFIG_NAME, CLASSES_NAME, RESULTS_NAME, TENSORBOARD_NAME, CHECKPOINTS_NAME, EXPORT_NAME,
                          RUN_MARKER, LOCK_NAME})
@@ -178,14 +181,23 @@ def claim_run_folder(out_dir: Path) -> None:
     folder, a comparison) is refused, so that nothing a run replaces or deletes was someone else's."""
     out_dir = Path(out_dir)
     check_out_dir(out_dir)
-    if (out_dir / RUN_MARKER).is_file():
-        return
-    foreign = foreign_entries(out_dir)
+    foreign = [] if (out_dir / RUN_MARKER).is_file() else foreign_entries(out_dir)
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise UserError(f"out_dir {out_dir} holds files lorafair did not write ({shown}) and is not a lorafair run "
                         f"folder (no {RUN_MARKER} in it); pass --out_dir a new or empty folder")
-    write_json(out_dir / RUN_MARKER, {"lorafair": "run folder", "format": 1})
+    export = out_dir / EXPORT_NAME
+    if export.exists() and not is_export(export):
+        raise UserError(f"out_dir {out_dir} holds a {EXPORT_NAME}/ that is not a lorafair export (no {EXPORT_MARKER} "
+                        f"in it), and a run replaces {EXPORT_NAME}/ with its export; move it away or pass another "
+                        f"--out_dir")
+    if not (out_dir / RUN_MARKER).is_file():
+        write_json(out_dir / RUN_MARKER, {"lorafair": "run folder", "format": 1})
+
+
+def is_export(folder: Path) -> bool:
+    """Whether `folder` is an export lorafair wrote (and may replace)."""
+    return Path(folder).is_dir() and (Path(folder) / EXPORT_MARKER).is_file()
 
 
 def run_config(out_dir: Path, results: dict) -> dict[str, Any]:
