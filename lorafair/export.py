@@ -18,6 +18,7 @@ so the files are what peft would write.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import re
@@ -48,6 +49,7 @@ from lorafair.reporting.run_folder import (
     EXPORT_MARKER,
     EXPORT_NAME,
     checkpoint_dir,
+    hold_folder,
     is_export,
     read_fit_config,
     refuse_shared_folder,
@@ -195,13 +197,28 @@ def export_run(run_dir: Path, round: int | None = None, out: Path | None = None,
                say: Callable[[str], None] = print) -> Path:
     """Export the global model of a run (its newest checkpoint, or `round`) to `out` (default run_dir/final)."""
     out = Path(out) if out is not None else Path(run_dir) / EXPORT_NAME
+    check_export_out(out, overwrite)
+    run = open_run(run_dir, round, say)
+    into_run = out.resolve().is_relative_to(Path(run_dir).resolve())
+    with hold_folder(run_dir, "--run") if into_run else contextlib.nullcontext():  # no fit writes there meanwhile
+        check_export_out(out, overwrite)
+        _write_export_folder(run, out)
+    say(f"exported the global model of round {run.saved.round} to {out}")
+    return out
+
+
+def check_export_out(out: Path, overwrite: bool) -> None:
+    """Refuse an export folder that exists (without `overwrite`), or that is not an earlier export."""
     refuse_shared_folder(out, "--out")
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists; pass --overwrite to replace it, or --out another folder")
     if out.exists() and not is_export(out):
         raise UserError(f"{out} is not a lorafair export (no {EXPORT_MARKER} in it): --overwrite replaces only an "
                         f"earlier export, never a run folder or a folder of other files; pass --out a new folder")
-    run = open_run(run_dir, round, say)
+
+
+def _write_export_folder(run: RunState, out: Path) -> None:
+    """Write the export into a staging folder beside `out`, then put it in place of `out`."""
     model = global_model(run)
     if is_language_model(run):
         save_model = transformers_saver(model.tokenizer)
@@ -220,8 +237,6 @@ def export_run(run_dir: Path, round: int | None = None, out: Path | None = None,
         staging.rename(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    say(f"exported the global model of round {run.saved.round} to {out}")
-    return out
 
 
 # ---- the model card ---------------------------------------------------------------------------------------------

@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny_args
+from conftest import tiny_args, tiny_config
 
+from lorafair import export
 from lorafair.cli import main
 from lorafair.federated.checkpoints import list_checkpoints
+from lorafair.federated.loop import FederatedTrainer, fit
 from lorafair.reporting.run_folder import (
     EXPORT_MARKER,
     EXPORT_NAME,
+    LOCK_NAME,
     RUN_MARKER,
     claim_run_folder,
     foreign_entries,
@@ -48,12 +52,12 @@ def test_a_killed_run_relaunched_by_the_same_command_continues_exactly(tiny_run,
 
 @pytest.fixture
 def earlier_run(tiny_run, tmp_path):
-    """A copy of the tiny run's checkpoints, finished results.json and run marker."""
+    """A copy of the tiny run's checkpoints, finished results.json, run marker and lock file."""
     out_dir, _ = tiny_run
     (tmp_path / "checkpoints").mkdir()
     for path in list_checkpoints(out_dir / "checkpoints"):
         (tmp_path / "checkpoints" / path.name).write_bytes(path.read_bytes())
-    for name in ("results.json", RUN_MARKER):
+    for name in ("results.json", RUN_MARKER, LOCK_NAME):
         (tmp_path / name).write_bytes((out_dir / name).read_bytes())
     return tmp_path
 
@@ -181,3 +185,65 @@ def test_fit_refuses_a_final_folder_that_is_not_its_export_before_training(earli
     err = _refused(["fit", *tiny_args(earlier_run)], capsys)
     assert f"holds a {EXPORT_NAME}/ that is not a lorafair export" in err
     assert _tree(earlier_run) == before
+
+
+HOLD_LOCK = """
+import sys, time
+from filelock import FileLock
+lock = FileLock(sys.argv[1], timeout=0)
+lock.acquire()
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def _busy(folder: Path) -> bool:
+    """Whether another process holds the lock of `folder` (tried from a process of its own)."""
+    probe = "import sys\nfrom filelock import FileLock, Timeout\ntry:\n FileLock(sys.argv[1], timeout=0).acquire()\n" \
+            "except Timeout:\n sys.exit(3)\n"
+    return subprocess.run([sys.executable, "-c", probe, str(folder / LOCK_NAME)]).returncode == 3
+
+
+def test_a_second_process_on_a_locked_run_folder_fails_at_once_naming_it(tiny_run, tmp_path, capsys):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path / LOCK_NAME)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        err = _refused(["fit", *tiny_args(tmp_path)], capsys)
+        assert f"{tmp_path} is in use by another lorafair process" in err and "--out_dir another folder" in err
+        assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_NAME]  # no marker, config or results written
+        compare_err = _refused(["compare", *tiny_args(tmp_path), "--methods", "fedit"], capsys)
+        assert "is in use by another lorafair process" in compare_err
+    finally:
+        holder.kill()
+        holder.wait()
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run_dir)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run_dir / LOCK_NAME)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        err = _refused(["export", "--run", str(run_dir), "--overwrite"], capsys)
+        assert f"{run_dir} is in use by another lorafair process" in err and "--run another folder" in err
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_fit_holds_its_folder_locked_from_its_start_to_its_export(tmp_path, monkeypatch):
+    busy = []
+    run_round, export_folder = FederatedTrainer.run_round, export._write_export_folder
+
+    def checking_round(trainer, round_index):
+        busy.append(("round", _busy(tmp_path)))
+        return run_round(trainer, round_index)
+
+    def checking_export(run, out):
+        busy.append(("export", _busy(tmp_path)))
+        return export_folder(run, out)
+
+    monkeypatch.setattr(FederatedTrainer, "run_round", checking_round)
+    monkeypatch.setattr(export, "_write_export_folder", checking_export)
+    fit(tiny_config(tmp_path, "--federation.rounds", "1", "--federation.clients_per_round", "2"))
+    assert busy == [("round", True), ("export", True)]
+    assert not _busy(tmp_path)  # released once fit returns

@@ -69,6 +69,8 @@ def save_checkpoint(directory: Path, round_index: int, state: Mapping[str, Any],
             before_rename()
         os.replace(temporary, final)
     _fsync_directory(directory)
+    for stale in directory.glob(".round_*.ckpt.*.tmp"):  # left by a killed write (one writer: the run folder's lock)
+        stale.unlink(missing_ok=True)
     # checkpoints of later rounds belong to a run this one branched off (resumed from an older file): drop them
     for old in [path for path in list_checkpoints(directory) if path.name > final.name]:
         old.unlink()

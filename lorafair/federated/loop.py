@@ -63,11 +63,10 @@ from lorafair.reporting.run_folder import (
     CONFIG_NAME,
     TENSORBOARD_NAME,
     accuracy_table,
-    check_out_dir,
     checkpoint_dir,
-    claim_run_folder,
     config_to_dict,
     flatten_config,
+    own_run_folder,
     results_path,
     tensorboard_scalars,
     trajectory_identity,
@@ -78,11 +77,10 @@ from lorafair.reporting.run_folder import (
 
 def fit(cfg: FitConfig) -> dict[str, Any]:
     """Run the federated job of `cfg` and return the content of its results.json (on every rank)."""
-    lead = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 owns the run folder
-    (claim_run_folder if lead else check_out_dir)(cfg.out_dir)
-    trainer = FederatedTrainer(cfg, launch_fabric(cfg))
-    results = trainer.run()
-    trainer.transport.close()
+    with own_run_folder(cfg.out_dir, lead=int(os.environ.get("RANK", "0")) == 0):  # under torchrun, rank 0 owns it
+        trainer = FederatedTrainer(cfg, launch_fabric(cfg))
+        results = trainer.run()
+        trainer.transport.close()
     return results
 
 

@@ -48,7 +48,7 @@ from lorafair.federated.state import (
     unpack_pairs,
 )
 from lorafair.flower.strategy import MERGING_METHODS
-from lorafair.reporting.run_folder import claim_run_folder, results_path
+from lorafair.reporting.run_folder import own_run_folder, results_path
 
 MERGES, BASE, APPLIED = "lorafair.merges", "lorafair.base", "lorafair.applied"
 """Message records of the merges a node has not applied and of the resumed frozen weights; the node state record of
@@ -218,8 +218,8 @@ def partition_nodes(grid: Grid, num_clients: int, timeout: float) -> dict[int, i
 
 def run_server(cfg: FitConfig, grid: Grid, timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
     """Every round of `cfg` over the grid's nodes; writes out_dir as `fit` does and returns results.json."""
-    claim_run_folder(cfg.out_dir)
-    return FlowerRoundLoop(cfg, grid, timeout).run()
+    with own_run_folder(cfg.out_dir):
+        return FlowerRoundLoop(cfg, grid, timeout).run()
 
 
 def make_server_app(config_of: Callable[[Context], FitConfig], errors: list[str] | None = None) -> ServerApp:

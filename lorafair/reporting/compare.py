@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from types import UnionType
@@ -29,6 +30,8 @@ from lorafair.reporting.run_folder import (
     PER_RUN_KEYS,
     config_to_dict,
     flatten_config,
+    hold_folder,
+    refuse_shared_folder,
     results_path,
     run_config,
     run_status,
@@ -149,11 +152,18 @@ def _is_rank_zero() -> bool:
 
 def compare(cfg: FitConfig, methods: list[str], seeds: list[int] | None, grid: str | None) -> None:
     """Fit every planned run that is not finished yet, then write the report into cfg.out_dir."""
+    runs = plan_runs(cfg, methods, seeds, grid)
+    lead = _is_rank_zero()
+    refuse_shared_folder(cfg.out_dir, "out_dir")
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    with hold_folder(cfg.out_dir, "--out_dir") if lead else nullcontext():  # one comparison writes it at a time
+        _compare(cfg, runs, lead)
+
+
+def _compare(cfg: FitConfig, runs: list[PlannedRun], lead: bool) -> None:
     from lorafair.federated.loop import fit
 
-    runs = plan_runs(cfg, methods, seeds, grid)
     statuses = [run_status(run.cfg.out_dir) for run in runs]
-    lead = _is_rank_zero()
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if lead:
         print(f"lorafair compare: {len(runs)} runs in {cfg.out_dir}, {statuses.count('done')} finished earlier")

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Literal, get_args, get_origin, get_type_hints
 
 import yaml
+from filelock import FileLock, Timeout
 
 from lorafair.config import FitConfig
 from lorafair.errors import UserError
@@ -181,11 +182,7 @@ def claim_run_folder(out_dir: Path) -> None:
     folder, a comparison) is refused, so that nothing a run replaces or deletes was someone else's."""
     out_dir = Path(out_dir)
     check_out_dir(out_dir)
-    foreign = [] if (out_dir / RUN_MARKER).is_file() else foreign_entries(out_dir)
-    if foreign:
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise UserError(f"out_dir {out_dir} holds files lorafair did not write ({shown}) and is not a lorafair run "
-                        f"folder (no {RUN_MARKER} in it); pass --out_dir a new or empty folder")
+    _refuse_foreign(out_dir)
     export = out_dir / EXPORT_NAME
     if export.exists() and not is_export(export):
         raise UserError(f"out_dir {out_dir} holds a {EXPORT_NAME}/ that is not a lorafair export (no {EXPORT_MARKER} "
@@ -193,6 +190,58 @@ def claim_run_folder(out_dir: Path) -> None:
                         f"--out_dir")
     if not (out_dir / RUN_MARKER).is_file():
         write_json(out_dir / RUN_MARKER, {"lorafair": "run folder", "format": 1})
+
+
+def _refuse_foreign(out_dir: Path) -> None:
+    foreign = [] if (out_dir / RUN_MARKER).is_file() else foreign_entries(out_dir)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise UserError(f"out_dir {out_dir} holds files lorafair did not write ({shown}) and is not a lorafair run "
+                        f"folder (no {RUN_MARKER} in it); pass --out_dir a new or empty folder")
+
+
+@contextmanager
+def own_run_folder(out_dir: Path, lead: bool = True) -> Iterator[None]:
+    """For the life of a run: `out_dir` claimed (claim_run_folder) and locked against every other lorafair process
+    (hold_folder). Ranks other than the lead only check that they can write it (their disk may be their own)."""
+    if not lead:
+        check_out_dir(out_dir)
+        yield
+        return
+    check_out_dir(out_dir)
+    _refuse_foreign(Path(out_dir))  # before the lock file is written into a folder that is not lorafair's
+    with hold_folder(out_dir, "--out_dir"):
+        claim_run_folder(out_dir)
+        yield
+
+
+_HELD: set[Path] = set()
+"""The folders this process holds the lock of (a process may enter one again: fit exports into its own folder)."""
+
+
+@contextmanager
+def hold_folder(folder: Path, flag: str) -> Iterator[None]:
+    """Hold the exclusive lock of `folder` (its LOCK_NAME file, released when the process ends however it ends)
+    while the block runs; a folder another process holds is one UserError at once, naming it."""
+    key = Path(folder).resolve()
+    if key in _HELD:
+        yield
+        return
+    lock = FileLock(key / LOCK_NAME, timeout=0, thread_local=False)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise UserError(f"{folder} is in use by another lorafair process (it holds {key / LOCK_NAME}); wait for it "
+                        f"to end, or pass {flag} another folder") from None
+    except OSError as err:
+        raise UserError(f"{flag}: cannot lock {folder} ({err.strerror or err}); pass a folder lorafair can write"
+                        ) from err
+    _HELD.add(key)
+    try:
+        yield
+    finally:
+        _HELD.discard(key)
+        lock.release()
 
 
 def is_export(folder: Path) -> bool:
