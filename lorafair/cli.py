@@ -27,7 +27,7 @@ from docstring_parser import parse as parse_docstring
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
 
 from lorafair.config import DataConfig, FitConfig
-from lorafair.config_file import check_config_file
+from lorafair.config_file import check_config_file, check_flag_value
 from lorafair.config_hub import list_configs, resolve_config
 from lorafair.errors import UserError
 
@@ -260,15 +260,21 @@ def given_settings(argv: list[str], section: str, parsed: Namespace) -> dict[str
 
 def with_config_paths(argv: list[str]) -> list[str]:
     """argv with the value of every --config resolved to a file (a path as it is, a shipped config's name to its
-    packaged file), each file checked before jsonargparse reads it (config_file)."""
+    packaged file), each file checked before jsonargparse reads it (config_file), and every other value held to
+    the same size and alias limits (jsonargparse parses flag values as YAML too)."""
     sections = [name for name, hint in get_type_hints(FitConfig).items() if is_dataclass(hint)]
-    resolved, after_config = [], False
+    resolved, after_config, flag = [], False, "a value"
     for arg in argv:
         if after_config:
             arg = str(_checked_config(arg, sections))
         elif arg.startswith("--config="):
             arg = f"--config={_checked_config(arg.split('=', 1)[1], sections)}"
+        elif arg.startswith("--") and "=" in arg:
+            check_flag_value(arg.split("=", 1)[0], arg.split("=", 1)[1])
+        else:
+            check_flag_value(flag, arg)
         after_config = arg == "--config"
+        flag = arg if arg.startswith("--") else "a value"
         resolved.append(arg)
     return resolved
 

@@ -53,6 +53,25 @@ def check_config_file(path: str | Path, sections: Iterable[str]) -> None:
                             f"(line {value.start_mark.line + 1})")
 
 
+def check_flag_value(flag: str, text: str) -> None:
+    """Raise a UserError where a command-line value, which jsonargparse parses as YAML, is over the size or alias
+    limits of a config file; a value that is not valid YAML is left for the parser to explain."""
+    if len(text.encode("utf-8", "surrogateescape")) > MAX_BYTES:
+        raise UserError(f"{flag}: a value of {len(text)} characters is over the {MAX_BYTES} byte limit of a setting")
+    if "&" not in text and "*" not in text and "<<" not in text:
+        return  # without anchors or aliases the expansion is the text itself, already bounded
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        nodes = expanded_size(root) if root is not None else 0
+    except yaml.YAMLError:
+        return
+    except RecursionError as err:
+        raise UserError(f"{flag}: the value is nested too deeply to be a setting") from err
+    if nodes > MAX_NODES:
+        raise UserError(f"{flag}: the value expands to {nodes} values (aliases counted in full), over the limit of "
+                        f"{MAX_NODES} (an alias bomb?)")
+
+
 def expanded_size(root: yaml.Node) -> int:
     """Number of nodes the graph would have with every alias expanded, computed in time linear in its real size."""
     sizes: dict[int, int] = {}

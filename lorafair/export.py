@@ -7,6 +7,7 @@ global LoRA factors and the trained head. `export_run` reads it back from a roun
     adapter/              the LoRA factors and the head, as peft's save_pretrained writes them
     config.json, model.safetensors   the whole model with the adapter folded in, in its library's layout
     config.yaml, classes.json, README.md
+    .lorafair_export      the marker of an export: an existing `out` is replaced only when it carries one
 
 The library's layout is timm's folder (`save_for_hf`) for images, and `save_pretrained` of the model and its
 tokenizer for a language model. The model-family part is small on purpose: `write_export` takes a plain model, the
@@ -17,6 +18,7 @@ so the files are what peft would write.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import re
@@ -44,9 +46,13 @@ from lorafair.model import LoraClassifier
 from lorafair.reporting.run_folder import (
     CLASSES_NAME,
     CONFIG_NAME,
+    EXPORT_MARKER,
     EXPORT_NAME,
     checkpoint_dir,
+    hold_folder,
+    is_export,
     read_fit_config,
+    refuse_shared_folder,
     write_json,
 )
 from lorafair.weights import head_parameter_names
@@ -191,9 +197,28 @@ def export_run(run_dir: Path, round: int | None = None, out: Path | None = None,
                say: Callable[[str], None] = print) -> Path:
     """Export the global model of a run (its newest checkpoint, or `round`) to `out` (default run_dir/final)."""
     out = Path(out) if out is not None else Path(run_dir) / EXPORT_NAME
+    check_export_out(out, overwrite)
+    run = open_run(run_dir, round, say)
+    into_run = out.resolve().is_relative_to(Path(run_dir).resolve())
+    with hold_folder(run_dir, "--run") if into_run else contextlib.nullcontext():  # no fit writes there meanwhile
+        check_export_out(out, overwrite)
+        _write_export_folder(run, out)
+    say(f"exported the global model of round {run.saved.round} to {out}")
+    return out
+
+
+def check_export_out(out: Path, overwrite: bool) -> None:
+    """Refuse an export folder that exists (without `overwrite`), or that is not an earlier export."""
+    refuse_shared_folder(out, "--out")
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists; pass --overwrite to replace it, or --out another folder")
-    run = open_run(run_dir, round, say)
+    if out.exists() and not is_export(out):
+        raise UserError(f"{out} is not a lorafair export (no {EXPORT_MARKER} in it): --overwrite replaces only an "
+                        f"earlier export, never a run folder or a folder of other files; pass --out a new folder")
+
+
+def _write_export_folder(run: RunState, out: Path) -> None:
+    """Write the export into a staging folder beside `out`, then put it in place of `out`."""
     model = global_model(run)
     if is_language_model(run):
         save_model = transformers_saver(model.tokenizer)
@@ -206,13 +231,12 @@ def export_run(run_dir: Path, round: int | None = None, out: Path | None = None,
         shutil.copy(run.run_dir / CONFIG_NAME, staging / CONFIG_NAME)
         write_json(staging / CLASSES_NAME, run.classes)
         (staging / "README.md").write_text(model_card(run))
+        write_json(staging / EXPORT_MARKER, {"lorafair": "export", "round": run.saved.round})
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    say(f"exported the global model of round {run.saved.round} to {out}")
-    return out
 
 
 # ---- the model card ---------------------------------------------------------------------------------------------

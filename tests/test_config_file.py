@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -90,3 +91,29 @@ def test_a_malformed_config_file_is_one_line_naming_it(tmp_path, capsys, case):
     err = capsys.readouterr().err
     assert err.startswith(f"lorafair: error: config {config}") and expected in err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def _flow_bomb(levels: int, width: int) -> str:
+    """The alias bomb as one flow-style mapping, the way a flag value carries it."""
+    return "{" + ", ".join(_alias_bomb(levels, width).splitlines()) + "}"
+
+
+@pytest.mark.parametrize("spelling", ["--model.kwargs VALUE", "--model.kwargs=VALUE", "flower run config"])
+def test_an_alias_bomb_in_a_flag_value_is_refused_like_one_in_a_file(capsys, spelling):
+    bomb = _flow_bomb(7, 9)  # 9**7 values if expanded, in a few hundred bytes
+    assert expanded_size(yaml.compose(bomb, Loader=yaml.SafeLoader)) > MAX_NODES
+    if spelling == "flower run config":
+        from lorafair.errors import UserError
+        from lorafair.flower.app import run_config_to_fit_config
+
+        context = SimpleNamespace(run_config={"config": "", "args": f"--data.name digits --model.kwargs '{bomb}'"})
+        with pytest.raises(UserError, match=r"--model.kwargs: the value expands to \d+ values"):
+            run_config_to_fit_config(context)
+        return
+    args = ["--model.kwargs", bomb] if spelling == "--model.kwargs VALUE" else [f"--model.kwargs={bomb}"]
+    assert main(["fit", "--data.name", "digits", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--model.kwargs: the value expands to" in err and str(MAX_NODES) in err
+    assert main(["fit", "--data.name", "digits", "--model.kwargs", "{a: &a [1, 2], b: *a}",
+                 "--federation.rounds", "0"]) == 2  # a small alias is fine: the config error that follows is another
+    assert "expands to" not in capsys.readouterr().err

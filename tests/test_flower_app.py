@@ -7,9 +7,11 @@ fails in round 2; Flower hands the server an error reply and the round goes on w
 
 from __future__ import annotations
 
+import contextlib
 import json
 from types import SimpleNamespace
 
+import psutil
 import pytest
 import torch
 from conftest import tiny_args, tiny_config
@@ -18,7 +20,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from lorafair.cli import main
 from lorafair.federated.state import pack_pairs
-from lorafair.flower.app import BASE, MERGES, FlowerRoundLoop, catch_up, to_arrays
+from lorafair.flower.app import BASE, LOCAL_RAY, MERGES, FlowerRoundLoop, catch_up, to_arrays
 
 pytestmark = pytest.mark.slow
 
@@ -144,3 +146,27 @@ def test_the_server_leaves_out_a_failed_node_and_a_silent_one_and_records_both(t
     assert sorted(sent) == [10, 11, 12, 13] and int(sent[10].content["config"]["server-round"]) == 1
     assert loop.failed == {"1": "node lost", "2": "no reply within 3 s"}
     assert loop.merges_applied == {0: 0, 3: 0}
+
+
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+
+
+def test_the_simulations_ray_listens_on_the_loopback_interface_only(tmp_path, monkeypatch):
+    """Read while a round runs: every socket that Ray's processes (this process's descendants) listen on."""
+    monkeypatch.delenv(LOCAL_RAY, raising=False)
+    listening: list[tuple[str, str]] = []
+    train_clients = FlowerRoundLoop.train_clients
+
+    def reading_sockets(loop, round_index, sampled):
+        for process in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                listening.extend((process.name(), c.laddr.ip) for c in process.net_connections(kind="inet")
+                                 if c.status == psutil.CONN_LISTEN)
+        return train_clients(loop, round_index, sampled)
+
+    monkeypatch.setattr(FlowerRoundLoop, "train_clients", reading_sockets)
+    args = tiny_args(tmp_path, "--federation.rounds", "1", "--federation.clients_per_round", "2")
+    assert main(["flower", *args]) == 0
+    names = {name for name, _ in listening}
+    assert "gcs_server" in names and "raylet" in names, listening  # Ray's own servers were seen
+    assert {ip for _, ip in listening} <= LOOPBACK, listening

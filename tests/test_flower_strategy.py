@@ -307,3 +307,85 @@ print(json.dumps({"core": core, "before": before, "after": flower()}))
     assert {"lorafair.cli", "lorafair.federated.loop", "lorafair.federated.server"} <= set(imported["core"])
     assert imported["before"] == []
     assert imported["after"] == ["flwr"]
+
+
+def _malform(update: ClientUpdate, how: str) -> tuple[ClientUpdate | None, dict]:
+    """An update (or None for an empty ArrayRecord) and reply metrics broken in the way `how` names."""
+    layer = "blocks.0.attn.proj"
+    lora, extra = dict(update.lora), dict(update.extra)
+    a, b = lora[layer]
+    if how == "higher rank":
+        lora[layer] = (torch.randn(8, a.shape[1], dtype=a.dtype), torch.randn(b.shape[0], 8, dtype=b.dtype))
+    elif how == "mixed ranks":
+        lora[layer] = (a[:1].clone(), b[:, :1].clone())
+    elif how == "wrong shape":
+        lora[layer] = (torch.randn(RANK, 3, dtype=a.dtype), b)
+    elif how in ("float16", "int64"):
+        extra["head.weight"] = extra["head.weight"].to(getattr(torch, how))
+    elif how == "missing key":
+        del extra["head.weight"]
+    elif how == "extra key":
+        extra["head.bias"] = torch.zeros(3, dtype=a.dtype)
+    elif how == "empty ArrayRecord":
+        return None, {}
+    counts = {"negative count": -5, "zero count": 0, "huge count": 10**15, "NaN count": float("nan")}
+    return ClientUpdate(weight=update.weight, lora=lora, extra=extra), (
+        {"num-examples": counts[how]} if how in counts else {})
+
+
+@pytest.mark.parametrize("how", ["higher rank", "mixed ranks", "wrong shape", "float16", "int64", "missing key",
+                                 "extra key", "empty ArrayRecord", "negative count", "zero count", "huge count",
+                                 "NaN count"])
+def test_a_malformed_reply_is_dropped_with_its_node_and_the_round_goes_on(how):
+    """Nodes 1 and 3 reply well, node 2 badly: the answer is FedIT over nodes 1 and 3 at the initial shapes."""
+    generator = torch.Generator().manual_seed(4)
+    updates = {node: random_update(weight, generator) for node, weight in ((1, 1.0), (2, 3.0), (3, 2.0))}
+    start = state_to_arrays(updates[1].lora, updates[1].extra)
+    strategy = LoraStrategy("fedit", min_available_nodes=3, min_train_nodes=3, max_examples=10**6)
+    messages = list(strategy.configure_train(1, start, ConfigRecord(), FakeGrid([1, 2, 3])))
+    replies = []
+    for message in messages:
+        node = message.metadata.dst_node_id
+        if node != 2:
+            replies.append(reply(message, updates[node], node))
+            continue
+        broken, metrics = _malform(updates[2], how)
+        if broken is None:
+            content = RecordDict({"arrays": ArrayRecord(), "metrics": MetricRecord(
+                {"num-examples": 3.0, "partition-id": 2, "train-loss": 1.0})})
+            replies.append(Message(content=content, reply_to=message))
+        else:
+            replies.append(reply(message, broken, 2, **metrics))
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    record = strategy.round_records[1]
+    assert list(record["bad_updates"]) == ["2"] and record["bad_updates"]["2"].startswith("malformed reply from node 2")
+    assert record["clients"] == [1, 3] and metrics["bad-updates"] == 1
+    lora, extra = arrays_to_state(arrays)
+    assert {name: pair[0].shape for name, pair in lora.items()} == {name: (RANK, fan_in)
+                                                                    for name, (_, fan_in) in SHAPES.items()}
+    for name in SHAPES:
+        torch.testing.assert_close(lora[name][1], (updates[1].lora[name][1] + 2 * updates[3].lora[name][1]) / 3)
+    torch.testing.assert_close(extra["head.weight"],
+                               (updates[1].extra["head.weight"] + 2 * updates[3].extra["head.weight"]) / 3)
+
+
+def test_a_lower_rank_reply_is_taken_and_an_oversized_one_is_refused_before_it_is_read(monkeypatch):
+    generator = torch.Generator().manual_seed(5)
+    updates = {node: random_update(1.0, generator) for node in (1, 2, 3)}
+    start = state_to_arrays(updates[1].lora, updates[1].extra)
+    layer = "blocks.1.mlp.fc2"
+    updates[2].lora.update({name: (a[:1].clone(), b[:, :1].clone())  # a rank-1 client: allowed
+                            for name, (a, b) in updates[2].lora.items()})
+    a, b = updates[3].lora[layer]
+    updates[3].lora[layer] = (torch.zeros(RANK, 200_000, dtype=a.dtype), b)  # 3 MB where 112 bytes are due
+    read = []
+    to_torch = ArrayRecord.to_torch_state_dict
+    monkeypatch.setattr(ArrayRecord, "to_torch_state_dict", lambda self, *args, **kwargs: (
+        read.append(sum(len(array.data) for array in self.values())), to_torch(self, *args, **kwargs))[1])
+    strategy = LoraStrategy("fedit", min_available_nodes=3, min_train_nodes=3)
+    arrays, _ = train_round(strategy, 1, start, updates, [1, 2, 3])
+    assert strategy.round_records[1]["clients"] == [1, 2]
+    assert "node 3: array 'blocks.1.mlp.fc2.lora_A.weight' has shape (2, 200000)" in \
+        strategy.round_records[1]["bad_updates"]["3"]
+    assert max(read) < 100_000  # the oversized reply was never turned into tensors
+    assert arrays_to_state(arrays)[0][layer][0].shape == (RANK, 7)

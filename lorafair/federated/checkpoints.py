@@ -1,6 +1,6 @@
 """Per-round checkpoints that survive a kill at any moment, and the guard against resuming a different run.
 
-A checkpoint is written to a temporary file, fsynced, then renamed over its final name, so a file named
+A checkpoint is written to a temporary file of a unique name, fsynced, then renamed over its final name, so a file named
 `round_NNNNN.ckpt` is always complete; the previous one is deleted only after the new one exists. Each file carries a
 SHA-256 of its content, so a file damaged later (a flipped bit, a copy cut short) is told apart from a good one: torch's
 zip container alone does not notice changed tensor bytes. Loading uses `torch.load(weights_only=True)`: a checkpoint
@@ -30,7 +30,13 @@ from lorafair.federated.state import (
     unpack,
     unpack_client_states,
 )
-from lorafair.reporting.run_folder import checkpoint_dir, is_finished, read_results, results_path
+from lorafair.reporting.run_folder import (
+    checkpoint_dir,
+    is_finished,
+    read_results,
+    results_path,
+    temporary_beside,
+)
 
 CHECKPOINT_KEYS = frozenset({"round", "identity", "results", "lora", "extra", "base"})
 
@@ -64,15 +70,16 @@ def save_checkpoint(directory: Path, round_index: int, state: Mapping[str, Any],
     """
     directory.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(directory, round_index)
-    temporary = final.with_name(final.name + ".tmp")
-    with open(temporary, "wb") as handle:
+    with temporary_beside(final) as (handle, temporary):
         torch.save({**state, CHECKSUM_KEY: content_digest(state)}, handle)
         handle.flush()
         os.fsync(handle.fileno())
-    if before_rename is not None:
-        before_rename()
-    os.replace(temporary, final)
+        if before_rename is not None:
+            before_rename()
+        os.replace(temporary, final)
     _fsync_directory(directory)
+    for stale in directory.glob(".round_*.ckpt.*.tmp"):  # left by a killed write (one writer: the run folder's lock)
+        stale.unlink(missing_ok=True)
     # checkpoints of later rounds belong to a run this one branched off (resumed from an older file): drop them
     for old in [path for path in list_checkpoints(directory) if path.name > final.name]:
         old.unlink()

@@ -66,10 +66,10 @@ from lorafair.reporting.run_folder import (
     CONFIG_NAME,
     TENSORBOARD_NAME,
     accuracy_table,
-    check_out_dir,
     checkpoint_dir,
     config_to_dict,
     flatten_config,
+    own_run_folder,
     results_path,
     score_scalars,
     tensorboard_scalars,
@@ -81,10 +81,10 @@ from lorafair.reporting.run_folder import (
 
 def fit(cfg: FitConfig) -> dict[str, Any]:
     """Run the federated job of `cfg` and return the content of its results.json (on every rank)."""
-    check_out_dir(cfg.out_dir)
-    trainer = FederatedTrainer(cfg, launch_fabric(cfg))
-    results = trainer.run()
-    trainer.transport.close()
+    with own_run_folder(cfg.out_dir, lead=int(os.environ.get("RANK", "0")) == 0):  # under torchrun, rank 0 owns it
+        trainer = FederatedTrainer(cfg, launch_fabric(cfg))
+        results = trainer.run()
+        trainer.transport.close()
     return results
 
 

@@ -19,7 +19,9 @@ frozen weights once.
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -48,7 +50,7 @@ from lorafair.federated.state import (
     unpack_pairs,
 )
 from lorafair.flower.strategy import MERGING_METHODS
-from lorafair.reporting.run_folder import results_path
+from lorafair.reporting.run_folder import own_run_folder, results_path
 
 MERGES, BASE, APPLIED = "lorafair.merges", "lorafair.base", "lorafair.applied"
 """Message records of the merges a node has not applied and of the resumed frozen weights; the node state record of
@@ -221,7 +223,8 @@ def partition_nodes(grid: Grid, num_clients: int, timeout: float) -> dict[int, i
 
 def run_server(cfg: FitConfig, grid: Grid, timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
     """Every round of `cfg` over the grid's nodes; writes out_dir as `fit` does and returns results.json."""
-    return FlowerRoundLoop(cfg, grid, timeout).run()
+    with own_run_folder(cfg.out_dir):
+        return FlowerRoundLoop(cfg, grid, timeout).run()
 
 
 def make_server_app(config_of: Callable[[Context], FitConfig], errors: list[str] | None = None) -> ServerApp:
@@ -290,8 +293,26 @@ SIMULATION_BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
 """One worker that trains the clients one after another, as one `fit` process does: the smallest Ray setup."""
 
 
+LOCAL_RAY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+"""Ray's switch between a local-only instance (0: every Ray process listens on 127.0.0.1 alone) and one that other
+machines can join (1, Ray's default on Linux: its GCS server, raylet and workers listen on every interface, and
+whoever reaches them runs code as this user)."""
+
+
+def keep_ray_local() -> None:
+    """Make the simulation's Ray instance listen on the loopback interface only, unless the environment already
+    sets LOCAL_RAY (set it to 1 to expose Ray deliberately). `ray.init(_node_ip_address="127.0.0.1")` does not
+    do this: Ray replaces a loopback address by the machine's outward one."""
+    os.environ.setdefault(LOCAL_RAY, "0")
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:  # Ray read the variable when it was imported
+        constants.ENABLE_RAY_CLUSTER = constants.env_bool(LOCAL_RAY, True)
+
+
 def simulate(cfg: FitConfig) -> dict[str, Any]:
-    """`lorafair flower`: the job on Flower's simulation engine, one SuperNode per client; returns results.json."""
+    """`lorafair flower`: the job on Flower's simulation engine, one SuperNode per client; returns results.json.
+    Ray listens on 127.0.0.1 only (keep_ray_local)."""
+    keep_ray_local()
     from flwr.simulation import run_simulation
 
     data = build_federated_data(cfg.data, cfg.federation, cfg.seed, model_data_config(cfg.model, cfg.data.image_size))

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from logging import INFO
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -23,7 +24,15 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from lorafair.aggregation import ClientUpdate, build_aggregator, find_bad_updates, method_options
 from lorafair.federated.sampling import derive_seed
-from lorafair.flower.records import Pairs, arrays_to_state, fresh_lora, merges_to_arrays, state_to_arrays
+from lorafair.flower.records import (
+    LORA_A,
+    LORA_B,
+    Pairs,
+    arrays_to_state,
+    fresh_lora,
+    merges_to_arrays,
+    state_to_arrays,
+)
 
 MERGING_METHODS = frozenset({"flora", "fedex_lora"})
 """Methods whose answer includes a merge into every client's frozen weights."""
@@ -55,16 +64,25 @@ class LoraStrategy(FedAvg):
         Declare that replies are only revealed as a sum; refused for methods that need each client's factors.
     mergerecord_key : str (default: "lorafair.merges")
         Key of the ArrayRecord carrying the merges a node has not applied yet (merging methods only).
+    max_examples : int (default: 10**9)
+        The largest example count (`weighted_by_key`) a reply may claim; a reply claiming more is dropped.
 
     Replies carry one ArrayRecord with the model's LoRA factors keyed as peft's state dict does
     (`L.lora_A.weight`, `L.lora_B.weight`) plus any other tensors (averaged), and one MetricRecord with
     `weighted_by_key`. An optional `partition-id` metric orders the clients in the aggregation (else node id), so
     results do not depend on the order replies arrive in.
+
+    The arrays of the first `configure_train` fix the template: every reply must hold exactly these keys, in their
+    dtype and shape (a LoRA pair may have a lower rank than the global one, never a higher one), and a positive
+    example count up to `max_examples`. Any other reply (wrong shape or dtype, missing or extra keys, an empty or
+    second ArrayRecord, a bad count) is dropped and named in the round record with its node, as a NaN update is;
+    its sizes are checked on the record's metadata before any tensor is built from it.
     """
 
     def __init__(self, method: str = "lorafair", options: dict[str, Any] | None = None, *, seed: int = 0,
                  on_bad_update: str = "drop", secure_aggregation: bool = False,
-                 mergerecord_key: str = "lorafair.merges", **fedavg_kwargs: Any) -> None:
+                 mergerecord_key: str = "lorafair.merges", max_examples: int = 10**9,
+                 **fedavg_kwargs: Any) -> None:
         fedavg_kwargs.setdefault("train_metrics_aggr_fn", train_metrics_without_ids)
         super().__init__(**fedavg_kwargs)
         self.method, self.options, self.seed = method, dict(options or {}), seed
@@ -74,6 +92,11 @@ class LoraStrategy(FedAvg):
         if secure_aggregation:
             check_secure_aggregation(method)
         self.on_bad_update, self.mergerecord_key = on_bad_update, mergerecord_key
+        if not (isinstance(max_examples, int) and max_examples > 0):
+            raise ValueError(f"max_examples must be a positive int, got {max_examples!r}")
+        self.max_examples = max_examples
+        self.template: dict[str, tuple[tuple[int, ...], str]] | None = None
+        """key -> (shape, dtype) of the global arrays: what every reply must hold (set by the first round)."""
         self.merges: list[Pairs] = []
         """Every merge of the run, in order: merge i came out of the i-th merging round."""
         self.merges_applied: dict[int, int] = {}
@@ -100,6 +123,8 @@ class LoraStrategy(FedAvg):
         if KEY_CLIPPING_NORM in config and self.method in MERGING_METHODS:
             raise ValueError(f"{self.method} merges into the frozen weights outside the arrays a differential-privacy"
                              f" wrapper clips and noises; use a method without merges under differential privacy")
+        if self.template is None:  # the initial arrays, never a reply, decide the global keys, shapes and rank
+            self.template = {key: (tuple(array.shape), str(array.dtype)) for key, array in arrays.items()}
         return self._with_merges(super().configure_train(server_round, arrays, config, grid))
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -132,20 +157,33 @@ class LoraStrategy(FedAvg):
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid, errors = self._check_and_log_replies(replies, is_train=True)
+        replies = list(replies)
+        malformed, screened = {}, []
+        for reply in replies:
+            problem = None if reply.has_error() else self._screen(reply)
+            if problem is None:
+                screened.append(reply)
+            else:
+                malformed[self._client_of(reply)] = f"malformed reply from node {reply.metadata.src_node_id}: {problem}"
+        valid, errors = self._check_and_log_replies(screened, is_train=True, validate=False)
         record: dict[str, Any] = {"failed_nodes": {str(m.metadata.src_node_id): m.error.reason for m in errors},
                                   "bad_updates": {}, "clients": [], "aggregation": {}}
         self.round_records[server_round] = record
         self._confirm_merges(valid)
         valid.sort(key=self._client_of)
+        updates, keys, unreadable = self._updates(valid)
+        malformed.update({self._client_of(valid[i]): reason for i, reason in unreadable.items()})
+        valid = [m for i, m in enumerate(valid) if i not in unreadable]
+        updates = [u for u in updates if u is not None]
         record["clients"] = [self._client_of(m) for m in valid]
         record["train_loss"] = {str(client): float(next(iter(m.content.metric_records.values()))["train-loss"])
                                 for client, m in zip(record["clients"], valid, strict=True)
                                 if "train-loss" in next(iter(m.content.metric_records.values()))}
-        updates, keys = self._updates(valid)
         bad = self._bad_updates(valid, updates)
-        record["bad_updates"] = {str(record["clients"][i]): reason for i, reason in sorted(bad.items())}
-        if bad and self.on_bad_update == "error":
+        record["bad_updates"] = {str(client): reason for client, reason in sorted(malformed.items())}
+        record["bad_updates"].update({str(record["clients"][i]): reason for i, reason in sorted(bad.items())})
+        bad_count = len(bad) + len(malformed)
+        if bad_count and self.on_bad_update == "error":
             described = "; ".join(f"client {c}: {r}" for c, r in record["bad_updates"].items())
             raise ValueError(f"round {server_round}: bad client update ({described}); on_bad_update='drop' leaves "
                              "such clients out of the round")
@@ -160,7 +198,7 @@ class LoraStrategy(FedAvg):
         record.update(bytes_up=int(result.bytes_up), bytes_down=int(result.bytes_down))
         metrics = self.train_metrics_aggr_fn([valid[i].content for i in good], self.weighted_by_key)
         metrics.update({f"aggregation-{name}": float(value) for name, value in result.metrics.items()})
-        metrics.update({"bad-updates": len(bad), "failed-nodes": len(errors)})
+        metrics.update({"bad-updates": bad_count, "failed-nodes": len(errors)})
         return state_to_arrays(lora, result.extra, keys), metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -169,19 +207,71 @@ class LoraStrategy(FedAvg):
         return super().aggregate_evaluate(server_round, replies)
 
     def _client_of(self, reply: Message) -> int:
-        metrics = next(iter(reply.content.metric_records.values()))
-        return int(metrics.get("partition-id", reply.metadata.src_node_id))
+        """The reply's `partition-id` metric where it has a usable one, else its node id."""
+        records = list(reply.content.metric_records.values()) if not reply.has_error() else []
+        partition = records[0].get("partition-id") if len(records) == 1 else None
+        if isinstance(partition, int | float) and math.isfinite(partition) and partition == int(partition):
+            return int(partition)
+        return reply.metadata.src_node_id
 
-    def _updates(self, replies: list[Message]) -> tuple[list[ClientUpdate], list[str]]:
-        """ClientUpdates of the replies, and the key order of the first reply's ArrayRecord."""
-        updates, keys = [], []
-        for reply in replies:
+    def _screen(self, reply: Message) -> str | None:
+        """What makes a reply unfit to aggregate, read from its records' metadata alone, or None."""
+        content = reply.content
+        if len(content.array_records) != 1 or len(content.metric_records) != 1:
+            return (f"expected one ArrayRecord and one MetricRecord, got {len(content.array_records)} and "
+                    f"{len(content.metric_records)}")
+        arrays, metrics = next(iter(content.array_records.values())), next(iter(content.metric_records.values()))
+        count = metrics.get(self.weighted_by_key)
+        if isinstance(count, bool) or not isinstance(count, int | float) or not math.isfinite(count) or count <= 0:
+            return f"example count '{self.weighted_by_key}' is {count!r}, not a positive number"
+        if count > self.max_examples:
+            return f"example count {count} is above max_examples ({self.max_examples})"
+        if not arrays:
+            return "its ArrayRecord is empty"
+        if self.template is None:
+            return None
+        missing, extra = sorted(self.template.keys() - arrays.keys()), sorted(arrays.keys() - self.template.keys())
+        if missing or extra:
+            return f"array '{(missing or extra)[0]}' is {'missing' if missing else 'not one of the global model'}"
+        for key, array in arrays.items():
+            shape, dtype = self.template[key]
+            got = tuple(array.shape)
+            if str(array.dtype) != dtype:
+                return f"array '{key}' is {array.dtype}, the global model's is {dtype}"
+            if not (got == shape or _lower_rank(key, got, shape, arrays)):
+                return (f"array '{key}' has shape {got}, the global model's is {shape} (a LoRA factor may have a "
+                        f"lower rank, never a higher one)")
+            nbytes = math.prod(got) * torch.empty((), dtype=getattr(torch, dtype, torch.float32)).element_size()
+            if len(array.data) > nbytes + 4096:  # the serialised array: its bytes plus a small header
+                return f"array '{key}' carries {len(array.data)} bytes, more than its shape {got} holds"
+        ranks = sorted({array.shape[0] for key, array in arrays.items() if key.endswith(LORA_A)})
+        if len(ranks) > 1:
+            return f"its LoRA factors have ranks {ranks}; a client has one rank for all its layers"
+        return None
+
+    def _updates(self, replies: list[Message]) -> tuple[list[ClientUpdate | None], list[str], dict[int, str]]:
+        """ClientUpdates of the replies (None for one that cannot be read), the key order of the first reply's
+        ArrayRecord, and position -> why, for the replies that cannot be read."""
+        updates, keys, unreadable = [], [], {}
+        for position, reply in enumerate(replies):
             arrays = next(iter(reply.content.array_records.values()))
+            try:
+                tensors = arrays.to_torch_state_dict()
+                wrong = next((key for key, tensor in tensors.items()
+                              if tuple(tensor.shape) != tuple(arrays[key].shape)), None)
+                if wrong is not None:
+                    raise ValueError(f"array '{wrong}' holds data of shape {tuple(tensors[wrong].shape)}, not the "
+                                     f"{tuple(arrays[wrong].shape)} it announces")
+                lora, extra = arrays_to_state(arrays)
+            except Exception as err:
+                unreadable[position] = (f"malformed reply from node {reply.metadata.src_node_id}: "
+                                        f"{' '.join(str(err).split())[:200]}")
+                updates.append(None)
+                continue
             keys = keys or list(arrays.keys())
-            lora, extra = arrays_to_state(arrays)
             weight = next(iter(reply.content.metric_records.values()))[self.weighted_by_key]
             updates.append(ClientUpdate(weight=weight, lora=lora, extra=extra))
-        return updates, keys
+        return updates, keys, unreadable
 
     def _bad_updates(self, replies: list[Message], updates: list[ClientUpdate]) -> dict[int, str]:
         bad = {}
@@ -192,12 +282,29 @@ class LoraStrategy(FedAvg):
         return {**find_bad_updates(updates), **bad}
 
 
+def _lower_rank(key: str, got: tuple[int, ...], shape: tuple[int, ...], arrays: ArrayRecord) -> bool:
+    """Whether `got` is the shape of a LoRA factor of `shape` at a lower rank, matching its partner's rank."""
+    if len(got) != 2 or len(shape) != 2:
+        return False
+    if key.endswith(LORA_A):
+        partner = arrays.get(key[: -len(LORA_A)] + LORA_B)
+        return 0 < got[0] < shape[0] and got[1] == shape[1] and partner is not None and \
+            tuple(partner.shape)[1:] == (got[0],)
+    if key.endswith(LORA_B):
+        partner = arrays.get(key[: -len(LORA_B)] + LORA_A)
+        return 0 < got[1] < shape[1] and got[0] == shape[0] and partner is not None and \
+            tuple(partner.shape)[:1] == (got[1],)
+    return False
+
+
 def train_metrics_without_ids(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
-    """FedAvg's weighted mean of the train metrics, leaving out `partition-id` (an id, not a measurement)."""
+    """FedAvg's weighted mean of the train metrics every reply holds, leaving out `partition-id` (an id, not a
+    measurement)."""
     stripped = []
+    common = set.intersection(*(set(next(iter(content.metric_records.values())).keys()) for content in records))
     for content in records:
         metrics = next(iter(content.metric_records.values()))
         stripped.append(RecordDict({"metrics": MetricRecord({k: v for k, v in metrics.items()
-                                                             if k != "partition-id"})}))
+                                                             if k != "partition-id" and k in common})}))
     return aggregate_metricrecords(stripped, weighted_by_key)
 

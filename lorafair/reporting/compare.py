@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from types import UnionType
@@ -29,6 +30,8 @@ from lorafair.reporting.run_folder import (
     PER_RUN_KEYS,
     config_to_dict,
     flatten_config,
+    hold_folder,
+    refuse_shared_folder,
     results_path,
     run_config,
     run_status,
@@ -161,14 +164,21 @@ def compare(cfg: FitConfig, methods: list[str] | None, seeds: list[int] | None, 
             baseline: str = "fedit") -> None:
     """Fit every planned run that is not finished yet, then write the report into cfg.out_dir, each row against
     `baseline`."""
-    from lorafair.federated.loop import fit
-
     if baseline not in comparable() or (methods is not None and baseline not in methods):
         raise UserError(f"--baseline: {baseline!r} is not one of the compared methods; pass one of "
                         f"{', '.join(methods or comparable())}")
     runs = plan_runs(cfg, methods, seeds, grid)
-    statuses = [run_status(run.cfg.out_dir) for run in runs]
     lead = _is_rank_zero()
+    refuse_shared_folder(cfg.out_dir, "out_dir")
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    with hold_folder(cfg.out_dir, "--out_dir") if lead else nullcontext():  # one comparison writes it at a time
+        _compare(cfg, runs, lead, baseline)
+
+
+def _compare(cfg: FitConfig, runs: list[PlannedRun], lead: bool, baseline: str) -> None:
+    from lorafair.federated.loop import fit
+
+    statuses = [run_status(run.cfg.out_dir) for run in runs]
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if lead:
         print(f"lorafair compare: {len(runs)} runs in {cfg.out_dir}, {statuses.count('done')} finished earlier")

@@ -1,11 +1,13 @@
 """The run folder: what a run leaves behind, its file names, whether it finished, and the config's plain forms.
 
+    <out_dir>/.lorafair_run      the marker of a lorafair run folder (no other folder is written into)
     <out_dir>/config.yaml        the resolved config
     <out_dir>/classes.json       class names; label i is classes[i]
     <out_dir>/results.json       per-round records, rewritten after every round
     <out_dir>/tensorboard/       TensorBoard scalars and hparams
     <out_dir>/checkpoints/       round_NNNNN.ckpt (lorafair.federated.checkpoints)
-    <out_dir>/final/             the global model exported for timm (or transformers) and peft (lorafair.export)
+    <out_dir>/final/             the global model exported for timm (or transformers) and peft (lorafair.export),
+                                 with the marker .lorafair_export (only a folder carrying it is ever replaced)
 
 results.json is rewritten atomically after every round, so a reader (or `lorafair report`) never sees half a file:
 {"method", "domains", "rounds": [per-round record], "final": {"round", "accuracy", "mean_accuracy"[, "eval_loss",
@@ -20,11 +22,13 @@ import dataclasses
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, BinaryIO, Literal, get_args, get_origin, get_type_hints
 
 import yaml
+from filelock import FileLock, Timeout
 
 from lorafair.config import FitConfig
 from lorafair.errors import UserError
@@ -35,6 +39,14 @@ RESULTS_NAME = "results.json"
 TENSORBOARD_NAME = "tensorboard"
 CHECKPOINTS_NAME = "checkpoints"
 EXPORT_NAME = "final"
+RUN_MARKER = ".lorafair_run"
+"""The file that makes a folder a lorafair run folder, written when `fit` first takes the folder."""
+EXPORT_MARKER = ".lorafair_export"
+"""The file that makes a folder a lorafair export: only such a folder is ever replaced by an export."""
+LOCK_NAME = ".lorafair.lock"
+RUN_ENTRIES = frozenset({CONFIG_NAME, CLASSES_NAME, RESULTS_NAME, TENSORBOARD_NAME, CHECKPOINTS_NAME, EXPORT_NAME,
+                         RUN_MARKER, LOCK_NAME})
+"""Every name a run folder holds."""
 
 EXECUTION_KEYS = frozenset({"out_dir", "resume", "resume_force", "overwrite", "accelerator", "precision", "num_nodes",
                             "cpu_threads", "federation.rounds", "federation.eval_every", "federation.timeout",
@@ -112,7 +124,9 @@ def results_problem(results: Any) -> str | None:
 
 def check_out_dir(out_dir: Path) -> None:
     """Create `out_dir` and write a probe file in it, so an unusable folder (a file, read-only, a parent that is a
-    file) is one line before any data or model is loaded rather than a traceback after the first round."""
+    file) is one line before any data or model is loaded rather than a traceback after the first round. The root
+    and the home folder are refused: lorafair deletes what it wrote in a run folder."""
+    refuse_shared_folder(out_dir, "out_dir")
     try:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out_dir):  # a name of its own: every rank probes at once
@@ -120,6 +134,119 @@ def check_out_dir(out_dir: Path) -> None:
     except OSError as err:
         raise UserError(f"out_dir: cannot write the run folder {out_dir} ({err.strerror or err}); pass --out_dir a "
                         f"folder that can be created and written") from err
+
+
+def refuse_shared_folder(folder: Path, key: str) -> None:
+    """A UserError where `folder` is the file system's root or the user's home folder, which no run may own."""
+    resolved = Path(folder).expanduser().resolve()
+    what = ("the root folder" if resolved == Path(resolved.anchor)
+            else "your home folder" if resolved == Path.home().resolve() else None)
+    if what:
+        raise UserError(f"{key}: {folder} is {what}; lorafair writes (and replaces) files in it: pass a folder of "
+                        f"its own, e.g. {Path.home() / 'runs' / 'NAME'}")
+
+
+def foreign_entries(out_dir: Path) -> list[str]:
+    """What in an existing `out_dir` without the run marker lorafair did not write: any name a run folder does not
+    have, and a results.json or config.yaml that is not lorafair's (a run folder written before the marker existed
+    has none of these and is taken over)."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    known = RUN_ENTRIES | {f"{name}.tmp" for name in RUN_ENTRIES}
+    foreign = sorted(path.name for path in out_dir.iterdir() if path.name not in known)
+    if (out_dir / RESULTS_NAME).exists():
+        try:
+            read_results(out_dir / RESULTS_NAME)
+        except UserError:
+            foreign.append(f"{RESULTS_NAME} (not one lorafair wrote)")
+    if (out_dir / CONFIG_NAME).exists() and not _is_fit_config(out_dir / CONFIG_NAME):
+        foreign.append(f"{CONFIG_NAME} (not a lorafair config)")
+    return foreign
+
+
+def _is_fit_config(path: Path) -> bool:
+    """Whether `path` reads as a config.yaml `fit` wrote: a mapping of FitConfig's keys, its sections among them."""
+    try:
+        config = yaml.safe_load(path.read_text()) if path.stat().st_size < 1_000_000 else None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    keys = {field.name for field in dataclasses.fields(FitConfig)}
+    return isinstance(config, dict) and {"model", "data", "federation", "server"} <= set(config) <= keys
+
+
+def claim_run_folder(out_dir: Path) -> None:
+    """Before a run touches `out_dir` (rank 0 of `fit` and of the Flower server): make it lorafair's, or refuse it
+    with one line. A folder with the run marker is a lorafair run's; an empty or missing one, or one holding only
+    what a run folder holds, gets the marker; anything else (files lorafair did not write, another run's export
+    folder, a comparison) is refused, so that nothing a run replaces or deletes was someone else's."""
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir)
+    _refuse_foreign(out_dir)
+    export = out_dir / EXPORT_NAME
+    if export.exists() and not is_export(export):
+        raise UserError(f"out_dir {out_dir} holds a {EXPORT_NAME}/ that is not a lorafair export (no {EXPORT_MARKER} "
+                        f"in it), and a run replaces {EXPORT_NAME}/ with its export; move it away or pass another "
+                        f"--out_dir")
+    if not (out_dir / RUN_MARKER).is_file():
+        write_json(out_dir / RUN_MARKER, {"lorafair": "run folder", "format": 1})
+
+
+def _refuse_foreign(out_dir: Path) -> None:
+    foreign = [] if (out_dir / RUN_MARKER).is_file() else foreign_entries(out_dir)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise UserError(f"out_dir {out_dir} holds files lorafair did not write ({shown}) and is not a lorafair run "
+                        f"folder (no {RUN_MARKER} in it); pass --out_dir a new or empty folder")
+
+
+@contextmanager
+def own_run_folder(out_dir: Path, lead: bool = True) -> Iterator[None]:
+    """For the life of a run: `out_dir` claimed (claim_run_folder) and locked against every other lorafair process
+    (hold_folder). Ranks other than the lead only check that they can write it (their disk may be their own)."""
+    if not lead:
+        check_out_dir(out_dir)
+        yield
+        return
+    check_out_dir(out_dir)
+    _refuse_foreign(Path(out_dir))  # before the lock file is written into a folder that is not lorafair's
+    with hold_folder(out_dir, "--out_dir"):
+        claim_run_folder(out_dir)
+        yield
+
+
+_HELD: set[Path] = set()
+"""The folders this process holds the lock of (a process may enter one again: fit exports into its own folder)."""
+
+
+@contextmanager
+def hold_folder(folder: Path, flag: str) -> Iterator[None]:
+    """Hold the exclusive lock of `folder` (its LOCK_NAME file, released when the process ends however it ends)
+    while the block runs; a folder another process holds is one UserError at once, naming it."""
+    key = Path(folder).resolve()
+    if key in _HELD:
+        yield
+        return
+    lock = FileLock(key / LOCK_NAME, timeout=0, thread_local=False)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise UserError(f"{folder} is in use by another lorafair process (it holds {key / LOCK_NAME}); wait for it "
+                        f"to end, or pass {flag} another folder") from None
+    except OSError as err:
+        raise UserError(f"{flag}: cannot lock {folder} ({err.strerror or err}); pass a folder lorafair can write"
+                        ) from err
+    _HELD.add(key)
+    try:
+        yield
+    finally:
+        _HELD.discard(key)
+        lock.release()
+
+
+def is_export(folder: Path) -> bool:
+    """Whether `folder` is an export lorafair wrote (and may replace)."""
+    return Path(folder).is_dir() and (Path(folder) / EXPORT_MARKER).is_file()
 
 
 def run_config(out_dir: Path, results: dict) -> dict[str, Any]:
@@ -189,12 +316,33 @@ def flatten_config(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Replace `path` with `text` so readers see either the old or the new content, never a mix."""
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w") as handle:
-        handle.write(text)
+    with temporary_beside(path) as (handle, temporary):
+        handle.write(text.encode())
         handle.flush()
         os.fsync(handle.fileno())
-    os.replace(temporary, path)
+        os.replace(temporary, path)
+
+
+@contextmanager
+def temporary_beside(path: Path) -> Iterator[tuple[BinaryIO, Path]]:
+    """A new file of a unique name beside `path` (".NAME.XXXXXXXX.tmp", so two writers of one file never share a
+    temporary), opened for writing with the permissions a plain `open` would give; removed again if the block
+    raises before renaming it."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    temporary = Path(name)
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 would make results.json private to its owner
+        with os.fdopen(fd, "wb") as handle:
+            yield handle, temporary
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: Path, data: Any) -> None:
