@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from lorafair.config import DataConfig, FitConfig
 from lorafair.data import build_federated_data, make_loader, model_data_config
+from lorafair.data.cache import rgb_image
 from lorafair.data.image_files import IMAGE_SUFFIXES
 from lorafair.data.transforms import image_transforms
 from lorafair.errors import UserError
@@ -150,7 +151,7 @@ class ImageList(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         try:
             with Image.open(self.paths[index]) as image:
-                return self.transform(image.convert("RGB")), index
+                return self.transform(rgb_image(image)), index
         except (OSError, SyntaxError, ValueError) as err:
             raise UserError(f"cannot read image {self.paths[index]}: {err}; remove it or pass readable images"
                             ) from err

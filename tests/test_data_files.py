@@ -15,9 +15,11 @@ from PIL import Image
 from lorafair.cli import main
 from lorafair.config import DataConfig, FederationConfig
 from lorafair.data import build_client_data, build_federated_data, make_loader
-from lorafair.data.cache import CachedImageDataset
+from lorafair.data.cache import CachedImageDataset, pixel_recipes
 from lorafair.data.image_files import DOMAINNET, NICOPP, ImageFileDataset, read_image_folders, read_split_file_dataset
+from lorafair.data.transforms import image_transforms
 from lorafair.errors import UserError
+from lorafair.inference import ImageList
 
 DATA_CONFIG = {"input_size": (3, 16, 16), "interpolation": "bicubic", "mean": (0.5, 0.5, 0.5),
                "std": (0.5, 0.5, 0.5), "crop_pct": 0.9, "crop_mode": "center"}
@@ -336,3 +338,87 @@ def test_a_node_holds_only_its_own_clients_files(domainnet):
     assert build_client_data(cached, federation, 0, DATA_CONFIG, 1)[0].dataset.paths == nodes[1].dataset.paths
     with pytest.raises(UserError, match="partition-id 3 is not a client of this partition"):
         build_client_data(data, federation, 0, DATA_CONFIG, 3)
+
+
+# ---- pixel depths and orientation: the same picture reads the same on every path ----
+
+GREY = 0.61
+
+
+def write_grey_images(folder: Path) -> dict[str, Path]:
+    """A 61%-grey square in every pixel depth PIL opens: 8-bit, 16-bit (I;16), 32-bit integer (I) and float (F)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    images = {"8-bit": (np.full((10, 10), round(GREY * 255), np.uint8), "g8.png"),
+              "16-bit": (np.full((10, 10), round(GREY * 65535), np.uint16), "g16.png"),
+              "32-bit integer": (np.full((10, 10), round(GREY * 65535), np.int32), "g32.tif"),
+              "float": (np.full((10, 10), GREY, np.float32), "gf.tif")}
+    paths = {}
+    for kind, (values, name) in images.items():
+        Image.fromarray(values).save(folder / name)
+        paths[kind] = folder / name
+    assert [Image.open(p).mode for p in paths.values()] == ["L", "I;16", "I", "F"]
+    return paths
+
+
+def readers(paths: list[Path], root: Path) -> dict[str, object]:
+    """Each image's model input as the PIL path, the decode-once cache and predict's reader give it."""
+    data_cfg = DataConfig(name="folders", root=root)
+    train_transform, eval_transform = image_transforms(DATA_CONFIG, data_cfg)
+    recipe = pixel_recipes(train_transform, eval_transform, False, DATA_CONFIG["input_size"])[1]
+    samples = [(str(path), 0) for path in paths]
+    return {"pil": ImageFileDataset(samples, eval_transform),
+            "cache": CachedImageDataset(samples, recipe, root / "cache", "grey"),
+            "predict": ImageList(paths, eval_transform)}
+
+
+def test_sixteen_bit_and_float_images_read_at_their_grey_level_not_white_or_black(tmp_path):
+    paths = write_grey_images(tmp_path / "grey")
+    expected = (round(GREY * 255) / 255 - 0.5) / 0.5  # the 8-bit grey through ToTensor and Normalize(0.5, 0.5)
+    for way, dataset in readers(list(paths.values()), tmp_path).items():
+        for kind, (image, _) in zip(paths, dataset, strict=True):
+            assert image.shape == (3, 16, 16)
+            assert torch.allclose(image, torch.full_like(image, expected), atol=1e-6), (way, kind, image.mean())
+
+
+@pytest.mark.parametrize("values", [np.full((10, 10), 300.0, np.float32), np.full((10, 10), -0.2, np.float32),
+                                    np.full((10, 10), np.nan, np.float32), np.full((10, 10), 70000, np.int32)],
+                         ids=["float above 255", "negative float", "NaN", "integer above 16 bits"])
+def test_pixels_outside_a_known_range_are_a_bad_image_named_in_one_line(tmp_path, values):
+    Image.fromarray(values).save(tmp_path / "odd.tif")
+    for way, dataset in readers([tmp_path / "odd.tif"], tmp_path).items():
+        with pytest.raises(UserError) as err:
+            dataset[0]
+        message = str(err.value)
+        assert "\n" not in message and "odd.tif" in message, way
+        assert "save the image with 8-bit or 16-bit pixels" in message, way
+    skipping = ImageFileDataset([(str(tmp_path / "odd.tif"), 0)], lambda image: image, on_bad_image="skip")
+    assert skipping[0] is None
+
+
+def upright_and_rotated(folder: Path) -> tuple[Path, Path]:
+    """An asymmetric picture saved upright, and saved turned on its side with the EXIF tag that turns it back."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pixels = np.zeros((12, 20, 3), np.uint8)
+    pixels[:, :5] = 255  # a white band on the left
+    pixels[:4, :, 1] = 200  # a green band along the top
+    upright = Image.fromarray(pixels)
+    upright.save(folder / "upright.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation 6: shown after turning 90 degrees clockwise
+    upright.transpose(Image.Transpose.ROTATE_90).save(folder / "rotated.png", exif=exif)
+    assert Image.open(folder / "rotated.png").size == (12, 20)
+    return folder / "upright.png", folder / "rotated.png"
+
+
+def test_exif_orientation_is_applied_in_training_evaluation_the_cache_and_predict(tmp_path):
+    upright, rotated = upright_and_rotated(tmp_path / "images")
+    for way, dataset in readers([upright, rotated], tmp_path).items():
+        assert torch.equal(dataset[0][0], dataset[1][0]), way
+        assert not torch.equal(dataset[0][0], dataset[0][0].flip(-1)), way  # the picture does show a turn
+    for i in range(4):  # and through a whole folders dataset, augmenting training images
+        upright_and_rotated(tmp_path / "root" / "photo" / f"class{i % 2}")
+    for cache in ("off", "auto"):
+        fd = build_federated_data(DataConfig(name="folders", root=tmp_path / "root", cache=cache, augment=True,
+                                             test_fraction=0.5), FederationConfig(), 0, DATA_CONFIG)
+        test = fd.test["photo"]
+        assert len(test) == 2 and torch.equal(test[0][0], readers([upright], tmp_path)["pil"][0][0])

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import PIL
 import torch
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 from torchvision.transforms import v2
@@ -43,10 +43,41 @@ from tqdm import tqdm
 from lorafair.errors import UserError
 from lorafair.federated.launch import die_with_parent
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
+"""2: pixels come from `rgb_image` (EXIF orientation applied, 16-bit and float images scaled)."""
 CACHE_DIR_ENV = "LORAFAIR_CACHE_DIR"
 UNREADABLE_IMAGE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 """What PIL raises for missing, truncated and corrupt files, and for a header declaring billions of pixels."""
+
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+"""PIL's 16-bit greyscale modes. "I" (32-bit integer, how older PIL opens 16-bit PNGs) is read on the same 0..65535
+scale; values outside it are refused."""
+
+
+def rgb_image(image: Image.Image) -> Image.Image:
+    """The 8-bit RGB image the transforms take, upright: EXIF orientation applied (as ImageOps.exif_transpose does),
+    16-bit greyscale scaled from 0..65535 and float greyscale from [0, 1] (or [0, 255] when its values exceed 1) to
+    0..255. PIL's own convert("RGB") clips these, so a 61%-grey 16-bit PNG would read as white and a float one as
+    black. Raises ValueError (an unreadable image) for pixel values outside those ranges."""
+    if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+        image = ImageOps.exif_transpose(image)
+    if image.mode in SIXTEEN_BIT_MODES or image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+        if image.mode == "F":
+            scale = 1.0 if high <= 1.0 else 255.0
+            if not (np.isfinite(low) and np.isfinite(high) and low >= 0 and high <= 255):
+                raise ValueError(f"float pixels range from {low:g} to {high:g}, outside [0, 1] and [0, 255]; save "
+                                 f"the image with 8-bit or 16-bit pixels")
+        else:
+            scale = 65535.0
+            if low < 0 or high > scale:
+                raise ValueError(f"{image.mode} pixels range from {low:g} to {high:g}, outside the 16-bit range "
+                                 f"0..65535; save the image with 8-bit or 16-bit pixels")
+        eight_bit = np.rint(values * (255.0 / scale)).astype(np.uint8)
+        image = Image.fromarray(eight_bit)
+    return image.convert("RGB")
 
 
 def human_size(size: int) -> str:
@@ -246,7 +277,7 @@ def _decode(path: str) -> tuple[np.ndarray | None, str | None]:
     """(C x H x W uint8 pixels, None), or (None, the message) for an unreadable image."""
     try:
         with Image.open(path) as image:
-            pixels = np.asarray(_PREPARE(image.convert("RGB")), dtype=np.uint8)
+            pixels = np.asarray(_PREPARE(rgb_image(image)), dtype=np.uint8)
     except UNREADABLE_IMAGE as err:
         return None, bad_image_message(path, err)
     return np.ascontiguousarray(pixels.transpose(2, 0, 1)), None

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from lorafair.data.cache import UNREADABLE_IMAGE, bad_image_message
+from lorafair.data.cache import UNREADABLE_IMAGE, bad_image_message, rgb_image
 from lorafair.errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -74,7 +74,7 @@ class ImageFileDataset(Dataset):
         path = self.paths[index]
         try:
             with Image.open(path) as image:
-                pixels = self.transform(image.convert("RGB"))
+                pixels = self.transform(rgb_image(image))
         except UNREADABLE_IMAGE as err:
             if self.on_bad_image == "skip":
                 return None
