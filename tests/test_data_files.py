@@ -422,3 +422,14 @@ def test_exif_orientation_is_applied_in_training_evaluation_the_cache_and_predic
                                              test_fraction=0.5), FederationConfig(), 0, DATA_CONFIG)
         test = fd.test["photo"]
         assert len(test) == 2 and torch.equal(test[0][0], readers([upright], tmp_path)["pil"][0][0])
+
+
+def test_a_class_folder_without_images_in_any_domain_is_refused(tmp_path):
+    make_folders(tmp_path)
+    (tmp_path / "photo" / "yak").mkdir()
+    (tmp_path / "sketch" / "yak").mkdir()
+    (tmp_path / "sketch" / "yak" / "notes.txt").write_text("not an image")
+    with pytest.raises(UserError, match=r"^class folder\(s\) 'yak' under .* hold no images in any domain "
+                                        r"\(photo, sketch\).*add images or remove the folder"):
+        read_image_folders(tmp_path, None, None, 0.3, seed=0)
+    assert read_image_folders(tmp_path, None, 4, 0.3, seed=0)[1] == ["Bee", "cat", "dog", "emu"]  # cut off: fine

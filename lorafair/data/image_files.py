@@ -227,8 +227,9 @@ def _seeded_split(samples: list[tuple[str, int]], test_fraction: float, seed: in
 
 def read_image_folders(root: Path, domains: Sequence[str] | None, num_classes: int | None, test_fraction: float,
                        seed: int) -> tuple[list[DomainFiles], list[str]]:
-    """Domains and class names of `<root>/<domain>/<class>/<image>`. Classes are the sorted union over domains;
-    a domain without split files is split per class by test_fraction, seeded."""
+    """Domains and class names of `<root>/<domain>/<class>/<image>`. Classes are the sorted union over domains, and
+    each must hold an image in some domain; a domain without split files is split per class by test_fraction,
+    seeded."""
     _require_root(root, FOLDERS_LAYOUT)
     if domains is None:
         domains = _class_folders(root)
@@ -252,4 +253,10 @@ def read_image_folders(root: Path, domains: Sequence[str] | None, num_classes: i
         if not train:
             raise UserError(f"domain folder {root / domain} has no training images; {FOLDERS_LAYOUT}")
         domain_files.append(DomainFiles(domain, train, test))
+    used = {label for files in domain_files for _, label in files.train + files.test}
+    empty = [name for label, name in enumerate(classes) if label not in used]
+    if empty:
+        raise UserError(f"class folder(s) {', '.join(map(repr, empty))} under {root} hold no images in any domain "
+                        f"({', '.join(domains)}), so the model would get an output class it never sees; add images "
+                        f"or remove the folder(s); {FOLDERS_LAYOUT}")
     return domain_files, classes
