@@ -178,7 +178,7 @@ def test_a_changed_image_or_flipped_byte_gets_a_fresh_cache(noisy_root, tmp_path
     pixels = next((tmp_path / "cache").glob("*.pixels"))
     raw = bytearray(pixels.read_bytes())
     raw[10] ^= 0xFF
-    pixels.write_bytes(raw)  # same size: only the checksum, checked by --build_cache, sees it
+    pixels.write_bytes(raw)  # same size: only the checksum sees it
     first_domain(noisy_root, str(tmp_path / "cache")).store(verify=True)
     assert len(count_builds) == 2
     assert torch.equal(cached_images(first_domain(noisy_root, str(tmp_path / "cache"))), pil_reference(noisy_root))
@@ -285,3 +285,30 @@ def test_cli_data_build_cache_builds_then_verifies(noisy_root, tmp_path, capsys)
     assert main(args) == 0
     assert "building" not in capsys.readouterr().err
     assert main([*args[:-4], "--data.cache", "off", "--build_cache", "true"]) == 2
+
+
+def test_pixels_overwritten_with_same_size_bytes_are_caught_on_first_use_in_a_process(noisy_root, tmp_path,
+                                                                                     count_builds, monkeypatch,
+                                                                                     capsys):
+    checksum, checked = cache_module._file_checksum, []
+    monkeypatch.setattr(cache_module, "_file_checksum", lambda path: checked.append(path) or checksum(path))
+    cache = str(tmp_path / "cache")
+    first_domain(noisy_root, cache).store()
+    pixels = next((tmp_path / "cache").glob("*.pixels"))
+    before = pixels.stat()
+    raw = bytearray(pixels.read_bytes())
+    raw[10:20] = bytes(255 - b for b in raw[10:20])
+    pixels.write_bytes(raw)  # same size, same file, and even its old mtime back
+    os.utime(pixels, ns=(before.st_atime_ns, before.st_mtime_ns))
+    monkeypatch.setattr(cache_module, "_VERIFIED", set())  # what a new process (`lorafair evaluate`, say) knows
+    assert torch.equal(cached_images(first_domain(noisy_root, cache)), pil_reference(noisy_root))
+    assert len(count_builds) == 2 and "does not match its checksum (changed since it was built); rebuilding it" in (
+        capsys.readouterr().err)
+    pixels.write_bytes(bytes(len(raw)))  # within one process: a file changed since its check is checked again
+    assert torch.equal(cached_images(first_domain(noisy_root, cache)), pil_reference(noisy_root))
+    assert len(count_builds) == 3
+    checked.clear()
+    for _ in range(3):
+        first_domain(noisy_root, cache).store()
+    assert checked == []  # an unchanged cache is read in full once per process, not at every use
+

@@ -6,7 +6,8 @@ another) and `<key>.index.npz` (offsets, shapes, which images were readable, a c
 fingerprint of the image list, every image's size and mtime, the transform settings and the PIL version, so a
 changed dataset or transform gets a new cache instead of a stale one. A build writes both files under temporary
 names, re-reads and checks them, and renames the pixels first and the index last: a file without its index, or an
-index whose sizes do not match, is never used. Builders of one key take a file lock, so the ranks of a node never
+index whose sizes do not match, is never used. The first use of a cache in a process checks the pixels' checksum:
+a file changed since it was built is rebuilt. Builders of one key take a file lock, so the ranks of a node never
 build the same cache at the same time.
 
 The cached pixels are exactly what the PIL path hands to ToTensor; `normalize` applies ToTensor's and Normalize's
@@ -200,8 +201,20 @@ def _file_checksum(path: Path) -> str:
     return digest.hexdigest()
 
 
+_VERIFIED: set[tuple[str, int, int, int]] = set()
+"""(pixel file, inode, size, mtime) of every cache whose checksum this process has checked: each cache is read in
+full once per process (and again if the file changes), so pixels overwritten with same-size bytes are never served."""
+
+
+def _verified_before(pixel_path: Path) -> tuple[bool, tuple[str, int, int, int]]:
+    stat = pixel_path.stat()
+    identity = (str(pixel_path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    return identity in _VERIFIED, identity
+
+
 def _open_valid(directory: Path, key: str, expected_fingerprint: str, count: int, verify: bool) -> CacheStore | None:
-    """The cache of `key` if its index is complete and matches the pixel file (and, with verify, its checksum)."""
+    """The cache of `key` if its index is complete and matches the pixel file and its checksum. The checksum is
+    checked on the first use in this process of each pixel file, and always with verify."""
     index_path, pixel_path = directory / f"{key}.index.npz", directory / f"{key}.pixels"
     if not index_path.is_file() or not pixel_path.is_file():
         return None
@@ -213,9 +226,15 @@ def _open_valid(directory: Path, key: str, expected_fingerprint: str, count: int
         return None
     total = int(offsets[-1]) if len(offsets) == count + 1 else -1
     if (meta.get("format") != CACHE_FORMAT or meta.get("fingerprint") != expected_fingerprint
-            or len(readable) != count or pixel_path.stat().st_size != total
-            or (verify and _file_checksum(pixel_path) != meta.get("checksum"))):
+            or len(readable) != count or pixel_path.stat().st_size != total):
         return None
+    checked, identity = _verified_before(pixel_path)
+    if verify or not checked:
+        if _file_checksum(pixel_path) != meta.get("checksum"):
+            print(f"the image cache {pixel_path} does not match its checksum (changed since it was built); "
+                  f"rebuilding it", file=sys.stderr)
+            return None
+        _VERIFIED.add(identity)
     pixels = np.memmap(pixel_path, dtype=np.uint8, mode="r", shape=(total,)) if total else np.zeros(0, np.uint8)
     shape = tuple(meta["shape"]) if meta["shape"] else None
     return CacheStore(pixels, offsets, heights, widths, readable, shape)
@@ -327,6 +346,7 @@ def _build(paths: Sequence[str], recipe: PixelRecipe, directory: Path, key: str,
             np.savez(file, meta=np.array(json.dumps(meta)), offsets=offsets, heights=heights, widths=widths,
                      readable=readable)
         os.replace(partial, directory / f"{key}.pixels")
+        _VERIFIED.add(_verified_before(directory / f"{key}.pixels")[1])  # read back and checksummed just above
         os.replace(index_partial, directory / f"{key}.index.npz")
     except OSError as err:
         if err.errno == errno.ENOSPC:
