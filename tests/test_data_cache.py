@@ -312,3 +312,21 @@ def test_pixels_overwritten_with_same_size_bytes_are_caught_on_first_use_in_a_pr
         first_domain(noisy_root, cache).store()
     assert checked == []  # an unchanged cache is read in full once per process, not at every use
 
+
+@pytest.mark.parametrize("change", [{"image_size": 24}, {"input_size": (3, 24, 24)}, {"interpolation": "bilinear"},
+                                    {"crop_pct": 1.0}, {"mean": (0.5, 0.5, 0.5)}],
+                         ids=["data.image_size", "model input size", "interpolation", "crop_pct", "mean"])
+def test_a_cache_built_for_one_input_size_or_transform_is_not_served_for_another(noisy_root, tmp_path, change):
+    cache = str(tmp_path / "cache")
+    built = first_domain(noisy_root, cache)  # 16 px, bicubic, crop_pct 0.875
+    assert cached_images(built).shape[-1] == 16
+    data = DataConfig(name="domainnet", root=noisy_root, domains=["clipart"], cache=cache, num_workers=0,
+                      image_size=change.get("image_size"))
+    data_config = {**DATA_CONFIG, **{k: v for k, v in change.items() if k != "image_size"}}
+    asked = build_federated_data(data, FederationConfig(), 0, data_config).train["clipart"]
+    uncached = build_federated_data(DataConfig(**{**data.__dict__, "cache": "off"}), FederationConfig(), 0,
+                                    data_config).train["clipart"]
+    want = torch.stack([image for image, _ in uncached])
+    assert not torch.equal(want[..., :16, :16], cached_images(built)[..., :want.shape[-2], :want.shape[-1]])
+    assert torch.equal(cached_images(asked), want)  # the new size or transform, bit for bit
+    assert len(list((tmp_path / "cache").glob("*.pixels"))) == 2
