@@ -157,12 +157,12 @@ def test_the_simulations_ray_listens_on_the_loopback_interface_only(tmp_path, mo
     listening: list[tuple[str, str]] = []
     train_clients = FlowerRoundLoop.train_clients
 
-    def reading_sockets(loop, round_index, sampled):
+    def reading_sockets(loop, round_index, sampled, steps=None):
         for process in psutil.Process().children(recursive=True):
             with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
                 listening.extend((process.name(), c.laddr.ip) for c in process.net_connections(kind="inet")
                                  if c.status == psutil.CONN_LISTEN)
-        return train_clients(loop, round_index, sampled)
+        return train_clients(loop, round_index, sampled, steps)
 
     monkeypatch.setattr(FlowerRoundLoop, "train_clients", reading_sockets)
     args = tiny_args(tmp_path, "--federation.rounds", "1", "--federation.clients_per_round", "2")

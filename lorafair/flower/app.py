@@ -155,8 +155,10 @@ class FlowerRoundLoop(FederatedTrainer):
         self.node_of = partition_nodes(self.grid, len(self.data.clients), self.timeout)
         return first
 
-    def train_clients(self, round_index: int, sampled: list[int]) -> tuple[list[ClientResult], dict[str, int], float]:
-        """Send the round to the sampled clients' nodes and collect their results; client id -> node id."""
+    def train_clients(self, round_index: int, sampled: list[int],
+                      steps: int | None = None) -> tuple[list[ClientResult], dict[str, int], float]:
+        """Send the round to the sampled clients' nodes and collect their results; client id -> node id. `steps`
+        is always None here: it is set only for the centralized bound, which Flower does not run."""
         replies = self.grid.send_and_receive([self.train_message(round_index, client) for client in sampled],
                                              timeout=self.timeout)
         trained = time.perf_counter()
