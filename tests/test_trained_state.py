@@ -1,10 +1,77 @@
-"""What a run trained is what leaves it; the Flower server's reply timeout reaches the grid."""
+"""What a run trained is what leaves it: evaluate and predict of a run whose adapter is non-zero repeat its
+results.json, and the Flower server's reply timeout reaches the grid."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
 from conftest import tiny_config
 from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
+from PIL import Image
+
+from lorafair.export import global_model, open_run
+from lorafair.federated.loop import fit
+from lorafair.inference import evaluate_run, predict
+
+TINTS = {"c0": (20, -20, -20), "c1": (-20, 20, -20), "c2": (-20, -20, 20)}
+
+
+def write_tinted_tree(root: Path) -> Path:
+    """Two domains of three classes, 6 training and 4 test images each: grey tinted red, green or blue under heavy
+    noise, hard enough that the trained adapter, not the head alone, gets every test image right."""
+    rng = np.random.default_rng(0)
+    for domain in ("a", "b"):
+        for split, count in (("train", 6), ("test", 4)):
+            lines = []
+            for name, tint in TINTS.items():
+                for i in range(count):
+                    relative = f"{domain}/{name}/{split}{i}.png"
+                    pixels = np.clip(128 + np.array(tint) + rng.integers(-100, 100, (20, 20, 3)), 0, 255)
+                    (root / relative).parent.mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(pixels.astype(np.uint8)).save(root / relative)
+                    lines.append(relative)
+            (root / f"{domain}_{split}.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def fedit_run(tmp_path_factory) -> tuple[Path, dict, Path]:
+    """FedIT (plain averaging: the global adapter is the clients' mean, B != 0, nothing merged into the backbone)
+    on the tinted images; fit exports it to final/."""
+    root = write_tinted_tree(tmp_path_factory.mktemp("tinted"))
+    out_dir = tmp_path_factory.mktemp("fedit_run")
+    fit(tiny_config(out_dir, "--data.name", "folders", "--data.root", str(root), "--federation.rounds", "2",
+                    "--federation.clients_per_round", "null", "--server.method", "fedit", "--client.max_local_steps",
+                    "4", "--client.lr", "0.1"))
+    return out_dir, json.loads((out_dir / "results.json").read_text()), root
+
+
+def test_the_run_has_a_non_zero_adapter(fedit_run):
+    lora = global_model(open_run(fedit_run[0], say=lambda _: None)).get_lora()
+    assert lora and all(float(b.abs().max()) > 0 for _, b in lora.values())
+
+
+def test_evaluate_and_predict_of_a_run_with_a_non_zero_adapter_repeat_results_json(fedit_run, monkeypatch):
+    run_dir, results, root = fedit_run
+    final = {key: results["final"][key] for key in ("accuracy", "mean_accuracy")}
+    assert evaluate_run(run_dir, say=lambda _: None) == final
+    for domain, accuracy in final["accuracy"].items():
+        images = [root / line for line in (root / f"{domain}_test.txt").read_text().split()]
+        top = [prediction.top[0][0] for prediction in predict(run_dir, images, top_k=1, say=lambda _: None)]
+        assert np.mean([name == image.parent.name for name, image in zip(top, images, strict=True)]) == accuracy
+
+    def without_adapter(run):  # the planted bug: the global model with its adapter left out
+        model = global_model(run)
+        model.set_lora({name: (a, torch.zeros_like(b)) for name, (a, b) in model.get_lora().items()})
+        return model
+
+    monkeypatch.setattr("lorafair.inference.global_model", without_adapter)
+    assert evaluate_run(run_dir, say=lambda _: None) != final  # so the comparison above does see the adapter
 
 
 class RecordingGrid:
