@@ -1,5 +1,6 @@
 """What a run trained is what leaves it: evaluate and predict of a run whose adapter is non-zero repeat its
-results.json, and the Flower server's reply timeout reaches the grid."""
+results.json, the export's head is the trained head of the last checkpoint (read from the file, not rebuilt by the
+same code), and the Flower server's reply timeout reaches the grid."""
 
 from __future__ import annotations
 
@@ -13,10 +14,14 @@ from conftest import tiny_config
 from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from PIL import Image
+from safetensors.torch import load_file
 
+from lorafair import export as export_module
 from lorafair.export import global_model, open_run
+from lorafair.federated.checkpoints import list_checkpoints
 from lorafair.federated.loop import fit
 from lorafair.inference import evaluate_run, predict
+from lorafair.reporting.run_folder import EXPORT_NAME
 
 TINTS = {"c0": (20, -20, -20), "c1": (-20, 20, -20), "c2": (-20, -20, 20)}
 
@@ -72,6 +77,22 @@ def test_evaluate_and_predict_of_a_run_with_a_non_zero_adapter_repeat_results_js
 
     monkeypatch.setattr("lorafair.inference.global_model", without_adapter)
     assert evaluate_run(run_dir, say=lambda _: None) != final  # so the comparison above does see the adapter
+
+
+def test_the_exports_head_is_the_trained_head_of_the_last_checkpoint(fedit_run):
+    run_dir = fedit_run[0]
+    checkpoint = torch.load(list_checkpoints(run_dir / "checkpoints")[-1], weights_only=True)
+    trained = {name.split("/", 1)[-1]: tensor for name, tensor in checkpoint["extra"].items()}
+    assert set(trained) == {"head.weight", "head.bias"}, sorted(trained)
+    merged = load_file(run_dir / EXPORT_NAME / "model.safetensors")
+    adapter = load_file(run_dir / EXPORT_NAME / "adapter" / "adapter_model.safetensors")
+    base = load_file(run_dir / EXPORT_NAME / "base" / "model.safetensors")
+    for name, tensor in trained.items():
+        assert torch.equal(merged[name], tensor), name
+        assert torch.equal(base[name], tensor), name
+        assert torch.equal(adapter[f"base_model.model.{name}"], tensor), name  # peft's modules_to_save
+    fresh = export_module.build_model(open_run(run_dir, say=lambda _: None).cfg, 3, torch.device("cpu")).get_extra()
+    assert not torch.equal(fresh[next(iter(fresh))], next(iter(checkpoint["extra"].values())))  # the head trained
 
 
 class RecordingGrid:
