@@ -7,6 +7,9 @@ Checks that need more than one section live in `FitConfig.validate`.
 from __future__ import annotations
 
 import math
+import os
+import re
+import string
 from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Literal
@@ -69,6 +72,19 @@ class ModelConfig:
 
     def validate(self) -> None:
         _require(bool(self.name), "model.name", "must be a model name")
+        reserved = sorted(set(self.kwargs) & set(RESERVED_MODEL_KWARGS))
+        _require(not reserved, "model.kwargs", f"{', '.join(reserved)} cannot be set here: "
+                 f"{RESERVED_MODEL_KWARGS[reserved[0]] if reserved else ''}")
+
+
+RESERVED_MODEL_KWARGS = {
+    "checkpoint_path": "load a weight file with model.weights (read with weights_only, the head dropped)",
+    "pretrained_cfg": "model.name and model.pretrained choose the pretrained configuration",
+    "pretrained_cfg_overlay": "model.name and model.pretrained choose the pretrained configuration",
+    "pretrained": "set model.pretrained",
+    "num_classes": "the number of classes comes from the data (data.num_classes)",
+}
+"""timm.create_model arguments that lorafair sets itself, or that would load files behind model.weights' checks."""
 
 
 @dataclass
@@ -158,6 +174,8 @@ class DataConfig:
         _require(self.num_classes is None or self.num_classes > 0, "data.num_classes",
                  f"must be > 0, got {self.num_classes}")
         _require(bool(self.cache), "data.cache", "must be auto, off or a folder, got an empty value")
+        _require(self.domains is None or len(self.domains) > 0, "data.domains",
+                 "must list at least one domain, or be null for all of the dataset's domains")
 
 
 ALPACA_TEMPLATE = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
@@ -204,7 +222,25 @@ class TextConfig:
                  f"{self.text_columns}")
         _require(self.examples_per_kind > 0 and self.test_per_kind > 0, "text.examples_per_kind",
                  "and text.test_per_kind must be > 0")
+        try:
+            fields = {name for _, name, _, _ in string.Formatter().parse(self.prompt_template) if name is not None}
+        except ValueError as err:
+            raise UserError(f"text.prompt_template: {self.prompt_template!r} is not a valid template ({err}); write "
+                            f"literal braces as {{{{ and }}}}") from err
+        _require(fields <= {"instruction", "input"}, "text.prompt_template",
+                 f"{self.prompt_template!r} uses {', '.join(sorted(fields - {'instruction', 'input'}))}; only "
+                 f"{{instruction}} and {{input}} are filled in (write literal braces as {{{{ and }}}})")
+        try:
+            groups = re.compile(self.answer_pattern).groups
+        except re.error as err:
+            raise UserError(f"text.answer_pattern: {self.answer_pattern!r} is not a valid regex ({err})") from err
+        _require(groups >= 1, "text.answer_pattern",
+                 f"{self.answer_pattern!r} has no group; its first group (...) must capture the answer")
 
+
+MAX_TIMEOUT = 7 * 24 * 3600.0
+"""The longest federation.timeout: torch's collectives hold it in milliseconds in a C integer."""
+MAX_SEED = 2**32 - 1
 
 BOUNDS = ("centralized", "local")
 """The reference settings of federation.setting, selected in compare like methods."""
@@ -243,7 +279,8 @@ class FederationConfig:
 
     def validate(self) -> None:
         _require_finite({"federation.dirichlet_alpha": self.dirichlet_alpha, "federation.timeout": self.timeout})
-        _require(self.timeout > 0, "federation.timeout", f"must be > 0 seconds, got {self.timeout}")
+        _require(0 < self.timeout <= MAX_TIMEOUT, "federation.timeout",
+                 f"must be > 0 and at most {MAX_TIMEOUT:.0f} seconds (7 days), got {self.timeout:g}")
         _require(self.rounds > 0, "federation.rounds", f"must be > 0, got {self.rounds}")
         _require(self.clients_per_domain > 0, "federation.clients_per_domain",
                  f"must be > 0, got {self.clients_per_domain}")
@@ -254,6 +291,10 @@ class FederationConfig:
         _require(self.clients_per_round is None or self.clients_per_round > 0, "federation.clients_per_round",
                  f"must be > 0, got {self.clients_per_round}")
         _require(self.eval_every > 0, "federation.eval_every", f"must be > 0, got {self.eval_every}")
+        _require(self.clients_per_domain == 1 or self.partition == "feature_label", "federation.clients_per_domain",
+                 f"{self.clients_per_domain} applies to partition feature_label only; partition {self.partition} "
+                 f"gives {'one client per domain' if self.partition == 'feature' else 'federation.num_clients clients'}"
+                 f": set partition feature_label, or leave clients_per_domain at 1")
         _require(self.setting != "local" or self.partition != "iid", "federation.setting",
                  "local scores each client on its own domain, which clients of the iid partition do not have; use "
                  "partition feature or feature_label")
@@ -366,10 +407,11 @@ class FitConfig:
                  f"take; use another method or 16-bit weights")
         _require(self.data.name not in ("text_classification", "instruction") or bool(self.text.train_files),
                  "text.train_files", f"is required for data.name={self.data.name}: pass --text.train_files FILE")
-        _require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        _require(0 <= self.seed <= MAX_SEED, "seed", f"must be in 0..{MAX_SEED}, got {self.seed}")
         _require(self.num_nodes >= 1, "num_nodes", f"must be >= 1, got {self.num_nodes}")
-        _require(self.cpu_threads is None or self.cpu_threads >= 1, "cpu_threads",
-                 f"must be >= 1 or null, got {self.cpu_threads}")
+        cpus = os.cpu_count() or 1
+        _require(self.cpu_threads is None or 1 <= self.cpu_threads <= cpus, "cpu_threads",
+                 f"must be in 1..{cpus} (this machine's CPUs) or null, got {self.cpu_threads}")
         _require(self.resume in (None, "auto") or Path(self.resume).exists(), "resume",
                  f"must be 'auto' or an existing checkpoint file, got {self.resume!r}")
         _require(not self.overwrite or self.resume in (None, "auto"), "overwrite",

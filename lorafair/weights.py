@@ -110,9 +110,10 @@ def create_architecture(model_cfg: ModelConfig, num_classes: int, pretrained: bo
 def _call_with_kwargs(build, model_cfg: ModelConfig, *args, **kwargs) -> nn.Module:
     try:
         return build(*args, **kwargs)
-    except TypeError as err:
-        raise UserError(f"model.kwargs: {model_cfg.name} does not accept {model_cfg.kwargs} ({err}); timm's mixer_* "
-                        f"names fix their architecture, use model.name {MIXER_FROM_KWARGS} to set it") from err
+    except (TypeError, KeyError, ValueError, AttributeError) as err:  # a bad argument, or a bad value (act_layer: x)
+        raise UserError(f"model.kwargs: {model_cfg.name} does not accept {model_cfg.kwargs} ({type(err).__name__}: "
+                        f"{err}); timm's mixer_* names fix their architecture, use model.name {MIXER_FROM_KWARGS} "
+                        f"to set it") from err
 
 
 def _hub_reachable(timeout_s: float = 3.0) -> bool:

@@ -138,3 +138,42 @@ def test_ctrl_c_is_one_line_and_the_same_command_continues(tmp_path):
     assert "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1].startswith("lorafair: interrupted")
     assert list((tmp_path / "checkpoints").glob("round_*.ckpt"))
+
+
+TINY_VIT = "{depth: 2, embed_dim: 32, num_heads: 2, img_size: 16, patch_size: 4"
+HOSTILE_VALUES = {
+    "huge timeout": (["--federation.timeout", "1e300"], "federation.timeout: must be > 0 and at most 604800 seconds"),
+    "huge seed": (["--seed", "99999999999999999999999"], "seed: must be in 0..4294967295, got 9999"),
+    "no domains": (["--data.domains", "[]"], "data.domains: must list at least one domain, or be null"),
+    "bad act_layer": (["--model.kwargs", TINY_VIT + ", act_layer: bogus}"],
+                      "model.kwargs: vit_base_patch16_224 does not accept {"),
+    "checkpoint_path": (["--model.kwargs", TINY_VIT + ", checkpoint_path: /x.pth}"],
+                        "model.kwargs: checkpoint_path cannot be set here: load a weight file with model.weights"),
+    "pretrained_cfg_overlay": (["--model.kwargs", TINY_VIT + ", pretrained_cfg_overlay: {file: /x.pth}}"],
+                               "model.kwargs: pretrained_cfg_overlay cannot be set here"),
+    "4096 threads": (["--cpu_threads", "4096"], "cpu_threads: must be in 1.."),
+    "clients_per_domain ignored": (["--federation.clients_per_domain", "40", "--federation.partition", "feature"],
+                                   "federation.clients_per_domain: 40 applies to partition feature_label only"),
+    "unknown template field": (["--data.name", "arithmetic", "--text.prompt_template", "{bogus}"],
+                               "text.prompt_template: '{bogus}' uses bogus; only {instruction} and {input}"),
+    "unbalanced template": (["--data.name", "arithmetic", "--text.prompt_template", "{input"],
+                            "text.prompt_template: '{input' is not a valid template"),
+    "bad answer regex": (["--data.name", "arithmetic", "--text.answer_pattern", "("],
+                         "text.answer_pattern: '(' is not a valid regex"),
+    "answer regex without a group": (["--data.name", "arithmetic", "--text.answer_pattern", "#+"],
+                                     "text.answer_pattern: '#+' has no group"),
+}
+"""Values a hostile or careless user passes: each was a traceback or silently ignored, each is one line naming the
+key, the value and the fix, before any training."""
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_VALUES))
+def test_hostile_values_are_one_line_naming_the_key(tmp_path, capsys, case):
+    from conftest import tiny_args
+
+    args, expected = HOSTILE_VALUES[case]
+    assert main(["fit", *tiny_args(tmp_path / "run", *args)]) == 2
+    captured = capsys.readouterr()
+    assert expected in captured.err, captured.err
+    assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
+    assert not (tmp_path / "run" / "checkpoints").exists()
