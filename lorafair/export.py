@@ -49,6 +49,7 @@ from lorafair.reporting.run_folder import (
     EXPORT_MARKER,
     EXPORT_NAME,
     checkpoint_dir,
+    current_umask,
     hold_folder,
     is_export,
     read_fit_config,
@@ -226,6 +227,7 @@ def _write_export_folder(run: RunState, out: Path) -> None:
         save_model = timm_saver(run.classes, model_data_config(run.cfg.model, run.cfg.data.image_size))
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it 0700; the export is a folder like any other
     try:
         write_export(model.plain_backbone(), global_adapter(run, model), staging, save_model)
         shutil.copy(run.run_dir / CONFIG_NAME, staging / CONFIG_NAME)

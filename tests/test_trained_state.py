@@ -21,7 +21,7 @@ from lorafair.export import global_model, open_run
 from lorafair.federated.checkpoints import list_checkpoints
 from lorafair.federated.loop import fit
 from lorafair.inference import evaluate_run, predict
-from lorafair.reporting.run_folder import EXPORT_NAME
+from lorafair.reporting.run_folder import EXPORT_NAME, current_umask
 
 TINTS = {"c0": (20, -20, -20), "c1": (-20, 20, -20), "c2": (-20, -20, 20)}
 
@@ -130,3 +130,9 @@ def test_the_flower_servers_reply_timeout_reaches_the_grid(tmp_path, monkeypatch
     make_server_app(lambda _: cfg, errors)(grid, context)
     assert errors == [] and (tmp_path / "run" / "results.json").is_file()
     assert grid.timeouts == [17.5, 17.5, 17.5]  # the partition query and both rounds
+
+
+def test_the_export_folder_follows_the_umask_not_mkdtemps_0700(fedit_run):
+    mode = (fedit_run[0] / EXPORT_NAME).stat().st_mode & 0o777
+    assert mode == 0o777 & ~current_umask() and mode & 0o055, oct(mode)
+
