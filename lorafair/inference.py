@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from lorafair.config import DataConfig, FitConfig
 from lorafair.data import build_federated_data, make_loader, model_data_config
-from lorafair.data.cache import rgb_image
+from lorafair.data.cache import UNREADABLE_IMAGE, rgb_image
 from lorafair.data.image_files import IMAGE_SUFFIXES
 from lorafair.data.transforms import image_transforms
 from lorafair.errors import UserError
@@ -152,7 +152,7 @@ class ImageList(Dataset):
         try:
             with Image.open(self.paths[index]) as image:
                 return self.transform(rgb_image(image)), index
-        except (OSError, SyntaxError, ValueError) as err:
+        except UNREADABLE_IMAGE as err:  # a decompression bomb (a 20000 x 20000 PNG) included
             raise UserError(f"cannot read image {self.paths[index]}: {err}; remove it or pass readable images"
                             ) from err
 
@@ -170,6 +170,11 @@ def predict(source: Path, images: Sequence[Path], round: int | None = None, top_
     printed one line per image and, with `output`, written as CSV rows (image, rank, class, probability)."""
     if top_k < 1:
         raise UserError(f"--top_k: must be >= 1, got {top_k}")
+    if batch_size < 1:
+        raise UserError(f"--batch_size: must be >= 1, got {batch_size}")
+    if output is not None and Path(output).is_dir():
+        raise UserError(f"--output {output} is a folder; name the CSV file to write, e.g. "
+                        f"{Path(output) / 'predictions.csv'}")
     loaded = load_model(source, round, say)
     paths = image_files(images)
     eval_transform = image_transforms(loaded.data_config(), loaded.cfg.data)[1]

@@ -17,6 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from lorafair import export as export_module
+from lorafair.cli import main
 from lorafair.export import global_model, open_run
 from lorafair.federated.checkpoints import list_checkpoints
 from lorafair.federated.loop import fit
@@ -136,3 +137,21 @@ def test_the_export_folder_follows_the_umask_not_mkdtemps_0700(fedit_run):
     mode = (fedit_run[0] / EXPORT_NAME).stat().st_mode & 0o777
     assert mode == 0o777 & ~current_umask() and mode & 0o055, oct(mode)
 
+
+@pytest.mark.parametrize("case", ["batch size 0", "output is a folder", "decompression bomb"])
+def test_predict_bad_input_is_one_line(fedit_run, tmp_path, capsys, case):
+    from test_data_files import png_bomb
+
+    run_dir, _, root = fedit_run
+    image = str(root / "a" / "c0" / "test0.png")
+    args, expected = {
+        "batch size 0": (["--batch_size", "0"], "--batch_size: must be >= 1, got 0"),
+        "output is a folder": (["--output", str(tmp_path)], f"--output {tmp_path} is a folder; name the CSV file"),
+        "decompression bomb": ([], "cannot read image"),
+    }[case]
+    if case == "decompression bomb":
+        (tmp_path / "bomb.png").write_bytes(png_bomb())
+        image = str(tmp_path / "bomb.png")
+    assert main(["predict", "--run", str(run_dir), image, *args]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and err.count("\n") == 1 and "Traceback" not in err, err
