@@ -389,3 +389,17 @@ def test_a_lower_rank_reply_is_taken_and_an_oversized_one_is_refused_before_it_i
         strategy.round_records[1]["bad_updates"]["3"]
     assert max(read) < 100_000  # the oversized reply was never turned into tensors
     assert arrays_to_state(arrays)[0][layer][0].shape == (RANK, 7)
+
+
+@pytest.mark.parametrize("ratio", [10.0, None])
+def test_a_reply_claiming_many_examples_is_clipped_to_ten_times_the_median_weight(ratio):
+    """Node 3 claims 10**6 examples (below max_examples): it weighs 10 x the median (2) = 20, not 10**6 / 10**6+3."""
+    generator = torch.Generator().manual_seed(5)
+    updates = {node: random_update(weight, generator) for node, weight in ((1, 1.0), (2, 2.0), (3, 1e6))}
+    strategy = LoraStrategy("fedit", min_available_nodes=3, min_train_nodes=3, max_weight_ratio=ratio)
+    arrays, _ = train_round(strategy, 1, state_to_arrays(updates[1].lora, updates[1].extra), updates, [1, 2, 3])
+    weights = {1: 1.0, 2: 2.0, 3: 20.0 if ratio else 1e6}
+    total = sum(weights.values())
+    torch.testing.assert_close(arrays_to_state(arrays)[1]["head.weight"],
+                               sum(weights[n] / total * updates[n].extra["head.weight"] for n in updates))
+    assert strategy.round_records[1].get("clipped_weights") == ({"3": [1e6, 20.0]} if ratio else None)

@@ -9,7 +9,9 @@ ones it has not confirmed yet, so a node that sat out rounds catches up exactly 
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import statistics
 from collections.abc import Iterable
 from logging import INFO
 from typing import Any
@@ -66,6 +68,10 @@ class LoraStrategy(FedAvg):
         Key of the ArrayRecord carrying the merges a node has not applied yet (merging methods only).
     max_examples : int (default: 10**9)
         The largest example count (`weighted_by_key`) a reply may claim; a reply claiming more is dropped.
+    max_weight_ratio : float or None (default: 10.0)
+        A reply's weight in the aggregate is clipped to this many times the median count of the round's good
+        replies (named in the round record's `clipped_weights`), so that no reply can dictate the aggregate by
+        claiming many examples; None weighs every reply by its count as FedAvg does.
 
     Replies carry one ArrayRecord with the model's LoRA factors keyed as peft's state dict does
     (`L.lora_A.weight`, `L.lora_B.weight`) plus any other tensors (averaged), and one MetricRecord with
@@ -82,7 +88,7 @@ class LoraStrategy(FedAvg):
     def __init__(self, method: str = "lorafair", options: dict[str, Any] | None = None, *, seed: int = 0,
                  on_bad_update: str = "drop", secure_aggregation: bool = False,
                  mergerecord_key: str = "lorafair.merges", max_examples: int = 10**9,
-                 **fedavg_kwargs: Any) -> None:
+                 max_weight_ratio: float | None = 10.0, **fedavg_kwargs: Any) -> None:
         fedavg_kwargs.setdefault("train_metrics_aggr_fn", train_metrics_without_ids)
         super().__init__(**fedavg_kwargs)
         self.method, self.options, self.seed = method, dict(options or {}), seed
@@ -95,6 +101,9 @@ class LoraStrategy(FedAvg):
         if not (isinstance(max_examples, int) and max_examples > 0):
             raise ValueError(f"max_examples must be a positive int, got {max_examples!r}")
         self.max_examples = max_examples
+        if max_weight_ratio is not None and not (isinstance(max_weight_ratio, int | float) and max_weight_ratio >= 1):
+            raise ValueError(f"max_weight_ratio must be a number >= 1 or None, got {max_weight_ratio!r}")
+        self.max_weight_ratio = max_weight_ratio
         self.template: dict[str, tuple[tuple[int, ...], str]] | None = None
         """key -> (shape, dtype) of the global arrays: what every reply must hold (set by the first round)."""
         self.merges: list[Pairs] = []
@@ -190,7 +199,8 @@ class LoraStrategy(FedAvg):
         good = [i for i in range(len(valid)) if i not in bad]
         if not good:
             return None, None
-        result = self.aggregator(server_round).aggregate([updates[i] for i in good])
+        kept = self._clip_weights([updates[i] for i in good], [record["clients"][i] for i in good], record)
+        result = self.aggregator(server_round).aggregate(kept)
         if result.merge:
             self.merges.append(result.merge)
         lora = result.lora or fresh_lora(updates[0].lora, derive_seed("lora_reinit", self.seed, server_round))
@@ -272,6 +282,16 @@ class LoraStrategy(FedAvg):
             weight = next(iter(reply.content.metric_records.values()))[self.weighted_by_key]
             updates.append(ClientUpdate(weight=weight, lora=lora, extra=extra))
         return updates, keys, unreadable
+
+    def _clip_weights(self, updates: list[ClientUpdate], clients: list[int], record: dict[str, Any]
+                      ) -> list[ClientUpdate]:
+        """The updates with every weight above max_weight_ratio x the median weight clipped to it."""
+        if self.max_weight_ratio is None or not updates:
+            return updates
+        cap = self.max_weight_ratio * statistics.median(float(update.weight) for update in updates)
+        record["clipped_weights"] = {str(client): [float(update.weight), cap]
+                                     for client, update in zip(clients, updates, strict=True) if update.weight > cap}
+        return [dataclasses.replace(update, weight=min(float(update.weight), cap)) for update in updates]
 
     def _bad_updates(self, replies: list[Message], updates: list[ClientUpdate]) -> dict[int, str]:
         bad = {}
