@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import struct
 import zlib
@@ -433,3 +434,24 @@ def test_a_class_folder_without_images_in_any_domain_is_refused(tmp_path):
                                         r"\(photo, sketch\).*add images or remove the folder"):
         read_image_folders(tmp_path, None, None, 0.3, seed=0)
     assert read_image_folders(tmp_path, None, 4, 0.3, seed=0)[1] == ["Bee", "cat", "dog", "emu"]  # cut off: fine
+
+
+@pytest.mark.parametrize("cache", ["off", "auto"])
+def test_a_symlink_loop_in_an_image_folder_is_one_line_or_left_out_and_counted_with_skip(tmp_path, capsys, cache):
+    make_folders(tmp_path)
+    loop = tmp_path / "photo" / "cat" / "loop.jpg"
+    loop.symlink_to("loop.jpg")  # points to itself: stat fails with ELOOP
+    data = DataConfig(name="folders", root=tmp_path, cache=cache)
+    with pytest.raises(UserError) as refused:
+        build_federated_data(data, FederationConfig(), 0, DATA_CONFIG)
+    message = str(refused.value)
+    assert message.startswith(f"cannot read image {loop}: ") and "symbolic links" in message
+    assert "data.on_bad_image=skip" in message and "\n" not in message
+
+    skipping = build_federated_data(dataclasses.replace(data, on_bad_image="skip"), FederationConfig(), 0, DATA_CONFIG)
+    warning = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "left out 1 file(s)" in warning[0] and str(loop) in warning[0]
+    images = sum(client.num_samples for client in skipping.clients) + sum(map(len, skipping.test.values()))
+    assert images == 50  # every real image is there, the link is not
+    for client in skipping.clients:
+        assert len(list(make_loader(client.dataset, 4, shuffle=False, seed=0, num_workers=0))) > 0

@@ -65,7 +65,8 @@ def _read_domains(data_cfg: DataConfig, seed: int, data_config: dict) -> tuple[l
         return [_Domain(d.name, d.train, d.test, d.train.labels.numpy()) for d in built], classes
     root = data_cfg.root
     if data_cfg.name == "folders":
-        files, classes = read_image_folders(root, data_cfg.domains, data_cfg.num_classes, data_cfg.test_fraction, seed)
+        files, classes = read_image_folders(root, data_cfg.domains, data_cfg.num_classes, data_cfg.test_fraction, seed,
+                                            data_cfg.on_bad_image)
     else:
         layout = DOMAINNET if data_cfg.name == "domainnet" else NICOPP
         files, classes = read_split_file_dataset(root, layout, data_cfg.domains, data_cfg.num_classes)

@@ -178,9 +178,26 @@ def _class_folders(domain_dir: Path) -> list[str]:
     return sorted(entry.name for entry in os.scandir(domain_dir) if entry.is_dir() and not entry.name.startswith("."))
 
 
-def _images_under(folder: Path) -> list[str]:
-    return sorted(str(folder / entry.name) for entry in os.scandir(folder)
-                  if entry.is_file() and entry.name.lower().endswith(IMAGE_SUFFIXES) and not entry.name.startswith("."))
+def _images_under(folder: Path, on_bad_image: str = "error", unreadable: list[str] | None = None) -> list[str]:
+    """The image files of a class folder. An entry that cannot even be stat-ed (a symbolic link that points to
+    itself or loops, a file the user may not list) is one UserError naming it, or with on_bad_image="skip" left out
+    and appended to `unreadable`."""
+    images = []
+    for entry in os.scandir(folder):
+        if entry.name.startswith(".") or not entry.name.lower().endswith(IMAGE_SUFFIXES):
+            continue
+        try:
+            is_file = entry.is_file()
+        except OSError as err:
+            path = str(folder / entry.name)
+            if on_bad_image != "skip":
+                raise UserError(bad_image_message(path, err)) from err
+            if unreadable is not None:
+                unreadable.append(path)
+            continue
+        if is_file:
+            images.append(str(folder / entry.name))
+    return sorted(images)
 
 
 def _folder_classes(root: Path, domains: Sequence[str]) -> list[str]:
@@ -226,10 +243,12 @@ def _seeded_split(samples: list[tuple[str, int]], test_fraction: float, seed: in
 
 
 def read_image_folders(root: Path, domains: Sequence[str] | None, num_classes: int | None, test_fraction: float,
-                       seed: int) -> tuple[list[DomainFiles], list[str]]:
+                       seed: int, on_bad_image: str = "error", say: Callable[[str], None] = print
+                       ) -> tuple[list[DomainFiles], list[str]]:
     """Domains and class names of `<root>/<domain>/<class>/<image>`. Classes are the sorted union over domains, and
     each must hold an image in some domain; a domain without split files is split per class by test_fraction,
-    seeded."""
+    seeded. A file that cannot be stat-ed (a looping symbolic link) is a UserError, or with on_bad_image="skip" left
+    out and counted in one warning line."""
     _require_root(root, FOLDERS_LAYOUT)
     if domains is None:
         domains = _class_folders(root)
@@ -241,18 +260,21 @@ def read_image_folders(root: Path, domains: Sequence[str] | None, num_classes: i
     all_classes = _folder_classes(root, domains)
     classes = all_classes[:num_classes] if num_classes is not None else all_classes
     class_index = {name: label for label, name in enumerate(classes)}
-    domain_files = []
+    domain_files, unreadable = [], []
     for position, domain in enumerate(domains):
         split_files = [_find_split_file(root, domain, split) for split in ("train", "test")]
         if all(split_files):
             train, test = (_listed_images(split_file, root, all_classes, class_index) for split_file in split_files)
         else:
             samples = [(path, class_index[name]) for name in _class_folders(root / domain) if name in class_index
-                       for path in _images_under(root / domain / name)]
+                       for path in _images_under(root / domain / name, on_bad_image, unreadable)]
             train, test = _seeded_split(samples, test_fraction, seed, position)
         if not train:
             raise UserError(f"domain folder {root / domain} has no training images; {FOLDERS_LAYOUT}")
         domain_files.append(DomainFiles(domain, train, test))
+    if unreadable:
+        say(f"warning: data.on_bad_image=skip: left out {len(unreadable)} file(s) under {root} that cannot be read "
+            f"(e.g. a symbolic link that loops), first {unreadable[0]}")
     used = {label for files in domain_files for _, label in files.train + files.test}
     empty = [name for label, name in enumerate(classes) if label not in used]
     if empty:
