@@ -251,9 +251,34 @@ def read_round(path: Path, state: Any) -> ResumeState:
         client_states = unpack_client_states(dict(state.get("client_states", {})))
     except (KeyError, TypeError, AttributeError) as err:
         raise UserError(f"{path} is not a lorafair checkpoint (its tensors are malformed: {err!r})") from err
+    problem = _bad_round(state["round"]) or _bad_tensor(tensors)
+    if problem:
+        raise UserError(f"{path} cannot be used: {problem}; restore the file or resume from another checkpoint")
     return ResumeState(round=state["round"], path=path, records=records,
                        state=GlobalState.from_tensors(tensors),
                        base=unpack(tensors, "base"), start=start, client_states=client_states)
+
+
+def _bad_round(value: Any) -> str | None:
+    """Why a checkpoint's `round` is not the number of a finished round (a positive int), or None."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"its round is {value!r} ({type(value).__name__}), not a whole number"
+    return f"its round is {value}, not a round number (1 or more)" if value < 1 else None
+
+
+def _bad_tensor(tensors: Mapping[str, Any]) -> str | None:
+    """The first tensor of a checkpoint that cannot be the model's state, described, or None: the LoRA factors and
+    the trained head are float32 (as lorafair trains them), the frozen weights floating point, and all finite."""
+    for key, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor):
+            return f"{key} is a {type(tensor).__name__}, not a tensor"
+        if key.startswith("base/") and not tensor.is_floating_point():
+            return f"{key} is {tensor.dtype}, not a floating-point tensor"
+        if not key.startswith("base/") and tensor.dtype != torch.float32:
+            return f"{key} is {tensor.dtype}; lorafair keeps LoRA factors and trained tensors in torch.float32"
+        if not bool(torch.isfinite(tensor).all()):
+            return f"{key} holds NaN or Inf values"
+    return None
 
 
 def resume_state(path: Path, state: Any, identity: dict[str, Any], rounds: int, force: bool,
