@@ -80,3 +80,19 @@ def test_a_checkpoint_holding_what_no_run_writes_is_refused_naming_it(run_copy, 
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{newest} cannot be used: " in err and problem in err
     assert not out.exists() and not list(tmp_path.glob(".export.*"))
+
+
+def test_with_every_checkpoint_unreadable_resume_auto_says_so_in_one_line_and_starts_nothing(run_copy, capsys):
+    checkpoints = run_copy / "checkpoints"
+    (checkpoints / "round_00001.ckpt").write_bytes(b"not a checkpoint")
+    newest = checkpoints / "round_00002.ckpt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    before = {path.name: path.read_bytes() for path in [*checkpoints.iterdir(), run_copy / "results.json"]}
+    assert main(["fit", *tiny_args(run_copy), "--resume", "auto"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
+    assert f"none of the 2 checkpoint(s) in {checkpoints} can be read (round_00001.ckpt " in captured.err
+    assert "; round_00002.ckpt cannot be read" in captured.err
+    assert "restore them from a copy to resume, or pass --overwrite true to delete them and start over" in captured.err
+    assert "starting from round 1" not in captured.out and "falling back" not in captured.out
+    assert {path.name: path.read_bytes() for path in [*checkpoints.iterdir(), run_copy / "results.json"]} == before

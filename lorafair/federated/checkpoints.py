@@ -114,12 +114,24 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def load_latest(directory: Path, warn: Callable[[str], None]) -> tuple[Path, dict[str, Any]] | None:
-    """The newest readable checkpoint in `directory` (falling back over unreadable ones, with a warning), or None."""
-    for path in reversed(list_checkpoints(directory)):
+    """The newest readable checkpoint in `directory` (falling back over unreadable ones, with a warning each), or
+    None where there is none; where there are checkpoints but none can be read, one UserError naming each."""
+    paths = list_checkpoints(directory)
+    failures: list[tuple[Path, UserError]] = []
+    for path in reversed(paths):
         try:
-            return path, load_checkpoint(path)
+            found = path, load_checkpoint(path)
         except UserError as err:
+            failures.append((path, err))
+            continue
+        for _, err in failures:
             warn(f"{err}; falling back to the previous checkpoint")
+        return found
+    if failures:
+        reasons = "; ".join(str(err).replace(f"checkpoint {path}", path.name).replace(str(path), path.name)
+                            for path, err in reversed(failures))
+        raise UserError(f"none of the {len(failures)} checkpoint(s) in {directory} can be read ({reasons}); restore "
+                        f"them from a copy to resume, or pass --overwrite true to delete them and start over")
     return None
 
 
