@@ -51,6 +51,7 @@ from lorafair.reporting.run_folder import (
     checkpoint_dir,
     current_umask,
     hold_folder,
+    is_disk_full,
     is_export,
     read_fit_config,
     refuse_shared_folder,
@@ -234,6 +235,13 @@ def _write_export_folder(run: RunState, out: Path) -> None:
         write_json(staging / CLASSES_NAME, run.classes)
         (staging / "README.md").write_text(model_card(run))
         write_json(staging / EXPORT_MARKER, {"lorafair": "export", "round": run.saved.round})
+    except Exception as err:
+        if is_disk_full(err):
+            raise UserError(f"no space left on the device to write the export {out}; "
+                            f"{'the earlier export there is unchanged' if out.exists() else 'nothing was put there'}: "
+                            f"free space, then run the same command again") from err
+        raise
+    else:
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)

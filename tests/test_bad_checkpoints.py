@@ -4,6 +4,10 @@ from them."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import json
+import os
 import shutil
 from pathlib import Path
 
@@ -11,8 +15,10 @@ import pytest
 import torch
 from conftest import tiny_args
 
+from lorafair import export
 from lorafair.cli import main
 from lorafair.errors import UserError
+from lorafair.federated import checkpoints
 from lorafair.federated.checkpoints import CHECKSUM_KEY, content_digest, load_checkpoint
 
 
@@ -96,3 +102,78 @@ def test_with_every_checkpoint_unreadable_resume_auto_says_so_in_one_line_and_st
     assert "restore them from a copy to resume, or pass --overwrite true to delete them and start over" in captured.err
     assert "starting from round 1" not in captured.out and "falling back" not in captured.out
     assert {path.name: path.read_bytes() for path in [*checkpoints.iterdir(), run_copy / "results.json"]} == before
+
+
+class _FullDisk:
+    """A file that takes `room` bytes, then fails as a full disk does."""
+
+    def __init__(self, handle, room: int) -> None:
+        self.handle, self.room, self.written = handle, room, 0
+
+    def write(self, data) -> int:
+        data = bytes(data)
+        if self.written + len(data) > self.room:
+            self.handle.write(data[: self.room - self.written])
+            self.written = self.room
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.written += len(data)
+        return self.handle.write(data)
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+    def fileno(self) -> int:
+        return self.handle.fileno()
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_a_full_disk_while_writing_a_checkpoint_or_the_export_is_one_line_and_the_same_command_resumes(
+        tiny_run, tmp_path, capsys, monkeypatch):
+    _, uninterrupted = tiny_run
+    run, command = tmp_path / "run", ["fit", *tiny_args(tmp_path / "run")]
+    newest = run / "checkpoints" / "round_00002.ckpt"
+    real_temporary = checkpoints.temporary_beside
+
+    @contextlib.contextmanager
+    def full_at_round_2(path):
+        with real_temporary(path) as (handle, temporary):
+            yield (_FullDisk(handle, 4096) if path == newest else handle), temporary
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoints, "temporary_beside", full_at_round_2)
+        assert main(command) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"no space left on the device to write {newest}; nothing was put in its place" in err
+    assert "run the same command again" in err
+    assert sorted(path.name for path in (run / "checkpoints").iterdir()) == ["round_00001.ckpt"]  # no partial file
+
+    assert main(command) == 0  # space freed
+    assert "resuming after round 1" in capsys.readouterr().out
+    resumed = json.loads((run / "results.json").read_text())
+    assert resumed["final"] == json.loads(json.dumps(uninterrupted["final"]))
+    exported = _files(run / "final")
+
+    real_write = export.write_export
+
+    def full_at_the_end(base, adapter, folder, save_model):
+        real_write(base, adapter, folder, save_model)
+        with (folder / "model.safetensors").open("wb") as half:
+            half.write(b"\0" * 100)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(export, "write_export", full_at_the_end)
+        assert main(command) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"no space left on the device to write the export {run / 'final'}; the earlier export there is " \
+           "unchanged: free space, then run the same command again" in err
+    assert _files(run / "final") == exported and not list(run.glob(".final.*"))
+
+    (run / "final" / "model.safetensors").unlink()  # an export to redo: the same command writes it again
+    assert main(command) == 0
+    assert _files(run / "final").keys() == exported.keys()

@@ -19,6 +19,7 @@ Accuracies are fractions in [0, 1]; bytes are per client per round.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import tempfile
@@ -334,9 +335,32 @@ def temporary_beside(path: Path) -> Iterator[tuple[BinaryIO, Path]]:
         os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 would make results.json private to its owner
         with os.fdopen(fd, "wb") as handle:
             yield handle, temporary
-    except BaseException:
+    except BaseException as err:
         temporary.unlink(missing_ok=True)
+        if is_disk_full(err):
+            raise UserError(disk_full_message(path)) from err
         raise
+
+
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """Whether `err` is, or was raised while handling, a write refused for want of space or quota (torch.save
+    reports one as a RuntimeError whose context is the OSError)."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in DISK_FULL:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def disk_full_message(path: Path) -> str:
+    return (f"no space left on the device to write {path}; nothing was put in its place (an earlier version is "
+            f"kept): free space, then run the same command again, which resumes from the last complete checkpoint")
 
 
 def current_umask() -> int:
