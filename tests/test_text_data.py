@@ -198,8 +198,18 @@ def _bad_files(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     fine = _write_jsonl(tmp_path / "fine.jsonl", good)
     labels = _write_table(tmp_path / "labels.csv", ["text", "label"], [["a", "pos"], ["b", "neg"], ["c", "meh"]])
     no_answer = _write_jsonl(tmp_path / "no_answer.jsonl", [*good, {"instruction": "x", "input": "", "output": "y"}])
+    latin1 = tmp_path / "latin1.jsonl"  # "café" written as Latin-1 on line 2
+    latin1.write_bytes((json.dumps(good[0]) + "\n" + json.dumps(good[0]).replace("Add", "caf\u00e9") + "\n"
+                        ).encode("latin-1"))
+    latin1_tsv = tmp_path / "latin1.tsv"
+    latin1_tsv.write_bytes("sentence\tlabel\nfine\t0\nna\u00efve\t1\n".encode("latin-1"))
     instruction = ["--data.name", "instruction", "--text.train_files"]
     return {
+        "not UTF-8 jsonl": ([*instruction, f"[{latin1}]"],
+                            f"{latin1}, line 2: not UTF-8 text (byte 0xe9 at byte 21 of the line); save the file as "
+                            "UTF-8"),
+        "not UTF-8 tsv": (["--data.name", "text_classification", "--text.train_files", f"[{latin1_tsv}]"],
+                          f"{latin1_tsv}, line 3: not UTF-8 text (byte 0xef at byte 3 of the line)"),
         "not json": ([*instruction, f"[{not_json}]"], f"{not_json}, line 3: not valid JSON"),
         "missing column": ([*instruction, f"[{no_output}]"], f"{no_output}: no column 'output'"),
         "empty file": ([*instruction, f"[{tmp_path / 'empty.jsonl'}]"], f"{tmp_path / 'empty.jsonl'}: the file is "
@@ -212,7 +222,8 @@ def _bad_files(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     }
 
 
-@pytest.mark.parametrize("problem", ["not json", "missing column", "empty file", "label outside the classes",
+@pytest.mark.parametrize("problem", ["not json", "not UTF-8 jsonl", "not UTF-8 tsv", "missing column", "empty file",
+                                     "label outside the classes",
                                      "no final answer", "4-bit without CUDA"])
 def test_bad_text_input_is_one_line_naming_file_and_line_exit_2(tmp_path, capsys, problem):
     if problem == "4-bit without CUDA" and torch.cuda.is_available():

@@ -103,6 +103,21 @@ def _first_bad_json_line(path: Path) -> str:
     return f"{path}: cannot be read as JSON lines"
 
 
+TEXT_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
+"""Data files read as text, which must be UTF-8."""
+
+
+def _require_utf8(path: Path) -> None:
+    """One UserError naming the first line of `path` that is not UTF-8 (read line by line, never whole)."""
+    with path.open("rb") as file:
+        for number, line in enumerate(file, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise UserError(f"{path}, line {number}: not UTF-8 text (byte 0x{line[err.start]:02x} at byte "
+                                f"{err.start + 1} of the line); save the file as UTF-8") from err
+
+
 def read_table(path: Path, columns: list[str], cache: Path | None, optional: tuple[str, ...] = ()) -> dict[str, list]:
     """The named columns of a data file (JSON lines, CSV, TSV or parquet), read with `datasets`; `optional` ones
     are left out when the file lacks them."""
@@ -116,6 +131,8 @@ def read_table(path: Path, columns: list[str], cache: Path | None, optional: tup
         raise UserError(f"{path}: no such file; check text.train_files / text.test_files")
     if path.stat().st_size == 0:
         raise UserError(f"{path}: the file is empty")
+    if path.suffix in TEXT_SUFFIXES:
+        _require_utf8(path)
     options = {"delimiter": "\t"} if path.suffix == ".tsv" else {}
     try:
         table = datasets.load_dataset(BUILDERS[path.suffix], data_files=str(path), split="train",
