@@ -126,7 +126,7 @@ def test_the_server_leaves_out_a_failed_node_and_a_silent_one_and_records_both(t
     for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
         monkeypatch.setattr(TaskIdentity, name, value)
     cfg = tiny_config(tmp_path, "--server.method", "fedit")
-    update = {"lora/blocks.0.attn.proj/A": torch.ones(4, 32), "lora/blocks.0.attn.proj/B": torch.zeros(32, 4)}
+    update = {}
 
     def answer(message):
         client = message.metadata.dst_node_id - 10
@@ -137,6 +137,7 @@ def test_the_server_leaves_out_a_failed_node_and_a_silent_one_and_records_both(t
                                                 reply_to=message)
 
     loop = FlowerRoundLoop(cfg, ScriptedGrid(answer), timeout=3)
+    update.update({key: torch.ones_like(tensor) for key, tensor in loop.global_state.tensors().items()})
     loop.node_of = {client: 10 + client for client in range(6)}
     results, ranks, _ = loop.train_clients(1, [0, 1, 2, 3])
     assert [result.client for result in results] == [0, 3] and ranks == {"0": 10, "3": 13}
@@ -170,3 +171,41 @@ def test_the_simulations_ray_listens_on_the_loopback_interface_only(tmp_path, mo
     names = {name for name, _ in listening}
     assert "gcs_server" in names and "raylet" in names, listening  # Ray's own servers were seen
     assert {ip for _, ip in listening} <= LOOPBACK, listening
+
+
+MALFORMED = {
+    "empty ArrayRecord": (lambda update, metrics: ({}, metrics), "its ArrayRecord is empty"),
+    "missing key": (lambda update, metrics: (dict(list(update.items())[1:]), metrics), "is missing"),
+    "fp16": (lambda update, metrics: ({k: t.half() for k, t in update.items()}, metrics), "is float16"),
+    "higher rank": (lambda update, metrics: ({k: torch.ones(8, t.shape[1]) if k.endswith("/A") else
+                                              torch.ones(t.shape[0], 8) if k.startswith("lora/") else t
+                                              for k, t in update.items()}, metrics), "has shape (8, 32)"),
+    "count above the client's size": (lambda update, metrics: (update, {**metrics, "num-examples": 10**6}),
+                                      "example count 1000000 is above max_examples"),
+    "no train loss": (lambda update, metrics: (update, {k: v for k, v in metrics.items() if k != "train-loss"}),
+                      "unreadable: 'train-loss'"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_a_malformed_reply_is_dropped_with_its_node_in_the_round_record(tmp_path, monkeypatch, capsys, case):
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+    cfg = tiny_config(tmp_path, "--server.method", "fedit")
+    update, metrics = {}, {"num-examples": 7, "train-loss": 0.5, "steps": 3, "skipped-images": 0}
+    change, problem = MALFORMED[case]
+
+    def answer(message):
+        arrays, numbers = change(update, metrics) if message.metadata.dst_node_id == 12 else (update, metrics)
+        return Message(RecordDict({"arrays": to_arrays(arrays), "metrics": MetricRecord(numbers)}), reply_to=message)
+
+    loop = FlowerRoundLoop(cfg, ScriptedGrid(answer), timeout=3)
+    update.update({key: torch.ones_like(t) for key, t in loop.global_state.tensors().items() if "lora_r" not in key})
+    loop.node_of = {client: 10 + client for client in range(6)}
+    results, _, _ = loop.train_clients(1, [0, 2, 3])
+    assert [result.client for result in results] == [0, 3] and loop.failed == {}
+    assert list(loop.malformed) == ["2"] and loop.malformed["2"].startswith("malformed reply from node 12: ")
+    assert problem in loop.malformed["2"]
+    record = loop.aggregate(1, results, [0, 2, 3]).record
+    assert record.bad_updates == loop.malformed and not record.skipped
+    assert "warning: round 1: client 2 left out: malformed reply from node 12" in capsys.readouterr().out

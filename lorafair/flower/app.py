@@ -49,7 +49,7 @@ from lorafair.federated.state import (
     unpack,
     unpack_pairs,
 )
-from lorafair.flower.strategy import MERGING_METHODS
+from lorafair.flower.strategy import MERGING_METHODS, screen_reply
 from lorafair.reporting.run_folder import own_run_folder, results_path
 
 MERGES, BASE, APPLIED = "lorafair.merges", "lorafair.base", "lorafair.applied"
@@ -147,6 +147,8 @@ class FlowerRoundLoop(FederatedTrainer):
         """Client id -> how many of `merges` its node confirmed (by replying to a message carrying them)."""
         self.resumed_base: dict[str, torch.Tensor] = {}
         self.failed: dict[str, str] = {}
+        self.malformed: dict[str, str] = {}
+        """Client id -> why its reply was dropped (wrong keys, shapes or dtypes, a bad count, missing metrics)."""
 
     def start_or_resume(self) -> int:
         first = super().start_or_resume()
@@ -164,6 +166,7 @@ class FlowerRoundLoop(FederatedTrainer):
         trained = time.perf_counter()
         client_of = {node: client for client, node in self.node_of.items()}
         results, self.failed = [], {str(client): f"no reply within {self.timeout:.0f} s" for client in sampled}
+        self.malformed = {}
         for reply in replies:
             client = client_of[reply.metadata.src_node_id]
             if reply.has_error():
@@ -171,7 +174,17 @@ class FlowerRoundLoop(FederatedTrainer):
                 continue
             del self.failed[str(client)]
             self.merges_applied[client] = len(self.merges)
-            results.append(result_of(client, reply))
+            problem = screen_reply(reply.content, self.reply_template(client), "num-examples",
+                                   self.participants[client].num_samples)
+            result = None
+            try:
+                result = result_of(client, reply) if problem is None else None
+            except (KeyError, TypeError, ValueError, RuntimeError) as err:
+                problem = f"unreadable: {' '.join(str(err).split())[:200]}"
+            if result is None:
+                self.malformed[str(client)] = f"malformed reply from node {reply.metadata.src_node_id}: {problem}"
+                continue
+            results.append(result)
         results.sort(key=lambda result: result.client)
         return results, {str(result.client): self.node_of[result.client] for result in results}, trained
 
@@ -187,9 +200,28 @@ class FlowerRoundLoop(FederatedTrainer):
                                          for key, tensor in pack_pairs(f"merge/{index}", self.merges[index]).items()})
         return Message(content, message_type=MessageType.TRAIN, dst_node_id=self.node_of[client])
 
+    def reply_template(self, client: int) -> dict[str, tuple[tuple[int, ...], str]]:
+        """key -> (shape, dtype) of the update `client` must send: the global LoRA pairs at its rank and the extra
+        tensors."""
+        rank, template = self.client_ranks[client], {}
+        for name, (lora_a, lora_b) in self.global_state.lora.items():
+            template[f"lora/{name}/A"] = ((rank, lora_a.shape[1]), _dtype(lora_a))
+            template[f"lora/{name}/B"] = ((lora_b.shape[0], rank), _dtype(lora_b))
+        template.update({key: (tuple(tensor.shape), _dtype(tensor))
+                         for key, tensor in pack("extra", self.global_state.extra).items()})
+        return template
+
     def aggregate(self, round_index: int, results: list[ClientResult], sampled: list[int]) -> ServerAnswer:
+        if self.malformed and self.cfg.federation.on_bad_update == "error":
+            described = "; ".join(f"client {client}: {reason}" for client, reason in self.malformed.items())
+            raise UserError(f"round {round_index}: bad client update ({described}); federation.on_bad_update drop "
+                            f"leaves such clients out of the round")
+        for client, reason in self.malformed.items():
+            self.fabric.print(f"warning: round {round_index}: client {client} left out: {reason}")
         answer = super().aggregate(round_index, results, sampled)
         answer.record.failed_clients = dict(sorted(self.failed.items(), key=lambda item: int(item[0])))
+        answer.record.bad_updates = dict(sorted({**answer.record.bad_updates, **self.malformed}.items(),
+                                                key=lambda item: int(item[0])))
         return answer
 
     def apply(self, round_index: int, answer: ServerAnswer) -> None:
@@ -249,6 +281,11 @@ def make_server_app(config_of: Callable[[Context], FitConfig], errors: list[str]
 
 def to_arrays(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
     return ArrayRecord(torch_state_dict={key: tensor.detach().cpu().contiguous() for key, tensor in tensors.items()})
+
+
+def _dtype(tensor: torch.Tensor) -> str:
+    """A tensor's dtype as a Flower Array names it ("float32")."""
+    return str(tensor.dtype).removeprefix("torch.")
 
 
 def result_of(client: int, reply: Message) -> ClientResult:

@@ -226,38 +226,7 @@ class LoraStrategy(FedAvg):
 
     def _screen(self, reply: Message) -> str | None:
         """What makes a reply unfit to aggregate, read from its records' metadata alone, or None."""
-        content = reply.content
-        if len(content.array_records) != 1 or len(content.metric_records) != 1:
-            return (f"expected one ArrayRecord and one MetricRecord, got {len(content.array_records)} and "
-                    f"{len(content.metric_records)}")
-        arrays, metrics = next(iter(content.array_records.values())), next(iter(content.metric_records.values()))
-        count = metrics.get(self.weighted_by_key)
-        if isinstance(count, bool) or not isinstance(count, int | float) or not math.isfinite(count) or count <= 0:
-            return f"example count '{self.weighted_by_key}' is {count!r}, not a positive number"
-        if count > self.max_examples:
-            return f"example count {count} is above max_examples ({self.max_examples})"
-        if not arrays:
-            return "its ArrayRecord is empty"
-        if self.template is None:
-            return None
-        missing, extra = sorted(self.template.keys() - arrays.keys()), sorted(arrays.keys() - self.template.keys())
-        if missing or extra:
-            return f"array '{(missing or extra)[0]}' is {'missing' if missing else 'not one of the global model'}"
-        for key, array in arrays.items():
-            shape, dtype = self.template[key]
-            got = tuple(array.shape)
-            if str(array.dtype) != dtype:
-                return f"array '{key}' is {array.dtype}, the global model's is {dtype}"
-            if not (got == shape or _lower_rank(key, got, shape, arrays)):
-                return (f"array '{key}' has shape {got}, the global model's is {shape} (a LoRA factor may have a "
-                        f"lower rank, never a higher one)")
-            nbytes = math.prod(got) * torch.empty((), dtype=getattr(torch, dtype, torch.float32)).element_size()
-            if len(array.data) > nbytes + 4096:  # the serialised array: its bytes plus a small header
-                return f"array '{key}' carries {len(array.data)} bytes, more than its shape {got} holds"
-        ranks = sorted({array.shape[0] for key, array in arrays.items() if key.endswith(LORA_A)})
-        if len(ranks) > 1:
-            return f"its LoRA factors have ranks {ranks}; a client has one rank for all its layers"
-        return None
+        return screen_reply(reply.content, self.template, self.weighted_by_key, self.max_examples)
 
     def _updates(self, replies: list[Message]) -> tuple[list[ClientUpdate | None], list[str], dict[int, str]]:
         """ClientUpdates of the replies (None for one that cannot be read), the key order of the first reply's
@@ -300,6 +269,45 @@ class LoraStrategy(FedAvg):
             if not math.isfinite(loss):
                 bad[position] = f"local train loss is {loss}"
         return {**find_bad_updates(updates), **bad}
+
+
+def screen_reply(content: RecordDict, template: dict[str, tuple[tuple[int, ...], str]] | None, count_key: str,
+                 max_examples: float) -> str | None:
+    """What makes a reply's content unfit to aggregate, read from its records' metadata alone, or None: one
+    ArrayRecord and one MetricRecord, a positive example count `count_key` up to `max_examples`, and (given a
+    `template`: key -> (shape, dtype)) exactly the template's keys in its dtypes and shapes (a LoRA factor keyed as
+    peft does may have a lower rank), with no more bytes than the shapes hold."""
+    if len(content.array_records) != 1 or len(content.metric_records) != 1:
+        return (f"expected one ArrayRecord and one MetricRecord, got {len(content.array_records)} and "
+                f"{len(content.metric_records)}")
+    arrays, metrics = next(iter(content.array_records.values())), next(iter(content.metric_records.values()))
+    count = metrics.get(count_key)
+    if isinstance(count, bool) or not isinstance(count, int | float) or not math.isfinite(count) or count <= 0:
+        return f"example count '{count_key}' is {count!r}, not a positive number"
+    if count > max_examples:
+        return f"example count {count} is above max_examples ({max_examples})"
+    if not arrays:
+        return "its ArrayRecord is empty"
+    if template is None:
+        return None
+    missing, extra = sorted(template.keys() - arrays.keys()), sorted(arrays.keys() - template.keys())
+    if missing or extra:
+        return f"array '{(missing or extra)[0]}' is {'missing' if missing else 'not one of the global model'}"
+    for key, array in arrays.items():
+        shape, dtype = template[key]
+        got = tuple(array.shape)
+        if str(array.dtype) != dtype:
+            return f"array '{key}' is {array.dtype}, the global model's is {dtype}"
+        if not (got == shape or _lower_rank(key, got, shape, arrays)):
+            return (f"array '{key}' has shape {got}, the global model's is {shape} (a LoRA factor may have a "
+                    f"lower rank, never a higher one)")
+        nbytes = math.prod(got) * torch.empty((), dtype=getattr(torch, dtype, torch.float32)).element_size()
+        if len(array.data) > nbytes + 4096:  # the serialised array: its bytes plus a small header
+            return f"array '{key}' carries {len(array.data)} bytes, more than its shape {got} holds"
+    ranks = sorted({array.shape[0] for key, array in arrays.items() if key.endswith(LORA_A)})
+    if len(ranks) > 1:
+        return f"its LoRA factors have ranks {ranks}; a client has one rank for all its layers"
+    return None
 
 
 def _lower_rank(key: str, got: tuple[int, ...], shape: tuple[int, ...], arrays: ArrayRecord) -> bool:
