@@ -1,10 +1,11 @@
 """Pretrain the text demo's tiny causal language model and write it to lorafair/assets/demo_text_lm/.
 
 A 3-layer LLaMA-style model (width 64) with a character-level tokenizer (printable ASCII and newline), trained on
-questions answered as the demo's clients answer them (lorafair.text.arithmetic.pretraining_text): bare sums and
-differences over the clients' whole range, numbers in words, and the worded kinds (word problems, sums in words)
-only where the answer is below 40, so that carrying those over to larger answers is left to federated LoRA.
-About five minutes on one CPU core; seeded, so a rebuild gives the same weights on one platform.
+questions answered as the demo's clients answer them (lorafair.text.arithmetic.pretraining_text, the text tests
+check): bare sums and differences over the whole range, and the five worded kinds of the clients only where the
+answer is below 40, so that carrying each wording over to larger answers is left to federated LoRA.
+About 17 minutes of one CPU core on a 2-core machine shared with other jobs; seeded, so a rebuild gives the same
+weights on one platform.
 
     python scripts/build_demo_text_lm.py [--steps 6000] [--out lorafair/assets/demo_text_lm]
 """
@@ -73,7 +74,7 @@ def main() -> None:
     model = tiny_llama(len(tokenizer))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=args.steps, pct_start=0.05)
-    stream = batches(tokenizer, pretraining_text(50_000, seed=0), args.batch_size, torch.Generator().manual_seed(0))
+    stream = batches(tokenizer, pretraining_text(), args.batch_size, torch.Generator().manual_seed(0))
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
         ids, mask, labels = next(stream)

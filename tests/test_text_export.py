@@ -74,8 +74,8 @@ def test_the_eval_loss_reaches_tensorboard_the_model_card_and_the_printed_table(
     run_dir, results = lm_run
     events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
     scalars = events.Tags()["scalars"]
-    assert "eval_loss/mean" in scalars and "eval_loss/addition" in scalars
-    assert events.Scalars("eval_loss/addition")[-1].value == pytest.approx(results["final"]["eval_loss"]["addition"])
+    assert "eval_loss/mean" in scalars and "eval_loss/garden" in scalars
+    assert events.Scalars("eval_loss/garden")[-1].value == pytest.approx(results["final"]["eval_loss"]["garden"])
     assert "eval loss" in (run_dir / "final" / "README.md").read_text()
 
 
@@ -156,7 +156,7 @@ def test_the_readme_snippet_generates_what_the_run_generates(lm_run, tmp_path):
                              text=True).stdout
     model = global_model(open_run(run_dir))
     tokenizer = model.tokenizer
-    prompts = ["87+91\nA: ", "forty-two plus seven\nA: "]
+    prompts = ["Ann has 35 pens and gets 27 more. How many?\nA: ", "A baker made 71 buns and sold 12. Left?\nA: "]
     expected = []
     for prompt in prompts:  # one at a time, unpadded
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]

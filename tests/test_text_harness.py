@@ -39,7 +39,7 @@ def test_lm_eval_scores_the_global_model_on_a_local_task(tmp_path, capsys):
     fit(parse_fit_args(["--config", "demo_text", "--text.examples_per_kind", "8", "--text.test_per_kind", "4",
                         "--federation.rounds", "1", "--client.max_local_steps", "1", "--server.method", "flora",
                         "--out_dir", str(run)]))
-    _, test = problems("addition", 0, 12, seed=7)
+    _, test = problems("garden", 0, 12, seed=7)
     data = tmp_path / "sums.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in test))
     tasks = tmp_path / "tasks"

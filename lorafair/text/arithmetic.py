@@ -1,8 +1,11 @@
-"""The text demo's data: generated arithmetic problems of five kinds, one kind per client (feature non-IID).
+"""The text demo's data: generated word problems of five kinds, one kind per client (feature non-IID).
 
-Clients hold problems in the instruction layout (instruction, input, output = "#### answer"), each kind worded its
-own way; the shipped demo language model was pretrained on the bare kinds over their whole range but on the worded
-kinds with small answers only (`pretraining_text`).
+Each kind is its own problem family worded its own way, with its own vocabulary (`word_problem`: "Ann has 23 pens
+and gets 18 more. How many?", `garden`, `savings`, `bakery` (a difference), `scores`). Clients hold problems in the
+instruction layout (instruction, input, output = "#### answer") whose answers are CLIENT_MIN_ANSWER to
+MAX_ANSWER - 1. The shipped demo language model was pretrained (`pretraining_text`) on bare sums and differences of
+numbers below 100 and on the same five kinds with answers below CLIENT_MIN_ANSWER only, so no client problem is in
+its pretraining text: carrying each wording over to larger answers is what federated LoRA has to learn.
 Pure Python, seeded: every rank and every run with the same seed draws the same problems, and a kind's training
 and test problems never share an input.
 """
@@ -14,70 +17,88 @@ from collections.abc import Callable
 
 from lorafair.errors import UserError
 
-KINDS = ("addition", "subtraction", "multi_step", "word_problem", "number_words")
-WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
-         "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen")
-TENS = ("", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety")
+KINDS = ("word_problem", "garden", "savings", "bakery", "scores")
 NAMES = ("Ann", "Bob", "Eva", "Tom", "Mia", "Sam")
 THINGS = ("pens", "cups", "apples", "books", "coins")
-PRETRAINING_MAX_ANSWER = 40
-"""The pretraining text asks the worded kinds (word_problem, number_words) with smaller answers only."""
+FLOWERS = ("roses", "lilies", "tulips", "daisies")
+BAKES = ("buns", "pies", "rolls", "cakes")
+TEAMS = ("Hawks", "Lions", "Reds", "Bears")
+CLIENT_MIN_ANSWER = 40
+"""The clients' problems have answers from here up; the pretraining text's worded problems stay below it."""
+PRETRAINING_MAX_ANSWER = CLIENT_MIN_ANSWER
+"""The pretraining text asks the worded kinds with smaller answers only."""
+OPERAND_LIMIT = 40
+"""The worded kinds' numbers: two terms below it each (the baker's count below twice it)."""
+MAX_ANSWER = 2 * OPERAND_LIMIT
+"""Answers of the clients' problems stay below this."""
+PRETRAINING_LINES = 50_000
+PRETRAINING_SEED = 0
+"""The shipped demo model's pretraining text is `pretraining_text(PRETRAINING_LINES, PRETRAINING_SEED)`."""
 MAX_REPEATS = 10_000
 """Draws in a row that give no new problem before a kind counts as exhausted (asking for more than it holds)."""
 PROMPT_TEMPLATE = "{input}\nA: "
 """The demo's compact prompt (text.prompt_template in configs/demo_text.yaml)."""
 
 
-def in_words(number: int) -> str:
-    """0 <= number < 100 in English words: 42 -> "forty-two"."""
-    if number < 20:
-        return WORDS[number]
-    tens, ones = divmod(number, 10)
-    return TENS[tens] + ("" if ones == 0 else f"-{WORDS[ones]}")
+def _two_terms(rng: random.Random) -> tuple[int, int]:
+    return rng.randrange(OPERAND_LIMIT), rng.randrange(OPERAND_LIMIT)
 
 
-def _addition(rng: random.Random) -> tuple[str, str, int]:
-    a, b = rng.randrange(100), rng.randrange(100)
-    return "Add:", f"{a}+{b}", a + b
-
-
-def _subtraction(rng: random.Random) -> tuple[str, str, int]:
-    a = rng.randrange(100)
-    b = rng.randrange(a + 1)
-    return "Subtract:", f"{a}-{b}", a - b
-
-
-def _multi_step(rng: random.Random) -> tuple[str, str, int]:
-    terms = [rng.randrange(30) for _ in range(3)]
-    return "Sum:", "+".join(map(str, terms)), sum(terms)
-
-
-def _word_problem(rng: random.Random) -> tuple[str, str, int]:
+def _word_problem(rng: random.Random) -> tuple[str, int]:
     name, thing = rng.choice(NAMES), rng.choice(THINGS)
-    a, b = rng.randrange(40), rng.randrange(40)
-    return "Solve:", f"{name} has {a} {thing} and gets {b} more. How many?", a + b
+    a, b = _two_terms(rng)
+    return f"{name} has {a} {thing} and gets {b} more. How many?", a + b
 
 
-def _number_words(rng: random.Random) -> tuple[str, str, int]:
-    a, b = rng.randrange(100), rng.randrange(50)
-    return "Add:", f"{in_words(a)} plus {in_words(b)}", a + b
+def _garden(rng: random.Random) -> tuple[str, int]:
+    first, second = rng.sample(FLOWERS, 2)
+    a, b = _two_terms(rng)
+    return f"A garden has {a} {first} and {b} {second}. Flowers?", a + b
 
 
-GENERATORS: dict[str, Callable[[random.Random], tuple[str, str, int]]] = dict(zip(KINDS, (
-    _addition, _subtraction, _multi_step, _word_problem, _number_words), strict=True))
+def _savings(rng: random.Random) -> tuple[str, int]:
+    name = rng.choice(NAMES)
+    a, b = _two_terms(rng)
+    return f"{name} saved {a} coins, then {b} more. Total?", a + b
+
+
+def _bakery(rng: random.Random) -> tuple[str, int]:
+    bake = rng.choice(BAKES)
+    a = rng.randrange(2 * OPERAND_LIMIT)
+    b = rng.randrange(a + 1)
+    return f"A baker made {a} {bake} and sold {b}. Left?", a - b
+
+
+def _scores(rng: random.Random) -> tuple[str, int]:
+    team = rng.choice(TEAMS)
+    a, b = _two_terms(rng)
+    return f"The {team} scored {a}, then {b}. Final score?", a + b
+
+
+GENERATORS: dict[str, Callable[[random.Random], tuple[str, int]]] = dict(zip(KINDS, (
+    _word_problem, _garden, _savings, _bakery, _scores), strict=True))
+
+
+def draw(kind: str, rng: random.Random, low: int, high: int) -> tuple[str, int]:
+    """A (question, answer) of `kind` whose answer is in [low, high), drawn until one is."""
+    while True:
+        question, answer = GENERATORS[kind](rng)
+        if low <= answer < high:
+            return question, answer
 
 
 def problems(kind: str, train: int, test: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """`train` and `test` distinct problems of one kind as instruction rows (instruction, input, output, kind)."""
+    """`train` and `test` distinct problems of one kind, answers in [CLIENT_MIN_ANSWER, MAX_ANSWER), as instruction
+    rows (instruction, input, output, kind)."""
     if kind not in GENERATORS:
         raise UserError(f"data.domains: arithmetic has no kind {kind!r}; choose from {', '.join(KINDS)}")
     rng = random.Random(f"{seed}:{kind}")
     seen: dict[str, dict] = {}
     misses = 0
     while len(seen) < train + test and misses < MAX_REPEATS:
-        instruction, question, answer = GENERATORS[kind](rng)
+        question, answer = draw(kind, rng, CLIENT_MIN_ANSWER, MAX_ANSWER)
         misses = misses + 1 if question in seen else 0
-        seen.setdefault(question, {"instruction": instruction, "input": question, "output": f"#### {answer}",
+        seen.setdefault(question, {"instruction": "Solve:", "input": question, "output": f"#### {answer}",
                                    "kind": kind})
     if len(seen) < train + test:
         raise UserError(f"text.examples_per_kind + text.test_per_kind = {train + test} is more than the distinct "
@@ -86,26 +107,24 @@ def problems(kind: str, train: int, test: int, seed: int) -> tuple[list[dict], l
     return rows[:train], rows[train:]
 
 
-def pretraining_text(count: int, seed: int) -> list[str]:
-    """The demo model's pretraining text, answered as the clients answer ("23+45\nA: #### 68"): bare sums and
-    differences over the clients' whole range, numbers in words ("forty-two\nA: #### 42"), and the worded kinds'
-    questions only where the answer is below PRETRAINING_MAX_ANSWER. Carrying the worded questions over to larger
-    answers is what federated LoRA has to learn."""
+def pretraining_text(count: int = PRETRAINING_LINES, seed: int = PRETRAINING_SEED) -> list[str]:
+    """The demo model's pretraining text, answered as the clients answer ("23+45\nA: #### 68"): one line in five a
+    bare sum and one a bare difference of numbers below 100, three in five the five client kinds with answers below
+    PRETRAINING_MAX_ANSWER only. The defaults are the text scripts/build_demo_text_lm.py trains
+    the shipped model on."""
     rng = random.Random(f"pretraining:{seed}")
     return [_pretraining_line(rng) for _ in range(count)]
 
 
 def _pretraining_line(rng: random.Random) -> str:
-    shape = rng.randrange(20)
-    if shape < 12:
-        _, question, answer = GENERATORS[KINDS[shape % 3]](rng)  # addition, subtraction, multi_step
-    elif shape < 14:
-        answer = rng.randrange(100)
-        question = in_words(answer)
+    shape = rng.randrange(5)
+    if shape == 0:
+        a, b = rng.randrange(100), rng.randrange(100)
+        question, answer = f"{a}+{b}", a + b
+    elif shape == 1:
+        a = rng.randrange(100)
+        b = rng.randrange(a + 1)
+        question, answer = f"{a}-{b}", a - b
     else:
-        generate = GENERATORS[KINDS[3 + shape % 2]]  # word_problem, number_words
-        while True:
-            _, question, answer = generate(rng)
-            if answer < PRETRAINING_MAX_ANSWER:
-                break
+        question, answer = draw(KINDS[rng.randrange(len(KINDS))], rng, 0, PRETRAINING_MAX_ANSWER)
     return PROMPT_TEMPLATE.format(input=question) + f"#### {answer}"
