@@ -58,3 +58,19 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, 
     results = fit(tiny_config(out_dir))
     assert json.loads((out_dir / "results.json").read_text()) == json.loads(json.dumps(results))
     return out_dir, results
+
+
+def items_right_by_hand(trainer, lora: dict, extra: dict) -> dict[str, list[int]]:
+    """1/0 per test item, per domain, of a FederatedTrainer's backbone holding (lora, extra): a plain evaluation
+    loop, one test set as one batch."""
+    model = trainer.model
+    model.set_lora(lora)
+    model.set_extra(extra)
+    model.eval()
+    right = {}
+    with torch.no_grad():
+        for domain, test in trainer.data.test.items():
+            images, labels = zip(*(test[i] for i in range(len(test))), strict=True)
+            predicted = model(torch.stack(images)).argmax(-1)
+            right[domain] = [int(int(p) == label) for p, label in zip(predicted, labels, strict=True)]
+    return right

@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import items_right_by_hand, tiny_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lorafair.data import build_federated_data, model_data_config
@@ -33,33 +33,17 @@ def kill_in_round_2(monkeypatch) -> None:
     monkeypatch.setattr(faults, "maybe_fail", fail)
 
 
-def score_by_hand(trainer: FederatedTrainer, lora: dict, extra: dict) -> dict[str, tuple[float, list[int]]]:
-    """(top-1, 1/0 per test item) per domain of the trainer's backbone holding (lora, extra), one set as one batch."""
-    model = trainer.model
-    model.set_lora(lora)
-    model.set_extra(extra)
-    model.eval()
-    scores = {}
-    with torch.no_grad():
-        for domain, test in trainer.data.test.items():
-            images, labels = zip(*(test[i] for i in range(len(test))), strict=True)
-            right = [int(int(p) == label) for p, label in zip(model(torch.stack(images)).argmax(-1), labels,
-                                                              strict=True)]
-            scores[domain] = (sum(right) / len(right), right)
-    return scores
-
-
 def test_round_zero_is_the_pretrained_backbone_with_a_zero_lora_and_the_fresh_head(tiny_run, tmp_path):
     """The starting score equals a hand evaluation of the backbone with its LoRA B set to zero (so the adapters
     add nothing, whatever A is) and the model's freshly initialised head, item by item."""
     _, results = tiny_run
     trainer = FederatedTrainer(tiny_config(tmp_path), launch_fabric(tiny_config(tmp_path)))
     lora = {name: (torch.randn_like(a), torch.zeros_like(b)) for name, (a, b) in trainer.model.get_lora().items()}
-    by_hand = score_by_hand(trainer, lora, trainer.model.get_extra())
+    by_hand = items_right_by_hand(trainer, lora, trainer.model.get_extra())
     start = results["start"]
     assert start["round"] == 0
-    assert start["accuracy"] == pytest.approx({domain: accuracy for domain, (accuracy, _) in by_hand.items()})
-    for domain, (_, right) in by_hand.items():
+    assert start["accuracy"] == pytest.approx({domain: sum(right) / len(right) for domain, right in by_hand.items()})
+    for domain, right in by_hand.items():
         assert decode_items(start["correct_items"][domain][0]).tolist() == right
     assert results["final"]["mean_gain"] == pytest.approx(results["final"]["mean_accuracy"] - start["mean_accuracy"])
     assert results["final"]["gain"]["plain"] == pytest.approx(results["final"]["accuracy"]["plain"]
@@ -133,8 +117,8 @@ def test_local_never_aggregates_each_client_continues_its_own_state_and_scores_o
         for name, (a, b) in state.lora.items():
             torch.testing.assert_close(own[client.id].lora[name][0], a, rtol=0, atol=0)
             torch.testing.assert_close(own[client.id].lora[name][1], b, rtol=0, atol=0)
-        accuracy, _ = score_by_hand(trainer, state.lora, state.extra)[client.domain]
-        assert results["final"]["accuracy"][client.domain] == pytest.approx(accuracy)
+        right = items_right_by_hand(trainer, state.lora, state.extra)[client.domain]
+        assert results["final"]["accuracy"][client.domain] == pytest.approx(sum(right) / len(right))
 
 
 def test_a_local_run_killed_in_round_2_resumes_with_each_clients_own_state(tmp_path, monkeypatch):

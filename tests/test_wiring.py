@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_args, tiny_config
+from conftest import items_right_by_hand, tiny_args, tiny_config
 from PIL import Image
 
 from lorafair.aggregation import Aggregator, ClientUpdate, RoundState, build_aggregator, method_options
@@ -55,18 +55,8 @@ def server_calls(monkeypatch) -> list[tuple[Aggregator, list[ClientUpdate], obje
 
 def score_by_hand(cfg, lora: dict, extra: dict) -> dict[str, float]:
     """Top-1 per domain of the config's backbone holding (lora, extra), one test set at a time as one batch."""
-    trainer = FederatedTrainer(cfg, launch_fabric(cfg))
-    model = trainer.model
-    model.set_lora(lora)
-    model.set_extra(extra)
-    model.eval()
-    accuracy = {}
-    with torch.no_grad():
-        for domain, test in trainer.data.test.items():
-            images, labels = zip(*(test[i] for i in range(len(test))), strict=True)
-            predicted = model(torch.stack(images)).argmax(-1)
-            accuracy[domain] = sum(int(p) == label for p, label in zip(predicted, labels, strict=True)) / len(test)
-    return accuracy
+    right = items_right_by_hand(FederatedTrainer(cfg, launch_fabric(cfg)), lora, extra)
+    return {domain: sum(items) / len(items) for domain, items in right.items()}
 
 
 def checkpoint_state(out_dir: Path, round_index: int) -> tuple[dict, dict]:
