@@ -236,14 +236,15 @@ def render(labels: Tensor, classes: Sequence[str], style: str, size: int, genera
     if style == "photo":
         distance = signed_distance(labels, classes, size, generator)
         inside = _fill(distance)
-        background = (0.5 * _colours(n, generator, 0.1, 0.9) + 0.5 * _smooth_noise(n, 3, 4, size, generator)
+        base = _colours(n, generator, 0.1, 0.9)
+        background = (0.65 * base + 0.35 * _smooth_noise(n, 3, 4, size, generator)
                       + 0.12 * (rand(n, 3, size, size) - 0.5))
         x, y = _grid(size)
         direction = 2 * math.pi * rand(n, 1, 1, 1)
         frequency = 4 + 6 * rand(n, 1, 1, 1)
         stripes = torch.sin(frequency * (x * torch.cos(direction) + y * torch.sin(direction)) + 6 * rand(n, 1, 1, 1))
         light = 0.75 + 0.25 * (x * torch.cos(direction + 1) + y * torch.sin(direction + 1))
-        colour = _colours(n, generator, 0.1, 0.9)
+        colour = 0.6 * (1 - base) + 0.4 * _colours(n, generator, 0.1, 0.9)  # apart from the ground
         texture = colour * light * (0.8 + 0.2 * stripes) + 0.1 * (rand(n, 3, size, size) - 0.5)
         out = background * (1 - inside) + texture * inside
     elif style == "sketch":
@@ -261,11 +262,11 @@ def render(labels: Tensor, classes: Sequence[str], style: str, size: int, genera
         out = out * (1 - outline * (rand(n, 1, 1, 1) < 0.7))
     elif style == "painting":
         distance = signed_distance(labels, classes, size, generator)
-        inside = TF.gaussian_blur(_fill(distance), [5, 5], [1.0, 1.0])
+        inside = TF.gaussian_blur(_fill(distance), [5, 5], [0.7, 0.7])
         base = _colours(n, generator, 0.2, 0.8)
-        background = 0.6 * base + 0.4 * _smooth_noise(n, 3, 8, size, generator)
-        colour = 0.75 * (1 - base) + 0.25 * _smooth_noise(n, 3, 6, size, generator)  # against the ground
-        out = TF.gaussian_blur(background * (1 - inside) + colour * inside, [5, 5], [0.9, 0.9])
+        background = 0.7 * base + 0.3 * _smooth_noise(n, 3, 8, size, generator)
+        colour = 0.8 * (1 - base) + 0.2 * _smooth_noise(n, 3, 6, size, generator)  # against the ground
+        out = TF.gaussian_blur(background * (1 - inside) + colour * inside, [5, 5], [0.7, 0.7])
     elif style == "quickdraw":
         x, y = _grid(size)
         jitter = 0.12 * (_smooth_noise(n, 1, 5, size, generator)[:, 0] - 0.5)
@@ -279,14 +280,14 @@ def render(labels: Tensor, classes: Sequence[str], style: str, size: int, genera
         background = _colours(n, generator, 0.6, 1.0)
         out = background.expand(-1, 3, size, size).clone()
         x, y = _grid(size)
-        for _ in range(5):  # distractor blocks and lines of "text"
+        for _ in range(4):  # distractor blocks and lines of "text"
             centre = 2 * rand(n, 2, 1, 1) - 1
             half = torch.where(rand(n, 1, 1, 1) < 0.5, torch.cat([0.1 + 0.25 * rand(n, 1, 1, 1),
                                                                    0.02 + 0.03 * rand(n, 1, 1, 1)], 1),
                                0.05 + 0.2 * rand(n, 2, 1, 1))
             block = ((x - centre[:, :1]).abs() < half[:, :1]) & ((y - centre[:, 1:]).abs() < half[:, 1:])
             out = torch.where(block, _colours(n, generator), out)
-        distance = signed_distance(labels, classes, size, generator, scale=(0.35, 0.55), max_shift=0.4)
+        distance = signed_distance(labels, classes, size, generator, scale=(0.45, 0.62), max_shift=0.3)
         inside = _fill(distance)
         out = out * (1 - inside) + _colours(n, generator, 0.0, 0.7) * inside
     elif style == "plain":  # the neutral style of the backbone's pretraining
