@@ -28,3 +28,4 @@ lint: install
 bench: install
 	$(BIN)/python benchmarks/aggregation.py
 	$(BIN)/python benchmarks/data_loading.py
+	$(BIN)/python benchmarks/shapes_generation.py

@@ -134,18 +134,23 @@ class LoraConfig:
 class DataConfig:
     """Where the images come from and how they are loaded."""
 
-    name: Literal["domainnet", "nicopp", "folders", "digits", "text_classification", "instruction",
+    name: Literal["domainnet", "nicopp", "folders", "digits", "shapes", "text_classification", "instruction",
                   "arithmetic"] = "domainnet"
-    """Dataset: domainnet, nicopp, folders (<root>/<domain>/<class>/<image>) or digits (embedded offline demo);
+    """Dataset: domainnet, nicopp, folders (<root>/<domain>/<class>/<image>), shapes (generated offline benchmark,
+    the demo) or digits (embedded offline demo);
     text (see the text section): text_classification or instruction files, or arithmetic (generated offline demo)."""
     root: Path | None = None
-    """Dataset root folder (not used by digits)."""
+    """Dataset root folder (not used by digits and shapes)."""
     domains: list[str] | None = None
     """Domains to use, in this order. None uses all of the dataset's domains."""
     num_classes: int | None = None
     """Keep classes whose label is below this (DomainNet default 100 as in the paper). None uses the default."""
     test_fraction: float = 0.2
     """Share of each domain held out for testing where the dataset has no split files (folders, digits)."""
+    train_per_class: int | None = None
+    """shapes: training images per class and domain (None: 12)."""
+    test_per_class: int | None = None
+    """shapes: test images per class and domain (None: 100)."""
     image_size: int | None = None
     """Override the input size; None takes it from the model's timm data config."""
     augment: bool = False
@@ -159,11 +164,12 @@ class DataConfig:
     on_bad_image: Literal["error", "skip"] = "error"
     """What to do with an unreadable image: stop with its path, or skip it and report the count."""
     cache: str = "auto"
-    """Decode-once image cache (not used by digits): auto (under $LORAFAIR_CACHE_DIR, else $XDG_CACHE_HOME/lorafair,
-    else ~/.cache/lorafair), a folder to keep it in, or off to decode every image with PIL at every read."""
+    """Decode-once image cache (not used by digits and shapes): auto (under $LORAFAIR_CACHE_DIR, else
+    $XDG_CACHE_HOME/lorafair, else ~/.cache/lorafair), a folder to keep it in, or off to decode every image with PIL
+    at every read."""
 
     def validate(self) -> None:
-        _require(self.name in ("digits", *TEXT_DATA) or self.root is not None, "data.root",
+        _require(self.name in ("digits", "shapes", *TEXT_DATA) or self.root is not None, "data.root",
                  f"is required for data.name={self.name}: pass --data.root DIR")
         _require(self.image_size is None or self.image_size > 0, "data.image_size",
                  f"must be > 0 pixels or null (the model's size), got {self.image_size}")
@@ -171,6 +177,9 @@ class DataConfig:
         _require(self.batch_size > 0, "data.batch_size", f"must be > 0, got {self.batch_size}")
         _require(self.eval_batch_size > 0, "data.eval_batch_size", f"must be > 0, got {self.eval_batch_size}")
         _require(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
+        for name in ("train_per_class", "test_per_class"):
+            value = getattr(self, name)
+            _require(value is None or value > 0, f"data.{name}", f"must be > 0 or null, got {value}")
         _require(self.num_classes is None or self.num_classes > 0, "data.num_classes",
                  f"must be > 0, got {self.num_classes}")
         _require(bool(self.cache), "data.cache", "must be auto, off or a folder, got an empty value")

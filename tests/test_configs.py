@@ -40,10 +40,11 @@ def test_paper_configs_hold_the_paper_settings(model, dataset, label_skew):
         assert (federation.partition, federation.clients_per_round, client.local_epochs) == ("feature", None, 2)
 
 
-def test_the_demo_runs_offline_from_shipped_files():
-    cfg = parse_fit_args(["--config", str(CONFIGS / "demo.yaml")])
-    assert cfg.data.name == "digits" and not cfg.model.pretrained and cfg.data.num_workers == 0
-    assert (CONFIGS.parent / cfg.model.weights).is_file()
+@pytest.mark.parametrize(("name", "data"), [("demo", "shapes"), ("demo_digits", "digits"), ("demo_hetero", "shapes")])
+def test_the_demos_run_offline_from_shipped_files(name, data):
+    cfg = parse_fit_args(["--config", str(CONFIGS / f"{name}.yaml")])
+    assert cfg.data.name == data and not cfg.model.pretrained and cfg.data.num_workers == 0 and cfg.cpu_threads == 1
+    assert (CONFIGS.parent / cfg.model.weights).is_file() and cfg.resume == "auto"
 
 
 def test_the_text_demo_runs_offline_from_shipped_files():

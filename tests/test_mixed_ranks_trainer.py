@@ -121,6 +121,7 @@ def test_torchrun_with_two_ranks_matches_one_process_at_mixed_ranks(mixed_run, t
 @pytest.mark.parametrize("method", registered_methods())
 def test_every_method_runs_the_hetero_demo(method, tmp_path):
     cfg = parse_fit_args(["--config", str(ROOT / "configs" / "demo_hetero.yaml"), "--federation.rounds", "2",
+                          "--data.test_per_class", "5",
                           "--client.max_local_steps", "2", "--server.method", method, "--server.steps", "20",
                           "--out_dir", str(tmp_path)])
     results = fit(cfg)
@@ -131,8 +132,9 @@ def test_every_method_runs_the_hetero_demo(method, tmp_path):
 
 
 def head_bytes(results: dict) -> int:
-    """The classifier head (96 x 10 + 10 float32) travels with every update."""
-    return (96 * 10 + 10) * 4
+    """The classifier head (96 x 20 + 20 float32 for the 20 classes of the shapes benchmark) travels with every
+    update."""
+    return (96 * 20 + 20) * 4
 
 
 def test_a_rank_2_client_of_a_language_model_trains_a_rank_2_lora_and_nothing_outside_it(tmp_path):

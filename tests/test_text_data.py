@@ -251,7 +251,7 @@ def test_the_image_path_never_imports_the_text_extra(tmp_path):
                "            raise ImportError('blocked: ' + name)\n"
                "sys.meta_path.insert(0, Block())\n"
                "from lorafair.cli import main\n"
-               "code = main(['data', '--config', 'demo'])\n"
+               "code = main(['data', '--config', 'demo_digits'])\n"
                "assert not any(m.startswith('lorafair.text') for m in sys.modules), 'text modules imported'\n"
                "sys.exit(code)\n")
     done = subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True, timeout=300,

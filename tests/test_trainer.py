@@ -154,14 +154,14 @@ def test_ffa_lora_never_changes_a(tmp_path):
 
 DEMO_TABLE = {"plain": 74.51, "inverted": 82.35, "rotated": 25.49, "blurred": 74.51, "noisy": 70.59,
               "coloured": 66.67}
-"""The README's demo table (top-1 % after round 20), mean 65.69."""
+"""The README's digits demo table (top-1 % after round 20), mean 65.69."""
 
 
 @pytest.mark.slow
 def test_the_demo_gives_the_readme_table(tmp_path):
-    """configs/demo.yaml as the README runs it. Its 51-image test sets make one image 1.96 points: each domain
+    """configs/demo_digits.yaml as the README runs it. Its 51-image test sets make one image 1.96 points: each domain
     within two images, the mean within 0.5 points. Keeping the server's answer is worth 5 points on the mean."""
-    config = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    config = Path(__file__).resolve().parents[1] / "configs" / "demo_digits.yaml"
     results = fit(parse_fit_args(["--config", str(config), "--out_dir", str(tmp_path)]))
     assert len(results["rounds"]) == 20
     final = {domain: 100 * acc for domain, acc in results["final"]["accuracy"].items()}

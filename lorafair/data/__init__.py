@@ -1,4 +1,5 @@
-"""Datasets (DomainNet, NICO++, image folders, the embedded digits demo) and their split into federated clients."""
+"""Datasets (DomainNet, NICO++, image folders, the generated shapes benchmark, the embedded digits demo) and their
+split into federated clients."""
 
 from lorafair.data.federated import (
     Client,

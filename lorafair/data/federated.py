@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from lorafair.config import DataConfig, FederationConfig
-from lorafair.data import digits
+from lorafair.data import digits, shapes
 from lorafair.data.cache import CachedImageDataset, cache_dir, human_size, pixel_recipes
 from lorafair.data.image_files import DOMAINNET, NICOPP, ImageFileDataset, read_image_folders, read_split_file_dataset
 from lorafair.data.loader import CachedLoader, SkippingLoader, make_loader
@@ -62,6 +62,11 @@ def _read_domains(data_cfg: DataConfig, seed: int, data_config: dict) -> tuple[l
         built = digits.build_domains(seed, data_cfg.test_fraction, data_config, data_cfg.domains,
                                      data_cfg.num_classes, data_cfg.augment)
         classes = list(digits.CLASSES[:data_cfg.num_classes])
+        return [_Domain(d.name, d.train, d.test, d.train.labels.numpy()) for d in built], classes
+    if data_cfg.name == "shapes":
+        built = shapes.build_domains(seed, data_config, data_cfg.domains, data_cfg.num_classes, data_cfg.augment,
+                                     data_cfg.train_per_class, data_cfg.test_per_class)
+        classes = list(shapes.CLASSES[:data_cfg.num_classes])
         return [_Domain(d.name, d.train, d.test, d.train.labels.numpy()) for d in built], classes
     root = data_cfg.root
     if data_cfg.name == "folders":
