@@ -98,7 +98,7 @@ def pretrain(steps: int, seed: int, batch_size: int = 64, lr: float = 2e-3, warm
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", type=Path, default=ASSETS)
     args = parser.parse_args()
