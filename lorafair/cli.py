@@ -67,7 +67,7 @@ def data(cfg: FitConfig, plot: Path | None = None, build_cache: bool = False) ->
 
 
 def compare(cfg: FitConfig, methods: str | None = None, seeds: list[int] | None = None, grid: str | None = None,
-            baseline: str = "fedit") -> None:
+            baseline: str = "fedit", jobs: int = 1) -> None:
     """Run several methods (seeds, grid points) with everything else identical and write paper-style tables and plots.
 
     Args:
@@ -76,11 +76,13 @@ def compare(cfg: FitConfig, methods: str | None = None, seeds: list[int] | None 
         seeds: Seeds to repeat every run with, e.g. --seeds 0 1 2 (default: the config's seed).
         grid: Sweep one key, e.g. server.lam=0,0.001,0.01 or lora.r=4,8,16.
         baseline: The method every other is compared with (paired differences and their 95% intervals).
+        jobs: Runs at once on this machine, each in a process of its own, its output in OUT_DIR/logs/ (e.g. one
+            per core for a small model with cpu_threads 1); 1 runs them one after another in this process.
     """
     from lorafair.reporting.compare import compare as run_compare
 
     chosen = None if methods is None else [m.strip() for m in methods.split(",") if m.strip()]
-    run_compare(cfg, methods=chosen, seeds=seeds, grid=grid, baseline=baseline)
+    run_compare(cfg, methods=chosen, seeds=seeds, grid=grid, baseline=baseline, jobs=jobs)
 
 
 def report(dir: Path, baseline: str = "fedit") -> None:
@@ -89,6 +91,8 @@ def report(dir: Path, baseline: str = "fedit") -> None:
     Args:
         dir: A compare output folder.
         baseline: The method every other is compared with (paired differences and their 95% intervals).
+        jobs: Runs at once on this machine, each in a process of its own, its output in OUT_DIR/logs/ (e.g. one
+            per core for a small model with cpu_threads 1); 1 runs them one after another in this process.
     """
     from lorafair.reporting.report import report as run_report
 

@@ -9,7 +9,7 @@ import types
 from pathlib import Path
 
 import pytest
-from conftest import tiny_args
+from conftest import tiny_args, tiny_config
 from test_report import markdown_rows
 
 from lorafair.aggregation import display_name, registered_methods
@@ -223,3 +223,38 @@ def test_a_tiny_compare_through_the_cli_writes_tables_and_plots(tmp_path: Path) 
         "fedit/seed0", "lorafair/seed0"]
     assert main(["report", str(tmp_path)]) == 0
     assert (tmp_path / "comparison.md").read_text() == table
+
+
+def test_runs_in_parallel_equal_the_runs_fit_makes_here_and_log_their_output(tmp_path: Path) -> None:
+    from lorafair.federated.loop import fit
+
+    methods = ["fedit", "lorafair", "ffa_lora"]
+    args = ["compare", "--methods", ",".join(methods), "--jobs", "2", *tiny_args(tmp_path / "parallel"),
+            "--cpu_threads", "1"]
+    assert main(args) == 0
+    for method in methods:  # each worker got its own run's config: the same run fitted here gives the same numbers
+        here = fit(tiny_config(tmp_path / "here" / method, "--cpu_threads", "1", "--server.method", method))
+        there = json.loads((tmp_path / "parallel" / method / "seed0" / "results.json").read_text())
+        assert there["method"] == method
+        assert there["final"]["accuracy"] == here["final"]["accuracy"]
+        assert there["final"]["correct_items"] == here["final"]["correct_items"]
+        log = (tmp_path / "parallel" / "logs" / f"{method}-seed0.log").read_text()
+        assert "global model after round 2" in log
+    assert "| FFA-LoRA |" in (tmp_path / "parallel" / "comparison.md").read_text()
+
+
+def test_a_failed_parallel_run_stops_no_other_and_is_named_with_its_log(tmp_path: Path) -> None:
+    foreign = tmp_path / "fedit" / "seed0"
+    foreign.mkdir(parents=True)
+    (foreign / "notes.txt").write_text("not lorafair's")  # fit refuses a folder holding what it did not write
+    with pytest.raises(UserError, match=r"fedit/seed0: .*notes\.txt.*fedit-seed0\.log"):
+        compare(tiny_config(tmp_path, "--cpu_threads", "1"), ["fedit", "lorafair"], [0], None, jobs=2)
+    assert run_status(tmp_path / "lorafair" / "seed0") == "done"
+    assert "notes.txt" in (tmp_path / "logs" / "fedit-seed0.log").read_text()
+
+
+@pytest.mark.parametrize(("jobs", "world", "message"), [(0, "1", "pass 1 or more"), (2, "2", "under torchrun")])
+def test_jobs_below_one_or_under_torchrun_are_refused(tmp_path, monkeypatch, jobs, world, message) -> None:
+    monkeypatch.setenv("WORLD_SIZE", world)
+    with pytest.raises(UserError, match=message):
+        compare(base_config(tmp_path), ["fedit"], [0], None, jobs=jobs)

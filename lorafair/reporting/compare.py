@@ -12,8 +12,12 @@ resume="auto", whose rank 0 finds the checkpoint and tells the others (a finishe
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import sys
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import nullcontext
 from dataclasses import dataclass, fields, is_dataclass, replace
 from pathlib import Path
@@ -152,6 +156,59 @@ def config_differences(folder: Path, cfg: FitConfig) -> list[str]:
             for key in sorted(recorded.keys() & planned.keys() - PER_RUN_KEYS) if recorded[key] != planned[key]]
 
 
+LOGS_NAME = "logs"
+"""Folder of a comparison holding each run's output when runs go in parallel (`--jobs`)."""
+
+
+def _fit_logged(cfg: FitConfig, log: Path) -> float:
+    """One run in a worker process, its output (Python's and the libraries' below it) appended to `log`; returns
+    its seconds."""
+    from lorafair.federated.loop import fit
+
+    started = time.monotonic()
+    with open(log, "a") as stream:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(stream.fileno(), 1)
+        os.dup2(stream.fileno(), 2)
+        try:
+            fit(cfg)
+            return time.monotonic() - started
+        except BaseException:
+            traceback.print_exc()
+            raise
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+
+
+def fit_in_parallel(pending: list[tuple[str, FitConfig]], jobs: int, logs: Path) -> None:
+    """Fit `jobs` runs at a time, each in a fresh process; a run that fails stops no other, and the first failure
+    is raised once all have ended (the finished ones are kept, a rerun resumes the rest)."""
+    logs.mkdir(parents=True, exist_ok=True)
+    failures: list[str] = []
+    context = multiprocessing.get_context("spawn")  # a clean interpreter per run: no state shared with this one
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, max_tasks_per_child=1) as pool:
+        running = {}
+        for where, run_cfg in pending:
+            log = logs / f"{Path(run_cfg.out_dir).relative_to(logs.parent).as_posix().replace('/', '-')}.log"
+            running[pool.submit(_fit_logged, run_cfg, log)] = (where, log)
+            print(f"lorafair compare: {where}: queued, its output goes to {log}")
+        for future in as_completed(running):
+            where, log = running[future]
+            error = future.exception()
+            if error is None:
+                print(f"lorafair compare: {where}: finished in {future.result():.0f} s")
+            else:
+                failures.append(f"{where}: {error or type(error).__name__} (see {log})")
+                print(f"lorafair compare: {where}: failed: {error or type(error).__name__} (see {log})",
+                      file=sys.stderr)
+    if failures:
+        raise UserError(f"compare: {failures[0]}" + (f" ({len(failures) - 1} more runs failed)"
+                                                     if len(failures) > 1 else "")
+                        + "; the finished runs are kept: fix it and run compare again")
+
+
 def _is_rank_zero() -> bool:
     import torch.distributed
 
@@ -161,20 +218,24 @@ def _is_rank_zero() -> bool:
 
 
 def compare(cfg: FitConfig, methods: list[str] | None, seeds: list[int] | None, grid: str | None,
-            baseline: str = "fedit") -> None:
-    """Fit every planned run that is not finished yet, then write the report into cfg.out_dir, each row against
-    `baseline`."""
+            baseline: str = "fedit", jobs: int = 1) -> None:
+    """Fit every planned run that is not finished yet, `jobs` at a time, then write the report into cfg.out_dir,
+    each row against `baseline`."""
     if baseline not in comparable():
         raise UserError(f"--baseline: unknown method {baseline!r}; valid: {', '.join(comparable())}")
+    if jobs < 1:
+        raise UserError(f"--jobs: {jobs} runs at once; pass 1 or more")
+    if jobs > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("--jobs: under torchrun the processes already share each run; drop --jobs")
     runs = plan_runs(cfg, methods, seeds, grid)
     lead = _is_rank_zero()
     refuse_shared_folder(cfg.out_dir, "out_dir")
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     with hold_folder(cfg.out_dir, "--out_dir") if lead else nullcontext():  # one comparison writes it at a time
-        _compare(cfg, runs, lead, baseline)
+        _compare(cfg, runs, lead, baseline, jobs)
 
 
-def _compare(cfg: FitConfig, runs: list[PlannedRun], lead: bool, baseline: str) -> None:
+def _compare(cfg: FitConfig, runs: list[PlannedRun], lead: bool, baseline: str, jobs: int) -> None:
     from lorafair.federated.loop import fit
 
     statuses = [run_status(run.cfg.out_dir) for run in runs]
@@ -187,6 +248,7 @@ def _compare(cfg: FitConfig, runs: list[PlannedRun], lead: bool, baseline: str) 
                                               not in method_options(method)):
                 print(f"lorafair compare: note: {method} ignores {key}: its runs for each value are the same",
                       file=sys.stderr)
+    pending: list[tuple[str, FitConfig]] = []
     for index, (run, status) in enumerate(zip(runs, statuses, strict=True), start=1):
         where = f"[{index}/{len(runs)}] {run.cfg.out_dir}"
         if status == "unreadable" and not distributed:
@@ -197,9 +259,15 @@ def _compare(cfg: FitConfig, runs: list[PlannedRun], lead: bool, baseline: str) 
                 print(f"lorafair compare: warning: {where} finished with another config ({'; '.join(changed)}); "
                       "its results are kept: delete the folder to run it again", file=sys.stderr)
             continue
+        run_cfg = replace(run.cfg, resume=None if status == "new" and not distributed else "auto")
+        if jobs > 1:
+            pending.append((where, run_cfg))
+            continue
         if lead:
             print(f"lorafair compare: {where}: {'starting' if status == 'new' else 'resuming'}")
-        fit(replace(run.cfg, resume=None if status == "new" and not distributed else "auto"))
+        fit(run_cfg)
+    if pending:
+        fit_in_parallel(pending, jobs, Path(cfg.out_dir) / LOGS_NAME)
     if lead:
         bad = report(cfg.out_dir, skip_bad=True, baseline=baseline)
         if bad:
