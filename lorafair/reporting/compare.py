@@ -189,11 +189,12 @@ def fit_in_parallel(pending: list[tuple[str, FitConfig]], jobs: int, logs: Path)
     failures: list[str] = []
     context = multiprocessing.get_context("spawn")  # a clean interpreter per run: no state shared with this one
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context, max_tasks_per_child=1) as pool:
+        print(f"lorafair compare: {len(pending)} runs to fit, {jobs} at a time; each run's output goes to "
+              f"{logs}/METHOD-seedSEED.log")
         running = {}
         for where, run_cfg in pending:
             log = logs / f"{Path(run_cfg.out_dir).relative_to(logs.parent).as_posix().replace('/', '-')}.log"
             running[pool.submit(_fit_logged, run_cfg, log)] = (where, log)
-            print(f"lorafair compare: {where}: queued, its output goes to {log}")
         for future in as_completed(running):
             where, log = running[future]
             error = future.exception()
