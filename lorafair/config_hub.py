@@ -4,15 +4,16 @@ package as lorafair/configs at install time, so there is one copy), found by pat
 from __future__ import annotations
 
 import difflib
+from importlib.resources import files
 from pathlib import Path
 
-import lorafair
 from lorafair.errors import UserError
 
 
 def config_root() -> Path:
-    """The shipped configs: lorafair/configs in an installed package, else the checkout's configs/ folder."""
-    package = Path(lorafair.__file__).resolve().parent
+    """The shipped configs: lorafair/configs in an installed package (importlib.resources), else the checkout's
+    configs/ folder beside the package."""
+    package = Path(files("lorafair"))
     installed = package / "configs"
     return installed if installed.is_dir() else package.parent / "configs"
 

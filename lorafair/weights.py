@@ -11,6 +11,7 @@ import contextlib
 import socket
 import sys
 from collections.abc import Iterator
+from importlib.resources import files
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -22,7 +23,6 @@ from timm.models.mlp_mixer import MlpMixer
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-import lorafair
 from lorafair.config import ModelConfig
 from lorafair.errors import UserError
 
@@ -64,12 +64,12 @@ def create_backbone(model_cfg: ModelConfig, num_classes: int) -> nn.Module:
 
 
 def resolve_weights_path(path: Path) -> Path:
-    """A relative path that is not in the working directory is looked up beside the installed package, so the
-    shipped lorafair/assets/... files are found from any directory."""
-    beside_package = Path(lorafair.__file__).resolve().parents[1] / path
-    if path.is_absolute() or path.exists() or not beside_package.exists():
+    """A relative path lorafair/... that is not in the working directory is looked up in the installed package
+    (importlib.resources), so the shipped lorafair/assets/... files are found from any directory."""
+    if path.is_absolute() or path.exists() or path.parts[:1] != ("lorafair",):
         return path
-    return beside_package
+    shipped = Path(files("lorafair").joinpath(*path.parts[1:]))
+    return shipped if shipped.exists() else path
 
 
 def load_weights(model: nn.Module, path: Path) -> None:

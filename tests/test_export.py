@@ -1,5 +1,5 @@
 """The exported global model means what lorafair meant: timm and peft alone give lorafair's logits; evaluate repeats
-results.json; predict and the README's loading code agree with it; bad input is one line and exit code 2."""
+results.json; predict and the loading code of docs/using.md agree with it; bad input is one line and exit code 2."""
 
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ with contextlib.redirect_stdout(printed):
 assert not any(name.startswith("lorafair") for name in sys.modules), "the loading code imported lorafair"
 print(printed.getvalue())
 """
-"""Loads every export of `folders` with timm and peft, then runs the README's snippet in `readme_dir`: one Python
+"""Loads every export of `folders` with timm and peft, then runs the docs' snippet in `readme_dir`: one Python
 process without lorafair for all the loading code (starting one costs more than everything it computes)."""
 
 
@@ -119,8 +119,8 @@ def digit_images(demo_run, tmp_path_factory) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def plain_loading(method_runs, demo_run, digit_images, tmp_path_factory) -> PlainLoading:
-    """The three methods' exports and the README snippet (in a folder holding runs/demo and digit.png), loaded in
-    one process that never imports lorafair."""
+    """The three methods' exports and the snippet of docs/using.md (in a folder holding runs/demo and digit.png),
+    loaded in one process that never imports lorafair."""
     folder = tmp_path_factory.mktemp("plain_loading")
     images = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     save_file({"images": images}, folder / "images.safetensors")
@@ -128,7 +128,7 @@ def plain_loading(method_runs, demo_run, digit_images, tmp_path_factory) -> Plai
     (readme_dir / "runs").mkdir(parents=True)
     (readme_dir / "runs/demo").symlink_to(demo_run[0])
     shutil.copy(digit_images[1], readme_dir / "digit.png")
-    code = readme_block("Using the fine-tuned model")
+    code = docs_block("using.md")
     assert len(code.strip().splitlines()) <= 12 and "lorafair" not in code.replace("runs/demo", "")
     printed = subprocess.run([sys.executable, "-c", LOAD_WITH_TIMM_AND_PEFT, str(folder / "images.safetensors"),
                               str(folder / "logits.safetensors"), str(readme_dir), code,
@@ -231,7 +231,7 @@ def test_evaluate_on_other_data_settings(demo_run, capsys):
     assert code == 2 and "classes" in err and len(err.strip().splitlines()) == 1
 
 
-# ---- predict and the README ----------------------------------------------------------------------------------
+# ---- predict and the docs -------------------------------------------------------------------------------------
 
 
 def test_predict_matches_the_exported_model_with_timms_preprocessing(demo_run, digit_images, tmp_path, capsys):
@@ -258,14 +258,14 @@ def test_predict_matches_the_exported_model_with_timms_preprocessing(demo_run, d
         assert [row["class"] for row in first] == [name for name, _ in prediction.top[:3]]
 
 
-def readme_block(title: str) -> str:
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index(f"## {title}"):]
-    return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+def docs_block(page: str) -> str:
+    """The first Python code block of a documentation page."""
+    text = (ROOT / "docs" / page).read_text()
+    return re.search(r"```python\n(.*?)```", text, re.DOTALL).group(1)
 
 
 def test_readme_loading_code_runs_and_agrees_with_predict(demo_run, plain_loading):
-    """The README's timm + peft snippet, run as written in a folder holding runs/demo and digit.png."""
+    """The timm + peft snippet of docs/using.md, run as written in a folder holding runs/demo and digit.png."""
     name, probability = predict(demo_run[0], [plain_loading.readme_image], top_k=1, say=lambda _: None)[0].top[0]
     assert plain_loading.readme_printed[0] == name
     assert abs(float(plain_loading.readme_printed[1]) - probability) < 1e-3

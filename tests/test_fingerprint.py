@@ -1,4 +1,4 @@
-"""The fingerprints stored in checkpoints notice what the README says they notice: labels, files and weights."""
+"""The fingerprints stored in checkpoints notice what docs/training.md says they notice: labels, files and weights."""
 
 from __future__ import annotations
 

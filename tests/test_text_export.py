@@ -145,10 +145,11 @@ def test_the_exported_classifier_keeps_its_head_as_modules_to_save(tmp_path):
 
 
 def test_the_readme_snippet_generates_what_the_run_generates(lm_run, tmp_path):
-    """The README's transformers snippet, run as written (no lorafair import) in a folder holding runs/demo_text."""
+    """The transformers snippet of docs/language-models.md, run as written (no lorafair import) in a folder holding
+    runs/demo_text."""
     run_dir, _ = lm_run
-    text = (ROOT / "README.md").read_text()
-    code = re.search(r"```python\n(.*?)```", text[text.index("### Exporting a language model"):], re.DOTALL).group(1)
+    text = (ROOT / "docs" / "language-models.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text[text.index("## Exporting a language model"):], re.DOTALL).group(1)
     assert "lorafair" not in code.replace("runs/demo_text", "")
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "demo_text").symlink_to(run_dir)

@@ -4,7 +4,7 @@ formula as written (dense SVD, dense least squares, autograd SGD on the dense ma
 Slow by design, and CPU only (least squares uses the gelsd driver). They are the yardstick the fast methods are
 tested and benchmarked against.
 
-Mixed ranks, as the methods define them (README): with scalings s_r = alpha / r and R the largest rank, each
+Mixed ranks, as the methods define them (docs/ranks.md): with scalings s_r = alpha / r and R the largest rank, each
 client's B is taken in the server's scaling, (s_k / s_R) B_k, and zero-padded to R, as is A_k; the method runs at R;
 a rank-r client then starts from the leading r components, its B times s_R / s_r, except LoRA-FAIR under "solve",
 which solves Eq. 8 again on the r x in and out x r truncated averages themselves.

@@ -13,7 +13,7 @@ build the same cache at the same time.
 The cached pixels are exactly what the PIL path hands to ToTensor; `normalize` applies ToTensor's and Normalize's
 float operations in the same order (x / 255, then (x - mean) / std), so cached and uncached batches are equal bit
 for bit. With data.augment the cache holds the shorter-side resize and the random crop and flip run on uint8
-tensors at load time (see README, Data).
+tensors at load time (see docs/data.md).
 """
 
 from __future__ import annotations

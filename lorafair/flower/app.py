@@ -13,7 +13,7 @@ confirmed yet, so a node that sat out rounds catches up exactly. A resumed run s
 frozen weights once.
 
     lorafair flower --config demo                   # simulation engine, one process
-    flwr run flower-app SUPERLINK                   # deployment engine (README: Running a real federation)
+    flwr run flower-app SUPERLINK                   # deployment engine (docs/federation.md)
 """
 
 from __future__ import annotations
