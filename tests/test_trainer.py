@@ -165,24 +165,16 @@ def readme_demo_table() -> tuple[int, dict[str, tuple[float, float, float]]]:
     return int(match.group(1)), rows
 
 
-def readme_demo_table() -> dict[str, tuple[float, float, float]]:
-    """The block `lorafair: global model after round 10` of README.md as {domain: (start, top-1, gain)}."""
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    block = text[text.index("```text\nlorafair: global model after round 10\n"):].split("```")[1].splitlines()
-    rows = [line.split() for line in block[block.index("---------  -------  -------  -------") + 1:] if line]
-    return {row[0]: (float(row[1]), float(row[2]), float(row[3])) for row in rows}
-
-
-def test_the_readme_shows_the_table_the_demo_test_pins():
-    """The README's table is the one `test_the_demo_gives_the_readme_table` holds the demo to, with its means and
-    gains (the printed rounding of the last digit aside)."""
-    table = readme_demo_table()
-    assert list(table) == [*DEMO_TABLE, "mean"]
-    for domain, (start, final) in DEMO_TABLE.items():
-        assert table[domain] == pytest.approx((start, final, final - start), abs=1e-9)
-    assert table["mean"] == pytest.approx((4.03, 25.57, 21.54), abs=1e-9)
-    means = [sum(values) / len(DEMO_TABLE) for values in zip(*DEMO_TABLE.values(), strict=True)]
-    assert table["mean"][:2] == pytest.approx(means, abs=0.005)
+def test_the_readmes_demo_table_adds_up():
+    """The table the slow demo test holds the demo to: its mean row is the mean of the domains, each gain is final
+    minus start (the printed rounding of the last digit aside)."""
+    _, table = readme_demo_table()
+    domains = [row for name, row in table.items() if name != "mean"]
+    assert len(domains) == 6
+    for start, final, gain in table.values():
+        assert gain == pytest.approx(final - start, abs=0.011)
+    means = [sum(values) / len(domains) for values in zip(*domains, strict=True)]
+    assert table["mean"][:2] == pytest.approx(means[:2], abs=0.006)
 
 
 @pytest.mark.slow
