@@ -42,6 +42,7 @@ from lorafair.errors import UserError
 from lorafair.federated.checkpoints import check_fits, kept_rounds, load_checkpoint, read_round
 from lorafair.federated.loop import build_model, state_shapes
 from lorafair.federated.state import ResumeState
+from lorafair.files import current_umask, is_disk_full, write_json
 from lorafair.model import LoraClassifier
 from lorafair.reporting.run_folder import (
     CLASSES_NAME,
@@ -49,13 +50,10 @@ from lorafair.reporting.run_folder import (
     EXPORT_MARKER,
     EXPORT_NAME,
     checkpoint_dir,
-    current_umask,
     hold_folder,
-    is_disk_full,
     is_export,
     read_fit_config,
     refuse_shared_folder,
-    write_json,
 )
 from lorafair.weights import head_parameter_names
 

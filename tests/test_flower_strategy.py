@@ -21,9 +21,9 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from lorafair.aggregation import ClientUpdate, registered_methods
 from lorafair.aggregation.reference import dense_reference
-from lorafair.federated.sampling import derive_seed
 from lorafair.flower import LoraStrategy, merges_to_apply, state_to_arrays
 from lorafair.flower.records import LORA_A, LORA_B, arrays_to_state, fresh_lora
+from lorafair.seeds import derive_seed
 
 SHAPES = {"blocks.0.attn.proj": (6, 5), "blocks.1.mlp.fc2": (6, 7)}
 RANK = 2

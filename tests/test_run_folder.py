@@ -17,6 +17,7 @@ from lorafair import export
 from lorafair.cli import main
 from lorafair.federated.checkpoints import list_checkpoints
 from lorafair.federated.loop import FederatedTrainer, fit
+from lorafair.files import temporary_beside, write_text_atomic
 from lorafair.reporting.run_folder import (
     EXPORT_MARKER,
     EXPORT_NAME,
@@ -25,8 +26,6 @@ from lorafair.reporting.run_folder import (
     claim_run_folder,
     foreign_entries,
     is_export,
-    temporary_beside,
-    write_text_atomic,
 )
 
 

@@ -21,7 +21,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, default
 
 from lorafair.data.cache import CachedImageDataset, normalize
 from lorafair.errors import UserError
-from lorafair.federated.launch import die_with_parent
+from lorafair.processes import die_with_parent
 
 
 @dataclass

@@ -10,7 +10,6 @@ holds tensors, numbers, strings, lists and dicts only, and a file with any other
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
 import re
 from collections.abc import Callable, Mapping
@@ -30,12 +29,12 @@ from lorafair.federated.state import (
     unpack,
     unpack_client_states,
 )
+from lorafair.files import fsync_directory, replacing
 from lorafair.reporting.run_folder import (
     checkpoint_dir,
     is_finished,
     read_results,
     results_path,
-    temporary_beside,
 )
 
 CHECKPOINT_KEYS = frozenset({"round", "identity", "results", "lora", "extra", "base"})
@@ -70,14 +69,9 @@ def save_checkpoint(directory: Path, round_index: int, state: Mapping[str, Any],
     """
     directory.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(directory, round_index)
-    with temporary_beside(final) as (handle, temporary):
+    with replacing(final, before_rename) as handle:
         torch.save({**state, CHECKSUM_KEY: content_digest(state)}, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-        if before_rename is not None:
-            before_rename()
-        os.replace(temporary, final)
-    _fsync_directory(directory)
+    fsync_directory(directory)
     for stale in directory.glob(".round_*.ckpt.*.tmp"):  # left by a killed write (one writer: the run folder's lock)
         stale.unlink(missing_ok=True)
     # checkpoints of later rounds belong to a run this one branched off (resumed from an older file): drop them
@@ -176,18 +170,6 @@ def identity_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -
     """'key: saved -> current' for every trajectory setting that differs between a checkpoint and this run."""
     return [f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in sorted(set(saved) | set(current))
             if saved.get(key) != current.get(key)]
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def checkpoint_state(round_index: int, identity: dict[str, Any], results: dict[str, Any], state: GlobalState,

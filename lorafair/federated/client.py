@@ -24,8 +24,8 @@ from lorafair.config import ClientConfig, DataConfig
 from lorafair.data import Client, evaluation_loaders, make_loader
 from lorafair.federated import faults
 from lorafair.federated.bounds import local_steps
-from lorafair.federated.sampling import derive_seed
 from lorafair.federated.state import ClientResult, GlobalState, Pairs
+from lorafair.seeds import derive_seed
 
 EVALUATION_SUMS = 4
 """Columns of `LocalTrainer.evaluation_sums`: correct, total, loss sum, loss terms."""

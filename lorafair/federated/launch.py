@@ -1,17 +1,13 @@
-"""What keeps a job from hanging: the launch is checked against the settings before any process waits for peers,
-and no process outlives the one that started it. (Every collective's timeout lives in the transport.)"""
+"""What keeps a job from hanging: the launch is checked against the settings before any process waits for peers
+(no process outlives the one that started it either: `lorafair.processes`). Every collective's timeout lives in
+the transport."""
 
 from __future__ import annotations
 
-import ctypes
 import shlex
-import signal
-import sys
 from collections.abc import Mapping
 
 from lorafair.errors import UserError
-
-_PR_SET_PDEATHSIG = 1
 
 
 def launched_processes(env: Mapping[str, str]) -> tuple[int, str]:
@@ -37,11 +33,3 @@ def check_launch(num_nodes: int, env: Mapping[str, str], argv: list[str]) -> Non
     raise UserError(f"num_nodes: {num_nodes} node(s) x {per_node} process(es) per node need {needed} processes, but "
                     f"this launch started {given} ({source}); start it on every node with: {command}")
 
-
-def die_with_parent(*_: object) -> None:
-    """Ask Linux to SIGKILL this process when its parent dies (a rank whose torchrun agent was killed, a data-loader
-    or cache-building worker whose rank was), so no process outlives the job. Usable as a DataLoader worker_init_fn;
-    elsewhere a no-op."""
-    if not sys.platform.startswith("linux"):
-        return
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)

@@ -45,8 +45,8 @@ from lorafair.federated.checkpoints import (
 )
 from lorafair.federated.client import ClientModel, LocalTrainer
 from lorafair.federated.fingerprints import run_fingerprints
-from lorafair.federated.launch import check_launch, die_with_parent
-from lorafair.federated.sampling import assign_to_ranks, derive_seed, sample_clients
+from lorafair.federated.launch import check_launch
+from lorafair.federated.sampling import assign_to_ranks, sample_clients
 from lorafair.federated.server import ClientReport, Server
 from lorafair.federated.state import (
     ClientResult,
@@ -60,7 +60,9 @@ from lorafair.federated.state import (
     pack_pairs,
 )
 from lorafair.federated.transport import PeerLost, TorchDistributedTransport
+from lorafair.files import write_json, write_yaml
 from lorafair.model import LoraClassifier
+from lorafair.processes import die_with_parent
 from lorafair.reporting.run_folder import (
     CLASSES_NAME,
     CONFIG_NAME,
@@ -74,9 +76,8 @@ from lorafair.reporting.run_folder import (
     score_scalars,
     tensorboard_scalars,
     trajectory_identity,
-    write_json,
-    write_yaml,
 )
+from lorafair.seeds import derive_seed
 
 
 def fit(cfg: FitConfig) -> dict[str, Any]:

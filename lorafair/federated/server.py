@@ -23,8 +23,8 @@ from lorafair.aggregation import (
 )
 from lorafair.config import ServerConfig
 from lorafair.errors import UserError
-from lorafair.federated.sampling import derive_seed
 from lorafair.federated.state import ClientResult, ServerAnswer, ServerRecord
+from lorafair.seeds import derive_seed
 
 
 def aggregator_options(server_cfg: ServerConfig, seed: int, round_index: int = 0) -> dict[str, Any]:

@@ -25,7 +25,6 @@ from flwr.supercore import log
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from lorafair.aggregation import ClientUpdate, build_aggregator, find_bad_updates, method_options
-from lorafair.federated.sampling import derive_seed
 from lorafair.flower.records import (
     LORA_A,
     LORA_B,
@@ -35,6 +34,7 @@ from lorafair.flower.records import (
     merges_to_arrays,
     state_to_arrays,
 )
+from lorafair.seeds import derive_seed
 
 MERGING_METHODS = frozenset({"flora", "fedex_lora"})
 """Methods whose answer includes a merge into every client's frozen weights."""

@@ -28,6 +28,7 @@ from lorafair.aggregation import display_name, registered_methods
 from lorafair.config import BOUNDS
 from lorafair.errors import UserError
 from lorafair.federated.state import decode_items
+from lorafair.files import write_text_atomic
 from lorafair.reporting.run_folder import (
     CONFIG_NAME,
     EXPORT_NAME,
@@ -37,7 +38,6 @@ from lorafair.reporting.run_folder import (
     is_finished,
     read_results,
     run_config,
-    write_text_atomic,
 )
 from lorafair.reporting.significance import BOOTSTRAP_SAMPLES, Interval, paired_bootstrap_interval, paired_t_interval
 
