@@ -13,7 +13,7 @@ versions of every method (for tests and benchmarks) in `reference`. Clients may 
 states the one scaling convention, and `GlobalUpdate.lora_for(rank)` gives each rank its starting pairs.
 """
 
-from lorafair.aggregation.base import Aggregator, ClientUpdate, GlobalUpdate, OptionError, find_bad_updates
+from lorafair.aggregation.base import Aggregator, OptionError
 from lorafair.aggregation.registry import (
     build_aggregator,
     display_name,
@@ -23,6 +23,7 @@ from lorafair.aggregation.registry import (
     user_options,
 )
 from lorafair.aggregation.streaming import RoundState
+from lorafair.aggregation.updates import ClientUpdate, GlobalUpdate, find_bad_updates
 
 __all__ = [
     "Aggregator",

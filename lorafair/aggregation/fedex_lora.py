@@ -18,7 +18,8 @@ from typing import ClassVar
 
 import torch
 
-from lorafair.aggregation.base import Aggregator, GroupResult, LayerGroup
+from lorafair.aggregation.base import Aggregator
+from lorafair.aggregation.updates import GroupResult, LayerGroup
 
 
 class FedExLoRA(Aggregator):

@@ -11,7 +11,8 @@ from typing import ClassVar
 
 import torch
 
-from lorafair.aggregation.base import Aggregator, ClientUpdate, GroupResult, LayerGroup
+from lorafair.aggregation.base import Aggregator
+from lorafair.aggregation.updates import ClientUpdate, GroupResult, LayerGroup
 
 
 class FFALoRA(Aggregator):
