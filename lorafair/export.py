@@ -41,10 +41,7 @@ from lorafair.data import model_data_config
 from lorafair.errors import UserError
 from lorafair.federated.checkpoints import check_fits, kept_rounds, load_checkpoint, read_round
 from lorafair.federated.loop import build_model, state_shapes
-from lorafair.federated.state import ResumeState
-from lorafair.files import current_umask, is_disk_full, write_json
-from lorafair.model import LoraClassifier
-from lorafair.reporting.run_folder import (
+from lorafair.federated.run_folder import (
     CLASSES_NAME,
     CONFIG_NAME,
     EXPORT_MARKER,
@@ -55,6 +52,9 @@ from lorafair.reporting.run_folder import (
     read_fit_config,
     refuse_shared_folder,
 )
+from lorafair.federated.state import ResumeState
+from lorafair.files import current_umask, is_disk_full, write_json
+from lorafair.model import LoraClassifier
 from lorafair.weights import head_parameter_names
 
 if TYPE_CHECKING:

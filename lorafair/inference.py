@@ -30,7 +30,7 @@ from lorafair.data.image_files import IMAGE_SUFFIXES
 from lorafair.data.transforms import image_transforms
 from lorafair.errors import UserError
 from lorafair.export import global_model, open_run
-from lorafair.reporting.run_folder import CLASSES_NAME, accuracy_table, mean, read_fit_config
+from lorafair.federated.run_folder import CLASSES_NAME, accuracy_table, mean, read_fit_config
 
 
 @dataclass

@@ -16,9 +16,9 @@ from lorafair.aggregation import display_name, registered_methods
 from lorafair.cli import main, parse
 from lorafair.config import ConfigError, DataConfig, FitConfig
 from lorafair.errors import UserError
+from lorafair.federated.run_folder import run_status
 from lorafair.reporting.compare import compare, grid_keys, parse_grid, plan_runs
 from lorafair.reporting.report import report
-from lorafair.reporting.run_folder import run_status
 
 PAPER_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "paper"
 

@@ -17,8 +17,7 @@ from lorafair import export
 from lorafair.cli import main
 from lorafair.federated.checkpoints import list_checkpoints
 from lorafair.federated.loop import FederatedTrainer, fit
-from lorafair.files import temporary_beside, write_text_atomic
-from lorafair.reporting.run_folder import (
+from lorafair.federated.run_folder import (
     EXPORT_MARKER,
     EXPORT_NAME,
     LOCK_NAME,
@@ -27,6 +26,7 @@ from lorafair.reporting.run_folder import (
     foreign_entries,
     is_export,
 )
+from lorafair.files import temporary_beside, write_text_atomic
 
 
 def _same_command(out_dir, *extra, **env) -> subprocess.CompletedProcess:

@@ -19,7 +19,7 @@ from test_text_federated import REDUCED_DEMO, ROOT, _glue_file
 from lorafair.cli import main
 from lorafair.export import global_model, open_run
 from lorafair.federated.loop import build_data, fit
-from lorafair.reporting.run_folder import accuracy_table
+from lorafair.federated.run_folder import accuracy_table
 from lorafair.text.data import IGNORE_INDEX
 
 

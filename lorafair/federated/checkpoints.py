@@ -19,6 +19,12 @@ from typing import Any
 import torch
 
 from lorafair.errors import UserError
+from lorafair.federated.run_folder import (
+    checkpoint_dir,
+    is_finished,
+    read_results,
+    results_path,
+)
 from lorafair.federated.state import (
     GlobalState,
     ResumeState,
@@ -30,12 +36,6 @@ from lorafair.federated.state import (
     unpack_client_states,
 )
 from lorafair.files import fsync_directory, replacing
-from lorafair.reporting.run_folder import (
-    checkpoint_dir,
-    is_finished,
-    read_results,
-    results_path,
-)
 
 CHECKPOINT_KEYS = frozenset({"round", "identity", "results", "lora", "extra", "base"})
 

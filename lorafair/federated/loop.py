@@ -46,6 +46,20 @@ from lorafair.federated.checkpoints import (
 from lorafair.federated.client import ClientModel, LocalTrainer
 from lorafair.federated.fingerprints import run_fingerprints
 from lorafair.federated.launch import check_launch
+from lorafair.federated.run_folder import (
+    CLASSES_NAME,
+    CONFIG_NAME,
+    TENSORBOARD_NAME,
+    accuracy_table,
+    checkpoint_dir,
+    config_to_dict,
+    flatten_config,
+    own_run_folder,
+    results_path,
+    score_scalars,
+    tensorboard_scalars,
+    trajectory_identity,
+)
 from lorafair.federated.sampling import assign_to_ranks, sample_clients
 from lorafair.federated.server import ClientReport, Server
 from lorafair.federated.state import (
@@ -63,20 +77,6 @@ from lorafair.federated.transport import PeerLost, TorchDistributedTransport
 from lorafair.files import write_json, write_yaml
 from lorafair.model import LoraClassifier
 from lorafair.processes import die_with_parent
-from lorafair.reporting.run_folder import (
-    CLASSES_NAME,
-    CONFIG_NAME,
-    TENSORBOARD_NAME,
-    accuracy_table,
-    checkpoint_dir,
-    config_to_dict,
-    flatten_config,
-    own_run_folder,
-    results_path,
-    score_scalars,
-    tensorboard_scalars,
-    trajectory_identity,
-)
 from lorafair.seeds import derive_seed
 
 

@@ -39,6 +39,7 @@ from lorafair.errors import UserError
 from lorafair.federated import faults
 from lorafair.federated.client import LocalTrainer
 from lorafair.federated.loop import FederatedTrainer, build_model, launch_fabric
+from lorafair.federated.run_folder import own_run_folder, results_path
 from lorafair.federated.state import (
     ClientResult,
     GlobalState,
@@ -50,7 +51,6 @@ from lorafair.federated.state import (
     unpack_pairs,
 )
 from lorafair.flower.strategy import MERGING_METHODS, screen_reply
-from lorafair.reporting.run_folder import own_run_folder, results_path
 
 MERGES, BASE, APPLIED = "lorafair.merges", "lorafair.base", "lorafair.applied"
 """Message records of the merges a node has not applied and of the resumed frozen weights; the node state record of

@@ -25,8 +25,7 @@ from jsonargparse import ArgumentParser
 from lorafair.aggregation import method_options, registered_methods
 from lorafair.config import BOUNDS, FitConfig
 from lorafair.errors import UserError
-from lorafair.reporting.report import format_value, report
-from lorafair.reporting.run_folder import (
+from lorafair.federated.run_folder import (
     PER_RUN_KEYS,
     config_to_dict,
     flatten_config,
@@ -36,6 +35,7 @@ from lorafair.reporting.run_folder import (
     run_config,
     run_status,
 )
+from lorafair.reporting.report import format_value, report
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,7 @@ from matplotlib.ticker import MaxNLocator
 from lorafair.aggregation import display_name, registered_methods
 from lorafair.config import BOUNDS
 from lorafair.errors import UserError
-from lorafair.federated.state import decode_items
-from lorafair.files import write_text_atomic
-from lorafair.reporting.run_folder import (
+from lorafair.federated.run_folder import (
     CONFIG_NAME,
     EXPORT_NAME,
     PER_RUN_KEYS,
@@ -39,6 +37,8 @@ from lorafair.reporting.run_folder import (
     read_results,
     run_config,
 )
+from lorafair.federated.state import decode_items
+from lorafair.files import write_text_atomic
 from lorafair.reporting.significance import BOOTSTRAP_SAMPLES, Interval, paired_bootstrap_interval, paired_t_interval
 
 TABLE_NAME = "comparison.md"
