@@ -107,7 +107,7 @@ def lm_eval(*, run: Path, tasks: list[str], include_path: Path | None = None, ba
         limit: Score at most this many examples per task.
         allow_code_execution: Allow tasks that run the code the model writes (HumanEval, MBPP); off by default.
     """
-    from lorafair.text.harness import score
+    from lorafair.harness import score
 
     results = score(run, tasks, include_path, batch_size, limit, allow_code_execution)
     for task, metrics in results.items():

@@ -405,6 +405,12 @@ class FitConfig:
     """Threads each process gives torch's CPU operations; None keeps torch's default (torchrun sets 1). Small models
     run fastest on one thread, especially on a busy machine."""
 
+    @property
+    def is_language_model(self) -> bool:
+        """Whether the run's model is a transformers language model (reading text), else a timm image model: the
+        one question every part that depends on the model family asks."""
+        return self.model.resolved_family(self.data.name) == "transformers"
+
     def validate(self) -> None:
         for section in (self.server, self.model, self.lora, self.data, self.federation, self.client, self.text):
             section.validate()

@@ -40,7 +40,6 @@ from lorafair.config import FitConfig
 from lorafair.data import model_data_config
 from lorafair.errors import UserError
 from lorafair.federated.checkpoints import check_fits, kept_rounds, load_checkpoint, read_round
-from lorafair.federated.loop import build_model, state_shapes
 from lorafair.federated.run_folder import (
     CLASSES_NAME,
     CONFIG_NAME,
@@ -54,11 +53,12 @@ from lorafair.federated.run_folder import (
 )
 from lorafair.federated.state import ResumeState
 from lorafair.files import current_umask, is_disk_full, write_json
-from lorafair.model import LoraClassifier
+from lorafair.models.build import build_model, state_shapes
+from lorafair.models.image import LoraClassifier
 from lorafair.weights import head_parameter_names
 
 if TYPE_CHECKING:
-    from lorafair.text.model import TextLoraModel
+    from lorafair.models.text import TextLoraModel
 
 SaveModel = Callable[[nn.Module, Path], None]
 """Writes a plain model as a folder its own library loads (timm: config.json + model.safetensors)."""
@@ -151,7 +151,7 @@ def global_adapter(run: RunState, model: LoraClassifier | TextLoraModel) -> Lora
 
 
 def is_language_model(run: RunState) -> bool:
-    return run.cfg.model.resolved_family(run.cfg.data.name) == "transformers"
+    return run.cfg.is_language_model
 
 
 # ---- writing --------------------------------------------------------------------------------------------------

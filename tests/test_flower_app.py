@@ -19,8 +19,8 @@ from flwr.app import Context, Error, Message, MessageType, MetricRecord, RecordD
 from flwr.supercore.task_identity import TaskIdentity
 
 from lorafair.cli import main
-from lorafair.federated.state import pack_pairs
 from lorafair.flower.app import BASE, LOCAL_RAY, MERGES, FlowerRoundLoop, catch_up, to_arrays
+from lorafair.keys import pack_pairs
 
 pytestmark = pytest.mark.slow
 

@@ -111,7 +111,7 @@ def test_fresh_lora_is_the_models_own_init():
     """The strategy's restart after a FLoRA merge equals the one LoraClassifier.init_lora draws from that seed."""
     from conftest import tiny_config
 
-    from lorafair.model import LoraClassifier
+    from lorafair.models.image import LoraClassifier
 
     cfg = tiny_config("unused")
     model = LoraClassifier(cfg.model, cfg.lora, 10, cfg.client)

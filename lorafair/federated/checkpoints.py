@@ -25,17 +25,9 @@ from lorafair.federated.run_folder import (
     read_results,
     results_path,
 )
-from lorafair.federated.state import (
-    GlobalState,
-    ResumeState,
-    pack,
-    pack_by_rank,
-    pack_client_states,
-    pack_pairs,
-    unpack,
-    unpack_client_states,
-)
+from lorafair.federated.state import GlobalState, ResumeState, pack_client_states, unpack_client_states
 from lorafair.files import fsync_directory, replacing
+from lorafair.keys import pack, pack_by_rank, pack_pairs, unpack
 
 CHECKPOINT_KEYS = frozenset({"round", "identity", "results", "lora", "extra", "base"})
 

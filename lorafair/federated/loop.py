@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from lorafair.aggregation import ClientUpdate, RoundState, ranks
 from lorafair.config import FitConfig
-from lorafair.data import FederatedData, build_federated_data, model_data_config
+from lorafair.data.build import build_data
 from lorafair.errors import UserError
 from lorafair.federated import faults
 from lorafair.federated.bounds import local_steps, union_client
@@ -43,7 +43,7 @@ from lorafair.federated.checkpoints import (
     resume_state,
     save_checkpoint,
 )
-from lorafair.federated.client import ClientModel, LocalTrainer
+from lorafair.federated.client import LocalTrainer
 from lorafair.federated.fingerprints import run_fingerprints
 from lorafair.federated.launch import check_launch
 from lorafair.federated.run_folder import (
@@ -70,12 +70,10 @@ from lorafair.federated.state import (
     Scores,
     ServerAnswer,
     ServerRecord,
-    pack,
-    pack_pairs,
 )
 from lorafair.federated.transport import PeerLost, TorchDistributedTransport
 from lorafair.files import write_json, write_yaml
-from lorafair.model import LoraClassifier
+from lorafair.models.build import build_model, state_shapes
 from lorafair.processes import die_with_parent
 from lorafair.seeds import derive_seed
 
@@ -128,39 +126,6 @@ def join_restarted_process_group(backend: str, timeout: timedelta) -> None:
     attempt = os.environ["TORCHELASTIC_RESTART_COUNT"]
     dist.init_process_group(backend, store=dist.PrefixStore(f"lorafair/attempt_{attempt}", agent_store),
                             rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
-
-
-def build_data(cfg: FitConfig) -> FederatedData:
-    """Clients and test sets: images rendered for the timm model, or text tokenized for the transformers one (whose
-    modules, and `datasets`, are imported only then)."""
-    if cfg.model.resolved_family(cfg.data.name) == "transformers":
-        from lorafair.text.data import build_text_data, load_tokenizer
-
-        return build_text_data(cfg, load_tokenizer(cfg.model))
-    return build_federated_data(cfg.data, cfg.federation, cfg.seed, model_data_config(cfg.model, cfg.data.image_size))
-
-
-def build_model(cfg: FitConfig, num_classes: int, device: torch.device) -> ClientModel:
-    """The client model of this process (chosen by model.family), with identical random parts (head, LoRA, a
-    backbone without weights) on every rank, and in `lorafair export` which rebuilds a run's global model from a
-    checkpoint."""
-    torch.manual_seed(derive_seed("model", cfg.seed))
-    if cfg.model.resolved_family(cfg.data.name) == "transformers":
-        from lorafair.text.model import TextLoraModel
-
-        model = TextLoraModel(cfg, num_classes).to(device)
-    else:
-        model = LoraClassifier(cfg.model, cfg.lora, num_classes, cfg.client).to(device)
-    if cfg.server.method == "ffa_lora":
-        model.freeze_lora_A(True)
-    return model
-
-
-def state_shapes(model: LoraClassifier) -> dict[str, torch.Size]:
-    """The shapes a checkpoint's tensors must have to fit `model`, in the packed key format."""
-    tensors = {**pack_pairs("lora", model.get_lora()), **pack("extra", model.get_extra()),
-               **pack("base", model.base_state())}
-    return {key: tensor.shape for key, tensor in tensors.items()}
 
 
 class FederatedTrainer:

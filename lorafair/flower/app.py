@@ -38,19 +38,12 @@ from lorafair.data import Client, build_client_data, build_federated_data, model
 from lorafair.errors import UserError
 from lorafair.federated import faults
 from lorafair.federated.client import LocalTrainer
-from lorafair.federated.loop import FederatedTrainer, build_model, launch_fabric
+from lorafair.federated.loop import FederatedTrainer, launch_fabric
 from lorafair.federated.run_folder import own_run_folder, results_path
-from lorafair.federated.state import (
-    ClientResult,
-    GlobalState,
-    Pairs,
-    ServerAnswer,
-    pack,
-    pack_pairs,
-    unpack,
-    unpack_pairs,
-)
+from lorafair.federated.state import ClientResult, GlobalState, ServerAnswer
 from lorafair.flower.strategy import MERGING_METHODS, screen_reply
+from lorafair.keys import Pairs, pack, pack_pairs, unpack, unpack_pairs
+from lorafair.models.build import build_model
 
 MERGES, BASE, APPLIED = "lorafair.merges", "lorafair.base", "lorafair.applied"
 """Message records of the merges a node has not applied and of the resumed frozen weights; the node state record of

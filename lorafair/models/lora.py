@@ -1,4 +1,5 @@
-"""The swappable LoRA state of a module adapted by peft, shared by the image and the text client models.
+"""Which layers get LoRA, and the swappable LoRA state of a module adapted by peft, shared by the image and the text
+client models.
 
 A client's LoRA factors are keyed by the adapted layers' own names ("blocks.0.attn.proj"), never by peft's wrapped
 names, so the server and the checkpoints see the same keys whatever the model family.
@@ -28,6 +29,28 @@ def check_rank(r: int, layers: dict[str, nn.Linear]) -> None:
     if r > width:
         raise UserError(f"lora.r: {r} is larger than the smallest adapted layer ({name}, {layer.out_features} x "
                         f"{layer.in_features}); use at most {width}")
+
+
+def target_layers(backbone: nn.Module, pattern: str | None, head_weights: list[str]) -> list[str]:
+    """Names of the Linear layers that LoRA adapts: those whose full name matches `pattern`, in model order."""
+    linear = [name for name, module in backbone.named_modules() if isinstance(module, nn.Linear)]
+    examples = ", ".join(linear[:6])
+    if pattern is None:
+        raise UserError(f"lora.target_modules: {type(backbone).__name__} has no default; set a regex over its Linear "
+                        f"layers, e.g. among: {examples}")
+    try:
+        regex = re.compile(pattern)
+    except re.error as err:
+        raise UserError(f"lora.target_modules: {pattern!r} is not a valid regex ({err})") from err
+    layers = [name for name in linear if regex.fullmatch(name)]
+    head = [name for name in layers if f"{name}.weight" in head_weights]
+    if head:
+        raise UserError(f"lora.target_modules: {pattern!r} matches the classifier head {head[0]!r}, which is trained "
+                        "in full; leave it out of the regex")
+    if not layers:
+        raise UserError(f"lora.target_modules: {pattern!r} matches no Linear layer of {type(backbone).__name__}; "
+                        f"it must match full module names such as: {examples}")
+    return layers
 
 
 class PeftLoraState:
