@@ -39,7 +39,7 @@ Settings = Annotated[dict[str, Any], DataConfig]
 
 def fit(cfg: FitConfig) -> None:
     """Run one federated fine-tuning job."""
-    from lorafair.federated.loop import fit as run_fit
+    from lorafair.fit import fit as run_fit
 
     run_fit(cfg)
 

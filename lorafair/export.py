@@ -207,6 +207,11 @@ def export_run(run_dir: Path, round: int | None = None, out: Path | None = None,
     return out
 
 
+def export_final(run_dir: Path, say: Callable[[str], None] = print) -> Path:
+    """The export `fit` ends with: the run's last round into run_dir/final, replacing an earlier export there."""
+    return export_run(run_dir, overwrite=True, say=say)
+
+
 def check_export_out(out: Path, overwrite: bool) -> None:
     """Refuse an export folder that exists (without `overwrite`), or that is not an earlier export."""
     refuse_shared_folder(out, "--out")

@@ -93,7 +93,7 @@ def test_run_status_reads_the_folder(tmp_path: Path) -> None:
 
 
 class FakeTrainer:
-    """Stands in for lorafair.federated.loop: writes what fit writes, and can crash in the middle of a run."""
+    """Stands in for lorafair.fit: writes what fit writes, and can crash in the middle of a run."""
 
     def __init__(self, crash_on_call: int | None = None) -> None:
         self.calls: list[FitConfig] = []
@@ -118,7 +118,7 @@ class FakeTrainer:
 
 
 def use_trainer(monkeypatch, trainer: FakeTrainer) -> None:
-    monkeypatch.setitem(sys.modules, "lorafair.federated.loop", types.SimpleNamespace(fit=trainer.fit))
+    monkeypatch.setitem(sys.modules, "lorafair.fit", types.SimpleNamespace(fit=trainer.fit))
 
 
 def test_an_interrupted_compare_keeps_finished_runs_and_resumes_the_partial_one(tmp_path, monkeypatch, capsys) -> None:

@@ -16,7 +16,7 @@ from conftest import tiny_args, tiny_config
 from lorafair import export
 from lorafair.cli import main
 from lorafair.federated.checkpoints import list_checkpoints
-from lorafair.federated.loop import FederatedTrainer, fit
+from lorafair.federated.loop import FederatedTrainer
 from lorafair.federated.run_folder import (
     EXPORT_MARKER,
     EXPORT_NAME,
@@ -27,6 +27,7 @@ from lorafair.federated.run_folder import (
     is_export,
 )
 from lorafair.files import temporary_beside, write_text_atomic
+from lorafair.fit import fit
 
 
 def _same_command(out_dir, *extra, **env) -> subprocess.CompletedProcess:

@@ -20,8 +20,8 @@ from lorafair.cli import main
 from lorafair.data.build import build_data
 from lorafair.data.text import IGNORE_INDEX
 from lorafair.export import global_model, open_run
-from lorafair.federated.loop import fit
 from lorafair.federated.run_folder import accuracy_table
+from lorafair.fit import fit
 
 
 @pytest.fixture(scope="module")

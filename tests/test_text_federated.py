@@ -19,7 +19,9 @@ from test_text_data import TINY_LLAMA
 
 from lorafair.aggregation import registered_methods
 from lorafair.data.text import IGNORE_INDEX, TextDataset, encode_instruction
-from lorafair.federated.loop import FederatedTrainer, fit, launch_fabric
+from lorafair.federated.launch import launch_fabric
+from lorafair.federated.loop import FederatedTrainer
+from lorafair.fit import fit
 from lorafair.models.text import TextLoraModel
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ from lorafair.federated.checkpoints import (
     load_latest,
     save_checkpoint,
 )
-from lorafair.federated.loop import launch_fabric
+from lorafair.federated.launch import launch_fabric
 from lorafair.federated.run_folder import accuracy_table, config_to_dict, flatten_config, mean, trajectory_identity
 from lorafair.federated.sampling import assign_to_ranks, sample_clients
 from lorafair.federated.transport import flatten, unflatten

@@ -1,4 +1,4 @@
-"""`lorafair fit`: the round loop, composing the client, the server and the transport on Lightning Fabric.
+"""The round loop of `lorafair fit`, composing the client, the server and the transport on Lightning Fabric.
 
 One round (`FederatedTrainer.run_round`):
     sample clients -> assign them to ranks -> each rank trains its clients (client role) and folds their updates
@@ -6,8 +6,8 @@ One round (`FederatedTrainer.run_round`):
     accumulators over the ranks -> rank 0 finishes the aggregation and the transport delivers its answer to every
     rank -> every rank applies it (merging into its frozen weights for FLoRA / FedEx-LoRA) -> sharded evaluation ->
     results.json, TensorBoard and a checkpoint on rank 0.
-After the last round rank 0 prints the accuracy table and exports the global model to out_dir/final
-(`lorafair.export`).
+After the last round rank 0 prints the accuracy table and hands the run folder to its `export` (`lorafair.fit`
+passes the one that writes the global model to out_dir/final).
 
 Clients keep no state between rounds and everything random is seeded by (seed, round, client), so the results do
 not depend on the number of ranks, on which rank hosts a client, or on whether the run was interrupted and resumed.
@@ -15,19 +15,15 @@ not depend on the number of ranks, on which rank hosts a client, or on whether t
 
 from __future__ import annotations
 
-import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from lightning.fabric import Fabric
-from lightning.fabric.loggers import TensorBoardLogger
-from lightning.fabric.strategies import DDPStrategy
 from tqdm import tqdm
 
 from lorafair.aggregation import ClientUpdate, RoundState, ranks
@@ -45,16 +41,13 @@ from lorafair.federated.checkpoints import (
 )
 from lorafair.federated.client import LocalTrainer
 from lorafair.federated.fingerprints import run_fingerprints
-from lorafair.federated.launch import check_launch
 from lorafair.federated.run_folder import (
     CLASSES_NAME,
     CONFIG_NAME,
-    TENSORBOARD_NAME,
     accuracy_table,
     checkpoint_dir,
     config_to_dict,
     flatten_config,
-    own_run_folder,
     results_path,
     score_scalars,
     tensorboard_scalars,
@@ -74,69 +67,21 @@ from lorafair.federated.state import (
 from lorafair.federated.transport import PeerLost, TorchDistributedTransport
 from lorafair.files import write_json, write_yaml
 from lorafair.models.build import build_model, state_shapes
-from lorafair.processes import die_with_parent
 from lorafair.seeds import derive_seed
 
-
-def fit(cfg: FitConfig) -> dict[str, Any]:
-    """Run the federated job of `cfg` and return the content of its results.json (on every rank)."""
-    with own_run_folder(cfg.out_dir, lead=int(os.environ.get("RANK", "0")) == 0):  # under torchrun, rank 0 owns it
-        trainer = FederatedTrainer(cfg, launch_fabric(cfg))
-        results = trainer.run()
-        trainer.transport.close()
-    return results
-
-
-def launch_fabric(cfg: FitConfig, tensorboard: bool = True) -> Fabric:
-    """One process per device under torchrun (gloo on CPU, NCCL on GPU), else a single process.
-
-    bf16-mixed on CUDA and 32-true elsewhere unless `precision` says otherwise. TensorBoard goes to
-    out_dir/tensorboard (Fabric writes it from rank 0 only); a process that only trains clients (a Flower node)
-    passes tensorboard=False.
-    The launch is checked against num_nodes first, and every collective times out after federation.timeout, so a
-    missing or stuck rank is one line instead of a hang.
-    """
-    check_launch(cfg.num_nodes, os.environ, sys.argv[1:])
-    if cfg.cpu_threads is not None:
-        torch.set_num_threads(cfg.cpu_threads)
-    under_torchrun = "LOCAL_WORLD_SIZE" in os.environ
-    timeout = timedelta(seconds=cfg.federation.timeout)
-    if under_torchrun:
-        die_with_parent()  # a killed torchrun agent takes its ranks with it
-    on_cuda = cfg.accelerator in ("auto", "cuda", "gpu") and torch.cuda.is_available()
-    if under_torchrun and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        join_restarted_process_group("nccl" if on_cuda else "gloo", timeout)
-    precision = cfg.precision or ("bf16-mixed" if on_cuda else "32-true")
-    logger = (TensorBoardLogger(root_dir=cfg.out_dir, name=TENSORBOARD_NAME, version="", default_hp_metric=False)
-              if tensorboard else None)
-    fabric = Fabric(accelerator=cfg.accelerator, strategy=DDPStrategy(timeout=timeout) if under_torchrun else "auto",
-                    devices=int(os.environ["LOCAL_WORLD_SIZE"]) if under_torchrun else 1, num_nodes=cfg.num_nodes,
-                    precision=precision, loggers=logger)
-    fabric.launch()
-    return fabric
-
-
-def join_restarted_process_group(backend: str, timeout: timedelta) -> None:
-    """Join the process group of a torchrun restart under a key prefix of its own (Fabric then reuses the group).
-
-    torchrun keeps one key-value store for all attempts of a job; without the prefix, the ranks of a restarted
-    attempt can read the connection addresses the killed attempt left there and fail to connect.
-    """
-    agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
-    attempt = os.environ["TORCHELASTIC_RESTART_COUNT"]
-    dist.init_process_group(backend, store=dist.PrefixStore(f"lorafair/attempt_{attempt}", agent_store),
-                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
+Export = Callable[[Path, Callable[[str], None]], object]
+"""Writes the global model of the run folder it is given, saying what it did with the function it is given."""
 
 
 class FederatedTrainer:
     """The round loop: holds this rank's roles, the global state every client starts a round from, and the
     results."""
-    def __init__(self, cfg: FitConfig, fabric: Fabric) -> None:
+    def __init__(self, cfg: FitConfig, fabric: Fabric, export: Export | None = None) -> None:
         method = cfg.server.method
         self.setting = cfg.federation.setting
         if self.setting != "federated":  # a bound takes its one update as it is: FedIT's average of one, or none
             method, cfg = self.setting, replace(cfg, server=replace(cfg.server, method="fedit"))
-        self.cfg, self.fabric = cfg, fabric
+        self.cfg, self.fabric, self.export = cfg, fabric, export
         self.out_dir = Path(cfg.out_dir)
         self.server_seconds = 0.0
         self.data = build_data(cfg)
@@ -343,8 +288,6 @@ class FederatedTrainer:
 
     def finish(self) -> None:
         """The final results.json, the hparams entry of TensorBoard, the accuracy table and the export."""
-        from lorafair.export import export_run  # imported here: export builds its model with build_model
-
         self.results["final"] = final = final_accuracy(self.results)
         write_json(results_path(self.out_dir), self.results)
         metrics = {f"hparams/{key}": final[key] for key in ("mean_accuracy", "mean_eval_loss") if key in final}
@@ -357,7 +300,8 @@ class FederatedTrainer:
         if self.setting == "local":
             self.fabric.print("local: no global model to export (each client kept its own)")
             return
-        export_run(self.out_dir, overwrite=True, say=self.fabric.print)
+        if self.export is not None:
+            self.export(self.out_dir, self.fabric.print)
 
     def start_or_resume(self) -> int:
         """Every rank: the first round to run. Rank 0 writes config.yaml and classes.json, reads the checkpoint

@@ -36,9 +36,11 @@ from lorafair.aggregation import ClientUpdate
 from lorafair.config import FitConfig
 from lorafair.data import Client, build_client_data, build_federated_data, model_data_config
 from lorafair.errors import UserError
+from lorafair.export import export_final
 from lorafair.federated import faults
 from lorafair.federated.client import LocalTrainer
-from lorafair.federated.loop import FederatedTrainer, launch_fabric
+from lorafair.federated.launch import launch_fabric
+from lorafair.federated.loop import FederatedTrainer
 from lorafair.federated.run_folder import own_run_folder, results_path
 from lorafair.federated.state import ClientResult, GlobalState, ServerAnswer
 from lorafair.flower.strategy import MERGING_METHODS, screen_reply
@@ -131,7 +133,7 @@ class FlowerRoundLoop(FederatedTrainer):
         if cfg.federation.setting != "federated":
             raise UserError(f"federation.setting {cfg.federation.setting} is a bound for `lorafair fit` and "
                             f"`lorafair compare`; Flower runs federated methods only")
-        super().__init__(cfg, launch_fabric(cfg))
+        super().__init__(cfg, launch_fabric(cfg), export=export_final)
         self.grid, self.timeout = grid, timeout
         self.node_of: dict[int, int] = {}
         self.merges: list[Pairs] = []

@@ -175,7 +175,7 @@ def compare(cfg: FitConfig, methods: list[str] | None, seeds: list[int] | None, 
 
 
 def _compare(cfg: FitConfig, runs: list[PlannedRun], lead: bool, baseline: str) -> None:
-    from lorafair.federated.loop import fit
+    from lorafair.fit import fit
 
     statuses = [run_status(run.cfg.out_dir) for run in runs]
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
