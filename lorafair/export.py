@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 from timm.models import save_for_hf
 from torch import Tensor, nn
 
+from lorafair.aggregation import Aggregator, method_class, registered_methods
 from lorafair.config import FitConfig
 from lorafair.data import model_data_config
 from lorafair.errors import UserError
@@ -254,17 +255,6 @@ def _write_export_folder(run: RunState, out: Path) -> None:
 
 # ---- the model card ---------------------------------------------------------------------------------------------
 
-GLOBAL_MODEL = {
-    "flora": "FLoRA merges every round's stacked client update into the frozen weights and restarts LoRA, so the "
-             "adapter is empty (B = 0): everything learnt sits in base/ and in the merged model.",
-    "fedex_lora": "FedEx-LoRA merges each round's residual (ideal update minus the averaged product) into the frozen "
-                  "weights: base/ holds those merges, the adapter the averaged factors.",
-}
-"""What the exported global model is, for methods whose frozen weights change."""
-UNCHANGED_BASE = ("the starting backbone (with the trained head) in base/ and the server's global factors in the "
-                  "adapter: the frozen weights never change.")
-
-
 def model_card(run: RunState) -> str:
     """A short README.md: base model, method, data, rounds, accuracy per domain and how to reproduce and load."""
     cfg = run.cfg
@@ -275,12 +265,18 @@ def model_card(run: RunState) -> str:
              f"- method: `{cfg.server.method}`, LoRA rank {cfg.lora.r}, alpha {cfg.lora.alpha}",
              f"- data: `{cfg.data.name}` ({len(run.classes)} classes), partition `{cfg.federation.partition}`",
              f"- rounds: {run.saved.round} of {cfg.federation.rounds}, seed {cfg.seed}",
-             f"- global model: {GLOBAL_MODEL.get(cfg.server.method, UNCHANGED_BASE)}", ""]
+             f"- global model: {_global_model(cfg.server.method)}", ""]
     if evaluated:
         lines += _score_lines(evaluated[-1])
     lines += ["Produced by `lorafair fit --config config.yaml` (the run's resolved config, beside this file) and "
               f"exported with `lorafair export --run RUN --round {run.saved.round}`.", "", _loading_line(run), ""]
     return "\n".join(lines)
+
+
+def _global_model(method: str) -> str:
+    """What the exported model of `method` is, as the method declares it (a method no longer registered: as an
+    aggregator that never merges)."""
+    return (method_class(method) if method in registered_methods() else Aggregator).global_model
 
 
 def _score_lines(last: dict) -> list[str]:

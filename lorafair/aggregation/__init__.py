@@ -17,6 +17,7 @@ from lorafair.aggregation.base import Aggregator, OptionError
 from lorafair.aggregation.registry import (
     build_aggregator,
     display_name,
+    method_class,
     method_options,
     register_method,
     registered_methods,
@@ -34,6 +35,7 @@ __all__ = [
     "build_aggregator",
     "display_name",
     "find_bad_updates",
+    "method_class",
     "method_options",
     "register_method",
     "registered_methods",

@@ -40,7 +40,16 @@ class Aggregator:
     display_name: ClassVar[str]
     """How the paper writes it, for tables and plots."""
     sends_A: ClassVar[bool] = True
-    """False when A stays frozen on the clients and never travels (FFA-LoRA)."""
+    """False when A stays frozen on the clients, never trained, and so never travels (FFA-LoRA)."""
+    merges: ClassVar[bool] = False
+    """True when the answer carries a merge that every client adds to its frozen weights (FLoRA, FedEx-LoRA): the
+    frozen weights then change, which 4-bit weights cannot take and a differential-privacy wrapper does not see."""
+    sums_only: ClassVar[bool] = False
+    """True when the answer needs only the weighted sums of the clients' factors, so the method can run under secure
+    aggregation (which reveals only their sum); False when it needs each client's factors."""
+    global_model: ClassVar[str] = ("the starting backbone (with the trained head) in base/ and the server's global "
+                                   "factors in the adapter: the frozen weights never change.")
+    """What the exported global model is, for its model card (base/ and the adapter are the export's folders)."""
     needs: ClassVar[str] = "ideal"
     """What the method takes from a round: "averages" (weighted sums of A and B), "ideal" (those and the ideal
     update sum p_k B_k A_k, factored or dense), or "factors" (every client's factors, which it sends on)."""

@@ -26,6 +26,10 @@ class FedExLoRA(Aggregator):
     name: ClassVar[str] = "fedex_lora"
     display_name: ClassVar[str] = "FedEx-LoRA"
     needs: ClassVar[str] = "factors"
+    merges: ClassVar[bool] = True
+    global_model: ClassVar[str] = ("FedEx-LoRA merges each round's residual (ideal update minus the averaged product) "
+                                   "into the frozen weights: base/ holds those merges, the adapter the averaged "
+                                   "factors.")
 
     def combine(self, group: LayerGroup) -> GroupResult:
         A_stack, B_stack = group.A_stack, group.B_stack

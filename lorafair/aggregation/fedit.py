@@ -14,6 +14,7 @@ from lorafair.aggregation.updates import GroupResult, LayerGroup
 class FedIT(Aggregator):
     name: ClassVar[str] = "fedit"
     display_name: ClassVar[str] = "FedIT"
+    sums_only: ClassVar[bool] = True
 
     def combine(self, group: LayerGroup) -> GroupResult:
         return GroupResult(lora=(group.A_bar, group.B_bar))

@@ -20,6 +20,7 @@ class FFALoRA(Aggregator):
     display_name: ClassVar[str] = "FFA-LoRA"
     sends_A: ClassVar[bool] = False
     needs: ClassVar[str] = "averages"
+    sums_only: ClassVar[bool] = True
 
     def check_update(self, index: int, update: ClientUpdate, first: ClientUpdate) -> str | None:
         for name, (A, _) in update.lora.items():

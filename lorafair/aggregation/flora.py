@@ -20,6 +20,10 @@ class FLoRA(Aggregator):
     name: ClassVar[str] = "flora"
     display_name: ClassVar[str] = "FLoRA"
     needs: ClassVar[str] = "factors"
+    merges: ClassVar[bool] = True
+    global_model: ClassVar[str] = ("FLoRA merges every round's stacked client update into the frozen weights and "
+                                   "restarts LoRA, so the adapter is empty (B = 0): everything learnt sits in base/ "
+                                   "and in the merged model.")
 
     def combine(self, group: LayerGroup) -> GroupResult:
         layers, clients, rank, fan_in = group.A.shape

@@ -27,7 +27,7 @@ from lightning.fabric import Fabric
 from tqdm import tqdm
 
 from lorafair.aggregation import ClientUpdate, RoundState, ranks
-from lorafair.config import FitConfig
+from lorafair.config import BOUND_METHOD, FitConfig
 from lorafair.data.build import build_data
 from lorafair.errors import UserError
 from lorafair.federated import faults
@@ -80,7 +80,7 @@ class FederatedTrainer:
         method = cfg.server.method
         self.setting = cfg.federation.setting
         if self.setting != "federated":  # a bound takes its one update as it is: FedIT's average of one, or none
-            method, cfg = self.setting, replace(cfg, server=replace(cfg.server, method="fedit"))
+            method, cfg = self.setting, replace(cfg, server=replace(cfg.server, method=BOUND_METHOD))
         self.cfg, self.fabric, self.export = cfg, fabric, export
         self.out_dir = Path(cfg.out_dir)
         self.server_seconds = 0.0

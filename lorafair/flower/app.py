@@ -32,7 +32,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from lorafair.aggregation import ClientUpdate
+from lorafair.aggregation import ClientUpdate, method_class
 from lorafair.config import FitConfig
 from lorafair.data import Client, build_client_data, build_federated_data, model_data_config
 from lorafair.errors import UserError
@@ -43,7 +43,7 @@ from lorafair.federated.launch import launch_fabric
 from lorafair.federated.loop import FederatedTrainer
 from lorafair.federated.run_folder import own_run_folder, results_path
 from lorafair.federated.state import ClientResult, GlobalState, ServerAnswer
-from lorafair.flower.strategy import MERGING_METHODS, screen_reply
+from lorafair.flower.strategy import screen_reply
 from lorafair.keys import Pairs, pack, pack_pairs, unpack, unpack_pairs
 from lorafair.models.build import build_model
 
@@ -97,7 +97,7 @@ def catch_up(trainer: LocalTrainer, pristine: dict[str, torch.Tensor], msg: Mess
 def train(cfg: FitConfig, msg: Message, context: Context) -> Message:
     """Train this node's client from the global state in `msg`; reply with its update and statistics."""
     trainer, pristine, client = node_trainer(cfg, int(context.node_config["partition-id"]))
-    if cfg.server.method in MERGING_METHODS:
+    if method_class(cfg.server.method).merges:
         catch_up(trainer, pristine, msg, context)
     tensors = msg.content["arrays"].to_torch_state_dict()
     start = GlobalState.from_tensors(tensors)
@@ -187,7 +187,7 @@ class FlowerRoundLoop(FederatedTrainer):
         content = RecordDict({"arrays": to_arrays(self.global_state.tensors()),
                               "config": ConfigRecord({"server-round": round_index,
                                                       "lora-rank": self.client_ranks[client]})})
-        if self.cfg.server.method in MERGING_METHODS:
+        if method_class(self.cfg.server.method).merges:
             if client not in self.merges_applied and self.resumed_base:
                 content[BASE] = to_arrays(self.resumed_base)
             start = self.merges_applied.get(client, 0)

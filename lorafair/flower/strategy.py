@@ -24,7 +24,14 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore import log
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from lorafair.aggregation import ClientUpdate, build_aggregator, find_bad_updates, method_options
+from lorafair.aggregation import (
+    ClientUpdate,
+    build_aggregator,
+    find_bad_updates,
+    method_class,
+    method_options,
+    registered_methods,
+)
 from lorafair.flower.records import (
     LORA_A,
     LORA_B,
@@ -36,17 +43,13 @@ from lorafair.flower.records import (
 )
 from lorafair.seeds import derive_seed
 
-MERGING_METHODS = frozenset({"flora", "fedex_lora"})
-"""Methods whose answer includes a merge into every client's frozen weights."""
-SUM_ONLY_METHODS = frozenset({"fedit", "ffa_lora"})
-"""Methods that need only the weighted sum of the clients' factors, so they can run under secure aggregation."""
-
 
 def check_secure_aggregation(method: str) -> None:
     """Refuse a method that needs each client's factors where the server may only see their sum."""
-    if method not in SUM_ONLY_METHODS:
+    if not method_class(method).sums_only:
+        sums_only = sorted(name for name in registered_methods() if method_class(name).sums_only)
         raise ValueError(f"{method} needs each client's LoRA factors, which secure aggregation hides (it reveals "
-                         f"only their sum); use {' or '.join(sorted(SUM_ONLY_METHODS))} under secure aggregation")
+                         f"only their sum); use {' or '.join(sums_only)} under secure aggregation")
 
 
 class LoraStrategy(FedAvg):
@@ -129,7 +132,7 @@ class LoraStrategy(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        if KEY_CLIPPING_NORM in config and self.method in MERGING_METHODS:
+        if KEY_CLIPPING_NORM in config and method_class(self.method).merges:
             raise ValueError(f"{self.method} merges into the frozen weights outside the arrays a differential-privacy"
                              f" wrapper clips and noises; use a method without merges under differential privacy")
         if self.template is None:  # the initial arrays, never a reply, decide the global keys, shapes and rank
@@ -143,7 +146,7 @@ class LoraStrategy(FedAvg):
     def _with_merges(self, messages: Iterable[Message]) -> list[Message]:
         """Give each message its own content holding the merges its node has not confirmed."""
         messages = list(messages)
-        if self.method not in MERGING_METHODS:
+        if not method_class(self.method).merges:
             return messages
         self._merges_sent = {}
         for message in messages:

@@ -22,8 +22,8 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from jsonargparse import ArgumentParser
 
-from lorafair.aggregation import method_options, registered_methods
-from lorafair.config import BOUNDS, FitConfig
+from lorafair.aggregation import method_options
+from lorafair.config import BASELINE, BOUND_METHOD, BOUNDS, FitConfig, comparable
 from lorafair.errors import UserError
 from lorafair.federated.run_folder import (
     PER_RUN_KEYS,
@@ -106,11 +106,6 @@ def _with_override(cfg: FitConfig, key: str, value: Any) -> FitConfig:
     return replace(cfg, **{section: replace(getattr(cfg, section), **{name: value})})
 
 
-def comparable() -> tuple[str, ...]:
-    """What --methods may name: every registered method, then the bounds."""
-    return (*registered_methods(), *BOUNDS)
-
-
 def plan_runs(cfg: FitConfig, methods: list[str] | None, seeds: list[int] | None,
               grid: str | None) -> list[PlannedRun]:
     """Every run of a comparison, seed by seed (a full table exists after the first seed), validated up front. A
@@ -135,7 +130,7 @@ def plan_runs(cfg: FitConfig, methods: list[str] | None, seeds: list[int] | None
                 name = method if key is None else f"{method}-{key}={format_value(value).replace(os.sep, '_')}"
                 bound = method in BOUNDS
                 run_cfg = replace(cfg, seed=seed, resume=None, out_dir=Path(cfg.out_dir) / name / f"seed{seed}",
-                                  server=replace(cfg.server, method="fedit" if bound else method),
+                                  server=replace(cfg.server, method=BOUND_METHOD if bound else method),
                                   federation=replace(cfg.federation, setting=method if bound else "federated"))
                 if key is not None:
                     run_cfg = _with_override(run_cfg, key, value)
@@ -161,7 +156,7 @@ def _is_rank_zero() -> bool:
 
 
 def compare(cfg: FitConfig, methods: list[str] | None, seeds: list[int] | None, grid: str | None,
-            baseline: str = "fedit") -> None:
+            baseline: str = BASELINE) -> None:
     """Fit every planned run that is not finished yet, then write the report into cfg.out_dir, each row against
     `baseline`."""
     if baseline not in comparable():
