@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -56,6 +55,7 @@ from lorafair.federated.state import ResumeState
 from lorafair.files import current_umask, is_disk_full, write_json
 from lorafair.models.build import build_model, state_shapes
 from lorafair.models.image import LoraClassifier
+from lorafair.models.lora import peft_config
 from lorafair.weights import head_parameter_names
 
 if TYPE_CHECKING:
@@ -138,17 +138,13 @@ def global_adapter(run: RunState, model: LoraClassifier | TextLoraModel) -> Lora
     """The global LoRA factors with peft settings matching the client model's, the head saved beside them (a
     timm head; a classifier's modules outside the transformer body; nothing for a causal LM, whose adapter is
     typed CAUSAL_LM so that peft loads it with generation)."""
-    lora = run.cfg.lora
     extra = model.get_extra()
     if is_language_model(run):
         trained = sorted({name.split(".")[0] for name in extra}) or None
         task = None if run.cfg.data.name == "text_classification" else "CAUSAL_LM"
     else:
         trained, task = [head_parameter_names(model.backbone)[0].rsplit(".", 1)[0]], None
-    config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
-                            target_modules="|".join(re.escape(name) for name in model.layer_names),
-                            modules_to_save=trained, task_type=task)
-    return LoraAdapter(config, model.get_lora(), extra)
+    return LoraAdapter(peft_config(run.cfg.lora, model.layer_names, trained, task), model.get_lora(), extra)
 
 
 def is_language_model(run: RunState) -> bool:

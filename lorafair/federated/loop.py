@@ -67,7 +67,7 @@ from lorafair.federated.state import (
 from lorafair.federated.transport import PeerLost, TorchDistributedTransport
 from lorafair.files import write_json, write_yaml
 from lorafair.models.build import build_model, state_shapes
-from lorafair.seeds import derive_seed
+from lorafair.seeds import seeded_generator
 
 Export = Callable[[Path, Callable[[str], None]], object]
 """Writes the global model of the run folder it is given, saying what it did with the function it is given."""
@@ -234,7 +234,7 @@ class FederatedTrainer:
 
     def fresh_lora(self, *seed_parts: int | str) -> dict:
         """A fresh LoRA start (A random, B zero) from a generator every rank seeds alike."""
-        self.model.init_lora(torch.Generator().manual_seed(derive_seed(*seed_parts)))
+        self.model.init_lora(seeded_generator(*seed_parts))
         return self.model.get_lora()
 
     def evaluate(self, round_index: int) -> Scores:

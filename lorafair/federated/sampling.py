@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from lorafair.seeds import derive_seed
+from lorafair.seeds import seeded_generator
 
 
 def sample_clients(client_ids: Sequence[int], per_round: int, seed: int, round_index: int) -> list[int]:
@@ -19,7 +19,7 @@ def sample_clients(client_ids: Sequence[int], per_round: int, seed: int, round_i
         raise ValueError(f"per_round must be in [1, {len(client_ids)}], got {per_round}")
     if per_round == len(client_ids):
         return sorted(client_ids)
-    generator = torch.Generator().manual_seed(derive_seed("sample", seed, round_index))
+    generator = seeded_generator("sample", seed, round_index)
     picks = torch.randperm(len(client_ids), generator=generator)[:per_round].tolist()
     return sorted(client_ids[i] for i in picks)
 

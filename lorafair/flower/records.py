@@ -8,10 +8,8 @@ merges of the run, so a client that missed rounds applies exactly the ones it ha
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
-import torch
 from flwr.app import ArrayRecord
 from torch import Tensor
 
@@ -72,14 +70,3 @@ def merges_to_apply(merges: ArrayRecord | None, applied: int) -> list[Pairs]:
                          "missing, so its frozen weights would drift from the server's")
     return [by_index[index] for index in pending]
 
-
-def fresh_lora(like: Mapping[str, tuple[Tensor, Tensor]], seed: int) -> Pairs:
-    """A fresh LoRA start as peft makes it (A Kaiming-uniform with a = sqrt(5), B zero), drawn layer by layer in
-    `like`'s order from one generator seeded with `seed`."""
-    generator = torch.Generator().manual_seed(seed)
-    fresh = {}
-    for layer, (lora_a, lora_b) in like.items():
-        new_a = torch.empty(lora_a.shape, dtype=lora_a.dtype)
-        torch.nn.init.kaiming_uniform_(new_a, a=math.sqrt(5), generator=generator)
-        fresh[layer] = (new_a, torch.zeros_like(lora_b))
-    return fresh

@@ -37,11 +37,10 @@ from lorafair.flower.records import (
     LORA_B,
     Pairs,
     arrays_to_state,
-    fresh_lora,
     merges_to_arrays,
     state_to_arrays,
 )
-from lorafair.seeds import derive_seed
+from lorafair.seeds import derive_seed, fresh_lora, seeded_generator
 
 
 def check_secure_aggregation(method: str) -> None:
@@ -206,7 +205,7 @@ class LoraStrategy(FedAvg):
         result = self.aggregator(server_round).aggregate(kept)
         if result.merge:
             self.merges.append(result.merge)
-        lora = result.lora or fresh_lora(updates[0].lora, derive_seed("lora_reinit", self.seed, server_round))
+        lora = result.lora or fresh_lora(updates[0].lora, seeded_generator("lora_reinit", self.seed, server_round))
         record["aggregation"] = dict(result.metrics)
         record.update(bytes_up=int(result.bytes_up), bytes_down=int(result.bytes_down))
         metrics = self.train_metrics_aggr_fn([valid[i].content for i in good], self.weighted_by_key)
