@@ -53,6 +53,7 @@ from lorafair.federated.run_folder import (
 )
 from lorafair.federated.state import ResumeState
 from lorafair.files import current_umask, is_disk_full, write_json
+from lorafair.keys import peft_key
 from lorafair.models.build import build_model, state_shapes
 from lorafair.models.image import LoraClassifier
 from lorafair.models.lora import peft_config
@@ -87,7 +88,7 @@ class LoraAdapter:
 
     def peft_state(self) -> dict[str, Tensor]:
         """The adapter under the names peft's save_pretrained uses (adapter name left out)."""
-        factors = {f"{name}.lora_{factor}.weight": tensor
+        factors = {peft_key(name, factor): tensor
                    for name, pair in self.factors.items() for factor, tensor in zip("AB", pair, strict=True)}
         return {f"base_model.model.{name}": tensor for name, tensor in {**factors, **self.trained}.items()}
 

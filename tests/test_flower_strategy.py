@@ -22,7 +22,9 @@ from flwr.supercore.task_identity import TaskIdentity
 from lorafair.aggregation import ClientUpdate, registered_methods
 from lorafair.aggregation.reference import dense_reference
 from lorafair.flower import LoraStrategy, merges_to_apply, state_to_arrays
-from lorafair.flower.records import LORA_A, LORA_B, arrays_to_state
+from lorafair.flower.records import arrays_to_state
+from lorafair.keys import PEFT_A as LORA_A
+from lorafair.keys import PEFT_B as LORA_B
 from lorafair.seeds import fresh_lora, seeded_generator
 
 SHAPES = {"blocks.0.attn.proj": (6, 5), "blocks.1.mlp.fc2": (6, 7)}

@@ -27,7 +27,7 @@ from lorafair.federated.run_folder import (
 )
 from lorafair.federated.state import GlobalState, ResumeState, pack_client_states, unpack_client_states
 from lorafair.files import fsync_directory, replacing
-from lorafair.keys import pack, pack_by_rank, pack_pairs, unpack
+from lorafair.keys import is_by_rank, nest_pairs, pack, pack_by_rank, pack_pairs, unnest_pairs, unpack
 
 CHECKPOINT_KEYS = frozenset({"round", "identity", "results", "lora", "extra", "base"})
 
@@ -170,9 +170,8 @@ def checkpoint_state(round_index: int, identity: dict[str, Any], results: dict[s
     """What a round's checkpoint holds (on the CPU); `base` only once merges changed the frozen weights,
     `client_states` only where clients keep states of their own (the local bound)."""
     return {"round": round_index, "identity": identity, "results": results,
-            "lora": {name: {"A": a.cpu(), "B": b.cpu()} for name, (a, b) in state.lora.items()},
-            "lora_by_rank": {rank: {name: {"A": a.cpu(), "B": b.cpu()} for name, (a, b) in pairs.items()}
-                             for rank, pairs in state.by_rank.items()},
+            "lora": nest_pairs(state.lora),
+            "lora_by_rank": {rank: nest_pairs(pairs) for rank, pairs in state.by_rank.items()},
             "extra": {name: t.cpu() for name, t in state.extra.items()},
             "base": {name: t.cpu() for name, t in base.items()} if base is not None else None,
             "client_states": {key: t.cpu() for key, t in pack_client_states(client_states or {}).items()}}
@@ -228,9 +227,8 @@ def read_round(path: Path, state: Any) -> ResumeState:
     if missing:
         raise UserError(f"{path} is not a lorafair checkpoint (it lacks {', '.join(missing)})")
     try:
-        tensors = {**pack_pairs("lora", {name: (pair["A"], pair["B"]) for name, pair in state["lora"].items()}),
-                   **pack_by_rank({rank: {name: (pair["A"], pair["B"]) for name, pair in pairs.items()}
-                                   for rank, pairs in state.get("lora_by_rank", {}).items()}),
+        tensors = {**pack_pairs("lora", unnest_pairs(state["lora"])),
+                   **pack_by_rank({rank: unnest_pairs(pairs) for rank, pairs in state.get("lora_by_rank", {}).items()}),
                    **pack("extra", state["extra"]), **pack("base", state["base"])}
         records = list(state["results"]["rounds"])
         start = state["results"].get("start")
@@ -290,9 +288,9 @@ def resume_state(path: Path, state: Any, identity: dict[str, Any], rounds: int, 
 
 def check_fits(resumed: ResumeState, expected: Mapping[str, torch.Size]) -> None:
     """Refuse a checkpoint's state whose tensors do not fit the model (`expected`: shapes in the packed key format)."""
-    # the lower ranks' starting pairs ("lora_r<rank>/...") depend on lora.client_ranks, which the identity checks
+    # the lower ranks' starting pairs depend on lora.client_ranks, which the identity checks
     tensors = {key: tensor for key, tensor in {**resumed.state.tensors(), **pack("base", resumed.base)}.items()
-               if not key.startswith("lora_r")}
+               if not is_by_rank(key)}
     # the frozen weights are checked only where the checkpoint holds them (after merges)
     expected = {key: shape for key, shape in expected.items() if resumed.base or not key.startswith("base/")}
     mismatch = first_shape_mismatch(tensors, expected)

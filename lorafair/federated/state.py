@@ -11,7 +11,17 @@ import torch
 from torch import Tensor
 
 from lorafair.aggregation import ClientUpdate
-from lorafair.keys import Pairs, pack, pack_by_rank, pack_pairs, unpack, unpack_by_rank, unpack_pairs
+from lorafair.keys import (
+    Pairs,
+    client_kinds,
+    clients_in,
+    pack,
+    pack_by_rank,
+    pack_pairs,
+    unpack,
+    unpack_by_rank,
+    unpack_pairs,
+)
 
 
 @dataclass
@@ -201,14 +211,18 @@ class ResumeState:
 
 
 def pack_client_states(states: dict[int, GlobalState]) -> dict[str, Tensor]:
-    """Each client's own state under the kinds "client<id>.lora" and "client<id>.extra"."""
-    return {key: tensor for client, state in states.items()
-            for key, tensor in {**pack_pairs(f"client{client}.lora", state.lora),
-                                **pack(f"client{client}.extra", state.extra)}.items()}
+    """Each client's own state under its kinds (`lorafair.keys.client_kinds`)."""
+    packed = {}
+    for client, state in states.items():
+        lora_kind, extra_kind = client_kinds(client)
+        packed.update({**pack_pairs(lora_kind, state.lora), **pack(extra_kind, state.extra)})
+    return packed
 
 
 def unpack_client_states(tensors: dict[str, Tensor]) -> dict[int, GlobalState]:
     """Inverse of `pack_client_states` for a mixed mapping."""
-    clients = sorted({int(key.split(".")[0][6:]) for key in tensors if key.startswith("client")})
-    return {client: GlobalState(unpack_pairs(tensors, f"client{client}.lora"), unpack(tensors, f"client{client}.extra"))
-            for client in clients}
+    states = {}
+    for client in clients_in(tensors):
+        lora_kind, extra_kind = client_kinds(client)
+        states[client] = GlobalState(unpack_pairs(tensors, lora_kind), unpack(tensors, extra_kind))
+    return states

@@ -44,7 +44,7 @@ from lorafair.federated.loop import FederatedTrainer
 from lorafair.federated.run_folder import own_run_folder, results_path
 from lorafair.federated.state import ClientResult, GlobalState, ServerAnswer
 from lorafair.flower.strategy import screen_reply
-from lorafair.keys import Pairs, pack, pack_pairs, unpack, unpack_pairs
+from lorafair.keys import Pairs, merge_indices, merge_kind, pack, pack_pairs, pair_key, unpack, unpack_pairs
 from lorafair.models.build import build_model
 
 MERGES, BASE, APPLIED = "lorafair.merges", "lorafair.base", "lorafair.applied"
@@ -192,7 +192,7 @@ class FlowerRoundLoop(FederatedTrainer):
                 content[BASE] = to_arrays(self.resumed_base)
             start = self.merges_applied.get(client, 0)
             content[MERGES] = to_arrays({key: tensor for index in range(start, len(self.merges))
-                                         for key, tensor in pack_pairs(f"merge/{index}", self.merges[index]).items()})
+                                         for key, tensor in pack_pairs(merge_kind(index), self.merges[index]).items()})
         return Message(content, message_type=MessageType.TRAIN, dst_node_id=self.node_of[client])
 
     def reply_template(self, client: int) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -200,8 +200,8 @@ class FlowerRoundLoop(FederatedTrainer):
         tensors."""
         rank, template = self.client_ranks[client], {}
         for name, (lora_a, lora_b) in self.global_state.lora.items():
-            template[f"lora/{name}/A"] = ((rank, lora_a.shape[1]), _dtype(lora_a))
-            template[f"lora/{name}/B"] = ((lora_b.shape[0], rank), _dtype(lora_b))
+            template[pair_key("lora", name, "A")] = ((rank, lora_a.shape[1]), _dtype(lora_a))
+            template[pair_key("lora", name, "B")] = ((lora_b.shape[0], rank), _dtype(lora_b))
         template.update({key: (tuple(tensor.shape), _dtype(tensor))
                          for key, tensor in pack("extra", self.global_state.extra).items()})
         return template
@@ -295,10 +295,10 @@ def result_of(client: int, reply: Message) -> ClientResult:
 def pending_merges(tensors: dict[str, torch.Tensor], applied: int) -> list[Pairs]:
     """The merges keyed `merge/<index>/<layer>/<A|B>` that a node with `applied` merges has not applied, in order;
     a gap is an error (the node's frozen weights would drift from the server's)."""
-    indices = sorted({int(key.split("/")[1]) for key in tensors} - set(range(applied)))
+    indices = [index for index in merge_indices(tensors) if index >= applied]
     if indices and indices != list(range(applied, applied + len(indices))):
         raise ValueError(f"merges {indices} do not continue from the {applied} this node has applied")
-    return [unpack_pairs(tensors, f"merge/{index}") for index in indices]
+    return [unpack_pairs(tensors, merge_kind(index)) for index in indices]
 
 
 # ---- the engines ------------------------------------------------------------------------------------------------

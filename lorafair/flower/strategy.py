@@ -32,14 +32,8 @@ from lorafair.aggregation import (
     method_options,
     registered_methods,
 )
-from lorafair.flower.records import (
-    LORA_A,
-    LORA_B,
-    Pairs,
-    arrays_to_state,
-    merges_to_arrays,
-    state_to_arrays,
-)
+from lorafair.flower.records import arrays_to_state, merges_to_arrays, state_to_arrays
+from lorafair.keys import PEFT_A, PEFT_B, Pairs, peft_partner
 from lorafair.seeds import derive_seed, fresh_lora, seeded_generator
 
 
@@ -306,7 +300,7 @@ def screen_reply(content: RecordDict, template: dict[str, tuple[tuple[int, ...],
         nbytes = math.prod(got) * torch.empty((), dtype=getattr(torch, dtype, torch.float32)).element_size()
         if len(array.data) > nbytes + 4096:  # the serialised array: its bytes plus a small header
             return f"array '{key}' carries {len(array.data)} bytes, more than its shape {got} holds"
-    ranks = sorted({array.shape[0] for key, array in arrays.items() if key.endswith(LORA_A)})
+    ranks = sorted({array.shape[0] for key, array in arrays.items() if key.endswith(PEFT_A)})
     if len(ranks) > 1:
         return f"its LoRA factors have ranks {ranks}; a client has one rank for all its layers"
     return None
@@ -316,12 +310,12 @@ def _lower_rank(key: str, got: tuple[int, ...], shape: tuple[int, ...], arrays: 
     """Whether `got` is the shape of a LoRA factor of `shape` at a lower rank, matching its partner's rank."""
     if len(got) != 2 or len(shape) != 2:
         return False
-    if key.endswith(LORA_A):
-        partner = arrays.get(key[: -len(LORA_A)] + LORA_B)
+    if key.endswith(PEFT_A):
+        partner = arrays.get(peft_partner(key))
         return 0 < got[0] < shape[0] and got[1] == shape[1] and partner is not None and \
             tuple(partner.shape)[1:] == (got[0],)
-    if key.endswith(LORA_B):
-        partner = arrays.get(key[: -len(LORA_B)] + LORA_A)
+    if key.endswith(PEFT_B):
+        partner = arrays.get(peft_partner(key))
         return 0 < got[1] < shape[1] and got[0] == shape[0] and partner is not None and \
             tuple(partner.shape)[:1] == (got[1],)
     return False
