@@ -180,10 +180,12 @@ class FederatedTrainer:
         hosts = {str(client): rank for rank, clients in enumerate(hosted) for client in clients}
         return results, hosts, trained
 
-    def aggregate(self, round_index: int, results: list[ClientResult], sampled: list[int]) -> ServerAnswer:
+    def aggregate(self, round_index: int, results: list[ClientResult], sampled: list[int],
+                  unreadable: dict[str, str] | None = None) -> ServerAnswer:
         """Every rank: the server's answer to the round, pre-reduced. Each rank folds its own `results` (slot =
         the client's index in `sampled`), the transport shares the reports and sums the folds, rank 0 finishes.
         Every client rank below the global one (those the global state holds starting pairs for) gets its pairs.
+        unreadable: client id -> why, for sampled clients whose reply could not be read (bad updates too).
         server_seconds: this rank's folding and finishing, apart from the transport."""
         start = time.perf_counter()
         like = ClientUpdate(weight=1.0, lora=self.global_state.lora, extra=self.global_state.extra)
@@ -193,7 +195,7 @@ class FederatedTrainer:
         self.server_seconds = time.perf_counter() - start
         shared = self.transport.share((fold.reports, fold.refusal))
         reports = [report for rank_reports, _ in shared for report in rank_reports]
-        record = self.server.decide(round_index, reports, [refusal for _, refusal in shared])
+        record = self.server.decide(round_index, reports, [refusal for _, refusal in shared], unreadable)
         if not record.skipped:
             self.transport.sum_over_ranks(fold.state.accumulators())
         return self.transport.from_server(lambda: self.finish_round(round_index, fold.state, record, reports),

@@ -206,17 +206,12 @@ class FlowerRoundLoop(FederatedTrainer):
                          for key, tensor in pack("extra", self.global_state.extra).items()})
         return template
 
-    def aggregate(self, round_index: int, results: list[ClientResult], sampled: list[int]) -> ServerAnswer:
-        if self.malformed and self.cfg.federation.on_bad_update == "error":
-            described = "; ".join(f"client {client}: {reason}" for client, reason in self.malformed.items())
-            raise UserError(f"round {round_index}: bad client update ({described}); federation.on_bad_update drop "
-                            f"leaves such clients out of the round")
-        for client, reason in self.malformed.items():
-            self.fabric.print(f"warning: round {round_index}: client {client} left out: {reason}")
-        answer = super().aggregate(round_index, results, sampled)
+    def aggregate(self, round_index: int, results: list[ClientResult], sampled: list[int],
+                  unreadable: dict[str, str] | None = None) -> ServerAnswer:
+        """The round loop's answer, with the malformed replies as bad updates under its policy and the failed nodes
+        in the record."""
+        answer = super().aggregate(round_index, results, sampled, {**self.malformed, **(unreadable or {})})
         answer.record.failed_clients = dict(sorted(self.failed.items(), key=lambda item: int(item[0])))
-        answer.record.bad_updates = dict(sorted({**answer.record.bad_updates, **self.malformed}.items(),
-                                                key=lambda item: int(item[0])))
         return answer
 
     def apply(self, round_index: int, answer: ServerAnswer) -> None:

@@ -2,9 +2,10 @@
 
 It is FedAvg with the averaging swapped for `lorafair.aggregation`: the same sampling, constructor arguments,
 records and error handling (a node whose reply carries an error is left out of the round and logged), plus
-lorafair's bad-update policy (NaN/Inf updates dropped and the others re-weighted, or the run stopped) and, for the
-methods that merge into the frozen weights (FLoRA, FedEx-LoRA), a log of merges from which every node receives the
-ones it has not confirmed yet, so a node that sat out rounds catches up exactly before it trains.
+lorafair's bad-update policy (`lorafair.federated.server.BadUpdatePolicy`: NaN/Inf updates and malformed replies
+dropped and the others re-weighted, or the run stopped) and, for the methods that merge into the frozen weights
+(FLoRA, FedEx-LoRA), a log of merges from which every node receives the ones it has not confirmed yet, so a node
+that sat out rounds catches up exactly before it trains.
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from lorafair.aggregation import (
     ClientUpdate,
     build_aggregator,
-    find_bad_updates,
     method_class,
     method_options,
     registered_methods,
 )
+from lorafair.federated.server import BadUpdatePolicy, unusable_updates
 from lorafair.flower.records import arrays_to_state, merges_to_arrays, state_to_arrays
 from lorafair.keys import PEFT_A, PEFT_B, Pairs, peft_partner
 from lorafair.seeds import derive_seed, fresh_lora, seeded_generator
@@ -184,17 +185,15 @@ class LoraStrategy(FedAvg):
         record["train_loss"] = {str(client): float(next(iter(m.content.metric_records.values()))["train-loss"])
                                 for client, m in zip(record["clients"], valid, strict=True)
                                 if "train-loss" in next(iter(m.content.metric_records.values()))}
-        bad = self._bad_updates(valid, updates)
+        losses = [next(iter(m.content.metric_records.values())).get("train-loss", 0.0) for m in valid]
+        bad = unusable_updates(losses, updates)
         record["bad_updates"] = {str(client): reason for client, reason in sorted(malformed.items())}
         record["bad_updates"].update({str(record["clients"][i]): reason for i, reason in sorted(bad.items())})
         bad_count = len(bad) + len(malformed)
-        if bad_count and self.on_bad_update == "error":
-            described = "; ".join(f"client {c}: {r}" for c, r in record["bad_updates"].items())
-            raise ValueError(f"round {server_round}: bad client update ({described}); on_bad_update='drop' leaves "
-                             "such clients out of the round")
-        good = [i for i in range(len(valid)) if i not in bad]
-        if not good:
+        policy = BadUpdatePolicy(self.on_bad_update, log=None, setting="on_bad_update")
+        if not policy.keeps_any(server_round, record["bad_updates"], len(valid) + len(malformed)):
             return None, None
+        good = [i for i in range(len(valid)) if i not in bad]
         kept = self._clip_weights([updates[i] for i in good], [record["clients"][i] for i in good], record)
         result = self.aggregator(server_round).aggregate(kept)
         if result.merge:
@@ -257,14 +256,6 @@ class LoraStrategy(FedAvg):
         record["clipped_weights"] = {str(client): [float(update.weight), cap]
                                      for client, update in zip(clients, updates, strict=True) if update.weight > cap}
         return [dataclasses.replace(update, weight=min(float(update.weight), cap)) for update in updates]
-
-    def _bad_updates(self, replies: list[Message], updates: list[ClientUpdate]) -> dict[int, str]:
-        bad = {}
-        for position, reply in enumerate(replies):
-            loss = next(iter(reply.content.metric_records.values())).get("train-loss", 0.0)
-            if not math.isfinite(loss):
-                bad[position] = f"local train loss is {loss}"
-        return {**find_bad_updates(updates), **bad}
 
 
 def screen_reply(content: RecordDict, template: dict[str, tuple[tuple[int, ...], str]] | None, count_key: str,
