@@ -32,10 +32,7 @@ class FedExLoRA(Aggregator):
                                    "factors.")
 
     def combine(self, group: LayerGroup) -> GroupResult:
-        A_stack, B_stack = group.A_stack, group.B_stack
-        own = group.own_components()
-        if own is not None:
-            A_stack, B_stack = A_stack[:, own], B_stack[:, :, own]
+        A_stack, B_stack = group.client_stacks(weighted="B")
         residual_A = torch.cat([A_stack, -group.A_bar], dim=-2)
         residual_B = torch.cat([B_stack, group.B_bar], dim=-1)
         return GroupResult(lora=(group.A_bar, group.B_bar), merge=(residual_A, residual_B))

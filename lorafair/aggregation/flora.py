@@ -26,10 +26,4 @@ class FLoRA(Aggregator):
                                    "and in the merged model.")
 
     def combine(self, group: LayerGroup) -> GroupResult:
-        layers, clients, rank, fan_in = group.A.shape
-        A_stack = (group.A * group.weights.view(1, -1, 1, 1)).reshape(layers, clients * rank, fan_in)
-        B_stack = group.B.reshape(layers, -1, clients * rank)
-        own = group.own_components()
-        if own is not None:
-            A_stack, B_stack = A_stack[:, own], B_stack[:, :, own]
-        return GroupResult(merge=(A_stack, B_stack))
+        return GroupResult(merge=group.client_stacks(weighted="A"))

@@ -124,6 +124,21 @@ class LayerGroup:
         within = torch.arange(self.rank, device=self.client_ranks.device) < self.client_ranks[:, None]
         return within.view(-1).nonzero().view(-1).to(self.A_bar.device)
 
+    def client_stacks(self, weighted: str) -> tuple[Tensor, Tensor]:
+        """(A_stack [L, n, in], B_stack [L, out, n]): every client's factors side by side, the weights p_k on the
+        `weighted` factor ("A" or "B"), without the zero padding of lower-rank clients (`own_components`), so that
+        B_stack @ A_stack is the ideal update."""
+        if weighted == "B":
+            A_stack, B_stack = self.A_stack, self.B_stack
+        else:
+            layers, clients, rank, fan_in = self.A.shape
+            A_stack = (self.A * self.weights.view(1, -1, 1, 1)).reshape(layers, clients * rank, fan_in)
+            B_stack = self.B.reshape(layers, -1, clients * rank)
+        own = self.own_components()
+        if own is not None:
+            A_stack, B_stack = A_stack[:, own], B_stack[:, :, own]
+        return A_stack, B_stack
+
     def truncated(self, rank: int) -> LayerGroup:
         """The same round with the averages cut to their leading `rank` components (zero beyond, same shapes)."""
         A_bar, B_bar = ranks.leading((self.A_bar, self.B_bar), rank)
