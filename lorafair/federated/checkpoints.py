@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
+from lorafair.config import FitConfig
 from lorafair.errors import UserError
 from lorafair.federated.run_folder import (
     checkpoint_dir,
@@ -28,6 +30,7 @@ from lorafair.federated.run_folder import (
 from lorafair.federated.state import GlobalState, ResumeState, pack_client_states, unpack_client_states
 from lorafair.files import fsync_directory, replacing
 from lorafair.keys import is_by_rank, nest_pairs, pack, pack_by_rank, pack_pairs, unnest_pairs, unpack
+from lorafair.models.build import state_shapes
 
 CHECKPOINT_KEYS = frozenset({"round", "identity", "results", "lora", "extra", "base"})
 
@@ -175,6 +178,18 @@ def checkpoint_state(round_index: int, identity: dict[str, Any], results: dict[s
             "extra": {name: t.cpu() for name, t in state.extra.items()},
             "base": {name: t.cpu() for name, t in base.items()} if base is not None else None,
             "client_states": {key: t.cpu() for key, t in pack_client_states(client_states or {}).items()}}
+
+
+def read_resume(out_dir: Path, cfg: FitConfig, identity: dict[str, Any], model: nn.Module,
+                log: Callable[[str], None]) -> ResumeState | None:
+    """Rank 0: None for a fresh start, else the state of the checkpoint to resume from (`find_checkpoint`), checked
+    against this run's `identity` and settings and against its model."""
+    found = find_checkpoint(out_dir, cfg.resume, cfg.overwrite, log)
+    if found is None:
+        return None
+    resumed = resume_state(*found, identity, cfg.federation.rounds, cfg.resume_force, log)
+    check_fits(resumed, state_shapes(model))
+    return resumed
 
 
 def find_checkpoint(out_dir: Path, resume: str | None, overwrite: bool,

@@ -28,29 +28,19 @@ from tqdm import tqdm
 
 from lorafair.aggregation import ClientUpdate, RoundState, ranks
 from lorafair.config import BOUND_METHOD, FitConfig
+from lorafair.data import Client, FederatedData
 from lorafair.data.build import build_data
 from lorafair.errors import UserError
 from lorafair.federated import faults
 from lorafair.federated.bounds import local_steps, union_client
-from lorafair.federated.checkpoints import (
-    check_fits,
-    checkpoint_state,
-    find_checkpoint,
-    resume_state,
-    save_checkpoint,
-)
+from lorafair.federated.checkpoints import checkpoint_state, read_resume, save_checkpoint
 from lorafair.federated.client import LocalTrainer
 from lorafair.federated.fingerprints import run_fingerprints
+from lorafair.federated.results import RunResults
 from lorafair.federated.run_folder import (
-    CLASSES_NAME,
-    CONFIG_NAME,
-    accuracy_table,
     checkpoint_dir,
     config_to_dict,
     flatten_config,
-    results_path,
-    score_scalars,
-    tensorboard_scalars,
     trajectory_identity,
 )
 from lorafair.federated.sampling import assign_to_ranks, sample_clients
@@ -65,8 +55,7 @@ from lorafair.federated.state import (
     ServerRecord,
 )
 from lorafair.federated.transport import PeerLost, TorchDistributedTransport
-from lorafair.files import write_json, write_yaml
-from lorafair.models.build import build_model, state_shapes
+from lorafair.models.build import build_model
 from lorafair.seeds import seeded_generator
 
 Export = Callable[[Path, Callable[[str], None]], object]
@@ -74,8 +63,8 @@ Export = Callable[[Path, Callable[[str], None]], object]
 
 
 class FederatedTrainer:
-    """The round loop: holds this rank's roles, the global state every client starts a round from, and the
-    results."""
+    """The round loop: holds this rank's roles and the global state every client starts a round from. What it
+    reports goes to `outputs` (results.json and TensorBoard, rank 0); a finished run's global model to `export`."""
     def __init__(self, cfg: FitConfig, fabric: Fabric, export: Export | None = None) -> None:
         method = cfg.server.method
         self.setting = cfg.federation.setting
@@ -85,18 +74,9 @@ class FederatedTrainer:
         self.out_dir = Path(cfg.out_dir)
         self.server_seconds = 0.0
         self.data = build_data(cfg)
-        clients = self.data.clients
-        self.per_round = cfg.federation.clients_per_round or len(clients)
-        if self.per_round > len(clients):
-            raise UserError(f"federation.clients_per_round: {self.per_round} is more than the {len(clients)} clients "
-                            f"of this partition; lower it (or null for all)")
+        self.per_round = clients_per_round(cfg, len(self.data.clients))
         self.model = build_model(cfg, self.data.num_classes, fabric.device)
-        self.client_ranks = cfg.lora.rank_of([(c.id, c.domain) for c in clients], self.data.domains)
-        self.union = union_client(clients) if self.setting == "centralized" else None
-        self.participants = {c.id: c for c in ([self.union] if self.union else clients)}
-        """Who trains: the clients, or for the centralized bound the one client holding all their data."""
-        if self.union is not None:
-            self.client_ranks[self.union.id] = cfg.lora.r
+        self.union, self.participants, self.client_ranks = participants(cfg, self.data)
         self.own_states: dict[int, GlobalState] = {}
         """The local bound: each client's own state after its last round (the global state until it trained)."""
         self.trained: dict[int, GlobalState] = {}
@@ -108,12 +88,7 @@ class FederatedTrainer:
         self.client = LocalTrainer(self.model, fabric, cfg.client, cfg.data, cfg.seed, show_progress=self.rank == 0)
         self.server = Server(cfg.server, cfg.federation.on_bad_update, cfg.seed, log=fabric.print)
         self.identity = trajectory_identity(flatten_config(config_to_dict(cfg)), run_fingerprints(self.data, cfg.model))
-        self.results: dict[str, Any] = {
-            "method": method, "seed": cfg.seed, "config": config_to_dict(cfg), "domains": self.data.domains,
-            "clients": [{"id": c.id, "domain": c.domain, "num_samples": c.num_samples}
-                        for c in self.participants.values()],
-            "rounds": [], "bad_updates_total": 0,
-        }
+        self.outputs = RunResults.of_run(cfg, fabric, method, self.data.domains, self.participants.values())
 
     def run(self) -> dict[str, Any]:
         rounds = self.cfg.federation.rounds
@@ -132,7 +107,7 @@ class FederatedTrainer:
                 progress.set_postfix(mean_acc=f"{100 * record.to_dict()['mean_accuracy']:.2f}%")
         if self.rank == 0:
             self.finish()
-        return self.fabric.broadcast(self.results if self.rank == 0 else None, src=0)
+        return self.fabric.broadcast(self.outputs.results if self.rank == 0 else None, src=0)
 
     def run_round(self, round_index: int) -> RoundRecord | None:
         """One round on every rank; returns the round's record on rank 0 (None elsewhere)."""
@@ -267,38 +242,22 @@ class FederatedTrainer:
         are scored; rank 0 logs it to TensorBoard (step 0) and keeps it for results.json (written with round 1)."""
         entry = self.score([(self.global_state, None, self.data.domains)]).to_dict(items=True)
         if self.rank == 0:
-            self.results["start"] = {"round": 0, **entry}
-            self.fabric.log_dict(score_scalars(entry), step=0)
+            self.outputs.start(entry)
 
     # ---- outputs and checkpoints (rank 0) ------------------------------------------------------------------------
 
     def save(self, round_index: int, record: RoundRecord) -> None:
         """results.json, TensorBoard scalars, then the checkpoint of this round."""
-        entry = record.to_dict()
-        self.results["rounds"].append(entry)
-        self.results["bad_updates_total"] += len(entry["bad_updates"])
-        if round_index == self.cfg.federation.rounds:
-            self.results["final"] = final_accuracy(self.results)
-        write_json(results_path(self.out_dir), self.results)
-        self.fabric.log_dict({**tensorboard_scalars(entry), "bad_updates_total": self.results["bad_updates_total"]},
-                             step=round_index)
+        self.outputs.add(record, last=round_index == self.cfg.federation.rounds)
         base = self.model.base_state() if self.merged else None
-        save_checkpoint(checkpoint_dir(self.out_dir), round_index,
-                        checkpoint_state(round_index, self.identity, self.results, self.global_state, base,
-                                         self.own_states),
+        state = checkpoint_state(round_index, self.identity, self.outputs.results, self.global_state, base,
+                                 self.own_states)
+        save_checkpoint(checkpoint_dir(self.out_dir), round_index, state,
                         before_rename=lambda: faults.maybe_fail(round_index, "checkpoint"))
 
     def finish(self) -> None:
         """The final results.json, the hparams entry of TensorBoard, the accuracy table and the export."""
-        self.results["final"] = final = final_accuracy(self.results)
-        write_json(results_path(self.out_dir), self.results)
-        metrics = {f"hparams/{key}": final[key] for key in ("mean_accuracy", "mean_eval_loss") if key in final}
-        self.fabric.logger.log_hyperparams(flatten_config(self.results["config"]), metrics=metrics)
-        self.fabric.logger.finalize("success")
-        whose = "each client's own model" if self.setting == "local" else "global model"
-        self.fabric.print(accuracy_table(final["accuracy"], final["mean_accuracy"],
-                                         f"{self.results['method']}: {whose} after round {final['round']}",
-                                         final.get("eval_loss"), self.results.get("start", {}).get("accuracy")))
+        self.outputs.finish("each client's own model" if self.setting == "local" else "global model")
         if self.setting == "local":
             self.fabric.print("local: no global model to export (each client kept its own)")
             return
@@ -308,11 +267,10 @@ class FederatedTrainer:
     def start_or_resume(self) -> int:
         """Every rank: the first round to run. Rank 0 writes config.yaml and classes.json, reads the checkpoint
         to resume from (if any) and the transport sends its state to the other ranks (no shared disk needed)."""
-        resumed = self.transport.from_server(self.read_resume_state, ResumeState)
+        resumed = self.transport.from_server(
+            lambda: read_resume(self.out_dir, self.cfg, self.identity, self.model, self.fabric.print), ResumeState)
         if self.rank == 0:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            write_yaml(self.out_dir / CONFIG_NAME, config_to_dict(self.cfg))
-            write_json(self.out_dir / CLASSES_NAME, self.data.classes)
+            self.outputs.write_settings(self.cfg, self.data.classes)
         if resumed is None:
             return 1
         self.global_state = resumed.state
@@ -321,32 +279,25 @@ class FederatedTrainer:
             self.model.load_base_state(resumed.base)
             self.merged = True
         if self.rank == 0:
-            self.results["rounds"] = resumed.records
-            if resumed.start is not None:
-                self.results["start"] = resumed.start
-            self.results["bad_updates_total"] = sum(len(r["bad_updates"]) for r in resumed.records)
-            self.fabric.print(f"resuming after round {resumed.round} from {resumed.path}")
+            self.outputs.resume(resumed)
         return resumed.round + 1
 
-    def read_resume_state(self) -> ResumeState | None:
-        """Rank 0: None for a fresh start, else the checkpoint's state, checked against this run and model."""
-        found = find_checkpoint(self.out_dir, self.cfg.resume, self.cfg.overwrite, self.fabric.print)
-        if found is None:
-            return None
-        resumed = resume_state(*found, self.identity, self.cfg.federation.rounds, self.cfg.resume_force,
-                               self.fabric.print)
-        check_fits(resumed, state_shapes(self.model))
-        return resumed
+
+def clients_per_round(cfg: FitConfig, clients: int) -> int:
+    """How many of the partition's `clients` train each round."""
+    per_round = cfg.federation.clients_per_round or clients
+    if per_round > clients:
+        raise UserError(f"federation.clients_per_round: {per_round} is more than the {clients} clients of this "
+                        f"partition; lower it (or null for all)")
+    return per_round
 
 
-def final_accuracy(results: dict[str, Any]) -> dict[str, Any]:
-    """The last evaluated round's scores (and eval losses, where reported), with the gain over the starting model
-    (round 0) where the run scored it: the run's result."""
-    last = next(record for record in reversed(results["rounds"]) if "accuracy" in record)
-    final = {key: last[key] for key in ("round", "accuracy", "mean_accuracy", "eval_loss", "mean_eval_loss",
-                                        "correct_items") if key in last}
-    start = results.get("start")
-    if start is not None:
-        final["gain"] = {domain: value - start["accuracy"][domain] for domain, value in final["accuracy"].items()}
-        final["mean_gain"] = final["mean_accuracy"] - start["mean_accuracy"]
-    return final
+def participants(cfg: FitConfig, data: FederatedData) -> tuple[Client | None, dict[int, Client], dict[int, int]]:
+    """(the centralized bound's one client holding every client's data, or None; who trains: the clients, or that
+    one client; participant id -> LoRA rank)."""
+    clients = data.clients
+    client_ranks = cfg.lora.rank_of([(c.id, c.domain) for c in clients], data.domains)
+    union = union_client(clients) if cfg.federation.setting == "centralized" else None
+    if union is not None:
+        client_ranks[union.id] = cfg.lora.r
+    return union, {c.id: c for c in ([union] if union else clients)}, client_ranks
