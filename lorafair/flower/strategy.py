@@ -163,14 +163,7 @@ class LoraStrategy(FedAvg):
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        malformed, screened = {}, []
-        for reply in replies:
-            problem = None if reply.has_error() else self._screen(reply)
-            if problem is None:
-                screened.append(reply)
-            else:
-                malformed[self._client_of(reply)] = f"malformed reply from node {reply.metadata.src_node_id}: {problem}"
+        screened, malformed = self._screened(list(replies))
         valid, errors = self._check_and_log_replies(screened, is_train=True, validate=False)
         record: dict[str, Any] = {"failed_nodes": {str(m.metadata.src_node_id): m.error.reason for m in errors},
                                   "bad_updates": {}, "clients": [], "aggregation": {}}
@@ -218,6 +211,17 @@ class LoraStrategy(FedAvg):
         if isinstance(partition, int | float) and math.isfinite(partition) and partition == int(partition):
             return int(partition)
         return reply.metadata.src_node_id
+
+    def _screened(self, replies: list[Message]) -> tuple[list[Message], dict[int, str]]:
+        """(the replies fit to read, client -> why for the others): errors pass, for FedAvg to log."""
+        screened, malformed = [], {}
+        for reply in replies:
+            problem = None if reply.has_error() else self._screen(reply)
+            if problem is None:
+                screened.append(reply)
+            else:
+                malformed[self._client_of(reply)] = f"malformed reply from node {reply.metadata.src_node_id}: {problem}"
+        return screened, malformed
 
     def _screen(self, reply: Message) -> str | None:
         """What makes a reply unfit to aggregate, read from its records' metadata alone, or None."""
