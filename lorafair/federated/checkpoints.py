@@ -237,7 +237,7 @@ def _holds_final(results: Path) -> bool:
 
 def read_round(path: Path, state: Any) -> ResumeState:
     """The checkpoint `state` read from `path` as the global model after its round, in the tensor-key format of
-    `federated.state`; a file that is no lorafair checkpoint is one UserError."""
+    `lorafair.keys`; a file that is no lorafair checkpoint is one UserError."""
     missing = sorted(CHECKPOINT_KEYS - set(state)) if isinstance(state, dict) else sorted(CHECKPOINT_KEYS)
     if missing:
         raise UserError(f"{path} is not a lorafair checkpoint (it lacks {', '.join(missing)})")

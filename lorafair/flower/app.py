@@ -4,7 +4,7 @@ The ClientApp is the client role (`LocalTrainer.train`: the same LightningModule
 (seed, round, client)) on the one client its node's `partition-id` names, holding only that client's data. The
 ServerApp is `fit`'s round loop (`FederatedTrainer`) with its local training replaced by messages to the
 nodes: the same sampling, server role (bad-update policy and aggregation), evaluation, results.json, TensorBoard,
-checkpoints and resume. Messages carry the named tensors of `federated/state.py` in ArrayRecords. A node whose
+checkpoints and resume. Messages carry the named tensors of `lorafair.keys` in ArrayRecords. A node whose
 reply is an error (it failed mid-round) is left out of the round and named in results.json.
 
 FLoRA and FedEx-LoRA merge into the frozen weights. The server keeps the run's merges; a node keeps its frozen
