@@ -24,6 +24,7 @@ test: install
 
 lint: install
 	$(BIN)/ruff check lorafair tests benchmarks scripts
+	$(BIN)/lint-imports --no-cache
 
 bench: install
 	$(BIN)/python benchmarks/aggregation.py

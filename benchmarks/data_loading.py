@@ -82,7 +82,7 @@ def uint8_batches_per_second(loader, epochs: int) -> float:
 
 def local_epoch_per_second(loader, epochs: int) -> float:
     """Images/s of SGD steps of a small LoRA ViT at 224 px, data loading included."""
-    from lorafair.model import LoraClassifier
+    from lorafair.models.image import LoraClassifier
 
     torch.manual_seed(0)
     model = LoraClassifier(ModelConfig(name="vit_base_patch16_224", kwargs={"depth": 2, "embed_dim": 192,

@@ -39,7 +39,7 @@ Settings = Annotated[dict[str, Any], DataConfig]
 
 def fit(cfg: FitConfig) -> None:
     """Run one federated fine-tuning job."""
-    from lorafair.federated.loop import fit as run_fit
+    from lorafair.fit import fit as run_fit
 
     run_fit(cfg)
 
@@ -111,7 +111,7 @@ def lm_eval(*, run: Path, tasks: list[str], include_path: Path | None = None, ba
         limit: Score at most this many examples per task.
         allow_code_execution: Allow tasks that run the code the model writes (HumanEval, MBPP); off by default.
     """
-    from lorafair.text.harness import score
+    from lorafair.harness import score
 
     results = score(run, tasks, include_path, batch_size, limit, allow_code_execution)
     for task, metrics in results.items():

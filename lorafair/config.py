@@ -14,7 +14,14 @@ from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Literal
 
-from lorafair.aggregation import OptionError, build_aggregator, method_options, registered_methods, user_options
+from lorafair.aggregation import (
+    OptionError,
+    build_aggregator,
+    method_class,
+    method_options,
+    registered_methods,
+    user_options,
+)
 from lorafair.errors import UserError
 
 
@@ -253,6 +260,16 @@ MAX_SEED = 2**32 - 1
 
 BOUNDS = ("centralized", "local")
 """The reference settings of federation.setting, selected in compare like methods."""
+BOUND_METHOD = "fedit"
+"""The server method a bound runs with: it takes its one update as it is (FedIT's average of one), or none."""
+BASELINE = "fedit"
+"""The method a comparison measures every other against, unless told otherwise."""
+
+
+def comparable() -> tuple[str, ...]:
+    """What a comparison can run (all of it by default) and the order of its tables and plot colours: every
+    registered method, then the bounds."""
+    return (*registered_methods(), *BOUNDS)
 
 
 @dataclass
@@ -405,13 +422,19 @@ class FitConfig:
     """Threads each process gives torch's CPU operations; None keeps torch's default (torchrun sets 1). Small models
     run fastest on one thread, especially on a busy machine."""
 
+    @property
+    def is_language_model(self) -> bool:
+        """Whether the run's model is a transformers language model (reading text), else a timm image model: the
+        one question every part that depends on the model family asks."""
+        return self.model.resolved_family(self.data.name) == "transformers"
+
     def validate(self) -> None:
         for section in (self.server, self.model, self.lora, self.data, self.federation, self.client, self.text):
             section.validate()
         family = self.model.resolved_family(self.data.name)
         _require((family == "transformers") == (self.data.name in TEXT_DATA), "model.family",
                  f"{family} cannot read data.name {self.data.name}: text data needs transformers, images timm")
-        _require(not self.model.load_in_4bit or self.server.method not in ("flora", "fedex_lora"), "model.load_in_4bit",
+        _require(not self.model.load_in_4bit or not method_class(self.server.method).merges, "model.load_in_4bit",
                  f"{self.server.method} merges LoRA products into the frozen weights, which 4-bit weights cannot "
                  f"take; use another method or 16-bit weights")
         _require(self.data.name not in ("text_classification", "instruction") or bool(self.text.train_files),

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -36,31 +35,32 @@ from safetensors.torch import save_file
 from timm.models import save_for_hf
 from torch import Tensor, nn
 
+from lorafair.aggregation import Aggregator, method_class, registered_methods
 from lorafair.config import FitConfig
 from lorafair.data import model_data_config
 from lorafair.errors import UserError
 from lorafair.federated.checkpoints import check_fits, kept_rounds, load_checkpoint, read_round
-from lorafair.federated.loop import build_model, state_shapes
-from lorafair.federated.state import ResumeState
-from lorafair.model import LoraClassifier
-from lorafair.reporting.run_folder import (
+from lorafair.federated.run_folder import (
     CLASSES_NAME,
     CONFIG_NAME,
     EXPORT_MARKER,
     EXPORT_NAME,
     checkpoint_dir,
-    current_umask,
     hold_folder,
-    is_disk_full,
     is_export,
     read_fit_config,
     refuse_shared_folder,
-    write_json,
 )
+from lorafair.federated.state import ResumeState
+from lorafair.files import current_umask, is_disk_full, write_json
+from lorafair.keys import peft_key
+from lorafair.models.build import build_model, state_shapes
+from lorafair.models.image import LoraClassifier
+from lorafair.models.lora import peft_config
 from lorafair.weights import head_parameter_names
 
 if TYPE_CHECKING:
-    from lorafair.text.model import TextLoraModel
+    from lorafair.models.text import TextLoraModel
 
 SaveModel = Callable[[nn.Module, Path], None]
 """Writes a plain model as a folder its own library loads (timm: config.json + model.safetensors)."""
@@ -88,7 +88,7 @@ class LoraAdapter:
 
     def peft_state(self) -> dict[str, Tensor]:
         """The adapter under the names peft's save_pretrained uses (adapter name left out)."""
-        factors = {f"{name}.lora_{factor}.weight": tensor
+        factors = {peft_key(name, factor): tensor
                    for name, pair in self.factors.items() for factor, tensor in zip("AB", pair, strict=True)}
         return {f"base_model.model.{name}": tensor for name, tensor in {**factors, **self.trained}.items()}
 
@@ -139,21 +139,17 @@ def global_adapter(run: RunState, model: LoraClassifier | TextLoraModel) -> Lora
     """The global LoRA factors with peft settings matching the client model's, the head saved beside them (a
     timm head; a classifier's modules outside the transformer body; nothing for a causal LM, whose adapter is
     typed CAUSAL_LM so that peft loads it with generation)."""
-    lora = run.cfg.lora
     extra = model.get_extra()
     if is_language_model(run):
         trained = sorted({name.split(".")[0] for name in extra}) or None
         task = None if run.cfg.data.name == "text_classification" else "CAUSAL_LM"
     else:
         trained, task = [head_parameter_names(model.backbone)[0].rsplit(".", 1)[0]], None
-    config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
-                            target_modules="|".join(re.escape(name) for name in model.layer_names),
-                            modules_to_save=trained, task_type=task)
-    return LoraAdapter(config, model.get_lora(), extra)
+    return LoraAdapter(peft_config(run.cfg.lora, model.layer_names, trained, task), model.get_lora(), extra)
 
 
 def is_language_model(run: RunState) -> bool:
-    return run.cfg.model.resolved_family(run.cfg.data.name) == "transformers"
+    return run.cfg.is_language_model
 
 
 # ---- writing --------------------------------------------------------------------------------------------------
@@ -209,6 +205,11 @@ def export_run(run_dir: Path, round: int | None = None, out: Path | None = None,
     return out
 
 
+def export_final(run_dir: Path, say: Callable[[str], None] = print) -> Path:
+    """The export `fit` ends with: the run's last round into run_dir/final, replacing an earlier export there."""
+    return export_run(run_dir, overwrite=True, say=say)
+
+
 def check_export_out(out: Path, overwrite: bool) -> None:
     """Refuse an export folder that exists (without `overwrite`), or that is not an earlier export."""
     refuse_shared_folder(out, "--out")
@@ -251,17 +252,6 @@ def _write_export_folder(run: RunState, out: Path) -> None:
 
 # ---- the model card ---------------------------------------------------------------------------------------------
 
-GLOBAL_MODEL = {
-    "flora": "FLoRA merges every round's stacked client update into the frozen weights and restarts LoRA, so the "
-             "adapter is empty (B = 0): everything learnt sits in base/ and in the merged model.",
-    "fedex_lora": "FedEx-LoRA merges each round's residual (ideal update minus the averaged product) into the frozen "
-                  "weights: base/ holds those merges, the adapter the averaged factors.",
-}
-"""What the exported global model is, for methods whose frozen weights change."""
-UNCHANGED_BASE = ("the starting backbone (with the trained head) in base/ and the server's global factors in the "
-                  "adapter: the frozen weights never change.")
-
-
 def model_card(run: RunState) -> str:
     """A short README.md: base model, method, data, rounds, accuracy per domain and how to reproduce and load."""
     cfg = run.cfg
@@ -272,12 +262,18 @@ def model_card(run: RunState) -> str:
              f"- method: `{cfg.server.method}`, LoRA rank {cfg.lora.r}, alpha {cfg.lora.alpha}",
              f"- data: `{cfg.data.name}` ({len(run.classes)} classes), partition `{cfg.federation.partition}`",
              f"- rounds: {run.saved.round} of {cfg.federation.rounds}, seed {cfg.seed}",
-             f"- global model: {GLOBAL_MODEL.get(cfg.server.method, UNCHANGED_BASE)}", ""]
+             f"- global model: {_global_model(cfg.server.method)}", ""]
     if evaluated:
         lines += _score_lines(evaluated[-1])
     lines += ["Produced by `lorafair fit --config config.yaml` (the run's resolved config, beside this file) and "
               f"exported with `lorafair export --run RUN --round {run.saved.round}`.", "", _loading_line(run), ""]
     return "\n".join(lines)
+
+
+def _global_model(method: str) -> str:
+    """What the exported model of `method` is, as the method declares it (a method no longer registered: as an
+    aggregator that never merges)."""
+    return (method_class(method) if method in registered_methods() else Aggregator).global_model
 
 
 def _score_lines(last: dict) -> list[str]:

@@ -30,7 +30,7 @@ from lorafair.data.image_files import IMAGE_SUFFIXES
 from lorafair.data.transforms import image_transforms
 from lorafair.errors import UserError
 from lorafair.export import global_model, open_run
-from lorafair.reporting.run_folder import CLASSES_NAME, accuracy_table, mean, read_fit_config
+from lorafair.federated.run_folder import CLASSES_NAME, accuracy_table, mean, read_fit_config
 
 
 @dataclass
@@ -73,7 +73,7 @@ def load_model(source: Path, round: int | None = None, say: Callable[[str], None
 
 def refuse_language_model(cfg: FitConfig, source: Path) -> None:
     """evaluate and predict read images; a language model is scored by fit and by lm_eval."""
-    if cfg.model.resolved_family(cfg.data.name) == "transformers":
+    if cfg.is_language_model:
         raise UserError(f"{source} holds a language model: evaluate and predict take image models; its scores per "
                         f"domain are in the run's results.json (accuracy, eval_loss), and `lorafair lm_eval --run RUN` "
                         f"scores it on lm-eval tasks")

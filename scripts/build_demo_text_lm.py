@@ -1,7 +1,7 @@
 """Pretrain the text demo's tiny causal language model and write it to lorafair/assets/demo_text_lm/.
 
 A 3-layer LLaMA-style model (width 64) with a character-level tokenizer (printable ASCII and newline), trained on
-questions answered as the demo's clients answer them (lorafair.text.arithmetic.pretraining_text, the text tests
+questions answered as the demo's clients answer them (lorafair.data.arithmetic.pretraining_text, the text tests
 check): bare sums and differences over the whole range, and the five worded kinds of the clients only where the
 answer is below 40, so that carrying each wording over to larger answers is left to federated LoRA.
 About 17 minutes of one CPU core on a 2-core machine shared with other jobs; seeded, so a rebuild gives the same
@@ -20,7 +20,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from lorafair.text.arithmetic import pretraining_text
+from lorafair.data.arithmetic import pretraining_text
 
 SPECIAL = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 CHARACTERS = [chr(code) for code in range(32, 127)] + ["\n"]

@@ -52,7 +52,7 @@ def tiny_config(out_dir: Path, *extra: str) -> FitConfig:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     """The tiny job run once in this process: (its out_dir, the results fit returned)."""
-    from lorafair.federated.loop import fit
+    from lorafair.fit import fit
 
     out_dir = tmp_path_factory.mktemp("tiny_run")
     results = fit(tiny_config(out_dir))

@@ -15,10 +15,9 @@ import pytest
 import torch
 from conftest import tiny_args
 
-from lorafair import export
+from lorafair import export, files
 from lorafair.cli import main
 from lorafair.errors import UserError
-from lorafair.federated import checkpoints
 from lorafair.federated.checkpoints import CHECKSUM_KEY, content_digest, load_checkpoint
 
 
@@ -135,7 +134,7 @@ def test_a_full_disk_while_writing_a_checkpoint_or_the_export_is_one_line_and_th
     _, uninterrupted = tiny_run
     run, command = tmp_path / "run", ["fit", *tiny_args(tmp_path / "run")]
     newest = run / "checkpoints" / "round_00002.ckpt"
-    real_temporary = checkpoints.temporary_beside
+    real_temporary = files.temporary_beside
 
     @contextlib.contextmanager
     def full_at_round_2(path):
@@ -143,7 +142,7 @@ def test_a_full_disk_while_writing_a_checkpoint_or_the_export_is_one_line_and_th
             yield (_FullDisk(handle, 4096) if path == newest else handle), temporary
 
     with monkeypatch.context() as patch:
-        patch.setattr(checkpoints, "temporary_beside", full_at_round_2)
+        patch.setattr(files, "temporary_beside", full_at_round_2)
         assert main(command) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err

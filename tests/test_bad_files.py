@@ -12,8 +12,8 @@ from test_compare import FakeTrainer
 from test_report import write_run
 
 from lorafair.cli import main
+from lorafair.federated.run_folder import results_problem
 from lorafair.reporting.compare import plan_runs
-from lorafair.reporting.run_folder import results_problem
 
 BAD_RESULTS = {
     "empty list": (b"[]", "holds [] instead of an object"),

@@ -16,9 +16,9 @@ from lorafair.aggregation import display_name, registered_methods
 from lorafair.cli import main, parse
 from lorafair.config import ConfigError, DataConfig, FitConfig
 from lorafair.errors import UserError
+from lorafair.federated.run_folder import run_status
 from lorafair.reporting.compare import compare, grid_keys, parse_grid, plan_runs
 from lorafair.reporting.report import report
-from lorafair.reporting.run_folder import run_status
 
 PAPER_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "paper"
 
@@ -93,7 +93,7 @@ def test_run_status_reads_the_folder(tmp_path: Path) -> None:
 
 
 class FakeTrainer:
-    """Stands in for lorafair.federated.loop: writes what fit writes, and can crash in the middle of a run."""
+    """Stands in for lorafair.fit: writes what fit writes, and can crash in the middle of a run."""
 
     def __init__(self, crash_on_call: int | None = None) -> None:
         self.calls: list[FitConfig] = []
@@ -118,7 +118,7 @@ class FakeTrainer:
 
 
 def use_trainer(monkeypatch, trainer: FakeTrainer) -> None:
-    monkeypatch.setitem(sys.modules, "lorafair.federated.loop", types.SimpleNamespace(fit=trainer.fit))
+    monkeypatch.setitem(sys.modules, "lorafair.fit", types.SimpleNamespace(fit=trainer.fit))
 
 
 def test_an_interrupted_compare_keeps_finished_runs_and_resumes_the_partial_one(tmp_path, monkeypatch, capsys) -> None:
@@ -226,7 +226,7 @@ def test_a_tiny_compare_through_the_cli_writes_tables_and_plots(tmp_path: Path) 
 
 
 def test_runs_in_parallel_equal_the_runs_fit_makes_here_and_log_their_output(tmp_path: Path) -> None:
-    from lorafair.federated.loop import fit
+    from lorafair.fit import fit
 
     methods = ["fedit", "lorafair", "ffa_lora"]
     args = ["compare", "--methods", ",".join(methods), "--jobs", "2", *tiny_args(tmp_path / "parallel"),

@@ -102,7 +102,7 @@ def test_an_elastic_restart_after_a_rank_dies_resumes_exactly(two_rank_run, tmp_
 def test_the_local_bound_on_two_ranks_matches_one_process(tmp_path):
     """Each rank scores a shard of every client's own model, so every rank must hold every client's state after
     each round (and a client trained on one rank in one round may train on the other in the next)."""
-    from lorafair.federated.loop import fit
+    from lorafair.fit import fit
 
     single = fit(tiny_config(tmp_path / "one", "--federation.setting", "local"))
     _torchrun(tmp_path / "two", "--federation.setting", "local")

@@ -17,8 +17,10 @@ from lorafair.data import build_federated_data, model_data_config
 from lorafair.federated import faults
 from lorafair.federated.bounds import local_steps, union_client
 from lorafair.federated.checkpoints import load_checkpoint
-from lorafair.federated.loop import FederatedTrainer, fit, launch_fabric
+from lorafair.federated.launch import launch_fabric
+from lorafair.federated.loop import FederatedTrainer
 from lorafair.federated.state import GlobalState, decode_items, unpack_client_states
+from lorafair.fit import fit
 
 
 class Killed(Exception):

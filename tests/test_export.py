@@ -25,9 +25,9 @@ from timm.models.mlp_mixer import MlpMixer
 
 from lorafair.cli import main
 from lorafair.export import export_run, global_model, open_run
-from lorafair.federated.loop import fit
+from lorafair.federated.run_folder import EXPORT_NAME, read_fit_config
+from lorafair.fit import fit
 from lorafair.inference import evaluate_run, predict
-from lorafair.reporting.run_folder import EXPORT_NAME, read_fit_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,7 +15,9 @@ from lorafair.config import DataConfig, FederationConfig, ModelConfig
 from lorafair.data import build_federated_data
 from lorafair.errors import UserError
 from lorafair.federated.fingerprints import run_fingerprints, weights_fingerprint
-from lorafair.federated.loop import FederatedTrainer, fit, launch_fabric
+from lorafair.federated.launch import launch_fabric
+from lorafair.federated.loop import FederatedTrainer
+from lorafair.fit import fit
 
 
 def _fingerprints(root, cache):

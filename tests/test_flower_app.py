@@ -19,8 +19,8 @@ from flwr.app import Context, Error, Message, MessageType, MetricRecord, RecordD
 from flwr.supercore.task_identity import TaskIdentity
 
 from lorafair.cli import main
-from lorafair.federated.state import pack_pairs
 from lorafair.flower.app import BASE, LOCAL_RAY, MERGES, FlowerRoundLoop, catch_up, to_arrays
+from lorafair.keys import pack_pairs
 
 pytestmark = pytest.mark.slow
 
@@ -208,4 +208,5 @@ def test_a_malformed_reply_is_dropped_with_its_node_in_the_round_record(tmp_path
     assert problem in loop.malformed["2"]
     record = loop.aggregate(1, results, [0, 2, 3]).record
     assert record.bad_updates == loop.malformed and not record.skipped
-    assert "warning: round 1: client 2 left out: malformed reply from node 12" in capsys.readouterr().out
+    assert ("warning: round 1: dropping 1 bad update(s), the others are re-weighted: client 2: malformed reply from "
+            "node 12") in capsys.readouterr().out

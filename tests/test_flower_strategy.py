@@ -21,9 +21,11 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from lorafair.aggregation import ClientUpdate, registered_methods
 from lorafair.aggregation.reference import dense_reference
-from lorafair.federated.sampling import derive_seed
 from lorafair.flower import LoraStrategy, merges_to_apply, state_to_arrays
-from lorafair.flower.records import LORA_A, LORA_B, arrays_to_state, fresh_lora
+from lorafair.flower.records import arrays_to_state
+from lorafair.keys import PEFT_A as LORA_A
+from lorafair.keys import PEFT_B as LORA_B
+from lorafair.seeds import fresh_lora, seeded_generator
 
 SHAPES = {"blocks.0.attn.proj": (6, 5), "blocks.1.mlp.fc2": (6, 7)}
 RANK = 2
@@ -92,7 +94,7 @@ def test_every_method_equals_its_dense_reference_through_flower_records(method):
                                                          for u in updates.values()))
     for name in SHAPES:
         if expected.lora is None:  # FLoRA: clients restart from a fresh seeded LoRA, A random and B zero
-            fresh = fresh_lora({n: updates[11].lora[n] for n in SHAPES}, derive_seed("lora_reinit", 3, 1))
+            fresh = fresh_lora({n: updates[11].lora[n] for n in SHAPES}, seeded_generator("lora_reinit", 3, 1))
             torch.testing.assert_close(lora[name], fresh[name])
             assert not lora[name][1].any()
         elif method == "flexlora":  # singular vectors have a sign: compare the product
@@ -111,13 +113,13 @@ def test_fresh_lora_is_the_models_own_init():
     """The strategy's restart after a FLoRA merge equals the one LoraClassifier.init_lora draws from that seed."""
     from conftest import tiny_config
 
-    from lorafair.model import LoraClassifier
+    from lorafair.models.image import LoraClassifier
 
     cfg = tiny_config("unused")
     model = LoraClassifier(cfg.model, cfg.lora, 10, cfg.client)
     model.init_lora(torch.Generator().manual_seed(42))
     expected = model.get_lora()
-    for name, (lora_a, lora_b) in fresh_lora(expected, 42).items():
+    for name, (lora_a, lora_b) in fresh_lora(expected, torch.Generator().manual_seed(42)).items():
         torch.testing.assert_close(lora_a, expected[name][0], rtol=0, atol=0)
         assert not lora_b.any()
 

@@ -18,7 +18,7 @@ from conftest import tiny_args, tiny_config
 from lorafair.errors import UserError
 from lorafair.federated.checkpoints import list_checkpoints, load_checkpoint
 from lorafair.federated.launch import check_launch
-from lorafair.federated.loop import fit
+from lorafair.fit import fit
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

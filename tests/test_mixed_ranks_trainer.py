@@ -18,7 +18,9 @@ from test_reliability import _same_trajectory
 from test_text_federated import REDUCED_DEMO
 
 from lorafair.aggregation import ClientUpdate, build_aggregator, registered_methods
-from lorafair.federated.loop import FederatedTrainer, fit, launch_fabric
+from lorafair.federated.launch import launch_fabric
+from lorafair.federated.loop import FederatedTrainer
+from lorafair.fit import fit
 
 MIXED = ("--lora.client_ranks", "[2, 4]")
 """Clients 0, 2, 4 train at rank 2, clients 1, 3, 5 at the global rank 4."""

@@ -12,7 +12,7 @@ from timm.models.mlp_mixer import MlpMixer
 from lorafair.config import ClientConfig, LoraConfig, ModelConfig
 from lorafair.data.transforms import backbone_data_config
 from lorafair.errors import UserError
-from lorafair.model import LoraClassifier
+from lorafair.models.image import LoraClassifier
 
 NUM_CLASSES = 5
 TINY_VIT = ModelConfig(name="vit_base_patch16_224", kwargs={"depth": 2, "embed_dim": 64, "num_heads": 2,

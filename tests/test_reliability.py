@@ -28,8 +28,10 @@ from lorafair.federated.checkpoints import (
     save_checkpoint,
 )
 from lorafair.federated.fingerprints import partition_fingerprint
-from lorafair.federated.loop import FederatedTrainer, fit, launch_fabric
+from lorafair.federated.launch import launch_fabric
+from lorafair.federated.loop import FederatedTrainer
 from lorafair.federated.state import ClientResult, ServerAnswer
+from lorafair.fit import fit
 
 
 def _fit_in_subprocess(out_dir: Path, *extra: str, **env: str) -> subprocess.CompletedProcess:

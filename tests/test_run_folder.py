@@ -16,8 +16,8 @@ from conftest import tiny_args, tiny_config
 from lorafair import export
 from lorafair.cli import main
 from lorafair.federated.checkpoints import list_checkpoints
-from lorafair.federated.loop import FederatedTrainer, fit
-from lorafair.reporting.run_folder import (
+from lorafair.federated.loop import FederatedTrainer
+from lorafair.federated.run_folder import (
     EXPORT_MARKER,
     EXPORT_NAME,
     LOCK_NAME,
@@ -25,9 +25,9 @@ from lorafair.reporting.run_folder import (
     claim_run_folder,
     foreign_entries,
     is_export,
-    temporary_beside,
-    write_text_atomic,
 )
+from lorafair.files import temporary_beside, write_text_atomic
+from lorafair.fit import fit
 
 
 def _same_command(out_dir, *extra, **env) -> subprocess.CompletedProcess:

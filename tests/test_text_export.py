@@ -17,10 +17,11 @@ from conftest import parse_fit_args
 from test_text_federated import REDUCED_DEMO, ROOT, _glue_file
 
 from lorafair.cli import main
+from lorafair.data.build import build_data
+from lorafair.data.text import IGNORE_INDEX
 from lorafair.export import global_model, open_run
-from lorafair.federated.loop import build_data, fit
-from lorafair.reporting.run_folder import accuracy_table
-from lorafair.text.data import IGNORE_INDEX
+from lorafair.federated.run_folder import accuracy_table
+from lorafair.fit import fit
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,11 @@ from conftest import parse_fit_args
 from test_text_data import TINY_LLAMA
 
 from lorafair.aggregation import registered_methods
-from lorafair.federated.loop import FederatedTrainer, fit, launch_fabric
-from lorafair.text.data import IGNORE_INDEX, TextDataset, encode_instruction
-from lorafair.text.model import TextLoraModel
+from lorafair.data.text import IGNORE_INDEX, TextDataset, encode_instruction
+from lorafair.federated.launch import launch_fabric
+from lorafair.federated.loop import FederatedTrainer
+from lorafair.fit import fit
+from lorafair.models.text import TextLoraModel
 
 ROOT = Path(__file__).resolve().parents[1]
 REDUCED_DEMO = ["--config", str(ROOT / "configs" / "demo_text.yaml"), "--text.examples_per_kind", "12",

@@ -8,9 +8,9 @@ import pytest
 from conftest import parse_fit_args
 
 from lorafair.cli import main
+from lorafair.data.arithmetic import problems
 from lorafair.export import global_model, open_run
-from lorafair.federated.loop import fit
-from lorafair.text.arithmetic import problems
+from lorafair.fit import fit
 
 pytest.importorskip("lm_eval", reason="lm-eval is part of the text extra")
 

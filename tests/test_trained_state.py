@@ -20,9 +20,10 @@ from lorafair import export as export_module
 from lorafair.cli import main
 from lorafair.export import global_model, open_run
 from lorafair.federated.checkpoints import list_checkpoints
-from lorafair.federated.loop import fit
+from lorafair.federated.run_folder import EXPORT_NAME
+from lorafair.files import current_umask
+from lorafair.fit import fit
 from lorafair.inference import evaluate_run, predict
-from lorafair.reporting.run_folder import EXPORT_NAME, current_umask
 
 TINTS = {"c0": (20, -20, -20), "c1": (-20, 20, -20), "c2": (-20, -20, 20)}
 

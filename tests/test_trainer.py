@@ -13,7 +13,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lorafair.errors import UserError
 from lorafair.federated.checkpoints import list_checkpoints, load_checkpoint
-from lorafair.federated.loop import FederatedTrainer, fit, launch_fabric
+from lorafair.federated.launch import launch_fabric
+from lorafair.federated.loop import FederatedTrainer
+from lorafair.fit import fit
 
 DOMAINS = ["plain", "inverted", "rotated", "blurred", "noisy", "coloured"]
 

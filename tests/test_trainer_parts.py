@@ -18,10 +18,11 @@ from lorafair.federated.checkpoints import (
     load_latest,
     save_checkpoint,
 )
-from lorafair.federated.loop import launch_fabric
-from lorafair.federated.sampling import assign_to_ranks, derive_seed, sample_clients
+from lorafair.federated.launch import launch_fabric
+from lorafair.federated.run_folder import accuracy_table, config_to_dict, flatten_config, mean, trajectory_identity
+from lorafair.federated.sampling import assign_to_ranks, sample_clients
 from lorafair.federated.transport import flatten, unflatten
-from lorafair.reporting.run_folder import accuracy_table, config_to_dict, flatten_config, mean, trajectory_identity
+from lorafair.seeds import derive_seed
 
 
 def test_sampling_is_a_seeded_sorted_subset_that_changes_with_the_round():

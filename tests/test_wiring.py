@@ -24,8 +24,10 @@ from lorafair.cli import main
 from lorafair.errors import UserError
 from lorafair.federated import faults
 from lorafair.federated.checkpoints import list_checkpoints, load_checkpoint
-from lorafair.federated.loop import FederatedTrainer, fit, launch_fabric
-from lorafair.reporting.run_folder import run_status
+from lorafair.federated.launch import launch_fabric
+from lorafair.federated.loop import FederatedTrainer
+from lorafair.federated.run_folder import run_status
+from lorafair.fit import fit
 
 
 @pytest.fixture

@@ -13,16 +13,18 @@ versions of every method (for tests and benchmarks) in `reference`. Clients may 
 states the one scaling convention, and `GlobalUpdate.lora_for(rank)` gives each rank its starting pairs.
 """
 
-from lorafair.aggregation.base import Aggregator, ClientUpdate, GlobalUpdate, OptionError, find_bad_updates
+from lorafair.aggregation.base import Aggregator, OptionError
 from lorafair.aggregation.registry import (
     build_aggregator,
     display_name,
+    method_class,
     method_options,
     register_method,
     registered_methods,
     user_options,
 )
 from lorafair.aggregation.streaming import RoundState
+from lorafair.aggregation.updates import ClientUpdate, GlobalUpdate, find_bad_updates
 
 __all__ = [
     "Aggregator",
@@ -33,6 +35,7 @@ __all__ = [
     "build_aggregator",
     "display_name",
     "find_bad_updates",
+    "method_class",
     "method_options",
     "register_method",
     "registered_methods",

@@ -18,19 +18,21 @@ from typing import ClassVar
 
 import torch
 
-from lorafair.aggregation.base import Aggregator, GroupResult, LayerGroup
+from lorafair.aggregation.base import Aggregator
+from lorafair.aggregation.updates import GroupResult, LayerGroup
 
 
 class FedExLoRA(Aggregator):
     name: ClassVar[str] = "fedex_lora"
     display_name: ClassVar[str] = "FedEx-LoRA"
     needs: ClassVar[str] = "factors"
+    merges: ClassVar[bool] = True
+    global_model: ClassVar[str] = ("FedEx-LoRA merges each round's residual (ideal update minus the averaged product) "
+                                   "into the frozen weights: base/ holds those merges, the adapter the averaged "
+                                   "factors.")
 
     def combine(self, group: LayerGroup) -> GroupResult:
-        A_stack, B_stack = group.A_stack, group.B_stack
-        own = group.own_components()
-        if own is not None:
-            A_stack, B_stack = A_stack[:, own], B_stack[:, :, own]
+        A_stack, B_stack = group.client_stacks(weighted="B")
         residual_A = torch.cat([A_stack, -group.A_bar], dim=-2)
         residual_B = torch.cat([B_stack, group.B_bar], dim=-1)
         return GroupResult(lora=(group.A_bar, group.B_bar), merge=(residual_A, residual_B))

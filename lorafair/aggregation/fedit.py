@@ -7,12 +7,14 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from lorafair.aggregation.base import Aggregator, GroupResult, LayerGroup
+from lorafair.aggregation.base import Aggregator
+from lorafair.aggregation.updates import GroupResult, LayerGroup
 
 
 class FedIT(Aggregator):
     name: ClassVar[str] = "fedit"
     display_name: ClassVar[str] = "FedIT"
+    sums_only: ClassVar[bool] = True
 
     def combine(self, group: LayerGroup) -> GroupResult:
         return GroupResult(lora=(group.A_bar, group.B_bar))

@@ -11,7 +11,8 @@ from typing import ClassVar
 
 import torch
 
-from lorafair.aggregation.base import Aggregator, ClientUpdate, GroupResult, LayerGroup
+from lorafair.aggregation.base import Aggregator
+from lorafair.aggregation.updates import ClientUpdate, GroupResult, LayerGroup
 
 
 class FFALoRA(Aggregator):
@@ -19,6 +20,7 @@ class FFALoRA(Aggregator):
     display_name: ClassVar[str] = "FFA-LoRA"
     sends_A: ClassVar[bool] = False
     needs: ClassVar[str] = "averages"
+    sums_only: ClassVar[bool] = True
 
     def check_update(self, index: int, update: ClientUpdate, first: ClientUpdate) -> str | None:
         for name, (A, _) in update.lora.items():

@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import ClassVar
 
 from lorafair.aggregation import cost
-from lorafair.aggregation.base import Aggregator, GroupResult, LayerGroup
+from lorafair.aggregation.base import Aggregator
+from lorafair.aggregation.updates import GroupResult, LayerGroup
 
 
 class FlexLoRA(Aggregator):

@@ -12,19 +12,18 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from lorafair.aggregation.base import Aggregator, GroupResult, LayerGroup
+from lorafair.aggregation.base import Aggregator
+from lorafair.aggregation.updates import GroupResult, LayerGroup
 
 
 class FLoRA(Aggregator):
     name: ClassVar[str] = "flora"
     display_name: ClassVar[str] = "FLoRA"
     needs: ClassVar[str] = "factors"
+    merges: ClassVar[bool] = True
+    global_model: ClassVar[str] = ("FLoRA merges every round's stacked client update into the frozen weights and "
+                                   "restarts LoRA, so the adapter is empty (B = 0): everything learnt sits in base/ "
+                                   "and in the merged model.")
 
     def combine(self, group: LayerGroup) -> GroupResult:
-        layers, clients, rank, fan_in = group.A.shape
-        A_stack = (group.A * group.weights.view(1, -1, 1, 1)).reshape(layers, clients * rank, fan_in)
-        B_stack = group.B.reshape(layers, -1, clients * rank)
-        own = group.own_components()
-        if own is not None:
-            A_stack, B_stack = A_stack[:, own], B_stack[:, :, own]
-        return GroupResult(merge=(A_stack, B_stack))
+        return GroupResult(merge=group.client_stacks(weighted="A"))

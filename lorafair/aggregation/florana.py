@@ -29,7 +29,8 @@ from typing import ClassVar
 import torch
 
 from lorafair.aggregation import cost
-from lorafair.aggregation.base import Aggregator, GroupResult, LayerGroup, check_option, is_count
+from lorafair.aggregation.base import Aggregator, check_option, is_count
+from lorafair.aggregation.updates import GroupResult, LayerGroup
 
 
 @dataclass

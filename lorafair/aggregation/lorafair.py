@@ -52,14 +52,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lorafair.aggregation import cost, lowrank
-from lorafair.aggregation.base import (
-    Aggregator,
-    GroupResult,
-    LayerGroup,
-    check_option,
-    is_count,
-    is_finite_number,
-)
+from lorafair.aggregation.base import Aggregator, check_option, is_count
+from lorafair.aggregation.updates import GroupResult, LayerGroup, is_finite_number
 
 Objective = Literal["cosine", "column_cosine", "frobenius"]
 Init = Literal["zero", "xavier"]

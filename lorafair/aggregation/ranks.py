@@ -21,13 +21,24 @@ from torch import Tensor
 Pair = tuple[Tensor, Tensor]
 
 
+def scaling(alpha: float, rank: int) -> float:
+    """peft's scaling s_r = alpha / r: a rank-r pair (A, B) means the update s_r B A."""
+    return alpha / rank
+
+
+def rescaled(B: Tensor, rank: int, to_rank: int) -> Tensor:
+    """B of a rank-`rank` pair in the scaling of rank `to_rank`, so that s_to B' A = s_rank B A: B * to_rank / rank
+    (alpha cancels)."""
+    return B * (to_rank / rank)
+
+
 def to_server(pair: Pair, rank: int) -> Pair:
     """A client's (A, B) of any rank r <= rank, as the rank-`rank` pair that means the same update."""
     A, B = pair
     own = A.shape[-2]
     if own == rank:
         return pair
-    return F.pad(A, (0, 0, 0, rank - own)), F.pad(B * (rank / own), (0, rank - own))
+    return F.pad(A, (0, 0, 0, rank - own)), F.pad(rescaled(B, own, rank), (0, rank - own))
 
 
 def to_client(pair: Pair, rank: int) -> Pair:
@@ -36,7 +47,7 @@ def to_client(pair: Pair, rank: int) -> Pair:
     global_rank = A.shape[-2]
     if rank == global_rank:
         return pair
-    return A[..., :rank, :], B[..., :rank] * (rank / global_rank)
+    return A[..., :rank, :], rescaled(B[..., :rank], global_rank, rank)
 
 
 def leading(pair: Pair, rank: int) -> Pair:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lorafair.aggregation.base import ClientUpdate
+from lorafair.aggregation.updates import ClientUpdate
 
 Factors = tuple[Tensor, Tensor]
 

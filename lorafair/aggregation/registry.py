@@ -1,6 +1,7 @@
-"""The one list of methods. Each aggregator class declares its name, display name and options (dataclass fields
-with defaults, docstrings and checks in __post_init__); the CLI, --help, config validation, compare and the report
-tables all read them from here.
+"""The one list of methods. Each aggregator class declares its name, display name, options (dataclass fields with
+defaults, docstrings and checks in __post_init__) and traits (class attributes of `Aggregator`: whether it merges
+into the frozen weights, sends A, needs only sums, what its exported model is); the CLI, --help, config validation,
+the model builder, the Flower integration, the export, compare and the report tables all read them from here.
 
 Adding a method: write `lorafair/aggregation/<method>.py` with an Aggregator subclass, and add it to BUILT_IN below
 (or call `register_method(cls)` before `lorafair.config` is imported, from code of your own).
@@ -65,6 +66,12 @@ def registered_methods() -> tuple[str, ...]:
 def display_name(method: str) -> str:
     """How the paper writes `method` (FedIT, LoRA-FAIR, ...); an unknown name as it is."""
     return _REGISTERED[method].display_name if method in _REGISTERED else method
+
+
+def method_class(method: str) -> type[Aggregator]:
+    """The aggregator class of `method`, whose class attributes are the method's traits (`Aggregator.merges`,
+    `sends_A`, `sums_only`, ...); an unknown name raises ValueError."""
+    return _aggregator_class(method)
 
 
 def method_options(method: str) -> dict[str, object]:

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from lorafair.aggregation import cost, ranks
-from lorafair.aggregation.base import (
+from lorafair.aggregation.ideal import DenseIdeal, FactoredIdeal
+from lorafair.aggregation.updates import (
     ClientUpdate,
     GlobalUpdate,
     LayerGroup,
@@ -42,13 +43,21 @@ from lorafair.aggregation.base import (
     client_rank,
     is_finite_number,
 )
-from lorafair.aggregation.ideal import DenseIdeal, FactoredIdeal
-
-if TYPE_CHECKING:
-    from lorafair.aggregation.base import Aggregator
 
 WEIGHT_DTYPE = torch.float64
 """Client weights (example counts) are summed in float64 whatever the factors' dtype."""
+
+
+class Method(Protocol):
+    """What a round asks of its method (an `Aggregator`, which starts the round)."""
+
+    needs: str
+    sends_A: bool
+
+    def path_for(self, clients: int, rank: int, fan_out: int, fan_in: int) -> str: ...
+    def check_update(self, index: int, update: ClientUpdate, first: ClientUpdate) -> str | None: ...
+    def global_update(self, like: ClientUpdate, groups: list[LayerGroup], extra: dict[str, Tensor],
+                      seconds: float) -> GlobalUpdate: ...
 
 
 class GroupState:
@@ -137,7 +146,7 @@ class GroupState:
 class RoundState:
     """One round on the server between `Aggregator.start` and `finish`; see the module docstring."""
 
-    def __init__(self, aggregator: Aggregator, like: ClientUpdate, clients: int, path: str | None = None,
+    def __init__(self, aggregator: Method, like: ClientUpdate, clients: int, path: str | None = None,
                  lower_ranks: Sequence[int] = ()) -> None:
         started = time.perf_counter()
         if not (isinstance(clients, int) and clients >= 1):

@@ -42,7 +42,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from lorafair.errors import UserError
-from lorafair.federated.launch import die_with_parent
+from lorafair.processes import die_with_parent
 
 CACHE_FORMAT = 2
 """2: pixels come from `rgb_image` (EXIF orientation applied, 16-bit and float images scaled)."""

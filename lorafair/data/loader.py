@@ -12,7 +12,7 @@ message (a worker's exception would otherwise arrive wrapped in its traceback).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sized
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +21,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, default
 
 from lorafair.data.cache import CachedImageDataset, normalize
 from lorafair.errors import UserError
-from lorafair.federated.launch import die_with_parent
+from lorafair.processes import die_with_parent
 
 
 @dataclass
@@ -61,26 +61,34 @@ def _collate(samples: list) -> tuple[object, list[int], str | None]:
     return (default_collate(kept) if kept else None), skipped, None
 
 
-class SkippingLoader:
-    """Iterates (images, labels) batches of a DataLoader; `skipped` is the number of distinct images dropped so far,
-    so a bad file met again in a later epoch counts once."""
+class _SkippingBatches:
+    """What both loaders share: their length in batches, and `skipped`, the number of distinct images dropped so far
+    (a bad file met again in a later epoch counts once)."""
 
-    def __init__(self, loader: DataLoader) -> None:
-        self.loader = loader
-        self.skipped_indices: set[int] = set()
+    def __init__(self, batches: Sized) -> None:
+        self._batches = batches
+        self.skipped_items: set[int] = set()
 
     @property
     def skipped(self) -> int:
-        return len(self.skipped_indices)
+        return len(self.skipped_items)
 
     def __len__(self) -> int:
-        return len(self.loader)
+        return len(self._batches)
+
+
+class SkippingLoader(_SkippingBatches):
+    """Iterates (images, labels) batches of a DataLoader, counting the images it skipped."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        super().__init__(loader)
+        self.loader = loader
 
     def __iter__(self) -> Iterator:
         for batch, skipped, failure in self.loader:
             if failure is not None:
                 raise UserError(failure)
-            self.skipped_indices.update(skipped)
+            self.skipped_items.update(skipped)
             if batch is not None:
                 yield batch
 
@@ -113,7 +121,7 @@ def _cached_parts(dataset: Dataset) -> tuple[list[CachedImageDataset], np.ndarra
     return None
 
 
-class CachedLoader:
+class CachedLoader(_SkippingBatches):
     """(images, labels) batches of cached datasets, normalised on `device`; `skipped` is the number of distinct
     unreadable images met so far (a later epoch meeting them again adds none).
 
@@ -129,22 +137,15 @@ class CachedLoader:
         self.readable = _per_item([store.readable for store in self.stores], which, local)
         self.labels = _per_item([source.labels for source in sources], which, local)
         self.order = _order(len(which), batch_size, shuffle, seed, drop_last)
+        super().__init__(self.order)
         self.device = torch.device(device)
         self.pin = self.device.type == "cuda"
         self.mean, self.std = sources[0].mean.to(self.device), sources[0].std.to(self.device)
-        self.skipped_positions: set[int] = set()
-
-    @property
-    def skipped(self) -> int:
-        return len(self.skipped_positions)
-
-    def __len__(self) -> int:
-        return len(self.order)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for positions in self.order:
             keep = positions[self.readable[positions]]
-            self.skipped_positions.update(positions[~self.readable[positions]].tolist())
+            self.skipped_items.update(positions[~self.readable[positions]].tolist())
             if len(keep):
                 yield self._batch(keep)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lorafair.config import FitConfig
+from lorafair.data.build import build_data
 from lorafair.data.federated import FederatedData, build_caches
 from lorafair.data.transforms import model_data_config
 
@@ -51,10 +52,8 @@ def plot_class_counts(fd: FederatedData, path: Path) -> None:
 def summarize(cfg: FitConfig, plot: Path | None = None, build_cache: bool = False) -> None:
     """Print the partition `lorafair fit` would use with this config; optionally write the class-count heatmap
     and build (or check) the image cache of every split."""
-    from lorafair.federated.loop import build_data
-
     fd = build_data(cfg)
-    if cfg.model.resolved_family(cfg.data.name) == "timm":
+    if not cfg.is_language_model:
         size = "x".join(str(s) for s in model_data_config(cfg.model, cfg.data.image_size)["input_size"][1:])
         shape = f"images {size}"
     else:

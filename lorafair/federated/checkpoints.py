@@ -10,7 +10,6 @@ holds tensors, numbers, strings, lists and dicts only, and a file with any other
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
 import re
 from collections.abc import Callable, Mapping
@@ -18,25 +17,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
+from lorafair.config import FitConfig
 from lorafair.errors import UserError
-from lorafair.federated.state import (
-    GlobalState,
-    ResumeState,
-    pack,
-    pack_by_rank,
-    pack_client_states,
-    pack_pairs,
-    unpack,
-    unpack_client_states,
-)
-from lorafair.reporting.run_folder import (
+from lorafair.federated.run_folder import (
     checkpoint_dir,
     is_finished,
     read_results,
     results_path,
-    temporary_beside,
 )
+from lorafair.federated.state import GlobalState, ResumeState, pack_client_states, unpack_client_states
+from lorafair.files import fsync_directory, replacing
+from lorafair.keys import is_by_rank, nest_pairs, pack, pack_by_rank, pack_pairs, unnest_pairs, unpack
+from lorafair.models.build import state_shapes
 
 CHECKPOINT_KEYS = frozenset({"round", "identity", "results", "lora", "extra", "base"})
 
@@ -70,14 +64,9 @@ def save_checkpoint(directory: Path, round_index: int, state: Mapping[str, Any],
     """
     directory.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(directory, round_index)
-    with temporary_beside(final) as (handle, temporary):
+    with replacing(final, before_rename) as handle:
         torch.save({**state, CHECKSUM_KEY: content_digest(state)}, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-        if before_rename is not None:
-            before_rename()
-        os.replace(temporary, final)
-    _fsync_directory(directory)
+    fsync_directory(directory)
     for stale in directory.glob(".round_*.ckpt.*.tmp"):  # left by a killed write (one writer: the run folder's lock)
         stale.unlink(missing_ok=True)
     # checkpoints of later rounds belong to a run this one branched off (resumed from an older file): drop them
@@ -178,30 +167,29 @@ def identity_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -
             if saved.get(key) != current.get(key)]
 
 
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def checkpoint_state(round_index: int, identity: dict[str, Any], results: dict[str, Any], state: GlobalState,
                      base: dict[str, torch.Tensor] | None,
                      client_states: dict[int, GlobalState] | None = None) -> dict[str, Any]:
     """What a round's checkpoint holds (on the CPU); `base` only once merges changed the frozen weights,
     `client_states` only where clients keep states of their own (the local bound)."""
     return {"round": round_index, "identity": identity, "results": results,
-            "lora": {name: {"A": a.cpu(), "B": b.cpu()} for name, (a, b) in state.lora.items()},
-            "lora_by_rank": {rank: {name: {"A": a.cpu(), "B": b.cpu()} for name, (a, b) in pairs.items()}
-                             for rank, pairs in state.by_rank.items()},
+            "lora": nest_pairs(state.lora),
+            "lora_by_rank": {rank: nest_pairs(pairs) for rank, pairs in state.by_rank.items()},
             "extra": {name: t.cpu() for name, t in state.extra.items()},
             "base": {name: t.cpu() for name, t in base.items()} if base is not None else None,
             "client_states": {key: t.cpu() for key, t in pack_client_states(client_states or {}).items()}}
+
+
+def read_resume(out_dir: Path, cfg: FitConfig, identity: dict[str, Any], model: nn.Module,
+                log: Callable[[str], None]) -> ResumeState | None:
+    """Rank 0: None for a fresh start, else the state of the checkpoint to resume from (`find_checkpoint`), checked
+    against this run's `identity` and settings and against its model."""
+    found = find_checkpoint(out_dir, cfg.resume, cfg.overwrite, log)
+    if found is None:
+        return None
+    resumed = resume_state(*found, identity, cfg.federation.rounds, cfg.resume_force, log)
+    check_fits(resumed, state_shapes(model))
+    return resumed
 
 
 def find_checkpoint(out_dir: Path, resume: str | None, overwrite: bool,
@@ -249,14 +237,13 @@ def _holds_final(results: Path) -> bool:
 
 def read_round(path: Path, state: Any) -> ResumeState:
     """The checkpoint `state` read from `path` as the global model after its round, in the tensor-key format of
-    `federated.state`; a file that is no lorafair checkpoint is one UserError."""
+    `lorafair.keys`; a file that is no lorafair checkpoint is one UserError."""
     missing = sorted(CHECKPOINT_KEYS - set(state)) if isinstance(state, dict) else sorted(CHECKPOINT_KEYS)
     if missing:
         raise UserError(f"{path} is not a lorafair checkpoint (it lacks {', '.join(missing)})")
     try:
-        tensors = {**pack_pairs("lora", {name: (pair["A"], pair["B"]) for name, pair in state["lora"].items()}),
-                   **pack_by_rank({rank: {name: (pair["A"], pair["B"]) for name, pair in pairs.items()}
-                                   for rank, pairs in state.get("lora_by_rank", {}).items()}),
+        tensors = {**pack_pairs("lora", unnest_pairs(state["lora"])),
+                   **pack_by_rank({rank: unnest_pairs(pairs) for rank, pairs in state.get("lora_by_rank", {}).items()}),
                    **pack("extra", state["extra"]), **pack("base", state["base"])}
         records = list(state["results"]["rounds"])
         start = state["results"].get("start")
@@ -316,9 +303,9 @@ def resume_state(path: Path, state: Any, identity: dict[str, Any], rounds: int, 
 
 def check_fits(resumed: ResumeState, expected: Mapping[str, torch.Size]) -> None:
     """Refuse a checkpoint's state whose tensors do not fit the model (`expected`: shapes in the packed key format)."""
-    # the lower ranks' starting pairs ("lora_r<rank>/...") depend on lora.client_ranks, which the identity checks
+    # the lower ranks' starting pairs depend on lora.client_ranks, which the identity checks
     tensors = {key: tensor for key, tensor in {**resumed.state.tensors(), **pack("base", resumed.base)}.items()
-               if not key.startswith("lora_r")}
+               if not is_by_rank(key)}
     # the frozen weights are checked only where the checkpoint holds them (after merges)
     expected = {key: shape for key, shape in expected.items() if resumed.base or not key.startswith("base/")}
     mismatch = first_shape_mismatch(tensors, expected)

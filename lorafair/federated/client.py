@@ -2,7 +2,7 @@
 
 It knows nothing of ranks, processes or transports, and nothing of images: it drives any `ClientModel`, a
 LightningModule-like model whose batches it moves to the device and whose trainable state is LoRA pairs plus extra
-tensors (`lorafair.model.LoraClassifier` for timm backbones; a text model offers the same methods). One model
+tensors (`lorafair.models.image.LoraClassifier` for timm backbones; a text model offers the same methods). One model
 hosts every client of a process, one after another, by swapping that small state in.
 """
 
@@ -24,8 +24,9 @@ from lorafair.config import ClientConfig, DataConfig
 from lorafair.data import Client, evaluation_loaders, make_loader
 from lorafair.federated import faults
 from lorafair.federated.bounds import local_steps
-from lorafair.federated.sampling import derive_seed
-from lorafair.federated.state import ClientResult, GlobalState, Pairs
+from lorafair.federated.state import ClientResult, GlobalState
+from lorafair.keys import Pairs
+from lorafair.seeds import derive_seed
 
 EVALUATION_SUMS = 4
 """Columns of `LocalTrainer.evaluation_sums`: correct, total, loss sum, loss terms."""

@@ -1,17 +1,25 @@
-"""What keeps a job from hanging: the launch is checked against the settings before any process waits for peers,
-and no process outlives the one that started it. (Every collective's timeout lives in the transport.)"""
+"""Starting the processes of a job on Lightning Fabric (`launch_fabric`), and what keeps a job from hanging: the
+launch is checked against the settings before any process waits for peers, no process outlives the one that
+started it (`lorafair.processes`), and every collective times out (the transport)."""
 
 from __future__ import annotations
 
-import ctypes
+import os
 import shlex
-import signal
 import sys
 from collections.abc import Mapping
+from datetime import timedelta
 
+import torch
+import torch.distributed as dist
+from lightning.fabric import Fabric
+from lightning.fabric.loggers import TensorBoardLogger
+from lightning.fabric.strategies import DDPStrategy
+
+from lorafair.config import FitConfig
 from lorafair.errors import UserError
-
-_PR_SET_PDEATHSIG = 1
+from lorafair.federated.run_folder import TENSORBOARD_NAME
+from lorafair.processes import die_with_parent
 
 
 def launched_processes(env: Mapping[str, str]) -> tuple[int, str]:
@@ -38,10 +46,42 @@ def check_launch(num_nodes: int, env: Mapping[str, str], argv: list[str]) -> Non
                     f"this launch started {given} ({source}); start it on every node with: {command}")
 
 
-def die_with_parent(*_: object) -> None:
-    """Ask Linux to SIGKILL this process when its parent dies (a rank whose torchrun agent was killed, a data-loader
-    or cache-building worker whose rank was), so no process outlives the job. Usable as a DataLoader worker_init_fn;
-    elsewhere a no-op."""
-    if not sys.platform.startswith("linux"):
-        return
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+def launch_fabric(cfg: FitConfig, tensorboard: bool = True) -> Fabric:
+    """One process per device under torchrun (gloo on CPU, NCCL on GPU), else a single process.
+
+    bf16-mixed on CUDA and 32-true elsewhere unless `precision` says otherwise. TensorBoard goes to
+    out_dir/tensorboard (Fabric writes it from rank 0 only); a process that only trains clients (a Flower node)
+    passes tensorboard=False.
+    The launch is checked against num_nodes first, and every collective times out after federation.timeout, so a
+    missing or stuck rank is one line instead of a hang.
+    """
+    check_launch(cfg.num_nodes, os.environ, sys.argv[1:])
+    if cfg.cpu_threads is not None:
+        torch.set_num_threads(cfg.cpu_threads)
+    under_torchrun = "LOCAL_WORLD_SIZE" in os.environ
+    timeout = timedelta(seconds=cfg.federation.timeout)
+    if under_torchrun:
+        die_with_parent()  # a killed torchrun agent takes its ranks with it
+    on_cuda = cfg.accelerator in ("auto", "cuda", "gpu") and torch.cuda.is_available()
+    if under_torchrun and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        join_restarted_process_group("nccl" if on_cuda else "gloo", timeout)
+    precision = cfg.precision or ("bf16-mixed" if on_cuda else "32-true")
+    logger = (TensorBoardLogger(root_dir=cfg.out_dir, name=TENSORBOARD_NAME, version="", default_hp_metric=False)
+              if tensorboard else None)
+    fabric = Fabric(accelerator=cfg.accelerator, strategy=DDPStrategy(timeout=timeout) if under_torchrun else "auto",
+                    devices=int(os.environ["LOCAL_WORLD_SIZE"]) if under_torchrun else 1, num_nodes=cfg.num_nodes,
+                    precision=precision, loggers=logger)
+    fabric.launch()
+    return fabric
+
+
+def join_restarted_process_group(backend: str, timeout: timedelta) -> None:
+    """Join the process group of a torchrun restart under a key prefix of its own (Fabric then reuses the group).
+
+    torchrun keeps one key-value store for all attempts of a job; without the prefix, the ranks of a restarted
+    attempt can read the connection addresses the killed attempt left there and fail to connect.
+    """
+    agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+    attempt = os.environ["TORCHELASTIC_RESTART_COUNT"]
+    dist.init_process_group(backend, store=dist.PrefixStore(f"lorafair/attempt_{attempt}", agent_store),
+                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)

@@ -1,4 +1,4 @@
-"""`lorafair fit`: the round loop, composing the client, the server and the transport on Lightning Fabric.
+"""The round loop of `lorafair fit`, composing the client, the server and the transport on Lightning Fabric.
 
 One round (`FederatedTrainer.run_round`):
     sample clients -> assign them to ranks -> each rank trains its clients (client role) and folds their updates
@@ -6,8 +6,8 @@ One round (`FederatedTrainer.run_round`):
     accumulators over the ranks -> rank 0 finishes the aggregation and the transport delivers its answer to every
     rank -> every rank applies it (merging into its frozen weights for FLoRA / FedEx-LoRA) -> sharded evaluation ->
     results.json, TensorBoard and a checkpoint on rank 0.
-After the last round rank 0 prints the accuracy table and exports the global model to out_dir/final
-(`lorafair.export`).
+After the last round rank 0 prints the accuracy table and hands the run folder to its `export` (`lorafair.fit`
+passes the one that writes the global model to out_dir/final).
 
 Clients keep no state between rounds and everything random is seeded by (seed, round, client), so the results do
 not depend on the number of ranks, on which rank hosts a client, or on whether the run was interrupted and resumed.
@@ -15,38 +15,35 @@ not depend on the number of ranks, on which rank hosts a client, or on whether t
 
 from __future__ import annotations
 
-import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from lightning.fabric import Fabric
-from lightning.fabric.loggers import TensorBoardLogger
-from lightning.fabric.strategies import DDPStrategy
 from tqdm import tqdm
 
 from lorafair.aggregation import ClientUpdate, RoundState, ranks
-from lorafair.config import FitConfig
-from lorafair.data import FederatedData, build_federated_data, model_data_config
+from lorafair.config import BOUND_METHOD, FitConfig
+from lorafair.data import Client, FederatedData
+from lorafair.data.build import build_data
 from lorafair.errors import UserError
 from lorafair.federated import faults
 from lorafair.federated.bounds import local_steps, union_client
-from lorafair.federated.checkpoints import (
-    check_fits,
-    checkpoint_state,
-    find_checkpoint,
-    resume_state,
-    save_checkpoint,
-)
-from lorafair.federated.client import ClientModel, LocalTrainer
+from lorafair.federated.checkpoints import checkpoint_state, read_resume, save_checkpoint
+from lorafair.federated.client import LocalTrainer
 from lorafair.federated.fingerprints import run_fingerprints
-from lorafair.federated.launch import check_launch, die_with_parent
-from lorafair.federated.sampling import assign_to_ranks, derive_seed, sample_clients
+from lorafair.federated.results import RunResults
+from lorafair.federated.run_folder import (
+    checkpoint_dir,
+    config_to_dict,
+    flatten_config,
+    trajectory_identity,
+)
+from lorafair.federated.sampling import assign_to_ranks, sample_clients
 from lorafair.federated.server import ClientReport, Server
 from lorafair.federated.state import (
     ClientResult,
@@ -56,136 +53,30 @@ from lorafair.federated.state import (
     Scores,
     ServerAnswer,
     ServerRecord,
-    pack,
-    pack_pairs,
 )
 from lorafair.federated.transport import PeerLost, TorchDistributedTransport
-from lorafair.model import LoraClassifier
-from lorafair.reporting.run_folder import (
-    CLASSES_NAME,
-    CONFIG_NAME,
-    TENSORBOARD_NAME,
-    accuracy_table,
-    checkpoint_dir,
-    config_to_dict,
-    flatten_config,
-    own_run_folder,
-    results_path,
-    score_scalars,
-    tensorboard_scalars,
-    trajectory_identity,
-    write_json,
-    write_yaml,
-)
+from lorafair.models.build import build_model
+from lorafair.seeds import seeded_generator
 
-
-def fit(cfg: FitConfig) -> dict[str, Any]:
-    """Run the federated job of `cfg` and return the content of its results.json (on every rank)."""
-    with own_run_folder(cfg.out_dir, lead=int(os.environ.get("RANK", "0")) == 0):  # under torchrun, rank 0 owns it
-        trainer = FederatedTrainer(cfg, launch_fabric(cfg))
-        results = trainer.run()
-        trainer.transport.close()
-    return results
-
-
-def launch_fabric(cfg: FitConfig, tensorboard: bool = True) -> Fabric:
-    """One process per device under torchrun (gloo on CPU, NCCL on GPU), else a single process.
-
-    bf16-mixed on CUDA and 32-true elsewhere unless `precision` says otherwise. TensorBoard goes to
-    out_dir/tensorboard (Fabric writes it from rank 0 only); a process that only trains clients (a Flower node)
-    passes tensorboard=False.
-    The launch is checked against num_nodes first, and every collective times out after federation.timeout, so a
-    missing or stuck rank is one line instead of a hang.
-    """
-    check_launch(cfg.num_nodes, os.environ, sys.argv[1:])
-    if cfg.cpu_threads is not None:
-        torch.set_num_threads(cfg.cpu_threads)
-    under_torchrun = "LOCAL_WORLD_SIZE" in os.environ
-    timeout = timedelta(seconds=cfg.federation.timeout)
-    if under_torchrun:
-        die_with_parent()  # a killed torchrun agent takes its ranks with it
-    on_cuda = cfg.accelerator in ("auto", "cuda", "gpu") and torch.cuda.is_available()
-    if under_torchrun and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        join_restarted_process_group("nccl" if on_cuda else "gloo", timeout)
-    precision = cfg.precision or ("bf16-mixed" if on_cuda else "32-true")
-    logger = (TensorBoardLogger(root_dir=cfg.out_dir, name=TENSORBOARD_NAME, version="", default_hp_metric=False)
-              if tensorboard else None)
-    fabric = Fabric(accelerator=cfg.accelerator, strategy=DDPStrategy(timeout=timeout) if under_torchrun else "auto",
-                    devices=int(os.environ["LOCAL_WORLD_SIZE"]) if under_torchrun else 1, num_nodes=cfg.num_nodes,
-                    precision=precision, loggers=logger)
-    fabric.launch()
-    return fabric
-
-
-def join_restarted_process_group(backend: str, timeout: timedelta) -> None:
-    """Join the process group of a torchrun restart under a key prefix of its own (Fabric then reuses the group).
-
-    torchrun keeps one key-value store for all attempts of a job; without the prefix, the ranks of a restarted
-    attempt can read the connection addresses the killed attempt left there and fail to connect.
-    """
-    agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
-    attempt = os.environ["TORCHELASTIC_RESTART_COUNT"]
-    dist.init_process_group(backend, store=dist.PrefixStore(f"lorafair/attempt_{attempt}", agent_store),
-                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
-
-
-def build_data(cfg: FitConfig) -> FederatedData:
-    """Clients and test sets: images rendered for the timm model, or text tokenized for the transformers one (whose
-    modules, and `datasets`, are imported only then)."""
-    if cfg.model.resolved_family(cfg.data.name) == "transformers":
-        from lorafair.text.data import build_text_data, load_tokenizer
-
-        return build_text_data(cfg, load_tokenizer(cfg.model))
-    return build_federated_data(cfg.data, cfg.federation, cfg.seed, model_data_config(cfg.model, cfg.data.image_size))
-
-
-def build_model(cfg: FitConfig, num_classes: int, device: torch.device) -> ClientModel:
-    """The client model of this process (chosen by model.family), with identical random parts (head, LoRA, a
-    backbone without weights) on every rank, and in `lorafair export` which rebuilds a run's global model from a
-    checkpoint."""
-    torch.manual_seed(derive_seed("model", cfg.seed))
-    if cfg.model.resolved_family(cfg.data.name) == "transformers":
-        from lorafair.text.model import TextLoraModel
-
-        model = TextLoraModel(cfg, num_classes).to(device)
-    else:
-        model = LoraClassifier(cfg.model, cfg.lora, num_classes, cfg.client).to(device)
-    if cfg.server.method == "ffa_lora":
-        model.freeze_lora_A(True)
-    return model
-
-
-def state_shapes(model: LoraClassifier) -> dict[str, torch.Size]:
-    """The shapes a checkpoint's tensors must have to fit `model`, in the packed key format."""
-    tensors = {**pack_pairs("lora", model.get_lora()), **pack("extra", model.get_extra()),
-               **pack("base", model.base_state())}
-    return {key: tensor.shape for key, tensor in tensors.items()}
+Export = Callable[[Path, Callable[[str], None]], object]
+"""Writes the global model of the run folder it is given, saying what it did with the function it is given."""
 
 
 class FederatedTrainer:
-    """The round loop: holds this rank's roles, the global state every client starts a round from, and the
-    results."""
-    def __init__(self, cfg: FitConfig, fabric: Fabric) -> None:
+    """The round loop: holds this rank's roles and the global state every client starts a round from. What it
+    reports goes to `outputs` (results.json and TensorBoard, rank 0); a finished run's global model to `export`."""
+    def __init__(self, cfg: FitConfig, fabric: Fabric, export: Export | None = None) -> None:
         method = cfg.server.method
         self.setting = cfg.federation.setting
         if self.setting != "federated":  # a bound takes its one update as it is: FedIT's average of one, or none
-            method, cfg = self.setting, replace(cfg, server=replace(cfg.server, method="fedit"))
-        self.cfg, self.fabric = cfg, fabric
+            method, cfg = self.setting, replace(cfg, server=replace(cfg.server, method=BOUND_METHOD))
+        self.cfg, self.fabric, self.export = cfg, fabric, export
         self.out_dir = Path(cfg.out_dir)
         self.server_seconds = 0.0
         self.data = build_data(cfg)
-        clients = self.data.clients
-        self.per_round = cfg.federation.clients_per_round or len(clients)
-        if self.per_round > len(clients):
-            raise UserError(f"federation.clients_per_round: {self.per_round} is more than the {len(clients)} clients "
-                            f"of this partition; lower it (or null for all)")
+        self.per_round = clients_per_round(cfg, len(self.data.clients))
         self.model = build_model(cfg, self.data.num_classes, fabric.device)
-        self.client_ranks = cfg.lora.rank_of([(c.id, c.domain) for c in clients], self.data.domains)
-        self.union = union_client(clients) if self.setting == "centralized" else None
-        self.participants = {c.id: c for c in ([self.union] if self.union else clients)}
-        """Who trains: the clients, or for the centralized bound the one client holding all their data."""
-        if self.union is not None:
-            self.client_ranks[self.union.id] = cfg.lora.r
+        self.union, self.participants, self.client_ranks = participants(cfg, self.data)
         self.own_states: dict[int, GlobalState] = {}
         """The local bound: each client's own state after its last round (the global state until it trained)."""
         self.trained: dict[int, GlobalState] = {}
@@ -197,12 +88,7 @@ class FederatedTrainer:
         self.client = LocalTrainer(self.model, fabric, cfg.client, cfg.data, cfg.seed, show_progress=self.rank == 0)
         self.server = Server(cfg.server, cfg.federation.on_bad_update, cfg.seed, log=fabric.print)
         self.identity = trajectory_identity(flatten_config(config_to_dict(cfg)), run_fingerprints(self.data, cfg.model))
-        self.results: dict[str, Any] = {
-            "method": method, "seed": cfg.seed, "config": config_to_dict(cfg), "domains": self.data.domains,
-            "clients": [{"id": c.id, "domain": c.domain, "num_samples": c.num_samples}
-                        for c in self.participants.values()],
-            "rounds": [], "bad_updates_total": 0,
-        }
+        self.outputs = RunResults.of_run(cfg, fabric, method, self.data.domains, self.participants.values())
 
     def run(self) -> dict[str, Any]:
         rounds = self.cfg.federation.rounds
@@ -221,7 +107,7 @@ class FederatedTrainer:
                 progress.set_postfix(mean_acc=f"{100 * record.to_dict()['mean_accuracy']:.2f}%")
         if self.rank == 0:
             self.finish()
-        return self.fabric.broadcast(self.results if self.rank == 0 else None, src=0)
+        return self.fabric.broadcast(self.outputs.results if self.rank == 0 else None, src=0)
 
     def run_round(self, round_index: int) -> RoundRecord | None:
         """One round on every rank; returns the round's record on rank 0 (None elsewhere)."""
@@ -269,10 +155,12 @@ class FederatedTrainer:
         hosts = {str(client): rank for rank, clients in enumerate(hosted) for client in clients}
         return results, hosts, trained
 
-    def aggregate(self, round_index: int, results: list[ClientResult], sampled: list[int]) -> ServerAnswer:
+    def aggregate(self, round_index: int, results: list[ClientResult], sampled: list[int],
+                  unreadable: dict[str, str] | None = None) -> ServerAnswer:
         """Every rank: the server's answer to the round, pre-reduced. Each rank folds its own `results` (slot =
         the client's index in `sampled`), the transport shares the reports and sums the folds, rank 0 finishes.
         Every client rank below the global one (those the global state holds starting pairs for) gets its pairs.
+        unreadable: client id -> why, for sampled clients whose reply could not be read (bad updates too).
         server_seconds: this rank's folding and finishing, apart from the transport."""
         start = time.perf_counter()
         like = ClientUpdate(weight=1.0, lora=self.global_state.lora, extra=self.global_state.extra)
@@ -282,7 +170,7 @@ class FederatedTrainer:
         self.server_seconds = time.perf_counter() - start
         shared = self.transport.share((fold.reports, fold.refusal))
         reports = [report for rank_reports, _ in shared for report in rank_reports]
-        record = self.server.decide(round_index, reports, [refusal for _, refusal in shared])
+        record = self.server.decide(round_index, reports, [refusal for _, refusal in shared], unreadable)
         if not record.skipped:
             self.transport.sum_over_ranks(fold.state.accumulators())
         return self.transport.from_server(lambda: self.finish_round(round_index, fold.state, record, reports),
@@ -323,7 +211,7 @@ class FederatedTrainer:
 
     def fresh_lora(self, *seed_parts: int | str) -> dict:
         """A fresh LoRA start (A random, B zero) from a generator every rank seeds alike."""
-        self.model.init_lora(torch.Generator().manual_seed(derive_seed(*seed_parts)))
+        self.model.init_lora(seeded_generator(*seed_parts))
         return self.model.get_lora()
 
     def evaluate(self, round_index: int) -> Scores:
@@ -354,53 +242,35 @@ class FederatedTrainer:
         are scored; rank 0 logs it to TensorBoard (step 0) and keeps it for results.json (written with round 1)."""
         entry = self.score([(self.global_state, None, self.data.domains)]).to_dict(items=True)
         if self.rank == 0:
-            self.results["start"] = {"round": 0, **entry}
-            self.fabric.log_dict(score_scalars(entry), step=0)
+            self.outputs.start(entry)
 
     # ---- outputs and checkpoints (rank 0) ------------------------------------------------------------------------
 
     def save(self, round_index: int, record: RoundRecord) -> None:
         """results.json, TensorBoard scalars, then the checkpoint of this round."""
-        entry = record.to_dict()
-        self.results["rounds"].append(entry)
-        self.results["bad_updates_total"] += len(entry["bad_updates"])
-        if round_index == self.cfg.federation.rounds:
-            self.results["final"] = final_accuracy(self.results)
-        write_json(results_path(self.out_dir), self.results)
-        self.fabric.log_dict({**tensorboard_scalars(entry), "bad_updates_total": self.results["bad_updates_total"]},
-                             step=round_index)
+        self.outputs.add(record, last=round_index == self.cfg.federation.rounds)
         base = self.model.base_state() if self.merged else None
-        save_checkpoint(checkpoint_dir(self.out_dir), round_index,
-                        checkpoint_state(round_index, self.identity, self.results, self.global_state, base,
-                                         self.own_states),
+        state = checkpoint_state(round_index, self.identity, self.outputs.results, self.global_state, base,
+                                 self.own_states)
+        save_checkpoint(checkpoint_dir(self.out_dir), round_index, state,
                         before_rename=lambda: faults.maybe_fail(round_index, "checkpoint"))
 
     def finish(self) -> None:
         """The final results.json, the hparams entry of TensorBoard, the accuracy table and the export."""
-        from lorafair.export import export_run  # imported here: export builds its model with build_model
-
-        self.results["final"] = final = final_accuracy(self.results)
-        write_json(results_path(self.out_dir), self.results)
-        metrics = {f"hparams/{key}": final[key] for key in ("mean_accuracy", "mean_eval_loss") if key in final}
-        self.fabric.logger.log_hyperparams(flatten_config(self.results["config"]), metrics=metrics)
-        self.fabric.logger.finalize("success")
-        whose = "each client's own model" if self.setting == "local" else "global model"
-        self.fabric.print(accuracy_table(final["accuracy"], final["mean_accuracy"],
-                                         f"{self.results['method']}: {whose} after round {final['round']}",
-                                         final.get("eval_loss"), self.results.get("start", {}).get("accuracy")))
+        self.outputs.finish("each client's own model" if self.setting == "local" else "global model")
         if self.setting == "local":
             self.fabric.print("local: no global model to export (each client kept its own)")
             return
-        export_run(self.out_dir, overwrite=True, say=self.fabric.print)
+        if self.export is not None:
+            self.export(self.out_dir, self.fabric.print)
 
     def start_or_resume(self) -> int:
         """Every rank: the first round to run. Rank 0 writes config.yaml and classes.json, reads the checkpoint
         to resume from (if any) and the transport sends its state to the other ranks (no shared disk needed)."""
-        resumed = self.transport.from_server(self.read_resume_state, ResumeState)
+        resumed = self.transport.from_server(
+            lambda: read_resume(self.out_dir, self.cfg, self.identity, self.model, self.fabric.print), ResumeState)
         if self.rank == 0:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            write_yaml(self.out_dir / CONFIG_NAME, config_to_dict(self.cfg))
-            write_json(self.out_dir / CLASSES_NAME, self.data.classes)
+            self.outputs.write_settings(self.cfg, self.data.classes)
         if resumed is None:
             return 1
         self.global_state = resumed.state
@@ -409,32 +279,25 @@ class FederatedTrainer:
             self.model.load_base_state(resumed.base)
             self.merged = True
         if self.rank == 0:
-            self.results["rounds"] = resumed.records
-            if resumed.start is not None:
-                self.results["start"] = resumed.start
-            self.results["bad_updates_total"] = sum(len(r["bad_updates"]) for r in resumed.records)
-            self.fabric.print(f"resuming after round {resumed.round} from {resumed.path}")
+            self.outputs.resume(resumed)
         return resumed.round + 1
 
-    def read_resume_state(self) -> ResumeState | None:
-        """Rank 0: None for a fresh start, else the checkpoint's state, checked against this run and model."""
-        found = find_checkpoint(self.out_dir, self.cfg.resume, self.cfg.overwrite, self.fabric.print)
-        if found is None:
-            return None
-        resumed = resume_state(*found, self.identity, self.cfg.federation.rounds, self.cfg.resume_force,
-                               self.fabric.print)
-        check_fits(resumed, state_shapes(self.model))
-        return resumed
+
+def clients_per_round(cfg: FitConfig, clients: int) -> int:
+    """How many of the partition's `clients` train each round."""
+    per_round = cfg.federation.clients_per_round or clients
+    if per_round > clients:
+        raise UserError(f"federation.clients_per_round: {per_round} is more than the {clients} clients of this "
+                        f"partition; lower it (or null for all)")
+    return per_round
 
 
-def final_accuracy(results: dict[str, Any]) -> dict[str, Any]:
-    """The last evaluated round's scores (and eval losses, where reported), with the gain over the starting model
-    (round 0) where the run scored it: the run's result."""
-    last = next(record for record in reversed(results["rounds"]) if "accuracy" in record)
-    final = {key: last[key] for key in ("round", "accuracy", "mean_accuracy", "eval_loss", "mean_eval_loss",
-                                        "correct_items") if key in last}
-    start = results.get("start")
-    if start is not None:
-        final["gain"] = {domain: value - start["accuracy"][domain] for domain, value in final["accuracy"].items()}
-        final["mean_gain"] = final["mean_accuracy"] - start["mean_accuracy"]
-    return final
+def participants(cfg: FitConfig, data: FederatedData) -> tuple[Client | None, dict[int, Client], dict[int, int]]:
+    """(the centralized bound's one client holding every client's data, or None; who trains: the clients, or that
+    one client; participant id -> LoRA rank)."""
+    clients = data.clients
+    client_ranks = cfg.lora.rank_of([(c.id, c.domain) for c in clients], data.domains)
+    union = union_client(clients) if cfg.federation.setting == "centralized" else None
+    if union is not None:
+        client_ranks[union.id] = cfg.lora.r
+    return union, {c.id: c for c in ([union] if union else clients)}, client_ranks

@@ -1,4 +1,4 @@
-"""Which clients train in a round, which rank hosts each, and the seeds they train with.
+"""Which clients train in a round and which rank hosts each (the seeds they train with: `lorafair.seeds`).
 
 Pure functions of (seed, round, client): every rank computes the same answers without talking to the others, and a
 client trains identically whichever rank hosts it, so one process and N processes (and a resumed run) agree.
@@ -6,17 +6,11 @@ client trains identically whichever rank hosts it, so one process and N processe
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 
 import torch
 
-
-def derive_seed(*parts: int | str) -> int:
-    """A 63-bit seed from a purpose and integers, e.g. ("client", seed, round, id); distinct tuples give unrelated
-    random streams."""
-    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+from lorafair.seeds import seeded_generator
 
 
 def sample_clients(client_ids: Sequence[int], per_round: int, seed: int, round_index: int) -> list[int]:
@@ -25,7 +19,7 @@ def sample_clients(client_ids: Sequence[int], per_round: int, seed: int, round_i
         raise ValueError(f"per_round must be in [1, {len(client_ids)}], got {per_round}")
     if per_round == len(client_ids):
         return sorted(client_ids)
-    generator = torch.Generator().manual_seed(derive_seed("sample", seed, round_index))
+    generator = seeded_generator("sample", seed, round_index)
     picks = torch.randperm(len(client_ids), generator=generator)[:per_round].tolist()
     return sorted(client_ids[i] for i in picks)
 

@@ -9,7 +9,7 @@ nothing of torch.distributed: a UserError it raises is raised on every rank, wit
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,8 +23,8 @@ from lorafair.aggregation import (
 )
 from lorafair.config import ServerConfig
 from lorafair.errors import UserError
-from lorafair.federated.sampling import derive_seed
 from lorafair.federated.state import ClientResult, ServerAnswer, ServerRecord
+from lorafair.seeds import derive_seed
 
 
 def aggregator_options(server_cfg: ServerConfig, seed: int, round_index: int = 0) -> dict[str, Any]:
@@ -76,7 +76,7 @@ class Server:
             self.aggregator = build_aggregator(self.server_cfg.method,
                                                **aggregator_options(self.server_cfg, self.seed, round_index))
         state = self.aggregator.start(like, clients=clients, lower_ranks=lower_ranks)
-        bad = bad_updates(results)
+        bad = unusable_updates([result.train_loss for result in results], [result.update for result in results])
         refusal = None
         for position, (result, slot) in enumerate(zip(results, slots, strict=True)):
             if position in bad:
@@ -91,23 +91,19 @@ class Server:
                    for position, r in enumerate(results)]
         return RankFold(state, reports, refusal)
 
-    def decide(self, round_index: int, reports: Sequence[ClientReport], refusals: Sequence[str | None]) -> ServerRecord:
+    def decide(self, round_index: int, reports: Sequence[ClientReport], refusals: Sequence[str | None],
+               unreadable: Mapping[str, str] | None = None) -> ServerRecord:
         """Every rank, on every rank's reports and refusals: the round's record (skipped when no update is usable),
-        or a UserError that stops the run (on_bad_update=error, or a round the method refuses)."""
+        or a UserError that stops the run (on_bad_update=error, or a round the method refuses). unreadable: client
+        id -> why, for clients whose reply never became a result (a Flower node's malformed reply); bad updates too."""
         reports = sorted(reports, key=lambda report: report.client)
+        bad = {**{str(r.client): r.bad for r in reports if r.bad is not None}, **(unreadable or {})}
         record = ServerRecord(train_loss={str(r.client): r.train_loss for r in reports},
                               train_steps={str(r.client): r.steps for r in reports},
                               skipped_images=sum(r.skipped_images for r in reports),
-                              bad_updates={str(r.client): r.bad for r in reports if r.bad is not None})
-        if record.bad_updates:
-            described = "; ".join(f"client {client}: {reason}" for client, reason in record.bad_updates.items())
-            if self.on_bad_update == "error":
-                raise UserError(f"round {round_index}: bad client update ({described}); federation.on_bad_update="
-                                f"error stops the run, 'drop' leaves such clients out of the round")
-            self.log(f"warning: round {round_index}: dropping {len(record.bad_updates)} bad update(s), the others "
-                     f"are re-weighted: {described}")
-        if len(record.bad_updates) == len(reports):
-            self.log(f"warning: round {round_index}: no usable update, the global model stays as it was")
+                              bad_updates=dict(sorted(bad.items(), key=lambda item: int(item[0]))))
+        total = len(reports) + len(unreadable or {})
+        if not BadUpdatePolicy(self.on_bad_update, log=self.log).keeps_any(round_index, record.bad_updates, total):
             record.skipped = True
             return record
         refusal = next((refusal for refusal in refusals if refusal is not None), None)
@@ -135,12 +131,43 @@ class Server:
                             by_rank=update.by_rank)
 
 
-def bad_updates(results: Sequence[ClientResult]) -> dict[int, str]:
-    """Position -> why that result is unusable: a non-finite local loss, or NaN/Inf in its update."""
-    bad = {position: f"local train loss is {result.train_loss}" for position, result in enumerate(results)
-           if not math.isfinite(result.train_loss)}
-    bad.update(find_bad_updates([result.update for result in results]))
+def unusable_updates(losses: Sequence[float], updates: Sequence[ClientUpdate]) -> dict[int, str]:
+    """Position -> why that client's update is unusable: a non-finite local loss, or NaN/Inf in the update."""
+    bad = {position: f"local train loss is {loss}" for position, loss in enumerate(losses) if not math.isfinite(loss)}
+    bad.update(find_bad_updates(updates))
     return bad
+
+
+@dataclass
+class BadUpdatePolicy:
+    """What a round does with unusable updates (`unusable_updates`, or replies that cannot be read): drop them, the
+    others re-weighted, or stop the run. The one policy of `fit`'s server and of the Flower strategy."""
+
+    on_bad_update: str
+    """drop or error."""
+    log: Callable[[str], None] | None = print
+    """Where the warnings of dropped updates go; None: nowhere."""
+    setting: str = "federation.on_bad_update"
+    """How the message of a stopped run names the setting."""
+
+    def keeps_any(self, round_index: int, bad: Mapping[str, str], total: int) -> bool:
+        """Whether any of the round's `total` updates is left once the bad ones (client id -> why) are dropped; a
+        UserError that stops the run where the policy is error and some update is bad."""
+        if bad:
+            described = "; ".join(f"client {client}: {reason}" for client, reason in bad.items())
+            if self.on_bad_update == "error":
+                raise UserError(f"round {round_index}: bad client update ({described}); {self.setting}=error stops "
+                                f"the run, 'drop' leaves such clients out of the round")
+            self._warn(f"warning: round {round_index}: dropping {len(bad)} bad update(s), the others are "
+                       f"re-weighted: {described}")
+        if len(bad) == total:
+            self._warn(f"warning: round {round_index}: no usable update, the global model stays as it was")
+            return False
+        return True
+
+    def _warn(self, message: str) -> None:
+        if self.log is not None:
+            self.log(message)
 
 
 def update_rank(update: ClientUpdate) -> int:

@@ -1,9 +1,5 @@
-"""What passes between the roles of a round, and the one format of named tensors on the wire and on disk.
-
-Named tensors are keyed "<kind>/<layer>/<factor>" for LoRA pairs ("lora/blocks.0.attn.proj/A") and "<kind>/<name>"
-for single tensors ("extra/head.weight", "base/blocks.0.attn.proj"): client updates, the server's answer, the resume
-state and the checkpoints all use it, so any transport moves a flat {key: tensor} mapping and small plain values.
-"""
+"""What passes between the roles of a round, as dataclasses that travel as named tensors (`lorafair.keys`) and
+small plain values."""
 
 from __future__ import annotations
 
@@ -15,43 +11,17 @@ import torch
 from torch import Tensor
 
 from lorafair.aggregation import ClientUpdate
-
-Pairs = dict[str, tuple[Tensor, Tensor]]
-"""Layer name -> (A: r x in, B: out x r)."""
-
-
-def pack_pairs(kind: str, pairs: Pairs | None) -> dict[str, Tensor]:
-    """{"blocks.0.attn.proj": (A, B)} -> {"lora/blocks.0.attn.proj/A": A, "lora/blocks.0.attn.proj/B": B}."""
-    return {f"{kind}/{name}/{factor}": tensor for name, pair in (pairs or {}).items()
-            for factor, tensor in zip("AB", pair, strict=True)}
-
-
-def pack(kind: str, tensors: dict[str, Tensor] | None) -> dict[str, Tensor]:
-    """{"head.weight": t} -> {"extra/head.weight": t}."""
-    return {f"{kind}/{name}": tensor for name, tensor in (tensors or {}).items()}
-
-
-def unpack_pairs(tensors: dict[str, Tensor], kind: str) -> Pairs:
-    """Inverse of `pack_pairs` for one kind of a mixed mapping."""
-    names = [key[len(kind) + 1:-2] for key in tensors if key.startswith(f"{kind}/") and key.endswith("/A")]
-    return {name: (tensors[f"{kind}/{name}/A"], tensors[f"{kind}/{name}/B"]) for name in names}
-
-
-def unpack(tensors: dict[str, Tensor], kind: str) -> dict[str, Tensor]:
-    """Inverse of `pack` for one kind of a mixed mapping."""
-    return {key[len(kind) + 1:]: tensor for key, tensor in tensors.items() if key.startswith(f"{kind}/")}
-
-
-def pack_by_rank(by_rank: dict[int, Pairs] | None) -> dict[str, Tensor]:
-    """Starting pairs of lower ranks under the kinds "lora_r<rank>" ("lora_r4/blocks.0.attn.proj/A")."""
-    return {key: tensor for rank, pairs in (by_rank or {}).items()
-            for key, tensor in pack_pairs(f"lora_r{rank}", pairs).items()}
-
-
-def unpack_by_rank(tensors: dict[str, Tensor]) -> dict[int, Pairs]:
-    """Inverse of `pack_by_rank` for a mixed mapping."""
-    kinds = sorted({key.split("/")[0] for key in tensors if key.startswith("lora_r")}, key=lambda k: int(k[6:]))
-    return {int(kind[6:]): unpack_pairs(tensors, kind) for kind in kinds}
+from lorafair.keys import (
+    Pairs,
+    client_kinds,
+    clients_in,
+    pack,
+    pack_by_rank,
+    pack_pairs,
+    unpack,
+    unpack_by_rank,
+    unpack_pairs,
+)
 
 
 @dataclass
@@ -241,14 +211,18 @@ class ResumeState:
 
 
 def pack_client_states(states: dict[int, GlobalState]) -> dict[str, Tensor]:
-    """Each client's own state under the kinds "client<id>.lora" and "client<id>.extra"."""
-    return {key: tensor for client, state in states.items()
-            for key, tensor in {**pack_pairs(f"client{client}.lora", state.lora),
-                                **pack(f"client{client}.extra", state.extra)}.items()}
+    """Each client's own state under its kinds (`lorafair.keys.client_kinds`)."""
+    packed = {}
+    for client, state in states.items():
+        lora_kind, extra_kind = client_kinds(client)
+        packed.update({**pack_pairs(lora_kind, state.lora), **pack(extra_kind, state.extra)})
+    return packed
 
 
 def unpack_client_states(tensors: dict[str, Tensor]) -> dict[int, GlobalState]:
     """Inverse of `pack_client_states` for a mixed mapping."""
-    clients = sorted({int(key.split(".")[0][6:]) for key in tensors if key.startswith("client")})
-    return {client: GlobalState(unpack_pairs(tensors, f"client{client}.lora"), unpack(tensors, f"client{client}.extra"))
-            for client in clients}
+    states = {}
+    for client in clients_in(tensors):
+        lora_kind, extra_kind = client_kinds(client)
+        states[client] = GlobalState(unpack_pairs(tensors, lora_kind), unpack(tensors, extra_kind))
+    return states

@@ -38,7 +38,7 @@ def _answered(collective: Callable, *args: Any, **kwargs: Any) -> Any:
 
 
 class Wire(Protocol):
-    """A message the transport can carry: named tensors (in `lorafair.federated.state`'s key format) and small
+    """A message the transport can carry: named tensors (in `lorafair.keys`' key format) and small
     plain values."""
 
     def to_wire(self) -> tuple[dict[str, Tensor], dict[str, Any]]: ...

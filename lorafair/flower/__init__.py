@@ -8,16 +8,9 @@ The core package never imports this module: only code that asks for Flower pays 
 """
 
 from lorafair.flower.records import arrays_to_state, merges_to_apply, state_to_arrays
-from lorafair.flower.strategy import (
-    MERGING_METHODS,
-    SUM_ONLY_METHODS,
-    LoraStrategy,
-    check_secure_aggregation,
-)
+from lorafair.flower.strategy import LoraStrategy, check_secure_aggregation
 
 __all__ = [
-    "MERGING_METHODS",
-    "SUM_ONLY_METHODS",
     "LoraStrategy",
     "arrays_to_state",
     "check_secure_aggregation",

@@ -4,7 +4,7 @@ The ClientApp is the client role (`LocalTrainer.train`: the same LightningModule
 (seed, round, client)) on the one client its node's `partition-id` names, holding only that client's data. The
 ServerApp is `fit`'s round loop (`FederatedTrainer`) with its local training replaced by messages to the
 nodes: the same sampling, server role (bad-update policy and aggregation), evaluation, results.json, TensorBoard,
-checkpoints and resume. Messages carry the named tensors of `federated/state.py` in ArrayRecords. A node whose
+checkpoints and resume. Messages carry the named tensors of `lorafair.keys` in ArrayRecords. A node whose
 reply is an error (it failed mid-round) is left out of the round and named in results.json.
 
 FLoRA and FedEx-LoRA merge into the frozen weights. The server keeps the run's merges; a node keeps its frozen
@@ -32,25 +32,20 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from lorafair.aggregation import ClientUpdate
+from lorafair.aggregation import ClientUpdate, method_class
 from lorafair.config import FitConfig
 from lorafair.data import Client, build_client_data, build_federated_data, model_data_config
 from lorafair.errors import UserError
+from lorafair.export import export_final
 from lorafair.federated import faults
 from lorafair.federated.client import LocalTrainer
-from lorafair.federated.loop import FederatedTrainer, build_model, launch_fabric
-from lorafair.federated.state import (
-    ClientResult,
-    GlobalState,
-    Pairs,
-    ServerAnswer,
-    pack,
-    pack_pairs,
-    unpack,
-    unpack_pairs,
-)
-from lorafair.flower.strategy import MERGING_METHODS, screen_reply
-from lorafair.reporting.run_folder import own_run_folder, results_path
+from lorafair.federated.launch import launch_fabric
+from lorafair.federated.loop import FederatedTrainer
+from lorafair.federated.run_folder import own_run_folder, results_path
+from lorafair.federated.state import ClientResult, GlobalState, ServerAnswer
+from lorafair.flower.strategy import screen_reply
+from lorafair.keys import Pairs, merge_indices, merge_kind, pack, pack_pairs, pair_key, unpack, unpack_pairs
+from lorafair.models.build import build_model
 
 MERGES, BASE, APPLIED = "lorafair.merges", "lorafair.base", "lorafair.applied"
 """Message records of the merges a node has not applied and of the resumed frozen weights; the node state record of
@@ -102,7 +97,7 @@ def catch_up(trainer: LocalTrainer, pristine: dict[str, torch.Tensor], msg: Mess
 def train(cfg: FitConfig, msg: Message, context: Context) -> Message:
     """Train this node's client from the global state in `msg`; reply with its update and statistics."""
     trainer, pristine, client = node_trainer(cfg, int(context.node_config["partition-id"]))
-    if cfg.server.method in MERGING_METHODS:
+    if method_class(cfg.server.method).merges:
         catch_up(trainer, pristine, msg, context)
     tensors = msg.content["arrays"].to_torch_state_dict()
     start = GlobalState.from_tensors(tensors)
@@ -138,7 +133,7 @@ class FlowerRoundLoop(FederatedTrainer):
         if cfg.federation.setting != "federated":
             raise UserError(f"federation.setting {cfg.federation.setting} is a bound for `lorafair fit` and "
                             f"`lorafair compare`; Flower runs federated methods only")
-        super().__init__(cfg, launch_fabric(cfg))
+        super().__init__(cfg, launch_fabric(cfg), export=export_final)
         self.grid, self.timeout = grid, timeout
         self.node_of: dict[int, int] = {}
         self.merges: list[Pairs] = []
@@ -192,12 +187,12 @@ class FlowerRoundLoop(FederatedTrainer):
         content = RecordDict({"arrays": to_arrays(self.global_state.tensors()),
                               "config": ConfigRecord({"server-round": round_index,
                                                       "lora-rank": self.client_ranks[client]})})
-        if self.cfg.server.method in MERGING_METHODS:
+        if method_class(self.cfg.server.method).merges:
             if client not in self.merges_applied and self.resumed_base:
                 content[BASE] = to_arrays(self.resumed_base)
             start = self.merges_applied.get(client, 0)
             content[MERGES] = to_arrays({key: tensor for index in range(start, len(self.merges))
-                                         for key, tensor in pack_pairs(f"merge/{index}", self.merges[index]).items()})
+                                         for key, tensor in pack_pairs(merge_kind(index), self.merges[index]).items()})
         return Message(content, message_type=MessageType.TRAIN, dst_node_id=self.node_of[client])
 
     def reply_template(self, client: int) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -205,23 +200,18 @@ class FlowerRoundLoop(FederatedTrainer):
         tensors."""
         rank, template = self.client_ranks[client], {}
         for name, (lora_a, lora_b) in self.global_state.lora.items():
-            template[f"lora/{name}/A"] = ((rank, lora_a.shape[1]), _dtype(lora_a))
-            template[f"lora/{name}/B"] = ((lora_b.shape[0], rank), _dtype(lora_b))
+            template[pair_key("lora", name, "A")] = ((rank, lora_a.shape[1]), _dtype(lora_a))
+            template[pair_key("lora", name, "B")] = ((lora_b.shape[0], rank), _dtype(lora_b))
         template.update({key: (tuple(tensor.shape), _dtype(tensor))
                          for key, tensor in pack("extra", self.global_state.extra).items()})
         return template
 
-    def aggregate(self, round_index: int, results: list[ClientResult], sampled: list[int]) -> ServerAnswer:
-        if self.malformed and self.cfg.federation.on_bad_update == "error":
-            described = "; ".join(f"client {client}: {reason}" for client, reason in self.malformed.items())
-            raise UserError(f"round {round_index}: bad client update ({described}); federation.on_bad_update drop "
-                            f"leaves such clients out of the round")
-        for client, reason in self.malformed.items():
-            self.fabric.print(f"warning: round {round_index}: client {client} left out: {reason}")
-        answer = super().aggregate(round_index, results, sampled)
+    def aggregate(self, round_index: int, results: list[ClientResult], sampled: list[int],
+                  unreadable: dict[str, str] | None = None) -> ServerAnswer:
+        """The round loop's answer, with the malformed replies as bad updates under its policy and the failed nodes
+        in the record."""
+        answer = super().aggregate(round_index, results, sampled, {**self.malformed, **(unreadable or {})})
         answer.record.failed_clients = dict(sorted(self.failed.items(), key=lambda item: int(item[0])))
-        answer.record.bad_updates = dict(sorted({**answer.record.bad_updates, **self.malformed}.items(),
-                                                key=lambda item: int(item[0])))
         return answer
 
     def apply(self, round_index: int, answer: ServerAnswer) -> None:
@@ -300,10 +290,10 @@ def result_of(client: int, reply: Message) -> ClientResult:
 def pending_merges(tensors: dict[str, torch.Tensor], applied: int) -> list[Pairs]:
     """The merges keyed `merge/<index>/<layer>/<A|B>` that a node with `applied` merges has not applied, in order;
     a gap is an error (the node's frozen weights would drift from the server's)."""
-    indices = sorted({int(key.split("/")[1]) for key in tensors} - set(range(applied)))
+    indices = [index for index in merge_indices(tensors) if index >= applied]
     if indices and indices != list(range(applied, applied + len(indices))):
         raise ValueError(f"merges {indices} do not continue from the {applied} this node has applied")
-    return [unpack_pairs(tensors, f"merge/{index}") for index in indices]
+    return [unpack_pairs(tensors, merge_kind(index)) for index in indices]
 
 
 # ---- the engines ------------------------------------------------------------------------------------------------

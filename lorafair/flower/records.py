@@ -1,4 +1,4 @@
-"""Between Flower's records and lorafair's tensors: one key format, peft's.
+"""Between Flower's records and lorafair's tensors: one key format, peft's (`lorafair.keys.peft_key`).
 
 A model's trainable state travels as one ArrayRecord keyed like `get_peft_model_state_dict`: a LoRA layer L is the
 pair `L.lora_A.weight` (r x in) and `L.lora_B.weight` (out x r); every other key (a classifier head) is averaged.
@@ -8,40 +8,24 @@ merges of the run, so a client that missed rounds applies exactly the ones it ha
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
-import torch
 from flwr.app import ArrayRecord
 from torch import Tensor
 
-LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
-
-Pairs = dict[str, tuple[Tensor, Tensor]]
+from lorafair.keys import PEFT_A, Pairs, peft_key, unpack_peft
 
 
 def arrays_to_state(arrays: ArrayRecord) -> tuple[Pairs, dict[str, Tensor]]:
     """(LoRA pairs by layer, the other tensors) of an ArrayRecord; a lone A or B is an error naming the key."""
-    tensors = arrays.to_torch_state_dict()
-    layers = [key[: -len(LORA_A)] for key in tensors if key.endswith(LORA_A)]
-    lora = {}
-    for layer in layers:
-        if layer + LORA_B not in tensors:
-            raise ValueError(f"array '{layer}{LORA_A}' has no '{layer}{LORA_B}' beside it: send both LoRA factors")
-        lora[layer] = (tensors[layer + LORA_A], tensors[layer + LORA_B])
-    paired = {layer + suffix for layer in layers for suffix in (LORA_A, LORA_B)}
-    lone = [key for key in tensors if key.endswith(LORA_B) and key not in paired]
-    if lone:
-        raise ValueError(f"array '{lone[0]}' has no '{lone[0][: -len(LORA_B)]}{LORA_A}' beside it: send both factors")
-    extra = {key: tensor for key, tensor in tensors.items() if key not in paired}
-    return lora, extra
+    return unpack_peft(arrays.to_torch_state_dict())
 
 
 def state_to_arrays(lora: Mapping[str, tuple[Tensor, Tensor]], extra: Mapping[str, Tensor],
                     order: list[str] | None = None) -> ArrayRecord:
     """The ArrayRecord of (lora, extra); `order` (the keys of the record they came from) fixes the key order."""
-    tensors = {**{layer + LORA_A: pair[0] for layer, pair in lora.items()},
-               **{layer + LORA_B: pair[1] for layer, pair in lora.items()}, **extra}
+    tensors = {**{peft_key(layer, "A"): pair[0] for layer, pair in lora.items()},
+               **{peft_key(layer, "B"): pair[1] for layer, pair in lora.items()}, **extra}
     keys = order if order is not None else list(tensors)
     return ArrayRecord(torch_state_dict={key: tensors[key].detach().cpu().contiguous() for key in keys})
 
@@ -51,8 +35,8 @@ def merges_to_arrays(merges: list[Pairs], start: int) -> ArrayRecord:
     tensors = {}
     for index, merge in enumerate(merges[start:], start):
         for layer, (lora_a, lora_b) in merge.items():
-            tensors[f"{index}/{layer}{LORA_A}"] = lora_a.detach().cpu().contiguous()
-            tensors[f"{index}/{layer}{LORA_B}"] = lora_b.detach().cpu().contiguous()
+            tensors[f"{index}/{peft_key(layer, 'A')}"] = lora_a.detach().cpu().contiguous()
+            tensors[f"{index}/{peft_key(layer, 'B')}"] = lora_b.detach().cpu().contiguous()
     return ArrayRecord(torch_state_dict=tensors)
 
 
@@ -63,23 +47,12 @@ def merges_to_apply(merges: ArrayRecord | None, applied: int) -> list[Pairs]:
     by_index: dict[int, Pairs] = {}
     for key, lora_a in tensors.items():
         index, name = key.split("/", 1)
-        if name.endswith(LORA_A):
-            layer = name[: -len(LORA_A)]
-            by_index.setdefault(int(index), {})[layer] = (lora_a, tensors[f"{index}/{layer}{LORA_B}"])
+        if name.endswith(PEFT_A):
+            layer = name[: -len(PEFT_A)]
+            by_index.setdefault(int(index), {})[layer] = (lora_a, tensors[f"{index}/{peft_key(layer, 'B')}"])
     pending = sorted(index for index in by_index if index >= applied)
     if pending and pending != list(range(applied, applied + len(pending))):
         raise ValueError(f"merges {pending} do not continue from the {applied} this client has applied: a merge is "
                          "missing, so its frozen weights would drift from the server's")
     return [by_index[index] for index in pending]
 
-
-def fresh_lora(like: Mapping[str, tuple[Tensor, Tensor]], seed: int) -> Pairs:
-    """A fresh LoRA start as peft makes it (A Kaiming-uniform with a = sqrt(5), B zero), drawn layer by layer in
-    `like`'s order from one generator seeded with `seed`."""
-    generator = torch.Generator().manual_seed(seed)
-    fresh = {}
-    for layer, (lora_a, lora_b) in like.items():
-        new_a = torch.empty(lora_a.shape, dtype=lora_a.dtype)
-        torch.nn.init.kaiming_uniform_(new_a, a=math.sqrt(5), generator=generator)
-        fresh[layer] = (new_a, torch.zeros_like(lora_b))
-    return fresh

@@ -2,9 +2,10 @@
 
 It is FedAvg with the averaging swapped for `lorafair.aggregation`: the same sampling, constructor arguments,
 records and error handling (a node whose reply carries an error is left out of the round and logged), plus
-lorafair's bad-update policy (NaN/Inf updates dropped and the others re-weighted, or the run stopped) and, for the
-methods that merge into the frozen weights (FLoRA, FedEx-LoRA), a log of merges from which every node receives the
-ones it has not confirmed yet, so a node that sat out rounds catches up exactly before it trains.
+lorafair's bad-update policy (`lorafair.federated.server.BadUpdatePolicy`: NaN/Inf updates and malformed replies
+dropped and the others re-weighted, or the run stopped) and, for the methods that merge into the frozen weights
+(FLoRA, FedEx-LoRA), a log of merges from which every node receives the ones it has not confirmed yet, so a node
+that sat out rounds catches up exactly before it trains.
 """
 
 from __future__ import annotations
@@ -24,29 +25,25 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore import log
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from lorafair.aggregation import ClientUpdate, build_aggregator, find_bad_updates, method_options
-from lorafair.federated.sampling import derive_seed
-from lorafair.flower.records import (
-    LORA_A,
-    LORA_B,
-    Pairs,
-    arrays_to_state,
-    fresh_lora,
-    merges_to_arrays,
-    state_to_arrays,
+from lorafair.aggregation import (
+    ClientUpdate,
+    build_aggregator,
+    method_class,
+    method_options,
+    registered_methods,
 )
-
-MERGING_METHODS = frozenset({"flora", "fedex_lora"})
-"""Methods whose answer includes a merge into every client's frozen weights."""
-SUM_ONLY_METHODS = frozenset({"fedit", "ffa_lora"})
-"""Methods that need only the weighted sum of the clients' factors, so they can run under secure aggregation."""
+from lorafair.federated.server import BadUpdatePolicy, unusable_updates
+from lorafair.flower.records import arrays_to_state, merges_to_arrays, state_to_arrays
+from lorafair.keys import PEFT_A, PEFT_B, Pairs, peft_partner
+from lorafair.seeds import derive_seed, fresh_lora, seeded_generator
 
 
 def check_secure_aggregation(method: str) -> None:
     """Refuse a method that needs each client's factors where the server may only see their sum."""
-    if method not in SUM_ONLY_METHODS:
+    if not method_class(method).sums_only:
+        sums_only = sorted(name for name in registered_methods() if method_class(name).sums_only)
         raise ValueError(f"{method} needs each client's LoRA factors, which secure aggregation hides (it reveals "
-                         f"only their sum); use {' or '.join(sorted(SUM_ONLY_METHODS))} under secure aggregation")
+                         f"only their sum); use {' or '.join(sums_only)} under secure aggregation")
 
 
 class LoraStrategy(FedAvg):
@@ -129,7 +126,7 @@ class LoraStrategy(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        if KEY_CLIPPING_NORM in config and self.method in MERGING_METHODS:
+        if KEY_CLIPPING_NORM in config and method_class(self.method).merges:
             raise ValueError(f"{self.method} merges into the frozen weights outside the arrays a differential-privacy"
                              f" wrapper clips and noises; use a method without merges under differential privacy")
         if self.template is None:  # the initial arrays, never a reply, decide the global keys, shapes and rank
@@ -143,7 +140,7 @@ class LoraStrategy(FedAvg):
     def _with_merges(self, messages: Iterable[Message]) -> list[Message]:
         """Give each message its own content holding the merges its node has not confirmed."""
         messages = list(messages)
-        if self.method not in MERGING_METHODS:
+        if not method_class(self.method).merges:
             return messages
         self._merges_sent = {}
         for message in messages:
@@ -166,14 +163,7 @@ class LoraStrategy(FedAvg):
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        malformed, screened = {}, []
-        for reply in replies:
-            problem = None if reply.has_error() else self._screen(reply)
-            if problem is None:
-                screened.append(reply)
-            else:
-                malformed[self._client_of(reply)] = f"malformed reply from node {reply.metadata.src_node_id}: {problem}"
+        screened, malformed = self._screened(list(replies))
         valid, errors = self._check_and_log_replies(screened, is_train=True, validate=False)
         record: dict[str, Any] = {"failed_nodes": {str(m.metadata.src_node_id): m.error.reason for m in errors},
                                   "bad_updates": {}, "clients": [], "aggregation": {}}
@@ -188,22 +178,20 @@ class LoraStrategy(FedAvg):
         record["train_loss"] = {str(client): float(next(iter(m.content.metric_records.values()))["train-loss"])
                                 for client, m in zip(record["clients"], valid, strict=True)
                                 if "train-loss" in next(iter(m.content.metric_records.values()))}
-        bad = self._bad_updates(valid, updates)
+        losses = [next(iter(m.content.metric_records.values())).get("train-loss", 0.0) for m in valid]
+        bad = unusable_updates(losses, updates)
         record["bad_updates"] = {str(client): reason for client, reason in sorted(malformed.items())}
         record["bad_updates"].update({str(record["clients"][i]): reason for i, reason in sorted(bad.items())})
         bad_count = len(bad) + len(malformed)
-        if bad_count and self.on_bad_update == "error":
-            described = "; ".join(f"client {c}: {r}" for c, r in record["bad_updates"].items())
-            raise ValueError(f"round {server_round}: bad client update ({described}); on_bad_update='drop' leaves "
-                             "such clients out of the round")
-        good = [i for i in range(len(valid)) if i not in bad]
-        if not good:
+        policy = BadUpdatePolicy(self.on_bad_update, log=None, setting="on_bad_update")
+        if not policy.keeps_any(server_round, record["bad_updates"], len(valid) + len(malformed)):
             return None, None
+        good = [i for i in range(len(valid)) if i not in bad]
         kept = self._clip_weights([updates[i] for i in good], [record["clients"][i] for i in good], record)
         result = self.aggregator(server_round).aggregate(kept)
         if result.merge:
             self.merges.append(result.merge)
-        lora = result.lora or fresh_lora(updates[0].lora, derive_seed("lora_reinit", self.seed, server_round))
+        lora = result.lora or fresh_lora(updates[0].lora, seeded_generator("lora_reinit", self.seed, server_round))
         record["aggregation"] = dict(result.metrics)
         record.update(bytes_up=int(result.bytes_up), bytes_down=int(result.bytes_down))
         metrics = self.train_metrics_aggr_fn([valid[i].content for i in good], self.weighted_by_key)
@@ -223,6 +211,17 @@ class LoraStrategy(FedAvg):
         if isinstance(partition, int | float) and math.isfinite(partition) and partition == int(partition):
             return int(partition)
         return reply.metadata.src_node_id
+
+    def _screened(self, replies: list[Message]) -> tuple[list[Message], dict[int, str]]:
+        """(the replies fit to read, client -> why for the others): errors pass, for FedAvg to log."""
+        screened, malformed = [], {}
+        for reply in replies:
+            problem = None if reply.has_error() else self._screen(reply)
+            if problem is None:
+                screened.append(reply)
+            else:
+                malformed[self._client_of(reply)] = f"malformed reply from node {reply.metadata.src_node_id}: {problem}"
+        return screened, malformed
 
     def _screen(self, reply: Message) -> str | None:
         """What makes a reply unfit to aggregate, read from its records' metadata alone, or None."""
@@ -262,14 +261,6 @@ class LoraStrategy(FedAvg):
                                      for client, update in zip(clients, updates, strict=True) if update.weight > cap}
         return [dataclasses.replace(update, weight=min(float(update.weight), cap)) for update in updates]
 
-    def _bad_updates(self, replies: list[Message], updates: list[ClientUpdate]) -> dict[int, str]:
-        bad = {}
-        for position, reply in enumerate(replies):
-            loss = next(iter(reply.content.metric_records.values())).get("train-loss", 0.0)
-            if not math.isfinite(loss):
-                bad[position] = f"local train loss is {loss}"
-        return {**find_bad_updates(updates), **bad}
-
 
 def screen_reply(content: RecordDict, template: dict[str, tuple[tuple[int, ...], str]] | None, count_key: str,
                  max_examples: float) -> str | None:
@@ -304,7 +295,7 @@ def screen_reply(content: RecordDict, template: dict[str, tuple[tuple[int, ...],
         nbytes = math.prod(got) * torch.empty((), dtype=getattr(torch, dtype, torch.float32)).element_size()
         if len(array.data) > nbytes + 4096:  # the serialised array: its bytes plus a small header
             return f"array '{key}' carries {len(array.data)} bytes, more than its shape {got} holds"
-    ranks = sorted({array.shape[0] for key, array in arrays.items() if key.endswith(LORA_A)})
+    ranks = sorted({array.shape[0] for key, array in arrays.items() if key.endswith(PEFT_A)})
     if len(ranks) > 1:
         return f"its LoRA factors have ranks {ranks}; a client has one rank for all its layers"
     return None
@@ -314,12 +305,12 @@ def _lower_rank(key: str, got: tuple[int, ...], shape: tuple[int, ...], arrays: 
     """Whether `got` is the shape of a LoRA factor of `shape` at a lower rank, matching its partner's rank."""
     if len(got) != 2 or len(shape) != 2:
         return False
-    if key.endswith(LORA_A):
-        partner = arrays.get(key[: -len(LORA_A)] + LORA_B)
+    if key.endswith(PEFT_A):
+        partner = arrays.get(peft_partner(key))
         return 0 < got[0] < shape[0] and got[1] == shape[1] and partner is not None and \
             tuple(partner.shape)[1:] == (got[0],)
-    if key.endswith(LORA_B):
-        partner = arrays.get(key[: -len(LORA_B)] + LORA_A)
+    if key.endswith(PEFT_B):
+        partner = arrays.get(peft_partner(key))
         return 0 < got[1] < shape[1] and got[0] == shape[0] and partner is not None and \
             tuple(partner.shape)[:1] == (got[1],)
     return False

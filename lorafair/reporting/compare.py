@@ -26,11 +26,10 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from jsonargparse import ArgumentParser
 
-from lorafair.aggregation import method_options, registered_methods
-from lorafair.config import BOUNDS, FitConfig
+from lorafair.aggregation import method_options
+from lorafair.config import BASELINE, BOUND_METHOD, BOUNDS, FitConfig, comparable
 from lorafair.errors import UserError
-from lorafair.reporting.report import format_value, report
-from lorafair.reporting.run_folder import (
+from lorafair.federated.run_folder import (
     PER_RUN_KEYS,
     config_to_dict,
     flatten_config,
@@ -40,6 +39,7 @@ from lorafair.reporting.run_folder import (
     run_config,
     run_status,
 )
+from lorafair.reporting.report import format_value, report
 
 
 @dataclass(frozen=True)
@@ -110,11 +110,6 @@ def _with_override(cfg: FitConfig, key: str, value: Any) -> FitConfig:
     return replace(cfg, **{section: replace(getattr(cfg, section), **{name: value})})
 
 
-def comparable() -> tuple[str, ...]:
-    """What --methods may name: every registered method, then the bounds."""
-    return (*registered_methods(), *BOUNDS)
-
-
 def plan_runs(cfg: FitConfig, methods: list[str] | None, seeds: list[int] | None,
               grid: str | None) -> list[PlannedRun]:
     """Every run of a comparison, seed by seed (a full table exists after the first seed), validated up front. A
@@ -139,7 +134,7 @@ def plan_runs(cfg: FitConfig, methods: list[str] | None, seeds: list[int] | None
                 name = method if key is None else f"{method}-{key}={format_value(value).replace(os.sep, '_')}"
                 bound = method in BOUNDS
                 run_cfg = replace(cfg, seed=seed, resume=None, out_dir=Path(cfg.out_dir) / name / f"seed{seed}",
-                                  server=replace(cfg.server, method="fedit" if bound else method),
+                                  server=replace(cfg.server, method=BOUND_METHOD if bound else method),
                                   federation=replace(cfg.federation, setting=method if bound else "federated"))
                 if key is not None:
                     run_cfg = _with_override(run_cfg, key, value)
@@ -163,7 +158,7 @@ LOGS_NAME = "logs"
 def _fit_logged(cfg: FitConfig, log: Path) -> float:
     """One run in a worker process, its output (Python's and the libraries' below it) appended to `log`; returns
     its seconds."""
-    from lorafair.federated.loop import fit
+    from lorafair.fit import fit
 
     started = time.monotonic()
     with open(log, "a") as stream:
@@ -219,7 +214,7 @@ def _is_rank_zero() -> bool:
 
 
 def compare(cfg: FitConfig, methods: list[str] | None, seeds: list[int] | None, grid: str | None,
-            baseline: str = "fedit", jobs: int = 1) -> None:
+            baseline: str = BASELINE, jobs: int = 1) -> None:
     """Fit every planned run that is not finished yet, `jobs` at a time, then write the report into cfg.out_dir,
     each row against `baseline`."""
     if baseline not in comparable():
@@ -237,7 +232,7 @@ def compare(cfg: FitConfig, methods: list[str] | None, seeds: list[int] | None, 
 
 
 def _compare(cfg: FitConfig, runs: list[PlannedRun], lead: bool, baseline: str, jobs: int) -> None:
-    from lorafair.federated.loop import fit
+    from lorafair.fit import fit
 
     statuses = [run_status(run.cfg.out_dir) for run in runs]
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1

@@ -24,11 +24,10 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from lorafair.aggregation import display_name, registered_methods
-from lorafair.config import BOUNDS
+from lorafair.aggregation import display_name
+from lorafair.config import BASELINE, BOUNDS, comparable
 from lorafair.errors import UserError
-from lorafair.federated.state import decode_items
-from lorafair.reporting.run_folder import (
+from lorafair.federated.run_folder import (
     CONFIG_NAME,
     EXPORT_NAME,
     PER_RUN_KEYS,
@@ -37,8 +36,9 @@ from lorafair.reporting.run_folder import (
     is_finished,
     read_results,
     run_config,
-    write_text_atomic,
 )
+from lorafair.federated.state import decode_items
+from lorafair.files import write_text_atomic
 from lorafair.reporting.significance import BOOTSTRAP_SAMPLES, Interval, paired_bootstrap_interval, paired_t_interval
 
 TABLE_NAME = "comparison.md"
@@ -117,7 +117,7 @@ def _sort_key(value: Any) -> tuple:
 
 def _method_rank(method: str) -> int:
     """Position in the registration order, then the bounds (also picks the colour); unknown methods go last."""
-    methods = (*registered_methods(), *BOUNDS)
+    methods = comparable()
     return methods.index(method) if method in methods else len(methods)
 
 
@@ -354,7 +354,7 @@ def _seed_note(rows: list[Row]) -> list[str]:
     return lines
 
 
-def markdown_table(rows: list[Row], incomplete: list[str], baseline: str = "fedit") -> str:
+def markdown_table(rows: list[Row], incomplete: list[str], baseline: str = BASELINE) -> str:
     """comparison.md: accuracy per method and domain like the paper's Table 1 with the starting model's score and
     the gain, the gain per domain, the differences against `baseline` with their intervals, then the communication
     per round."""
@@ -440,7 +440,7 @@ def _stats_table(rows: list[Row], setting_keys: list[str], columns: list[str],
     return lines
 
 
-def csv_table(rows: list[Row], baseline: str = "fedit") -> str:
+def csv_table(rows: list[Row], baseline: str = BASELINE) -> str:
     """comparison.csv: the numbers of comparison.md, one row per table row, std empty with a single seed."""
     domains = _domains(run for row in rows for run in row.runs)
     setting_keys = [key for key, _ in rows[0].setting]
@@ -563,7 +563,7 @@ def sweep_plot_name(key: str) -> str:
     return f"accuracy_vs_{key}.png"
 
 
-def report(dir: Path, skip_bad: bool = False, baseline: str = "fedit") -> list[str]:
+def report(dir: Path, skip_bad: bool = False, baseline: str = BASELINE) -> list[str]:
     """Write comparison.md, comparison.csv and the plots into `dir` from every finished run below it; each row is
     compared with the runs of `baseline` (paired 95% intervals).
 

@@ -29,11 +29,11 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
 from lorafair.config import FitConfig, ModelConfig, TextConfig
+from lorafair.data import arithmetic
 from lorafair.data.cache import cache_dir
 from lorafair.data.federated import Client, FederatedData
 from lorafair.data.partition import partition
 from lorafair.errors import UserError
-from lorafair.text import arithmetic
 
 IGNORE_INDEX = -100
 """Label of the positions the loss skips (prompt and padding): torch's cross_entropy default."""

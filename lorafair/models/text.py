@@ -3,7 +3,7 @@
 It offers the client role the same methods as the image model (`lorafair.federated.client.ClientModel`), so the
 round loop, every aggregation method, resume and torchrun work unchanged. The trainable state is the LoRA factors
 plus, for a classifier, its head (the parameters outside the transformer body); a causal LM has no extra tensors.
-Batches come from `lorafair.text.data`: inputs = stack(ids, mask) padded to text.max_length, trimmed here to the
+Batches come from `lorafair.data.text`: inputs = stack(ids, mask) padded to text.max_length, trimmed here to the
 columns the batch uses.
 """
 
@@ -18,10 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lorafair.config import FitConfig, ModelConfig
+from lorafair.data.text import IGNORE_INDEX, answers_from_codes, extract_answer, load_tokenizer
 from lorafair.errors import UserError
-from lorafair.lora_state import PeftLoraState
-from lorafair.model import target_layers
-from lorafair.text.data import IGNORE_INDEX, answers_from_codes, extract_answer, load_tokenizer
+from lorafair.models.lora import PeftLoraState, target_layers
 from lorafair.weights import resolve_weights_path
 
 

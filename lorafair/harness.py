@@ -17,7 +17,7 @@ import torch
 
 from lorafair.errors import UserError
 from lorafair.export import global_model, is_language_model, open_run
-from lorafair.reporting.run_folder import write_json
+from lorafair.files import write_json
 
 CODE_EXECUTING_TASKS = ("humaneval", "mbpp", "ds1000", "apps")
 """lm-eval task name prefixes whose scoring runs the generated programs."""

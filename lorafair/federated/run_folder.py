@@ -19,20 +19,20 @@ Accuracies are fractions in [0, 1]; bytes are per client per round.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import os
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 from filelock import FileLock, Timeout
 
 from lorafair.config import FitConfig
 from lorafair.errors import UserError
+from lorafair.files import write_json
 
 CONFIG_NAME = "config.yaml"
 CLASSES_NAME = "classes.json"
@@ -313,68 +313,6 @@ def flatten_config(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any
         else:
             flat[prefix + key] = value
     return flat
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` so readers see either the old or the new content, never a mix."""
-    with temporary_beside(path) as (handle, temporary):
-        handle.write(text.encode())
-        handle.flush()
-        os.fsync(handle.fileno())
-        os.replace(temporary, path)
-
-
-@contextmanager
-def temporary_beside(path: Path) -> Iterator[tuple[BinaryIO, Path]]:
-    """A new file of a unique name beside `path` (".NAME.XXXXXXXX.tmp", so two writers of one file never share a
-    temporary), opened for writing with the permissions a plain `open` would give; removed again if the block
-    raises before renaming it."""
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    temporary = Path(name)
-    try:
-        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 would make results.json private to its owner
-        with os.fdopen(fd, "wb") as handle:
-            yield handle, temporary
-    except BaseException as err:
-        temporary.unlink(missing_ok=True)
-        if is_disk_full(err):
-            raise UserError(disk_full_message(path)) from err
-        raise
-
-
-DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
-
-
-def is_disk_full(err: BaseException) -> bool:
-    """Whether `err` is, or was raised while handling, a write refused for want of space or quota (torch.save
-    reports one as a RuntimeError whose context is the OSError)."""
-    seen: set[int] = set()
-    current: BaseException | None = err
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, OSError) and current.errno in DISK_FULL:
-            return True
-        current = current.__cause__ or current.__context__
-    return False
-
-
-def disk_full_message(path: Path) -> str:
-    return (f"no space left on the device to write {path}; nothing was put in its place (an earlier version is "
-            f"kept): free space, then run the same command again, which resumes from the last complete checkpoint")
-
-
-def current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def write_json(path: Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
-
-
-def write_yaml(path: Path, data: Mapping[str, Any]) -> None:
-    write_text_atomic(path, yaml.safe_dump(dict(data), sort_keys=False))
 
 
 def mean(values: list[float]) -> float:

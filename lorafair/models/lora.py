@@ -1,4 +1,5 @@
-"""The swappable LoRA state of a module adapted by peft, shared by the image and the text client models.
+"""Which layers get LoRA, and the swappable LoRA state of a module adapted by peft, shared by the image and the text
+client models.
 
 A client's LoRA factors are keyed by the adapted layers' own names ("blocks.0.attn.proj"), never by peft's wrapped
 names, so the server and the checkpoints see the same keys whatever the model family.
@@ -7,7 +8,6 @@ names, so the server and the checkpoints see the same keys whatever the model fa
 from __future__ import annotations
 
 import copy
-import math
 import re
 
 import torch
@@ -15,8 +15,10 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import inject_adapter_in_model
 from torch import Tensor, nn
 
+from lorafair.aggregation import ranks
 from lorafair.config import LoraConfig
 from lorafair.errors import UserError
+from lorafair.seeds import fresh_lora
 
 _ADAPTER = "default"
 
@@ -28,6 +30,38 @@ def check_rank(r: int, layers: dict[str, nn.Linear]) -> None:
     if r > width:
         raise UserError(f"lora.r: {r} is larger than the smallest adapted layer ({name}, {layer.out_features} x "
                         f"{layer.in_features}); use at most {width}")
+
+
+def target_layers(backbone: nn.Module, pattern: str | None, head_weights: list[str]) -> list[str]:
+    """Names of the Linear layers that LoRA adapts: those whose full name matches `pattern`, in model order."""
+    linear = [name for name, module in backbone.named_modules() if isinstance(module, nn.Linear)]
+    examples = ", ".join(linear[:6])
+    if pattern is None:
+        raise UserError(f"lora.target_modules: {type(backbone).__name__} has no default; set a regex over its Linear "
+                        f"layers, e.g. among: {examples}")
+    try:
+        regex = re.compile(pattern)
+    except re.error as err:
+        raise UserError(f"lora.target_modules: {pattern!r} is not a valid regex ({err})") from err
+    layers = [name for name in linear if regex.fullmatch(name)]
+    head = [name for name in layers if f"{name}.weight" in head_weights]
+    if head:
+        raise UserError(f"lora.target_modules: {pattern!r} matches the classifier head {head[0]!r}, which is trained "
+                        "in full; leave it out of the regex")
+    if not layers:
+        raise UserError(f"lora.target_modules: {pattern!r} matches no Linear layer of {type(backbone).__name__}; "
+                        f"it must match full module names such as: {examples}")
+    return layers
+
+
+def peft_config(lora_cfg: LoraConfig, layer_names: list[str], modules_to_save: list[str] | None = None,
+                task_type: str | None = None) -> PeftLoraConfig:
+    """peft's LoraConfig of the lora section on exactly `layer_names`, without bias: the one place it is built, for
+    the adapter a client model trains and for the one an export writes (with the modules it saves beside the
+    factors, and a task type where peft needs one to load it)."""
+    return PeftLoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                          target_modules="|".join(re.escape(name) for name in layer_names), bias="none",
+                          modules_to_save=modules_to_save, task_type=task_type)
 
 
 class PeftLoraState:
@@ -48,12 +82,9 @@ class PeftLoraState:
         kept in float32 whatever the dtype of the frozen weights."""
         check_rank(lora_cfg.r, {name: self.backbone.get_submodule(name) for name in layer_names})
         self.layer_names = layer_names
-        self.scaling = lora_cfg.alpha / lora_cfg.r
+        self.scaling = ranks.scaling(lora_cfg.alpha, lora_cfg.r)
         self.alpha, self.lora_rank = lora_cfg.alpha, lora_cfg.r
-        exact_names = "|".join(re.escape(name) for name in layer_names)
-        peft_cfg = PeftLoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-                                  target_modules=exact_names, bias="none")
-        inject_adapter_in_model(peft_cfg, self.backbone, adapter_name=_ADAPTER)
+        inject_adapter_in_model(peft_config(lora_cfg, layer_names), self.backbone, adapter_name=_ADAPTER)
         for param in self.backbone.parameters():
             param.requires_grad_(False)
         for layer in self._layers():
@@ -77,7 +108,7 @@ class PeftLoraState:
         """Act as a rank-`rank` LoRA with its own scaling alpha / rank, on the one adapter of the global rank: the
         components past `rank` are held at zero (`set_lora` pads them), so their gradients are exactly zero too."""
         for layer in self._layers():
-            layer.scaling[_ADAPTER] = self.alpha / rank
+            layer.scaling[_ADAPTER] = ranks.scaling(self.alpha, rank)
         self.lora_rank = rank
 
     def get_lora(self) -> dict[str, tuple[Tensor, Tensor]]:
@@ -96,15 +127,14 @@ class PeftLoraState:
 
     @torch.no_grad()
     def init_lora(self, generator: torch.Generator) -> None:
-        """A as peft initialises it (Kaiming-uniform, a=sqrt(5)) but drawn from `generator`; B = 0, so the update
-        starts at zero. Layers draw in `layer_names` order, so equal generators give equal factors."""
-        for layer in self._layers():
-            lora_a = layer.lora_A[_ADAPTER].weight
-            # drawn on the CPU so the values do not depend on the device the module lives on
-            fresh = torch.empty(lora_a.shape, dtype=lora_a.dtype)
-            nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
-            lora_a.copy_(fresh)
-            layer.lora_B[_ADAPTER].weight.zero_()
+        """A fresh LoRA start (`lorafair.seeds.fresh_lora`: A as peft initialises it but drawn from `generator`,
+        B = 0) in every adapted layer, drawn in `layer_names` order."""
+        layers = dict(zip(self.layer_names, self._layers(), strict=True))
+        fresh = fresh_lora({name: (layer.lora_A[_ADAPTER].weight, layer.lora_B[_ADAPTER].weight)
+                            for name, layer in layers.items()}, generator)
+        for name, (lora_a, _) in fresh.items():
+            layers[name].lora_A[_ADAPTER].weight.copy_(lora_a)
+            layers[name].lora_B[_ADAPTER].weight.zero_()
 
     @torch.no_grad()
     def merge(self, merge: dict[str, tuple[Tensor, Tensor]]) -> None:

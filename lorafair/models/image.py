@@ -1,4 +1,4 @@
-"""The client model: a frozen timm backbone with peft LoRA adapters and a trainable classifier head.
+"""The image client model: a frozen timm backbone with peft LoRA adapters and a trainable classifier head.
 
 A client's whole trainable state is small (LoRA factors + head), so one module per rank can host many clients by
 swapping that state in and out with get_lora/set_lora and get_extra/set_extra. Every tensor is keyed by the
@@ -11,8 +11,6 @@ the LoRA factors explicitly.
 
 from __future__ import annotations
 
-import re
-
 import lightning
 import torch
 import torch.nn.functional as F
@@ -22,8 +20,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lorafair.config import ClientConfig, LoraConfig, ModelConfig
-from lorafair.errors import UserError
-from lorafair.lora_state import PeftLoraState
+from lorafair.models.lora import PeftLoraState, target_layers
 from lorafair.weights import create_backbone, head_parameter_names
 
 VIT_TARGETS = r".*blocks\.\d+\.(attn\.proj|mlp\.fc2)"
@@ -38,28 +35,6 @@ def default_targets(backbone: nn.Module) -> str | None:
     if isinstance(backbone, MlpMixer):
         return MIXER_TARGETS
     return None
-
-
-def target_layers(backbone: nn.Module, pattern: str | None, head_weights: list[str]) -> list[str]:
-    """Names of the Linear layers that LoRA adapts: those whose full name matches `pattern`, in model order."""
-    linear = [name for name, module in backbone.named_modules() if isinstance(module, nn.Linear)]
-    examples = ", ".join(linear[:6])
-    if pattern is None:
-        raise UserError(f"lora.target_modules: {type(backbone).__name__} has no default; set a regex over its Linear "
-                        f"layers, e.g. among: {examples}")
-    try:
-        regex = re.compile(pattern)
-    except re.error as err:
-        raise UserError(f"lora.target_modules: {pattern!r} is not a valid regex ({err})") from err
-    layers = [name for name in linear if regex.fullmatch(name)]
-    head = [name for name in layers if f"{name}.weight" in head_weights]
-    if head:
-        raise UserError(f"lora.target_modules: {pattern!r} matches the classifier head {head[0]!r}, which is trained "
-                        "in full; leave it out of the regex")
-    if not layers:
-        raise UserError(f"lora.target_modules: {pattern!r} matches no Linear layer of {type(backbone).__name__}; "
-                        f"it must match full module names such as: {examples}")
-    return layers
 
 
 class LoraClassifier(PeftLoraState, lightning.LightningModule):

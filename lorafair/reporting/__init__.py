@@ -1,0 +1,2 @@
+"""Comparisons of runs: `lorafair compare` (many runs of one config), `lorafair report` (its tables and plots) and the
+paired intervals between methods."""
