@@ -24,14 +24,12 @@ from types import UnionType
 from typing import Annotated, Any, Union, get_args, get_origin, get_type_hints
 
 from docstring_parser import parse as parse_docstring
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
+from jsonargparse import ArgumentParser, Namespace
 
 from lorafair.config import DataConfig, FitConfig
-from lorafair.config_file import check_config_file, check_flag_value
-from lorafair.config_hub import list_configs, resolve_config
+from lorafair.config_hub import list_configs
+from lorafair.config_parse import add_fit_config_arguments, checked_args, fit_config
 from lorafair.errors import UserError
-
-set_parsing_settings(docstring_parse_attribute_docstrings=True)  # field docstrings become --help text
 
 Settings = Annotated[dict[str, Any], DataConfig]
 """Data settings given as --data.KEY flags, only those typed on the command line (they override a run's own)."""
@@ -185,10 +183,7 @@ def command_parser(function: Callable[..., None]) -> ArgumentParser:
     summary = inspect.getdoc(function).splitlines()[0]
     parser = ArgumentParser(description=summary, exit_on_error=False)
     if _takes_config(function):
-        parser.add_argument("--config", action=ActionConfigFile,
-                            help="YAML config: a path, or a shipped config's name (lorafair configs); later flags "
-                                 "override it.")
-        parser.add_class_arguments(FitConfig, as_group=False)
+        add_fit_config_arguments(parser)
     docs = {param.arg_name: param.description for param in parse_docstring(inspect.getdoc(function)).params}
     hints = get_type_hints(function, include_extras=True)
     for name, param in inspect.signature(function).parameters.items():
@@ -235,24 +230,16 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
     return parser, parsers
 
 
-def to_fit_config(parser: ArgumentParser, namespace: Namespace) -> FitConfig:
-    """Turn a parsed namespace of a command that takes `cfg` into a validated FitConfig."""
-    values = parser.instantiate(namespace)
-    cfg = FitConfig(**{f.name: values[f.name] for f in fields(FitConfig)})
-    cfg.validate()
-    return cfg
-
-
 def parse(argv: list[str]) -> tuple[Callable[..., None], dict[str, Any]]:
     """The function `lorafair ARGV` runs, and its keyword arguments (a validated FitConfig as `cfg`)."""
     parser, parsers = build_parser()
-    args = parser.parse_args(with_config_paths(argv))
+    args = parser.parse_args(checked_args(argv))
     function, namespace = COMMANDS[args.command], args[args.command]
     hints = get_type_hints(function, include_extras=True)
     kwargs = {name: given_settings(argv, name, namespace[name]) if _settings_section(hints[name]) else namespace[name]
               for name in inspect.signature(function).parameters if name != "cfg"}
     if _takes_config(function):
-        kwargs["cfg"] = to_fit_config(parsers[args.command], namespace)
+        kwargs["cfg"] = fit_config(parsers[args.command].instantiate(namespace))
     return function, kwargs
 
 
@@ -260,33 +247,6 @@ def given_settings(argv: list[str], section: str, parsed: Namespace) -> dict[str
     """The --SECTION.KEY settings typed in argv, with their parsed values."""
     keys = {arg[len(section) + 3:].split("=")[0] for arg in argv if arg.startswith(f"--{section}.")}
     return {key: parsed[key] for key in sorted(keys) if key in parsed}
-
-
-def with_config_paths(argv: list[str]) -> list[str]:
-    """argv with the value of every --config resolved to a file (a path as it is, a shipped config's name to its
-    packaged file), each file checked before jsonargparse reads it (config_file), and every other value held to
-    the same size and alias limits (jsonargparse parses flag values as YAML too)."""
-    sections = [name for name, hint in get_type_hints(FitConfig).items() if is_dataclass(hint)]
-    resolved, after_config, flag = [], False, "a value"
-    for arg in argv:
-        if after_config:
-            arg = str(_checked_config(arg, sections))
-        elif arg.startswith("--config="):
-            arg = f"--config={_checked_config(arg.split('=', 1)[1], sections)}"
-        elif arg.startswith("--") and "=" in arg:
-            check_flag_value(arg.split("=", 1)[0], arg.split("=", 1)[1])
-        else:
-            check_flag_value(flag, arg)
-        after_config = arg == "--config"
-        flag = arg if arg.startswith("--") else "a value"
-        resolved.append(arg)
-    return resolved
-
-
-def _checked_config(name: str, sections: list[str]) -> Path:
-    path = resolve_config(name)
-    check_config_file(path, sections)
-    return path
 
 
 def _known_keys() -> list[str]:

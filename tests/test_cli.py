@@ -177,3 +177,18 @@ def test_hostile_values_are_one_line_naming_the_key(tmp_path, capsys, case):
     assert expected in captured.err, captured.err
     assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_the_flower_apps_read_settings_without_the_command_layer():
+    """lorafair.flower.app parses a deployed run's settings with lorafair.config_parse, below the commands: it never
+    imports lorafair.cli (which imports the commands, one of which imports the Flower apps)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, types\n"
+            "from lorafair.flower.app import run_config_to_fit_config\n"
+            "context = types.SimpleNamespace(run_config={'config': 'demo', 'args': '--federation.rounds 2'})\n"
+            "assert run_config_to_fit_config(context).federation.rounds == 2\n"
+            "print(sorted(m for m in sys.modules if m == 'lorafair.cli' or m.startswith('lorafair.commands')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
