@@ -32,6 +32,7 @@ from lorafair.federated.state import (
 )
 from lorafair.reporting.run_folder import (
     checkpoint_dir,
+    current_round_record,
     is_finished,
     read_results,
     results_path,
@@ -258,7 +259,7 @@ def read_round(path: Path, state: Any) -> ResumeState:
                    **pack_by_rank({rank: {name: (pair["A"], pair["B"]) for name, pair in pairs.items()}
                                    for rank, pairs in state.get("lora_by_rank", {}).items()}),
                    **pack("extra", state["extra"]), **pack("base", state["base"])}
-        records = list(state["results"]["rounds"])
+        records = [current_round_record(record) for record in state["results"]["rounds"]]
         start = state["results"].get("start")
         client_states = unpack_client_states(dict(state.get("client_states", {})))
     except (KeyError, TypeError, AttributeError) as err:

@@ -103,7 +103,16 @@ def read_results(path: Path) -> dict[str, Any]:
     problem = results_problem(results)
     if problem:
         raise UserError(f"results file {path} is not a lorafair results.json: {problem}")
+    results["rounds"] = [current_round_record(record) for record in results["rounds"]]
     return results
+
+
+def current_round_record(record: dict[str, Any]) -> dict[str, Any]:
+    """A round record of results.json with this version's keys: `ranks` of earlier versions (client id -> the
+    process that trained it) read as `processes`."""
+    if "ranks" in record and "processes" not in record:
+        return {("processes" if key == "ranks" else key): value for key, value in record.items()}
+    return record
 
 
 def results_problem(results: Any) -> str | None:
