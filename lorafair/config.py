@@ -29,6 +29,14 @@ def _require(condition: bool, key: str, message: str) -> None:
 
 TEXT_DATA = ("text_classification", "instruction", "arithmetic")
 """data.name values read as text: their model family is transformers."""
+GENERATED_ANSWER_DATA = ("instruction", "arithmetic")
+"""data.name values a causal language model answers, scored by the exact match of its final answer."""
+
+
+def metric_name(data_name: str) -> str:
+    """What a domain's score measures for data.name: the exact match of the generated final answer (instruction
+    data and the arithmetic demo), else the top-1 accuracy of the predicted class."""
+    return "exact match" if data_name in GENERATED_ANSWER_DATA else "top-1 accuracy"
 
 
 def _require_finite(values: dict[str, float | None]) -> None:

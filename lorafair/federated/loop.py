@@ -31,7 +31,7 @@ from lightning.fabric.strategies import DDPStrategy
 from tqdm import tqdm
 
 from lorafair.aggregation import ClientUpdate, RoundState, ranks
-from lorafair.config import FitConfig
+from lorafair.config import FitConfig, metric_name
 from lorafair.data import FederatedData, build_federated_data, model_data_config
 from lorafair.errors import UserError
 from lorafair.federated import faults
@@ -387,7 +387,8 @@ class FederatedTrainer:
         whose = "each client's own model" if self.setting == "local" else "global model"
         self.fabric.print(accuracy_table(final["accuracy"], final["mean_accuracy"],
                                          f"{self.results['method']}: {whose} after round {final['round']}",
-                                         final.get("eval_loss"), self.results.get("start", {}).get("accuracy")))
+                                         final.get("eval_loss"), self.results.get("start", {}).get("accuracy"),
+                                         metric_name(self.cfg.data.name)))
         if self.setting == "local":
             self.fabric.print("local: no global model to export (each client kept its own)")
             return

@@ -419,20 +419,24 @@ def tensorboard_scalars(record: Mapping[str, Any]) -> dict[str, float]:
 
 
 def accuracy_table(accuracy: Mapping[str, float], mean_accuracy: float, title: str,
-                   eval_loss: Mapping[str, float] | None = None, start: Mapping[str, float] | None = None) -> str:
-    """Per-domain top-1 (in percent, as the paper reports it) and the mean, as an aligned text table; with `start`
-    (the starting model's top-1 per domain), columns of the start and of the gain (final - start) first; with
-    `eval_loss`, a column of the eval loss per domain and its mean."""
+                   eval_loss: Mapping[str, float] | None = None, start: Mapping[str, float] | None = None,
+                   metric: str = "top-1 accuracy") -> str:
+    """Per-domain scores (in percent, as the paper reports them) and the mean, as an aligned text table, its column
+    named by `metric` (config.metric_name: top-1 accuracy, or exact match); with `start` (the starting model's
+    score per domain), columns of the start and of the gain (final - start) first; with `eval_loss`, a column of
+    the eval loss per domain and its mean."""
     rows = [*accuracy.items(), ("mean", mean_accuracy)]
     starts = None if start is None else [*(start[domain] for domain in accuracy), mean(list(start.values()))]
     losses = None if eval_loss is None else [*eval_loss.values(), mean(list(eval_loss.values()))]
     width = max(len("domain"), *(len(domain) for domain, _ in rows))
-    lines = [title, f"{'domain':<{width}}" + ("  start %" if starts else "") + "  top-1 %"
+    column = f"{metric.removesuffix(' accuracy')} %"
+    score = max(7, len(column))
+    lines = [title, f"{'domain':<{width}}" + ("  start %" if starts else "") + f"  {column:>{score}}"
              + ("     gain" if starts else "") + ("  eval loss" if losses else ""),
-             f"{'-' * width}" + ("  -------" if starts else "") + "  -------" + ("  -------" if starts else "")
+             f"{'-' * width}" + ("  -------" if starts else "") + f"  {'-' * score}" + ("  -------" if starts else "")
              + ("  ---------" if losses else "")]
     for i, (domain, value) in enumerate(rows):
-        line = f"{domain:<{width}}" + (f"  {100 * starts[i]:7.2f}" if starts else "") + f"  {100 * value:7.2f}"
+        line = f"{domain:<{width}}" + (f"  {100 * starts[i]:7.2f}" if starts else "") + f"  {100 * value:{score}.2f}"
         line += f"  {100 * (value - starts[i]):+7.2f}" if starts else ""
         lines.append(line + (f"  {losses[i]:9.4f}" if losses else ""))
     return "\n".join(lines)
