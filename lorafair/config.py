@@ -393,6 +393,10 @@ class FitConfig:
     """Seeds everything: the partition, client sampling, LoRA inits and each client's local training."""
     out_dir: Path = Path("runs/lorafair")
     """Run folder: config.yaml, classes.json, results.json, tensorboard/ and checkpoints/."""
+    export: bool = True
+    """After the last round, write out_dir/final/: the global model exported for timm (or transformers) and peft,
+    about twice the size of the backbone. false skips it (results.json, checkpoints and TensorBoard are written
+    either way); `lorafair export --run OUT_DIR` writes it later from the run's newest checkpoint."""
     resume: str | None = "auto"
     """auto: continue from the newest checkpoint in out_dir, or start if there is none, so re-running a command after
     a kill continues it; a path: from that checkpoint; null: start a new run (refused where out_dir holds an earlier

@@ -47,7 +47,7 @@ def test_help_lists_every_section(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     for key in ("--federation.rounds", "--federation.clients_per_round", "--server.method", "--server.lam", "--seed",
-                "--out_dir", "--resume", "--lora.r", "--data.root"):
+                "--out_dir", "--resume", "--export", "--lora.r", "--data.root"):
         assert key in out
 
 

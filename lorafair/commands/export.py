@@ -6,8 +6,8 @@ from pathlib import Path
 
 
 def export(*, run: Path, round: int | None = None, out: Path | None = None, overwrite: bool = False) -> None:
-    """Write a run's global model as a peft adapter and timm (or transformers) models (run_dir/final at the end of
-    fit).
+    """Write a run's global model as a peft adapter and timm (or transformers) models (fit writes run_dir/final at
+    its end, unless --export false).
 
     Args:
         run: A run folder (its newest checkpoint is used).

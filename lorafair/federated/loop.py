@@ -7,7 +7,7 @@ One round (`FederatedTrainer.run_round`):
     rank -> every rank applies it (merging into its frozen weights for FLoRA / FedEx-LoRA) -> sharded evaluation ->
     results.json, TensorBoard and a checkpoint on rank 0.
 After the last round rank 0 prints the accuracy table and exports the global model to out_dir/final
-(`lorafair.export`).
+(`lorafair.export`; not with export false).
 
 Clients keep no state between rounds and everything random is seeded by (seed, round, client), so the results do
 not depend on the number of ranks, on which rank hosts a client, or on whether the run was interrupted and resumed.
@@ -64,6 +64,7 @@ from lorafair.model import LoraClassifier
 from lorafair.reporting.run_folder import (
     CLASSES_NAME,
     CONFIG_NAME,
+    EXPORT_NAME,
     TENSORBOARD_NAME,
     accuracy_table,
     checkpoint_dir,
@@ -391,6 +392,10 @@ class FederatedTrainer:
                                          metric_name(self.cfg.data.name)))
         if self.setting == "local":
             self.fabric.print("local: no global model to export (each client kept its own)")
+            return
+        if not self.cfg.export:
+            self.fabric.print(f"export false: no {EXPORT_NAME}/ written; `lorafair export --run {self.out_dir}` "
+                              "writes it from the newest checkpoint")
             return
         export_run(self.out_dir, overwrite=True, say=self.fabric.print)
 

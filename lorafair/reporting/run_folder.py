@@ -7,7 +7,8 @@
     <out_dir>/tensorboard/       TensorBoard scalars and hparams
     <out_dir>/checkpoints/       round_NNNNN.ckpt (lorafair.federated.checkpoints)
     <out_dir>/final/             the global model exported for timm (or transformers) and peft (lorafair.export),
-                                 with the marker .lorafair_export (only a folder carrying it is ever replaced)
+                                 with the marker .lorafair_export (only a folder carrying it is ever replaced);
+                                 not written with export false
 
 results.json is rewritten atomically after every round, so a reader (or `lorafair report`) never sees half a file:
 {"method", "domains", "rounds": [per-round record], "final": {"round", "accuracy", "mean_accuracy"[, "eval_loss",
@@ -49,15 +50,15 @@ RUN_ENTRIES = frozenset({CONFIG_NAME, CLASSES_NAME, RESULTS_NAME, TENSORBOARD_NA
                          RUN_MARKER, LOCK_NAME})
 """Every name a run folder holds."""
 
-EXECUTION_KEYS = frozenset({"out_dir", "resume", "resume_force", "overwrite", "accelerator", "precision", "num_nodes",
-                            "cpu_threads", "federation.rounds", "federation.eval_every", "federation.timeout",
-                            "data.num_workers", "data.eval_batch_size"})
-"""Settings free to change on resume: how long a run lasts and how it executes (accelerator and precision change
-the numerics a little, not the experiment)."""
+EXECUTION_KEYS = frozenset({"out_dir", "resume", "resume_force", "overwrite", "export", "accelerator", "precision",
+                            "num_nodes", "cpu_threads", "federation.rounds", "federation.eval_every",
+                            "federation.timeout", "data.num_workers", "data.eval_batch_size"})
+"""Settings free to change on resume: how long a run lasts, how it executes (accelerator and precision change
+the numerics a little, not the experiment) and whether it writes its export."""
 
-PER_RUN_KEYS = frozenset({"seed", "out_dir", "resume", "server.method", "federation.setting"})
-"""Settings that differ between the runs of one comparison by design, so they never make a report row of their own
-nor count as a changed config."""
+PER_RUN_KEYS = frozenset({"seed", "out_dir", "resume", "server.method", "federation.setting", "export"})
+"""Settings that differ between the runs of one comparison by design, or that change no result (export: whether a
+run writes final/), so they never make a report row of their own, nor a grid, nor count as a changed config."""
 
 RunStatus = Literal["done", "unreadable", "resume", "new"]
 
