@@ -36,6 +36,14 @@ def _require(condition: bool, key: str, message: str) -> None:
 
 TEXT_DATA = ("text_classification", "instruction", "arithmetic")
 """data.name values read as text: their model family is transformers."""
+GENERATED_ANSWER_DATA = ("instruction", "arithmetic")
+"""data.name values a causal language model answers, scored by the exact match of its final answer."""
+
+
+def metric_name(data_name: str) -> str:
+    """What a domain's score measures for data.name: the exact match of the generated final answer (instruction
+    data and the arithmetic demo), else the top-1 accuracy of the predicted class."""
+    return "exact match" if data_name in GENERATED_ANSWER_DATA else "top-1 accuracy"
 
 
 def _require_finite(values: dict[str, float | None]) -> None:
@@ -402,6 +410,10 @@ class FitConfig:
     """Seeds everything: the partition, client sampling, LoRA inits and each client's local training."""
     out_dir: Path = Path("runs/lorafair")
     """Run folder: config.yaml, classes.json, results.json, tensorboard/ and checkpoints/."""
+    export: bool = True
+    """After the last round, write out_dir/final/: the global model exported for timm (or transformers) and peft,
+    about twice the size of the backbone. false skips it (results.json, checkpoints and TensorBoard are written
+    either way); `lorafair export --run OUT_DIR` writes it later from the run's newest checkpoint."""
     resume: str | None = "auto"
     """auto: continue from the newest checkpoint in out_dir, or start if there is none, so re-running a command after
     a kill continues it; a path: from that checkpoint; null: start a new run (refused where out_dir holds an earlier

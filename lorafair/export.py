@@ -36,7 +36,7 @@ from timm.models import save_for_hf
 from torch import Tensor, nn
 
 from lorafair.aggregation import Aggregator, method_class, registered_methods
-from lorafair.config import FitConfig
+from lorafair.config import FitConfig, metric_name
 from lorafair.data import model_data_config
 from lorafair.errors import UserError
 from lorafair.federated.checkpoints import check_fits, kept_rounds, load_checkpoint, read_round
@@ -264,7 +264,7 @@ def model_card(run: RunState) -> str:
              f"- rounds: {run.saved.round} of {cfg.federation.rounds}, seed {cfg.seed}",
              f"- global model: {_global_model(cfg.server.method)}", ""]
     if evaluated:
-        lines += _score_lines(evaluated[-1])
+        lines += _score_lines(evaluated[-1], metric_name(cfg.data.name))
     lines += ["Produced by `lorafair fit --config config.yaml` (the run's resolved config, beside this file) and "
               f"exported with `lorafair export --run RUN --round {run.saved.round}`.", "", _loading_line(run), ""]
     return "\n".join(lines)
@@ -276,11 +276,12 @@ def _global_model(method: str) -> str:
     return (method_class(method) if method in registered_methods() else Aggregator).global_model
 
 
-def _score_lines(last: dict) -> list[str]:
-    """The table of a round's top-1 per domain (exact match for instruction data), with its eval loss if any."""
+def _score_lines(last: dict, metric: str) -> list[str]:
+    """The table of a round's score per domain (`metric`: top-1 accuracy, or exact match for generated answers),
+    with its eval loss if any."""
     losses = last.get("eval_loss")
-    lines = [f"Top-1 accuracy of the global model after round {last['round']}:", "",
-             "| domain | top-1 % |" + (" eval loss |" if losses else ""),
+    lines = [f"{metric[0].upper()}{metric[1:]} of the global model after round {last['round']}:", "",
+             f"| domain | {metric.removesuffix(' accuracy')} % |" + (" eval loss |" if losses else ""),
              "| --- | --- |" + (" --- |" if losses else "")]
     lines += [f"| {domain} | {100 * value:.2f} |" + (f" {losses[domain]:.4f} |" if losses else "")
               for domain, value in last["accuracy"].items()]

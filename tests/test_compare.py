@@ -225,6 +225,25 @@ def test_a_tiny_compare_through_the_cli_writes_tables_and_plots(tmp_path: Path) 
     assert (tmp_path / "comparison.md").read_text() == table
 
 
+
+def test_a_compare_without_exports_reports_the_same_and_its_runs_count_as_finished(tmp_path: Path, capsys) -> None:
+    """--export false reaches every run (no final/ written) and changes nothing else: compare run again with the
+    export on finds every run finished with the same config and rewrites the same report."""
+    args = ["compare", "--methods", "fedit,lorafair", *tiny_args(tmp_path)]
+    assert main([*args, "--export", "false"]) == 0
+    for method in ("fedit", "lorafair"):
+        run = tmp_path / method / "seed0"
+        assert (run / "results.json").is_file() and any((run / "checkpoints").iterdir())
+        assert not (run / "final").exists()
+    table = (tmp_path / "comparison.md").read_text()
+    assert "export" not in table
+    capsys.readouterr()
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert "2 runs in" in out and "2 finished earlier" in out and "another config" not in err
+    assert (tmp_path / "comparison.md").read_text() == table
+    assert not any(tmp_path.rglob("final"))
+
 def test_runs_in_parallel_equal_the_runs_fit_makes_here_and_log_their_output(tmp_path: Path) -> None:
     from lorafair.fit import fit
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import parse_fit_args
 
 from lorafair.cli import main, parse
@@ -85,3 +86,25 @@ def test_an_unknown_config_name_is_one_line_with_close_matches(capsys):
     assert capsys.readouterr().err == ("lorafair: error: --config: vit_domainet.yaml is neither a file nor a shipped "
                                        "config; did you mean vit_domainnet, vit_domainnet_hetero, "
                                        "mixer_domainnet?\n")
+
+
+def _federation(name: str) -> dict:
+    """The federation section a shipped config declares (not its defaults)."""
+    return (yaml.safe_load((CONFIGS / f"{name}.yaml").read_text()).get("federation") or {})
+
+
+COUNTED = [name for name in list_configs() if "num_clients" in _federation(name)
+           or _federation(name).get("partition") == "iid"]
+"""The shipped configs that state a number of clients (federation.num_clients, or the iid partition that reads it)."""
+OFFLINE_DATA = ("digits", "shapes", "arithmetic")
+
+
+@pytest.mark.parametrize("name", COUNTED)
+def test_a_config_that_counts_its_clients_counts_them_right(name, capsys):
+    """federation.num_clients is read by the iid partition only; a config stating it holds the number of clients
+    its partition really makes, counted by `lorafair data` on the data built offline."""
+    cfg = parse(["compare" if name.startswith("paper/") else "fit", "--config", name])[1]["cfg"]
+    assert cfg.data.name in OFFLINE_DATA, f"{name} states federation.num_clients but its clients cannot be counted"
+    assert main(["data", "--config", name]) == 0
+    summary = capsys.readouterr().out.splitlines()[0]  # "arithmetic: 5 domains, 2 classes, 5 clients (...)"
+    assert f", {cfg.federation.num_clients} clients (" in summary, summary

@@ -81,7 +81,7 @@ def test_torchrun_with_two_ranks_matches_one_process(tiny_run, two_rank_run):
     assert distributed["start"] == single["start"]  # round 0: the same model, scored in two shards
     assert [r["clients"] for r in distributed["rounds"]] == [r["clients"] for r in single["rounds"]]
     for record in distributed["rounds"]:  # 5 clients on 2 ranks: 3 + 2
-        assert sorted(list(record["ranks"].values()).count(rank) for rank in (0, 1)) == [2, 3]
+        assert sorted(list(record["processes"].values()).count(rank) for rank in (0, 1)) == [2, 3]
 
 
 @pytest.mark.slow
@@ -94,7 +94,7 @@ def test_an_elastic_restart_after_a_rank_dies_resumes_exactly(two_rank_run, tmp_
     restarted = json.loads((tmp_path / "results.json").read_text())
     assert restarted["final"] == uninterrupted["final"]
     for mine, theirs in zip(restarted["rounds"], uninterrupted["rounds"], strict=True):
-        assert (mine["clients"], mine["ranks"], mine["train_loss"]) == (theirs["clients"], theirs["ranks"],
+        assert (mine["clients"], mine["processes"], mine["train_loss"]) == (theirs["clients"], theirs["processes"],
                                                                          theirs["train_loss"])
 
 
@@ -107,7 +107,7 @@ def test_the_local_bound_on_two_ranks_matches_one_process(tmp_path):
     single = fit(tiny_config(tmp_path / "one", "--federation.setting", "local"))
     _torchrun(tmp_path / "two", "--federation.setting", "local")
     distributed = json.loads((tmp_path / "two" / "results.json").read_text())
-    assert {rank for r in distributed["rounds"] for rank in r["ranks"].values()} == {0, 1}  # both ranks trained
+    assert {rank for r in distributed["rounds"] for rank in r["processes"].values()} == {0, 1}  # both ranks trained
     for domain, accuracy in single["final"]["accuracy"].items():
         assert abs(distributed["final"]["accuracy"][domain] - accuracy) <= 0.005
 
@@ -134,5 +134,5 @@ def test_the_slurm_script_starts_a_rendezvous_job(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((out_dir / "results.json").read_text())
-    assert results["final"]["round"] == 1 and set(results["rounds"][0]["ranks"].values()) == {0, 1}
+    assert results["final"]["round"] == 1 and set(results["rounds"][0]["processes"].values()) == {0, 1}
     assert results["config"]["num_nodes"] == 1 and results["config"]["resume"] == "auto"

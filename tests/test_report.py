@@ -15,6 +15,7 @@ from PIL import Image
 from lorafair.aggregation import display_name
 from lorafair.cli import main
 from lorafair.errors import UserError
+from lorafair.federated.run_folder import read_results
 from lorafair.reporting.report import report
 
 DOMAINS = ["clipart", "infograph", "sketch"]
@@ -230,3 +231,41 @@ def test_no_finished_run_is_a_user_error(tmp_path: Path, capsys) -> None:
         report(tmp_path)
     assert main(["report", str(tmp_path / "absent")]) == 2
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_round_records_of_earlier_versions_name_the_processes_ranks(tmp_path) -> None:
+    """Earlier versions called the process that trained each client `ranks` in results.json; report reads such
+    runs beside this version's, and read_results gives their records as `processes`."""
+    for method, key in (("fedit", "ranks"), ("lorafair", "processes")):
+        write_run(tmp_path / method / "seed0", method, 0)
+        path = tmp_path / method / "seed0" / "results.json"
+        results = json.loads(path.read_text())
+        for record in results["rounds"]:
+            record[key] = {"0": 0, "1": 1}
+        path.write_text(json.dumps(results))
+    report(tmp_path)
+    _, rows = markdown_rows((tmp_path / "comparison.md").read_text(), "## Top-1 accuracy (%)")
+    assert [row[0] for row in rows] == [display_name("fedit"), display_name("lorafair")]
+    for method in ("fedit", "lorafair"):
+        records = read_results(tmp_path / method / "seed0" / "results.json")["rounds"]
+        assert all(record["processes"] == {"0": 0, "1": 1} and "ranks" not in record for record in records)
+
+
+@pytest.mark.parametrize(("data_name", "metric"), [("arithmetic", "Exact match"), ("instruction", "Exact match"),
+                                                   ("text_classification", "Top-1 accuracy"),
+                                                   ("shapes", "Top-1 accuracy")])
+def test_the_tables_name_the_metric_of_the_task(tmp_path, data_name, metric) -> None:
+    """Generated answers are scored by exact match, classes by top-1 accuracy: the table says which."""
+    for method in ("fedit", "lorafair"):
+        write_run(tmp_path / method / "seed0", method, 0)
+        path = tmp_path / method / "seed0" / "results.json"
+        results = json.loads(path.read_text())
+        results["config"]["data"] = {"name": data_name}
+        path.write_text(json.dumps(results))
+    report(tmp_path)
+    text = (tmp_path / "comparison.md").read_text()
+    other = {"Exact match": "Top-1 accuracy", "Top-1 accuracy": "Exact match"}[metric]
+    assert f"## {metric} (%)" in text and f"\n{metric} of the global model on each domain's test split" in text
+    assert other not in text and other.lower() not in text
+    _, rows = markdown_rows(text, f"## {metric} (%)")
+    assert [row[0] for row in rows] == [display_name("fedit"), display_name("lorafair")]

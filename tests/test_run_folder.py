@@ -247,3 +247,19 @@ def test_fit_holds_its_folder_locked_from_its_start_to_its_export(tmp_path, monk
     fit(tiny_config(tmp_path, "--federation.rounds", "1", "--federation.clients_per_round", "2"))
     assert busy == [("round", True), ("export", True)]
     assert not _busy(tmp_path)  # released once fit returns
+
+
+def test_export_false_writes_no_final_folder_and_a_resume_is_free_to_change_it(tmp_path, capsys):
+    """--export false skips final/ (twice the backbone's size) and nothing else: results.json, the checkpoints and
+    TensorBoard are there, and `lorafair export` writes final/ later. The setting changes no result, so the same
+    run resumed with the export on continues rather than being refused as another run."""
+    assert main(["fit", *tiny_args(tmp_path, "--federation.rounds", "1", "--export", "false")]) == 0
+    assert "export false: no final/ written; `lorafair export --run" in capsys.readouterr().out
+    assert not (tmp_path / EXPORT_NAME).exists()
+    assert "final" in json.loads((tmp_path / "results.json").read_text())
+    assert list_checkpoints(tmp_path / "checkpoints") and (tmp_path / "tensorboard").is_dir()
+    assert main(["fit", *tiny_args(tmp_path)]) == 0  # two rounds, export on: the run continues and exports
+    assert "resuming after round 1" in capsys.readouterr().out
+    assert is_export(tmp_path / EXPORT_NAME)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [record["round"] for record in results["rounds"]] == [1, 2] and results["final"]["round"] == 2

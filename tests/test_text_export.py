@@ -77,7 +77,9 @@ def test_the_eval_loss_reaches_tensorboard_the_model_card_and_the_printed_table(
     scalars = events.Tags()["scalars"]
     assert "eval_loss/mean" in scalars and "eval_loss/garden" in scalars
     assert events.Scalars("eval_loss/garden")[-1].value == pytest.approx(results["final"]["eval_loss"]["garden"])
-    assert "eval loss" in (run_dir / "final" / "README.md").read_text()
+    card = (run_dir / "final" / "README.md").read_text()
+    assert "eval loss" in card and "Exact match of the global model after round" in card
+    assert "| domain | exact match % | eval loss |" in card
 
 
 # ---- the export ---------------------------------------------------------------------------------------------------

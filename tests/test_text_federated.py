@@ -91,7 +91,7 @@ def test_two_ranks_under_torchrun_match_one_process_on_text(text_run, tmp_path):
                           env={**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     distributed = json.loads((tmp_path / "results.json").read_text())
-    assert sorted(set(distributed["rounds"][0]["ranks"].values())) == [0, 1]
+    assert sorted(set(distributed["rounds"][0]["processes"].values())) == [0, 1]
     assert [r["clients"] for r in distributed["rounds"]] == [r["clients"] for r in text_run["rounds"]]
     for mine, theirs in zip(distributed["rounds"], text_run["rounds"], strict=True):
         for client, loss in theirs["train_loss"].items():

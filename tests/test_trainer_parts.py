@@ -16,6 +16,7 @@ from lorafair.federated.checkpoints import (
     list_checkpoints,
     load_checkpoint,
     load_latest,
+    read_round,
     save_checkpoint,
 )
 from lorafair.federated.launch import launch_fabric
@@ -168,3 +169,12 @@ def test_cpu_threads_sets_torch_threads(tmp_path):
         assert torch.get_num_threads() == before + 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_checkpoint_of_an_earlier_version_gives_its_round_records_with_processes(tmp_path):
+    """A run resumed from a checkpoint written before `ranks` became `processes` in the round records continues
+    with records of this version's keys, so its results.json names them one way."""
+    state = {"round": 1, "identity": {}, "lora": {"l": {"A": torch.zeros(2, 3), "B": torch.zeros(3, 2)}},
+             "extra": {}, "base": {}, "results": {"rounds": [{"round": 1, "clients": [0], "ranks": {"0": 0}}]}}
+    assert read_round(tmp_path / "round_00001.ckpt", state).records == [
+        {"round": 1, "clients": [0], "processes": {"0": 0}}]

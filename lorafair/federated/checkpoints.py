@@ -23,6 +23,7 @@ from lorafair.config import FitConfig
 from lorafair.errors import UserError
 from lorafair.federated.run_folder import (
     checkpoint_dir,
+    current_round_record,
     is_finished,
     read_results,
     results_path,
@@ -245,7 +246,7 @@ def read_round(path: Path, state: Any) -> ResumeState:
         tensors = {**pack_pairs("lora", unnest_pairs(state["lora"])),
                    **pack_by_rank({rank: unnest_pairs(pairs) for rank, pairs in state.get("lora_by_rank", {}).items()}),
                    **pack("extra", state["extra"]), **pack("base", state["base"])}
-        records = list(state["results"]["rounds"])
+        records = [current_round_record(record) for record in state["results"]["rounds"]]
         start = state["results"].get("start")
         client_states = unpack_client_states(dict(state.get("client_states", {})))
     except (KeyError, TypeError, AttributeError) as err:

@@ -7,7 +7,7 @@ One round (`FederatedTrainer.run_round`):
     rank -> every rank applies it (merging into its frozen weights for FLoRA / FedEx-LoRA) -> sharded evaluation ->
     results.json, TensorBoard and a checkpoint on rank 0.
 After the last round rank 0 prints the accuracy table and hands the run folder to its `export` (`lorafair.fit`
-passes the one that writes the global model to out_dir/final).
+passes the one that writes the global model to out_dir/final; not with export false).
 
 Clients keep no state between rounds and everything random is seeded by (seed, round, client), so the results do
 not depend on the number of ranks, on which rank hosts a client, or on whether the run was interrupted and resumed.
@@ -27,7 +27,7 @@ from lightning.fabric import Fabric
 from tqdm import tqdm
 
 from lorafair.aggregation import ClientUpdate, RoundState, ranks
-from lorafair.config import BOUND_METHOD, FitConfig
+from lorafair.config import BOUND_METHOD, FitConfig, metric_name
 from lorafair.data import Client, FederatedData
 from lorafair.data.build import build_data
 from lorafair.errors import UserError
@@ -38,6 +38,7 @@ from lorafair.federated.client import LocalTrainer
 from lorafair.federated.fingerprints import run_fingerprints
 from lorafair.federated.results import RunResults
 from lorafair.federated.run_folder import (
+    EXPORT_NAME,
     checkpoint_dir,
     config_to_dict,
     flatten_config,
@@ -257,9 +258,14 @@ class FederatedTrainer:
 
     def finish(self) -> None:
         """The final results.json, the hparams entry of TensorBoard, the accuracy table and the export."""
-        self.outputs.finish("each client's own model" if self.setting == "local" else "global model")
+        self.outputs.finish("each client's own model" if self.setting == "local" else "global model",
+                            metric_name(self.cfg.data.name))
         if self.setting == "local":
             self.fabric.print("local: no global model to export (each client kept its own)")
+            return
+        if not self.cfg.export:
+            self.fabric.print(f"export false: no {EXPORT_NAME}/ written; `lorafair export --run {self.out_dir}` "
+                              "writes it from the newest checkpoint")
             return
         if self.export is not None:
             self.export(self.out_dir, self.fabric.print)

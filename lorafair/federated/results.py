@@ -73,8 +73,8 @@ class RunResults:
         self.fabric.log_dict({**tensorboard_scalars(entry), "bad_updates_total": self.results["bad_updates_total"]},
                              step=record.round)
 
-    def finish(self, whose: str) -> None:
-        """The final results.json, the hparams entry of TensorBoard and the accuracy table of `whose` model."""
+    def finish(self, whose: str, metric: str) -> None:
+        """The final results.json, the hparams entry of TensorBoard and the table of `whose` model's `metric`."""
         self.results["final"] = final = final_accuracy(self.results)
         write_json(results_path(self.out_dir), self.results)
         metrics = {f"hparams/{key}": final[key] for key in ("mean_accuracy", "mean_eval_loss") if key in final}
@@ -82,7 +82,8 @@ class RunResults:
         self.fabric.logger.finalize("success")
         self.fabric.print(accuracy_table(final["accuracy"], final["mean_accuracy"],
                                          f"{self.results['method']}: {whose} after round {final['round']}",
-                                         final.get("eval_loss"), self.results.get("start", {}).get("accuracy")))
+                                         final.get("eval_loss"), self.results.get("start", {}).get("accuracy"),
+                                         metric))
 
 
 def final_accuracy(results: dict[str, Any]) -> dict[str, Any]:

@@ -7,7 +7,8 @@
     <out_dir>/tensorboard/       TensorBoard scalars and hparams
     <out_dir>/checkpoints/       round_NNNNN.ckpt (lorafair.federated.checkpoints)
     <out_dir>/final/             the global model exported for timm (or transformers) and peft (lorafair.export),
-                                 with the marker .lorafair_export (only a folder carrying it is ever replaced)
+                                 with the marker .lorafair_export (only a folder carrying it is ever replaced);
+                                 not written with export false
 
 results.json is rewritten atomically after every round, so a reader (or `lorafair report`) never sees half a file:
 {"method", "domains", "rounds": [per-round record], "final": {"round", "accuracy", "mean_accuracy"[, "eval_loss",
@@ -49,15 +50,15 @@ RUN_ENTRIES = frozenset({CONFIG_NAME, CLASSES_NAME, RESULTS_NAME, TENSORBOARD_NA
                          RUN_MARKER, LOCK_NAME})
 """Every name a run folder holds."""
 
-EXECUTION_KEYS = frozenset({"out_dir", "resume", "resume_force", "overwrite", "accelerator", "precision", "num_nodes",
-                            "cpu_threads", "federation.rounds", "federation.eval_every", "federation.timeout",
-                            "data.num_workers", "data.eval_batch_size"})
-"""Settings free to change on resume: how long a run lasts and how it executes (accelerator and precision change
-the numerics a little, not the experiment)."""
+EXECUTION_KEYS = frozenset({"out_dir", "resume", "resume_force", "overwrite", "export", "accelerator", "precision",
+                            "num_nodes", "cpu_threads", "federation.rounds", "federation.eval_every",
+                            "federation.timeout", "data.num_workers", "data.eval_batch_size"})
+"""Settings free to change on resume: how long a run lasts, how it executes (accelerator and precision change
+the numerics a little, not the experiment) and whether it writes its export."""
 
-PER_RUN_KEYS = frozenset({"seed", "out_dir", "resume", "server.method", "federation.setting"})
-"""Settings that differ between the runs of one comparison by design, so they never make a report row of their own
-nor count as a changed config."""
+PER_RUN_KEYS = frozenset({"seed", "out_dir", "resume", "server.method", "federation.setting", "export"})
+"""Settings that differ between the runs of one comparison by design, or that change no result (export: whether a
+run writes final/), so they never make a report row of their own, nor a grid, nor count as a changed config."""
 
 RunStatus = Literal["done", "unreadable", "resume", "new"]
 
@@ -103,7 +104,16 @@ def read_results(path: Path) -> dict[str, Any]:
     problem = results_problem(results)
     if problem:
         raise UserError(f"results file {path} is not a lorafair results.json: {problem}")
+    results["rounds"] = [current_round_record(record) for record in results["rounds"]]
     return results
+
+
+def current_round_record(record: dict[str, Any]) -> dict[str, Any]:
+    """A round record of results.json with this version's keys: `ranks` of earlier versions (client id -> the
+    process that trained it) read as `processes`."""
+    if "ranks" in record and "processes" not in record:
+        return {("processes" if key == "ranks" else key): value for key, value in record.items()}
+    return record
 
 
 def results_problem(results: Any) -> str | None:
@@ -348,20 +358,24 @@ def tensorboard_scalars(record: Mapping[str, Any]) -> dict[str, float]:
 
 
 def accuracy_table(accuracy: Mapping[str, float], mean_accuracy: float, title: str,
-                   eval_loss: Mapping[str, float] | None = None, start: Mapping[str, float] | None = None) -> str:
-    """Per-domain top-1 (in percent, as the paper reports it) and the mean, as an aligned text table; with `start`
-    (the starting model's top-1 per domain), columns of the start and of the gain (final - start) first; with
-    `eval_loss`, a column of the eval loss per domain and its mean."""
+                   eval_loss: Mapping[str, float] | None = None, start: Mapping[str, float] | None = None,
+                   metric: str = "top-1 accuracy") -> str:
+    """Per-domain scores (in percent, as the paper reports them) and the mean, as an aligned text table, its column
+    named by `metric` (config.metric_name: top-1 accuracy, or exact match); with `start` (the starting model's
+    score per domain), columns of the start and of the gain (final - start) first; with `eval_loss`, a column of
+    the eval loss per domain and its mean."""
     rows = [*accuracy.items(), ("mean", mean_accuracy)]
     starts = None if start is None else [*(start[domain] for domain in accuracy), mean(list(start.values()))]
     losses = None if eval_loss is None else [*eval_loss.values(), mean(list(eval_loss.values()))]
     width = max(len("domain"), *(len(domain) for domain, _ in rows))
-    lines = [title, f"{'domain':<{width}}" + ("  start %" if starts else "") + "  top-1 %"
+    column = f"{metric.removesuffix(' accuracy')} %"
+    score = max(7, len(column))
+    lines = [title, f"{'domain':<{width}}" + ("  start %" if starts else "") + f"  {column:>{score}}"
              + ("     gain" if starts else "") + ("  eval loss" if losses else ""),
-             f"{'-' * width}" + ("  -------" if starts else "") + "  -------" + ("  -------" if starts else "")
+             f"{'-' * width}" + ("  -------" if starts else "") + f"  {'-' * score}" + ("  -------" if starts else "")
              + ("  ---------" if losses else "")]
     for i, (domain, value) in enumerate(rows):
-        line = f"{domain:<{width}}" + (f"  {100 * starts[i]:7.2f}" if starts else "") + f"  {100 * value:7.2f}"
+        line = f"{domain:<{width}}" + (f"  {100 * starts[i]:7.2f}" if starts else "") + f"  {100 * value:{score}.2f}"
         line += f"  {100 * (value - starts[i]):+7.2f}" if starts else ""
         lines.append(line + (f"  {losses[i]:9.4f}" if losses else ""))
     return "\n".join(lines)

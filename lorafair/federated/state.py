@@ -141,8 +141,9 @@ class RoundRecord:
 
     round: int
     clients: list[int]
-    ranks: dict[str, int]
-    """Client id -> the rank that trained it."""
+    processes: dict[str, int]
+    """Client id -> the process that trained it: its rank in a torchrun job (0 in a single process), its node id
+    under Flower. Written as `processes` (`ranks` in results.json files of earlier versions)."""
     server: ServerRecord
     seconds: dict[str, float]
     scores: Scores | None = None
@@ -152,7 +153,7 @@ class RoundRecord:
 
     def to_dict(self) -> dict[str, Any]:
         seconds = self.seconds
-        record = {"round": self.round, "clients": self.clients, "ranks": self.ranks, **asdict(self.server),
+        record = {"round": self.round, "clients": self.clients, "processes": self.processes, **asdict(self.server),
                   "seconds": seconds, "overhead": (seconds["comm"] + seconds["aggregate"]) / seconds["round"]}
         if self.scores is not None:
             record.update(self.scores.to_dict(self.items))

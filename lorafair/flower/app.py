@@ -34,6 +34,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from lorafair.aggregation import ClientUpdate, method_class
 from lorafair.config import FitConfig
+from lorafair.config_parse import parse_fit_config
 from lorafair.data import Client, build_client_data, build_federated_data, model_data_config
 from lorafair.errors import UserError
 from lorafair.export import export_final
@@ -304,12 +305,9 @@ _CONFIGS: dict[tuple[str, str], FitConfig] = {}
 def run_config_to_fit_config(context: Context) -> FitConfig:
     """A deployed run's FitConfig: its run config's `config` (a path or a shipped config's name; "" for none) and
     `args` (more flags, as `lorafair fit` takes them), the same on the server and on every node."""
-    from lorafair.cli import parse
-
     key = (str(context.run_config.get("config", "")), str(context.run_config.get("args", "")))
     if key not in _CONFIGS:
-        _, kwargs = parse(["fit", *(["--config", key[0]] if key[0] else []), *shlex.split(key[1])])
-        _CONFIGS[key] = kwargs["cfg"]
+        _CONFIGS[key] = parse_fit_config([*(["--config", key[0]] if key[0] else []), *shlex.split(key[1])])
     return _CONFIGS[key]
 
 

@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from lorafair.aggregation import display_name
-from lorafair.config import BASELINE, BOUNDS, comparable
+from lorafair.config import BASELINE, BOUNDS, comparable, metric_name
 from lorafair.errors import UserError
 from lorafair.federated.run_folder import (
     CONFIG_NAME,
@@ -173,6 +173,13 @@ def group_rows(runs: list[Run]) -> list[Row]:
     return [Row(method=group[0].method, setting=tuple((key, group[0].config.get(key)) for key in varying),
                 runs=tuple(sorted(group, key=lambda run: (run.seed, run.folder))))
             for group in sorted(groups.values(), key=order)]
+
+
+def score_name(rows: list[Row]) -> str:
+    """What the rows' scores measure, from each run's data.name (config.metric_name): top-1 accuracy for images and
+    text classes, exact match for generated answers; both named where a report mixes them."""
+    names = sorted({metric_name(str(run.config.get("data.name", ""))) for row in rows for run in row.runs})
+    return " or ".join(names) if names else metric_name("")
 
 
 def _domains(runs: Iterable[Run]) -> list[str]:
@@ -366,9 +373,11 @@ def markdown_table(rows: list[Row], incomplete: list[str], baseline: str = BASEL
               "Gain": gain_stats(row, domains)["Average"]} for row in rows]
     shown = [*columns, "Start", "Gain"] if started else columns
 
-    lines = ["## Top-1 accuracy (%)", "", *_stats_table(rows, setting_keys, shown, stats, best=max)]
+    metric = score_name(rows)
+    lines = [f"## {metric[0].upper()}{metric[1:]} (%)", "", *_stats_table(rows, setting_keys, shown, stats, best=max)]
     bounds = [row.label for row in rows if row.is_bound]
-    lines += ["", "Accuracy of the global model on each domain's test split after the last round; Average is the "
+    lines += ["", f"{metric[0].upper()}{metric[1:]} of the global model on each domain's test split after the last "
+              "round; Average is the "
               "mean over domains" + ("; Start is the starting model's Average (round 0: the pretrained backbone with "
                                      "a fresh LoRA and head, scored the same way) and Gain is Average - Start, in "
                                      "points" if started else "") + ". "
@@ -513,7 +522,7 @@ def plot_accuracy_vs_round(rows: list[Row], path: Path) -> None:
                             color=color, alpha=0.2, linewidth=0)
     ax.set_xlabel("Round (0: the starting model)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("Average accuracy over domains (%)")
+    ax.set_ylabel(f"Average {score_name(rows)} over domains (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     _save(fig, path)
@@ -553,7 +562,7 @@ def plot_sweep(rows: list[Row], path: Path) -> None:
                     color=f"C{_method_rank(method) % 10}", label=method_name(method))
     ax.set_xticks(range(len(values)), [format_value(json.loads(text)) for text in values])
     ax.set_xlabel(key)
-    ax.set_ylabel("Final average accuracy (%)")
+    ax.set_ylabel(f"Final average {score_name(rows)} (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     _save(fig, path)
