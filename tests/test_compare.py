@@ -277,3 +277,32 @@ def test_jobs_below_one_or_under_torchrun_are_refused(tmp_path, monkeypatch, job
     monkeypatch.setenv("WORLD_SIZE", world)
     with pytest.raises(UserError, match=message):
         compare(base_config(tmp_path), ["fedit"], [0], None, jobs=jobs)
+
+
+def test_the_runs_of_a_killed_parallel_compare_end_with_it(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import time
+
+    command = [sys.executable, "-m", "lorafair", "compare", "--methods", "fedit,lorafair", "--jobs", "2",
+               *tiny_args(tmp_path), "--federation.rounds", "200", "--cpu_threads", "1"]
+    compare_process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    logs = [tmp_path / "logs" / f"{run}-seed0.log" for run in ("fedit", "lorafair")]
+    deadline = time.monotonic() + 120
+    workers: set[int] = set()
+    while time.monotonic() < deadline and not all(log.exists() for log in logs):  # both runs under way
+        children = Path(f"/proc/{compare_process.pid}/task/{compare_process.pid}/children")
+        workers |= {int(pid) for pid in children.read_text().split()} if children.exists() else set()
+        time.sleep(0.1)
+    assert workers and all(log.exists() for log in logs), "the compare started no runs"
+    compare_process.send_signal(signal.SIGKILL)
+    compare_process.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in workers):
+        time.sleep(0.2)
+    alive = [pid for pid in workers if Path(f"/proc/{pid}").exists()
+             and "spawn" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")]
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, f"worker processes {alive} outlived the killed compare"

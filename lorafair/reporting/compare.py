@@ -39,6 +39,7 @@ from lorafair.federated.run_folder import (
     run_config,
     run_status,
 )
+from lorafair.processes import die_with_parent
 from lorafair.reporting.report import format_value, report
 
 
@@ -160,6 +161,7 @@ def _fit_logged(cfg: FitConfig, log: Path) -> float:
     its seconds."""
     from lorafair.fit import fit
 
+    die_with_parent()  # a killed compare takes its runs with it (their checkpoints stay: the same command resumes)
     started = time.monotonic()
     with open(log, "a") as stream:
         sys.stdout.flush()
