@@ -244,8 +244,8 @@ class FederatedTrainer:
         held = [(client.num_samples, self.own_states.get(client.id)) for client in clients]
         initial = self.initial_state.kept(rule, self.cfg.lora.r)
         device = next(iter(self.global_state.lora.values()))[0].device
-        mean = {key: (sum(count * (own if own is not None else initial)[key].double() for count, own in held)
-                      / total).to(dtype=tensor.dtype, device=device)
+        mean = {key: (sum(count * (own if own is not None else initial)[key].to("cpu", torch.float64)
+                          for count, own in held) / total).to(dtype=tensor.dtype, device=device)
                 for key, tensor in initial.items()}
         model = self.global_state.overlaid(mean, self.cfg.lora.r)
         return self.state_of(model.lora, model.extra)
@@ -324,7 +324,9 @@ class FederatedTrainer:
         if resumed is None:
             return 1
         self.global_state = resumed.state
-        self.own_states = resumed.client_states
+        # held on the CPU, as the clients' own tensors are kept in a run that was not interrupted
+        self.own_states = {client: {key: tensor.cpu() for key, tensor in own.items()}
+                           for client, own in resumed.client_states.items()}
         if resumed.base:
             self.model.load_base_state(resumed.base)
             self.merged = True
