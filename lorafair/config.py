@@ -132,6 +132,12 @@ class LoraConfig:
             return {client: ranks[client % len(ranks)] for client, _ in clients}
         return {client: self.r for client, _ in clients}
 
+    @property
+    def has_lower_ranks(self) -> bool:
+        """Whether some client trains a rank below lora.r."""
+        ranks = self.client_ranks.values() if isinstance(self.client_ranks, dict) else self.client_ranks or []
+        return any(rank != self.r for rank in ranks)
+
     def validate(self) -> None:
         _require_finite({"lora.alpha": self.alpha, "lora.dropout": self.dropout})
         _require(self.r > 0, "lora.r", f"must be a positive integer, got {self.r}")
@@ -449,6 +455,10 @@ class FitConfig:
         _require(not self.model.load_in_4bit or not method_class(self.server.method).merges, "model.load_in_4bit",
                  f"{self.server.method} merges LoRA products into the frozen weights, which 4-bit weights cannot "
                  f"take; use another method or 16-bit weights")
+        mixed = method_class(self.server.method).mixed_ranks or self.federation.setting != "federated"
+        _require(mixed or not self.lora.has_lower_ranks, "lora.client_ranks",
+                 f"{self.server.method} takes no clients of different ranks; leave lora.client_ranks unset (every "
+                 f"client at lora.r = {self.lora.r}) or use another method")
         _require(self.data.name not in ("text_classification", "instruction") or bool(self.text.train_files),
                  "text.train_files", f"is required for data.name={self.data.name}: pass --text.train_files FILE")
         _require(0 <= self.seed <= MAX_SEED, "seed", f"must be in 0..{MAX_SEED}, got {self.seed}")

@@ -4,7 +4,8 @@ lorafair's own (client updates, the server's answer, the resume state, the Flowe
 "<kind>/<layer>/<factor>" ("lora/blocks.0.attn.proj/A") and single tensors "<kind>/<name>" ("extra/head.weight",
 "base/blocks.0.attn.proj"), so any transport moves a flat {key: tensor} mapping and small plain values. The kinds:
 "lora", "extra", "base", "merge/<index>" (a Flower node's pending merges), "lora_r<rank>" (the starting pairs of a
-lower rank) and "client<id>.lora" / "client<id>.extra" (a client's own state under the local bound).
+lower rank) and "client<id>.lora" / "client<id>.extra" (what a client keeps of its own between rounds: its whole
+state under the local bound, the factors its method keeps, "client3.lora/blocks.0.attn.proj/B", otherwise).
 
 A checkpoint nests its pairs instead ({layer: {"A": A, "B": B}}: `nest_pairs`). peft's state dicts (the Flower
 strategy's records, an export's adapter) key a layer L's factors "L.lora_A.weight" and "L.lora_B.weight".
@@ -64,14 +65,20 @@ def is_by_rank(key: str) -> bool:
     return key.startswith("lora_r")
 
 
-def client_kinds(client: int) -> tuple[str, str]:
-    """The kinds of a client's own LoRA pairs and extra tensors: ("client3.lora", "client3.extra")."""
-    return f"client{client}.lora", f"client{client}.extra"
+def pack_clients(states: Mapping[int, Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    """Each client's own tensors, keyed in this format ("lora/blocks.0.attn.proj/B", "extra/head.weight"), under
+    the client's kinds: "client3.lora/blocks.0.attn.proj/B", "client3.extra/head.weight"."""
+    return {f"client{client}.{key}": tensor for client, tensors in states.items() for key, tensor in tensors.items()}
 
 
-def clients_in(tensors: Mapping[str, Tensor]) -> list[int]:
-    """The clients whose own state (`client_kinds`) a mixed mapping holds, in order."""
-    return sorted({int(key.split(".")[0][6:]) for key in tensors if key.startswith("client")})
+def unpack_clients(tensors: Mapping[str, Tensor]) -> dict[int, dict[str, Tensor]]:
+    """Inverse of `pack_clients` for a mixed mapping, clients in order."""
+    states: dict[int, dict[str, Tensor]] = {}
+    for key, tensor in tensors.items():
+        if key.startswith("client"):
+            client, _, own_key = key.partition(".")
+            states.setdefault(int(client[6:]), {})[own_key] = tensor
+    return dict(sorted(states.items()))
 
 
 def merge_kind(index: int) -> str:

@@ -35,18 +35,27 @@ LORAFAIR_OBJECTIVES = [{"objective": o, "residual_on": s} for o in ("cosine", "c
                        for s in ("B", "A")]
 
 
-def make_updates(weights=WEIGHTS, dtype=torch.float64, seed=0, shared_A=False):
+def make_updates(weights=WEIGHTS, dtype=torch.float64, seed=0, shared_A=False, shared_B=False):
     generator = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
         return torch.randn(*shape, generator=generator, dtype=dtype)
 
     shared = {name: randn(RANK, fan_in) for name, (_, fan_in) in SHAPES.items()}
+    shared_b = {name: randn(fan_out, RANK) for name, (fan_out, _) in SHAPES.items()}
     return [ClientUpdate(weight=weight,
-                         lora={name: (shared[name].clone() if shared_A else randn(RANK, fan_in), randn(fan_out, RANK))
+                         lora={name: (shared[name].clone() if shared_A else randn(RANK, fan_in),
+                                      shared_b[name].clone() if shared_B else randn(fan_out, RANK))
                                for name, (fan_out, fan_in) in SHAPES.items()},
                          extra={"head.weight": randn(5, 7), "head.bias": randn(5)})
             for weight in weights]
+
+
+def shared_for(method, round_index=1):
+    """make_updates' arguments for a round of `method`: every factor its client rule freezes that round is the
+    same on every client, as the server gave it."""
+    frozen = build_aggregator(method).client_rule(round_index).frozen
+    return {"shared_A": "A" in frozen, "shared_B": "B" in frozen}
 
 
 def product(pair):
@@ -220,15 +229,20 @@ def test_single_client_gets_its_own_update_back(method, options):
 def test_bytes_per_client_per_round():
     sizes = sum(RANK * (fan_in + fan_out) for fan_out, fan_in in SHAPES.values())
     B_only = sum(RANK * fan_out for fan_out, _ in SHAPES.values())
+    A_only = sum(RANK * fan_in for _, fan_in in SHAPES.values())
     head = (5 * 7 + 5) * 8
     for K in (2, 4):
-        updates = make_updates(weights=WEIGHTS[:K], shared_A=True)
+        updates = make_updates(weights=WEIGHTS[:K], shared_A=True, shared_B=True)
+        up = {"ffa_lora": B_only, "fedsa_lora": A_only, "rolora": A_only}
         expected_down = {"fedit": sizes, "ffa_lora": B_only, "flora": K * sizes, "flexlora": sizes,
-                         "lorafair": sizes, "florana": sizes, "fedex_lora": sizes + (K + 1) * sizes}
+                         "lorafair": sizes, "florana": sizes, "fedex_lora": sizes + (K + 1) * sizes,
+                         "fedsa_lora": A_only, "rolora": A_only}
         for method in registered_methods():
             out = build_aggregator(method).aggregate(updates)
-            assert out.bytes_up == (B_only if method == "ffa_lora" else sizes) * 8 + head
+            assert out.bytes_up == up.get(method, sizes) * 8 + head
             assert out.bytes_down == expected_down[method] * 8 + head
+        second = build_aggregator("rolora").aggregate(updates, round_index=2)  # RoLoRA's even rounds: B only
+        assert (second.bytes_up, second.bytes_down) == (B_only * 8 + head, B_only * 8 + head)
 
 
 def test_float32_matches_float64_reference():
@@ -240,7 +254,7 @@ def test_float32_matches_float64_reference():
         return pairs and {n: (A.double(), B.double()) for n, (A, B) in pairs.items()}
 
     for method in registered_methods():
-        updates = make_updates(shared_A=method == "ffa_lora")
+        updates = make_updates(**shared_for(method))
         out = build_aggregator(method).aggregate([as_float(u) for u in updates])
         for A, B in (*(out.lora or {}).values(), *(out.merge or {}).values()):
             assert A.dtype == B.dtype == torch.float32
@@ -380,7 +394,7 @@ def test_ffa_lora_refuses_different_A():
 
 @pytest.mark.parametrize("method", registered_methods())
 def test_overflow_is_refused(method):
-    updates = make_updates(dtype=torch.float32, shared_A=True)
+    updates = make_updates(dtype=torch.float32, **shared_for(method))
     for update in updates:
         update.lora = {n: (A * 1e25, B * 1e25) for n, (A, B) in update.lora.items()}
     with pytest.raises(ValueError, match=rf"{method}: .*blocks.0.attn.proj.* finite.* too large for torch.float32"):

@@ -112,6 +112,29 @@ def test_the_local_bound_on_two_ranks_matches_one_process(tmp_path):
         assert abs(distributed["final"]["accuracy"][domain] - accuracy) <= 0.005
 
 
+@pytest.mark.slow
+def test_fedsa_lora_on_two_ranks_keeps_every_clients_own_b_as_one_process_does(tmp_path):
+    """A client trained on one rank may train on the other next round: every rank must hold every client's B, and
+    rank 0 checkpoints all of them; the two-rank run then matches one process up to float summation order."""
+    from lorafair.federated.checkpoints import load_checkpoint
+    from lorafair.fit import fit
+
+    args = ("--server.method", "fedsa_lora", "--federation.rounds", "3")
+    single = fit(tiny_config(tmp_path / "one", *args))
+    _torchrun(tmp_path / "two", *args)
+    distributed = json.loads((tmp_path / "two" / "results.json").read_text())
+    hosts = [record["ranks"] for record in distributed["rounds"]]
+    assert any(hosts[t][c] != hosts[t + 1][c] for t in range(2) for c in hosts[t] if c in hosts[t + 1])
+    for block in ("final", "personalised"):
+        for domain, accuracy in single[block]["accuracy"].items():
+            assert abs(distributed[block]["accuracy"][domain] - accuracy) <= 0.005
+    ours, theirs = (load_checkpoint(tmp_path / run / "checkpoints" / "round_00003.ckpt")["client_states"]
+                    for run in ("two", "one"))
+    assert ours.keys() == theirs.keys() and len({key.split(".")[0] for key in ours}) == 6
+    for key, tensor in theirs.items():
+        torch.testing.assert_close(ours[key], tensor, rtol=0, atol=1e-4)
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -19,8 +19,9 @@ from lorafair.federated.bounds import local_steps, union_client
 from lorafair.federated.checkpoints import load_checkpoint
 from lorafair.federated.launch import launch_fabric
 from lorafair.federated.loop import FederatedTrainer
-from lorafair.federated.state import GlobalState, decode_items, unpack_client_states
+from lorafair.federated.state import GlobalState, decode_items
 from lorafair.fit import fit
+from lorafair.keys import unpack_clients
 
 
 class Killed(Exception):
@@ -109,7 +110,8 @@ def test_local_never_aggregates_each_client_continues_its_own_state_and_scores_o
     saved = load_checkpoint(tmp_path / "checkpoints" / "round_00002.ckpt")
     for name, pair in saved["lora"].items():  # the global state never moved
         assert torch.equal(pair["A"], start.lora[name][0]) and torch.equal(pair["B"], start.lora[name][1])
-    own = unpack_client_states(saved["client_states"])
+    own = {client: GlobalState.from_tensors(tensors) for client, tensors in unpack_clients(saved["client_states"])
+           .items()}
     assert sorted(own) == list(range(6))
     for client in trainer.data.clients:
         state = start

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from conftest import tiny_args
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.serverapp.strategy import (
@@ -21,8 +22,10 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from lorafair.aggregation import ClientUpdate, registered_methods
 from lorafair.aggregation.reference import dense_reference
+from lorafair.cli import main
 from lorafair.flower import LoraStrategy, merges_to_apply, state_to_arrays
 from lorafair.flower.records import arrays_to_state
+from lorafair.flower.strategy import flower_refusal
 from lorafair.keys import PEFT_A as LORA_A
 from lorafair.keys import PEFT_B as LORA_B
 from lorafair.seeds import fresh_lora, seeded_generator
@@ -77,7 +80,12 @@ def train_round(strategy, server_round, arrays, updates, nodes):
     return strategy.aggregate_train(server_round, replies)
 
 
-@pytest.mark.parametrize("method", registered_methods())
+FLOWER_METHODS = [method for method in registered_methods() if flower_refusal(method) is None]
+"""The methods lorafair runs under Flower: those whose clients keep nothing of their own and train the same factors
+every round."""
+
+
+@pytest.mark.parametrize("method", FLOWER_METHODS)
 def test_every_method_equals_its_dense_reference_through_flower_records(method):
     generator = torch.Generator().manual_seed(0)
     shared_A = {name: torch.randn(RANK, fan_in, generator=generator, dtype=torch.float64)
@@ -266,7 +274,24 @@ def test_merging_methods_are_refused_under_client_side_differential_privacy():
         strategy.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid([1, 2]))
 
 
-@pytest.mark.parametrize("method", registered_methods())
+@pytest.mark.parametrize(("method", "reason"), [
+    ("fedsa_lora", "its clients keep their own B between rounds, which lorafair's Flower integration does not hold"),
+    ("rolora", "its clients train A in odd rounds and B in even ones, which lorafair's Flower messages do not tell "
+               "them"),
+])
+def test_methods_whose_clients_keep_factors_or_alternate_them_are_refused_with_the_reason(method, reason, tmp_path,
+                                                                                          capsys):
+    message = f"{method} cannot run under Flower yet: {reason}; run it with lorafair fit"
+    with pytest.raises(ValueError) as refused:
+        LoraStrategy(method)
+    assert str(refused.value) == message
+    # `lorafair flower` stops with the same line before it starts Flower
+    assert main(["flower", *tiny_args(tmp_path, "--server.method", method)]) == 2
+    assert capsys.readouterr().err == f"lorafair: error: {message}\n"
+    assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.parametrize("method", FLOWER_METHODS)
 def test_secure_aggregation_takes_only_methods_that_need_sums(method):
     if method in ("fedit", "ffa_lora"):
         assert LoraStrategy(method, secure_aggregation=True).method == method

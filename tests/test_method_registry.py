@@ -56,9 +56,10 @@ def _lorafair_with_plugin(tmp_path: Path, *args: str) -> subprocess.CompletedPro
 def test_the_server_config_is_the_registry():
     options = user_options()
     assert [f for f in ServerConfig.__dataclass_fields__] == ["method", *options]
-    assert registered_methods() == ("fedit", "ffa_lora", "flora", "flexlora", "lorafair", "florana", "fedex_lora")
+    assert registered_methods() == ("fedit", "ffa_lora", "flora", "flexlora", "lorafair", "florana", "fedex_lora",
+                                    "fedsa_lora", "rolora")
     assert [display_name(m) for m in registered_methods()] == ["FedIT", "FFA-LoRA", "FLoRA", "FlexLoRA", "LoRA-FAIR",
-                                                                "FLoRA-NA", "FedEx-LoRA"]
+                                                                "FLoRA-NA", "FedEx-LoRA", "FedSA-LoRA", "RoLoRA"]
     assert options["sweeps"].methods == ("florana",) and options["lam"].default == 0.01
 
 

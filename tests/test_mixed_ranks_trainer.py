@@ -17,7 +17,8 @@ from test_distributed import ROOT, _environment
 from test_reliability import _same_trajectory
 from test_text_federated import REDUCED_DEMO
 
-from lorafair.aggregation import ClientUpdate, build_aggregator, registered_methods
+from lorafair.aggregation import ClientUpdate, build_aggregator, method_class, registered_methods
+from lorafair.config import ConfigError
 from lorafair.federated.launch import launch_fabric
 from lorafair.federated.loop import FederatedTrainer
 from lorafair.fit import fit
@@ -122,11 +123,15 @@ def test_torchrun_with_two_ranks_matches_one_process_at_mixed_ranks(mixed_run, t
 @pytest.mark.slow
 @pytest.mark.parametrize("method", registered_methods())
 def test_every_method_runs_the_hetero_demo(method, tmp_path):
-    cfg = parse_fit_args(["--config", str(ROOT / "configs" / "demo_hetero.yaml"), "--federation.rounds", "2",
-                          "--data.test_per_class", "5",
-                          "--client.max_local_steps", "2", "--server.method", method, "--server.steps", "20",
-                          "--out_dir", str(tmp_path)])
-    results = fit(cfg)
+    args = ["--config", str(ROOT / "configs" / "demo_hetero.yaml"), "--federation.rounds", "2",
+            "--data.test_per_class", "5",
+            "--client.max_local_steps", "2", "--server.method", method, "--server.steps", "20",
+            "--out_dir", str(tmp_path)]
+    if not method_class(method).mixed_ranks:  # refused before anything runs
+        with pytest.raises(ConfigError, match=rf"^lora.client_ranks: {method} takes no clients of different ranks"):
+            parse_fit_args(args)
+        return
+    results = fit(parse_fit_args(args))
     assert results["final"]["round"] == 2 and 0 < results["final"]["mean_accuracy"] <= 1
     sent = results["rounds"][-1]["bytes_by_client"]
     # clients 0 and 2 have ranks 2 and 8: client 0 sends a quarter of client 2's factors, and the same head

@@ -150,11 +150,16 @@ def test_init_lora_is_seeded_like_peft_and_starts_at_the_base_model():
     assert not torch.equal(other.get_lora()["blocks.0.mlp.fc2"][0], first.get_lora()["blocks.0.mlp.fc2"][0])
 
 
-def test_freeze_lora_a_trains_b_only():
+@pytest.mark.parametrize("factors", ["B", "A"])
+def test_train_factors_trains_only_those(factors):
     model = build().train()
     model.init_lora(torch.Generator().manual_seed(0))
-    model.freeze_lora_A(True)
-    assert not any(model.backbone.get_submodule(n).lora_A["default"].weight.requires_grad for n in model.layer_names)
+    with torch.no_grad():  # B = 0 gives A no gradient: start from a nonzero B so that both factors could move
+        model.set_lora({name: (a, torch.randn_like(b)) for name, (a, b) in model.get_lora().items()})
+    model.train_factors(factors)
+    frozen = "AB".replace(factors, "")
+    layers = [model.backbone.get_submodule(n) for n in model.layer_names]
+    assert not any(getattr(layer, f"lora_{frozen}")["default"].weight.requires_grad for layer in layers)
     before = model.get_lora()
     optimizer = model.configure_optimizers()
     batch = (torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
@@ -162,10 +167,11 @@ def test_freeze_lora_a_trains_b_only():
         optimizer.zero_grad()
         model.training_step(batch, 0).backward()
         optimizer.step()
-    for name, (lora_a, lora_b) in model.get_lora().items():
-        torch.testing.assert_close(lora_a, before[name][0], rtol=0, atol=0)
-        assert not torch.equal(lora_b, before[name][1])
-    model.freeze_lora_A(False)
+    kept, moved = "AB".index(frozen), "AB".index(factors)
+    for name, pair in model.get_lora().items():
+        torch.testing.assert_close(pair[kept], before[name][kept], rtol=0, atol=0)
+        assert not torch.equal(pair[moved], before[name][moved])
+    model.train_factors("AB")
     assert sum(p.numel() for g in model.configure_optimizers().param_groups for p in g["params"]) == sum(
         p.numel() for p in model.parameters() if p.requires_grad)
 

@@ -269,3 +269,43 @@ def test_the_tables_name_the_metric_of_the_task(tmp_path, data_name, metric) -> 
     assert other not in text and other.lower() not in text
     _, rows = markdown_rows(text, f"## {metric} (%)")
     assert [row[0] for row in rows] == [display_name("fedit"), display_name("lorafair")]
+
+
+def test_runs_that_score_each_clients_own_model_get_a_personalised_table_beside_the_global_one(comparison) -> None:
+    """FedSA-LoRA's runs hold a personalised block: its table has FedSA-LoRA and the local bound (whose final
+    scores are its clients' own models), not the methods without one; the global table keeps every method."""
+    directory, _ = comparison
+    own = {}
+    for method in ("fedsa_lora", "local"):
+        for seed in SEEDS:
+            folder = directory / method / f"seed{seed}"
+            final = write_run(folder, method, seed)
+            results = json.loads((folder / "results.json").read_text())
+            if method == "fedsa_lora":
+                rng = random.Random(f"own-{seed}")
+                accuracy = {domain: rng.uniform(0.2, 0.9) for domain in DOMAINS}
+                results["personalised"] = {"round": ROUNDS, "accuracy": accuracy,
+                                           "mean_accuracy": statistics.fmean(accuracy.values())}
+                (folder / "results.json").write_text(json.dumps(results))
+                final = accuracy
+            own[method, seed] = final
+    report(directory)
+    text = (directory / "comparison.md").read_text()
+    _, rows = markdown_rows(text, "## Top-1 accuracy (%)")
+    assert [row[0] for row in rows] == ["FedIT", "FLoRA", "LoRA-FAIR", "FedSA-LoRA", "Local (bound)"]
+    header, rows = markdown_rows(text, "## Personalised top-1 accuracy (%)")
+    assert header == ["Method", *DOMAINS, "Average"]
+    assert [row[0] for row in rows] == ["FedSA-LoRA", "Local (bound)"]
+    for method, row in zip(("fedsa_lora", "local"), rows, strict=True):
+        for column, domain in enumerate([*DOMAINS, "Average"], start=1):
+            per_seed = [100 * (statistics.fmean(own[method, s].values()) if domain == "Average"
+                               else own[method, s][domain]) for s in SEEDS]
+            mean, std = expected_cell(per_seed)
+            assert row[column] == (f"**{mean:.2f} ± {std:.2f}**" if method == "fedsa_lora" else
+                                   f"{mean:.2f} ± {std:.2f}")  # one method: the best; the bound is never bold
+
+
+def test_no_personalised_table_without_personalised_scores(comparison) -> None:
+    directory, _ = comparison
+    report(directory)
+    assert "Personalised" not in (directory / "comparison.md").read_text()

@@ -10,7 +10,8 @@ updates arrive: `state = aggregator.start(like=u_0, clients=K)`, `state.add(u)` 
 (`streaming`). One module per method; the ideal update sum p_k B_k A_k is held factored or dense (`ideal`),
 whichever the cost model (`cost`) finds cheaper; the shared low-rank math lives in `lowrank`, dense textbook
 versions of every method (for tests and benchmarks) in `reference`. Clients may have different ranks: `ranks`
-states the one scaling convention, and `GlobalUpdate.lora_for(rank)` gives each rank its starting pairs.
+states the one scaling convention, and `GlobalUpdate.lora_for(rank)` gives each rank its starting pairs. What a
+method's clients train, upload and keep each round is its `ClientRule` (`rules`, `Aggregator.client_rule`).
 """
 
 from lorafair.aggregation.base import Aggregator, OptionError
@@ -23,11 +24,13 @@ from lorafair.aggregation.registry import (
     registered_methods,
     user_options,
 )
+from lorafair.aggregation.rules import ClientRule
 from lorafair.aggregation.streaming import RoundState
 from lorafair.aggregation.updates import ClientUpdate, GlobalUpdate, find_bad_updates
 
 __all__ = [
     "Aggregator",
+    "ClientRule",
     "ClientUpdate",
     "GlobalUpdate",
     "OptionError",

@@ -4,7 +4,8 @@ round and assembles the answer.
 A method only implements `Aggregator.combine`, which sees one `LayerGroup` (`updates`): all layers of one shape at
 the end of a round, batched so that the math runs as batched matrix products over layers instead of Python loops (a
 method whose inner problem has the same size for every shape may batch all groups at once in `combine_groups`). The
-round itself is folded update by update (`streaming`); `needs` and `ideal_use` say what a method takes from it.
+round itself is folded update by update (`streaming`); `needs` and `ideal_use` say what a method takes from it, and
+`client_rule` what its clients train, upload and keep (`rules`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor
 
 from lorafair.aggregation import cost, ranks
+from lorafair.aggregation.rules import FACTORS, ClientRule
 from lorafair.aggregation.streaming import RoundState
 from lorafair.aggregation.updates import (
     ClientUpdate,
@@ -39,8 +41,6 @@ class Aggregator:
     """The method's name in configs and on the command line."""
     display_name: ClassVar[str]
     """How the paper writes it, for tables and plots."""
-    sends_A: ClassVar[bool] = True
-    """False when A stays frozen on the clients, never trained, and so never travels (FFA-LoRA)."""
     merges: ClassVar[bool] = False
     """True when the answer carries a merge that every client adds to its frozen weights (FLoRA, FedEx-LoRA): the
     frozen weights then change, which 4-bit weights cannot take and a differential-privacy wrapper does not see."""
@@ -50,9 +50,17 @@ class Aggregator:
     global_model: ClassVar[str] = ("the starting backbone (with the trained head) in base/ and the server's global "
                                    "factors in the adapter: the frozen weights never change.")
     """What the exported global model is, for its model card (base/ and the adapter are the export's folders)."""
+    mixed_ranks: ClassVar[bool] = True
+    """False when the method takes no clients of different ranks (`lora.client_ranks` is refused with it, and the
+    round refuses a client of a lower rank)."""
     needs: ClassVar[str] = "ideal"
     """What the method takes from a round: "averages" (weighted sums of A and B), "ideal" (those and the ideal
     update sum p_k B_k A_k, factored or dense), or "factors" (every client's factors, which it sends on)."""
+
+    def client_rule(self, round_index: int) -> ClientRule:
+        """What the clients train, upload and keep in round `round_index` (1, 2, ...): by default they train and
+        upload both factors and keep nothing, starting every round from the server's state."""
+        return ClientRule()
 
     def combine(self, group: LayerGroup) -> GroupResult:
         raise NotImplementedError
@@ -70,23 +78,49 @@ class Aggregator:
         return cost.cheaper_path(self.ideal_use(), clients, rank, fan_out, fan_in)
 
     def check_update(self, index: int, update: ClientUpdate, first: ClientUpdate) -> str | None:
-        """Why the round cannot be aggregated with `update` next to `first` (its template); raised by `finish`,
-        after every update's own checks. None: it can."""
+        """A method's own reason why the round cannot be aggregated with `update` next to `first` (its template);
+        None: it can. `refusal` asks it first."""
+        return None
+
+    def refusal(self, index: int, update: ClientUpdate, first: ClientUpdate, rule: ClientRule) -> str | None:
+        """Why the round cannot be aggregated with `update` next to `first` (its template) under the round's `rule`,
+        raised by `finish` after every update's own checks: `check_update`, a client of a lower rank where the
+        method takes none, or a factor the rule freezes that differs from the template's (in the client's rank and
+        scaling, `ranks.to_client`). None: it can."""
+        own = self.check_update(index, update, first)
+        if own is not None:
+            return own
+        for name, pair in update.lora.items():
+            rank, global_rank = pair[0].shape[0], first.lora[name][0].shape[0]
+            if rank != global_rank and not self.mixed_ranks:
+                return (f"{self.name}: client {index} has LoRA rank {rank} in layer '{name}', not the global "
+                        f"{global_rank}; {self.display_name} takes no clients of other ranks (leave "
+                        "lora.client_ranks unset)")
+            given = ranks.to_client(first.lora[name], rank)
+            for factor in rule.frozen:
+                position = FACTORS.index(factor)
+                if not torch.equal(pair[position], given[position]):
+                    return (f"{self.name}: client {index} sent a different {factor} than client 0 for layer "
+                            f"'{name}'; {self.display_name} clients train only {rule.trains} this round and must "
+                            f"return the {factor} they were given, the same on every client (initialise it from "
+                            "the same seed everywhere and do not train it)")
         return None
 
     def start(self, like: ClientUpdate, clients: int, path: str | None = None,
-              lower_ranks: Sequence[int] = ()) -> RoundState:
+              lower_ranks: Sequence[int] = (), round_index: int = 1) -> RoundState:
         """A round expecting `clients` updates shaped like `like` (names, shapes, dtype and device of its LoRA
         layers and extra tensors; called client 0 in messages; its ranks are the global ones). path forces
         'factored' or 'dense' for every layer group instead of the cost model's choice (for tests and benchmarks).
-        lower_ranks: ranks below the global one to return starting pairs for, besides those the round brings."""
-        return RoundState(self, like, clients, path, lower_ranks)
+        lower_ranks: ranks below the global one to return starting pairs for, besides those the round brings.
+        round_index: the round (1, 2, ...), whose `client_rule` says which factors the clients upload: a factor
+        they do not upload is the template's in the answer."""
+        return RoundState(self, like, clients, path, lower_ranks, round_index)
 
     def aggregate(self, updates: Sequence[ClientUpdate], like: ClientUpdate | None = None,
-                  lower_ranks: Sequence[int] = ()) -> GlobalUpdate:
+                  lower_ranks: Sequence[int] = (), round_index: int = 1) -> GlobalUpdate:
         """All updates of a round at once: `start`, `add` each, `finish`. The weights are normalised first (in
         float64), so any finite weights work whatever the factors' dtype. like: the template (default: the update
-        of the largest rank)."""
+        of the largest rank), which also gives every factor the clients do not upload this round."""
         total = check_weights(updates)
         check_round_shapes(updates)
         if like is None:
@@ -95,14 +129,16 @@ class Aggregator:
             if bad:  # the template's own checks would name it client 0
                 raise ValueError(f"client {template}: {bad[0]}; drop this client (find_bad_updates lists them)")
             like = updates[template]
-        state = self.start(like, clients=len(updates), lower_ranks=lower_ranks)
+        state = self.start(like, clients=len(updates), lower_ranks=lower_ranks, round_index=round_index)
         for update in updates:
             state.add(replace(update, weight=float(update.weight) / total))
         return state.finish()
 
     def global_update(self, like: ClientUpdate, groups: list[LayerGroup], extra: dict[str, Tensor],
-                      seconds: float) -> GlobalUpdate:
-        """`combine` every group and assemble the GlobalUpdate; seconds: time already spent on the round."""
+                      seconds: float, sends: str = FACTORS) -> GlobalUpdate:
+        """`combine` every group and assemble the GlobalUpdate; seconds: time already spent on the round. sends:
+        the factors the clients upload this round, the only ones that travel, up and down (a client holds the
+        others already)."""
         start = time.perf_counter()
         results = self._combine_checked(groups)
         order = list(like.lora)
@@ -115,12 +151,12 @@ class Aggregator:
         by_rank = {} if lora is None else {
             rank: _by_layer(order, groups, [ranks.to_client(result.by_rank[rank], rank) for result in results])
             for rank in groups[0].lower_ranks}
-        up = {rank: self._lora_bytes(ranks.to_client(pair, rank) for pair in like.lora.values()) + extra_bytes
+        up = {rank: _lora_bytes((ranks.to_client(pair, rank) for pair in like.lora.values()), sends) + extra_bytes
               for rank in groups[0].lower_ranks}
         return GlobalUpdate(lora=lora, merge=merge, extra=extra, metrics=metrics,
-                            bytes_up=self._lora_bytes(like.lora.values()) + extra_bytes,
-                            bytes_down=self._lora_bytes((lora or {}).values()) + merge_bytes, by_rank=by_rank,
-                            bytes_by_rank={rank: (up[rank], self._lora_bytes(by_rank.get(rank, {}).values())
+                            bytes_up=_lora_bytes(like.lora.values(), sends) + extra_bytes,
+                            bytes_down=_lora_bytes((lora or {}).values(), sends) + merge_bytes, by_rank=by_rank,
+                            bytes_by_rank={rank: (up[rank], _lora_bytes(by_rank.get(rank, {}).values(), sends)
                                                   + merge_bytes) for rank in up})
 
     def _combine_checked(self, groups: list[LayerGroup]) -> list[GroupResult]:
@@ -148,8 +184,11 @@ class Aggregator:
                                      f"finite: {advice}")
         return results
 
-    def _lora_bytes(self, pairs) -> int:
-        return sum(_nbytes(pair if self.sends_A else pair[1:]) for pair in pairs)
+
+
+def _lora_bytes(pairs, factors: str) -> int:
+    """Bytes of the given factors ("A", "B" or "AB") of the pairs."""
+    return sum(_nbytes(pair[FACTORS.index(factor)] for factor in factors) for pair in pairs)
 
 
 def _by_layer(order: list[str], groups: list[LayerGroup],

@@ -112,6 +112,18 @@ def _ffa_lora(layer: _Layer) -> tuple[Factors, None]:
     return (layer.As[layer.template], layer.B_bar), None
 
 
+def _fedsa_lora(layer: _Layer) -> tuple[Factors, None]:
+    """A averaged; B is the template's, which the server never changes (each client keeps its own)."""
+    return (layer.A_bar, layer.Bs[layer.template]), None
+
+
+def _rolora(layer: _Layer, round_index: int = 1) -> tuple[Factors, None]:
+    """The factor trained this round averaged (A in odd rounds, B in even ones), the other the shared one."""
+    if round_index % 2 == 1:
+        return (layer.A_bar, layer.Bs[layer.template]), None
+    return (layer.As[layer.template], layer.B_bar), None
+
+
 def _flora(layer: _Layer) -> tuple[None, Tensor]:
     return None, layer.dW
 
@@ -183,4 +195,6 @@ _METHODS: dict[str, Callable[..., tuple[Factors | None, Tensor | None]]] = {
     "lorafair": _lorafair,
     "florana": _florana,
     "fedex_lora": _fedex_lora,
+    "fedsa_lora": _fedsa_lora,
+    "rolora": _rolora,
 }

@@ -1,7 +1,9 @@
 """The one list of methods. Each aggregator class declares its name, display name, options (dataclass fields with
-defaults, docstrings and checks in __post_init__) and traits (class attributes of `Aggregator`: whether it merges
-into the frozen weights, sends A, needs only sums, what its exported model is); the CLI, --help, config validation,
-the model builder, the Flower integration, the export, compare and the report tables all read them from here.
+defaults, docstrings and checks in __post_init__), traits (class attributes of `Aggregator`: whether it merges
+into the frozen weights, needs only sums, takes clients of different ranks, what its exported model is) and its
+client rule (`Aggregator.client_rule`: which factors its clients train, upload and keep each round); the CLI, --help,
+config validation, the round loop, the Flower integration, the export, compare and the report tables all read them
+from here.
 
 Adding a method: write `lorafair/aggregation/<method>.py` with an Aggregator subclass, and add it to BUILT_IN below
 (or call `register_method(cls)` before `lorafair.config` is imported, from code of your own).
@@ -17,11 +19,13 @@ from docstring_parser import parse_from_object
 from lorafair.aggregation.base import Aggregator
 from lorafair.aggregation.fedex_lora import FedExLoRA
 from lorafair.aggregation.fedit import FedIT
+from lorafair.aggregation.fedsa_lora import FedSALoRA
 from lorafair.aggregation.ffa_lora import FFALoRA
 from lorafair.aggregation.flexlora import FlexLoRA
 from lorafair.aggregation.flora import FLoRA
 from lorafair.aggregation.florana import FLoRANA
 from lorafair.aggregation.lorafair import LoRAFAIR
+from lorafair.aggregation.rolora import RoLoRA
 
 SERVER_SEED = "seed"
 """An option of this name is the seed the server derives from (run seed, round), never a user setting."""
@@ -70,7 +74,7 @@ def display_name(method: str) -> str:
 
 def method_class(method: str) -> type[Aggregator]:
     """The aggregator class of `method`, whose class attributes are the method's traits (`Aggregator.merges`,
-    `sends_A`, `sums_only`, ...); an unknown name raises ValueError."""
+    `sums_only`, `mixed_ranks`, ...); an unknown name raises ValueError."""
     return _aggregator_class(method)
 
 
@@ -119,6 +123,6 @@ def _aggregator_class(method: str) -> type[Aggregator]:
     return _REGISTERED[method]
 
 
-BUILT_IN = (FedIT, FFALoRA, FLoRA, FlexLoRA, LoRAFAIR, FLoRANA, FedExLoRA)
+BUILT_IN = (FedIT, FFALoRA, FLoRA, FlexLoRA, LoRAFAIR, FLoRANA, FedExLoRA, FedSALoRA, RoLoRA)
 for _method in BUILT_IN:
     register_method(_method)

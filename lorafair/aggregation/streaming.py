@@ -5,8 +5,9 @@
         state.add(update)                    # checks it, folds it in, keeps no reference to it
     out = state.finish()                     # the same GlobalUpdate as aggregate(all updates)
 
-What a round keeps is what its method declares (`Aggregator.needs`):
-- "averages" (FFA-LoRA): the weight sum and the weighted sums of A and of B.
+What a round keeps is what its method declares (`Aggregator.needs`), of the factors its clients upload this round
+(`ClientRule.sends`; a factor they do not upload is the template's in the answer):
+- "averages" (FFA-LoRA, FedSA-LoRA, RoLoRA): the weight sum and the weighted sums of A and of B.
 - "ideal" (FedIT, FlexLoRA, LoRA-FAIR, FLoRA-NA): those, plus the ideal update per layer group, on the path the
   cost model picks for K clients: factored (each client's factors in its slot; fewer numbers than a dense dW below
   the crossover) or dense (sum w_k B_k A_k, out x in whatever K; factors wait in a small chunk and are folded in
@@ -32,6 +33,7 @@ from torch import Tensor
 
 from lorafair.aggregation import cost, ranks
 from lorafair.aggregation.ideal import DenseIdeal, FactoredIdeal
+from lorafair.aggregation.rules import FACTORS, ClientRule
 from lorafair.aggregation.updates import (
     ClientUpdate,
     GlobalUpdate,
@@ -52,29 +54,32 @@ class Method(Protocol):
     """What a round asks of its method (an `Aggregator`, which starts the round)."""
 
     needs: str
-    sends_A: bool
 
+    def client_rule(self, round_index: int) -> ClientRule: ...
     def path_for(self, clients: int, rank: int, fan_out: int, fan_in: int) -> str: ...
-    def check_update(self, index: int, update: ClientUpdate, first: ClientUpdate) -> str | None: ...
+    def refusal(self, index: int, update: ClientUpdate, first: ClientUpdate, rule: ClientRule) -> str | None: ...
     def global_update(self, like: ClientUpdate, groups: list[LayerGroup], extra: dict[str, Tensor],
-                      seconds: float) -> GlobalUpdate: ...
+                      seconds: float, sends: str = FACTORS) -> GlobalUpdate: ...
 
 
 class GroupState:
-    """The accumulators of the layers of one shape: A_sum [L, r, in] (unless A is frozen) and B_sum [L, out, r]; slots
+    """The accumulators of the layers of one shape: A_sum [L, r, in] and B_sum [L, out, r] of the uploaded factors
+    (a factor that is not uploaded is the template's, `fixed_A` / `fixed_B`); slots
     A_slots [L, C, r, in] and B_slots [L, out, C, r] for one client each (the round's K clients, or a chunk
     on the dense path), with slot_ranks [C] (each client's own rank) where every client keeps its slot; dW_sum
     [L, out, in] on the dense path of a method that needs the ideal update."""
 
     def __init__(self, names: list[str], like: ClientUpdate, needs: str, path: str, clients: int,
-                 frozen_A: bool = False) -> None:
+                 sends: str = FACTORS) -> None:
         A, B = like.lora[names[0]]
         (rank, fan_in), fan_out, layers = A.shape, B.shape[0], len(names)
-        self.names, self.path = names, path
-        # A frozen on every client (FFA-LoRA) is the template's, exactly: nothing to sum.
-        self.frozen_A = torch.stack([like.lora[name][0] for name in names]) if frozen_A else None
-        self.A_sum = None if frozen_A else A.new_zeros(layers, rank, fan_in)
-        self.B_sum = B.new_zeros(layers, fan_out, rank)
+        self.names, self.path, self.rank = names, path, rank
+        # a factor the clients do not upload (frozen, as FFA-LoRA's A, or kept, as FedSA-LoRA's B) is the
+        # template's, exactly: nothing to sum
+        self.fixed_A = None if "A" in sends else torch.stack([like.lora[name][0] for name in names])
+        self.fixed_B = None if "B" in sends else torch.stack([like.lora[name][1] for name in names])
+        self.A_sum = A.new_zeros(layers, rank, fan_in) if "A" in sends else None
+        self.B_sum = B.new_zeros(layers, fan_out, rank) if "B" in sends else None
         self.folds_dense = needs == "ideal" and path == "dense"
         self.dW_sum = B.new_zeros(layers, fan_out, fan_in) if self.folds_dense else None
         self.keeps_clients = needs == "factors" or (needs == "ideal" and path == "factored")
@@ -90,12 +95,13 @@ class GroupState:
         """Fold one update padded to the group's rank; rank: the client's own (None: the group's)."""
         position = slot if self.keeps_clients else self.chunk_filled
         if self.slot_ranks is not None:
-            self.slot_ranks[slot] = rank or self.B_sum.shape[-1]
+            self.slot_ranks[slot] = rank or self.rank
         for layer, name in enumerate(self.names):
             A, B = update.lora[name]
             if self.A_sum is not None:
                 self.A_sum[layer].add_(A, alpha=weight)
-            self.B_sum[layer].add_(B, alpha=weight)
+            if self.B_sum is not None:
+                self.B_sum[layer].add_(B, alpha=weight)
             if self.A_slots is not None:
                 self.A_slots[layer, position].copy_(A)
                 self.B_slots[layer, :, position].copy_(B)
@@ -119,7 +125,7 @@ class GroupState:
     def accumulators(self) -> list[Tensor]:
         self.flush()
         slots = [self.A_slots, self.B_slots, self.slot_ranks] if self.keeps_clients else []
-        sums = [self.B_sum] if self.A_sum is None else [self.A_sum, self.B_sum]
+        sums = [total for total in (self.A_sum, self.B_sum) if total is not None]
         return [*sums, *slots, *([self.dW_sum] if self.folds_dense else [])]
 
     def layer_group(self, weight_sum: Tensor, slot_weights: Tensor | None, filled: Tensor | None,
@@ -127,9 +133,10 @@ class GroupState:
         """What the method sees at finish: averages, the ideal update on this group's path, and the clients'
         factors (only those of filled slots) where they were kept."""
         self.flush()
-        total = weight_sum.to(self.B_sum.dtype)
-        A_bar = self.frozen_A if self.A_sum is None else self.A_sum / total
-        B_bar = self.B_sum / total
+        dtype = (self.fixed_B if self.B_sum is None else self.B_sum).dtype
+        total = weight_sum.to(dtype)
+        A_bar = self.fixed_A if self.A_sum is None else self.A_sum / total
+        B_bar = self.fixed_B if self.B_sum is None else self.B_sum / total
         if not self.keeps_clients:
             ideal = DenseIdeal(self.dW_sum / total) if self.folds_dense else FactoredIdeal(B_bar, A_bar)
             return LayerGroup(names=self.names, A_bar=A_bar, B_bar=B_bar, ideal=ideal, lower_ranks=lower_ranks)
@@ -147,7 +154,7 @@ class RoundState:
     """One round on the server between `Aggregator.start` and `finish`; see the module docstring."""
 
     def __init__(self, aggregator: Method, like: ClientUpdate, clients: int, path: str | None = None,
-                 lower_ranks: Sequence[int] = ()) -> None:
+                 lower_ranks: Sequence[int] = (), round_index: int = 1) -> None:
         started = time.perf_counter()
         if not (isinstance(clients, int) and clients >= 1):
             raise ValueError(f"start() needs clients >= 1 (the number of updates the round expects), got {clients!r}")
@@ -155,13 +162,15 @@ class RoundState:
             raise ValueError(f"start(): path must be None (the cost model decides) or one of {cost.PATHS}, "
                              f"got {path!r}")
         self.aggregator, self.like, self.clients = aggregator, like, clients
+        self.rule = aggregator.client_rule(round_index)
+        """What the round's clients train, upload and keep."""
         shapes = _shapes_of(like)
         reference = like.lora[next(iter(like.lora))][0]
         self.weight_sum = torch.zeros((), dtype=WEIGHT_DTYPE, device=reference.device)
         self.count = torch.zeros((), dtype=WEIGHT_DTYPE, device=reference.device)
         needs = aggregator.needs
         self.groups = [GroupState(names, like, needs, "factored" if needs == "averages" else
-                                  path or aggregator.path_for(clients, *shape), clients, not aggregator.sends_A)
+                                  path or aggregator.path_for(clients, *shape), clients, self.rule.sends)
                        for shape, names in shapes.items()]
         # Only where some group keeps every client's factors: each slot's weight, and which slots are filled.
         keeps_clients = any(group.keeps_clients for group in self.groups)
@@ -196,7 +205,7 @@ class RoundState:
             self.slot_weights[slot] = weight
             self.filled[slot] = 1
         if self.refusal is None:
-            self.refusal = self.aggregator.check_update(slot, update, self.like)
+            self.refusal = self.aggregator.refusal(slot, update, self.like, self.rule)
         if rank is not None:
             self.rank_counts[rank] += 1
             update = ClientUpdate(update.weight, {name: ranks.to_server(pair, self.like.lora[name][0].shape[0])
@@ -234,7 +243,7 @@ class RoundState:
         extra = {name: tensor / torch.tensor(total, dtype=tensor.dtype, device=tensor.device)
                  for name, tensor in self.extra_sums.items()}
         return self.aggregator.global_update(self.like, groups, extra,
-                                             self.seconds + time.perf_counter() - started)
+                                             self.seconds + time.perf_counter() - started, self.rule.sends)
 
     def _check(self, update: ClientUpdate, slot: int) -> int | None:
         """Refuse a bad update; its own rank when below the template's, else None."""

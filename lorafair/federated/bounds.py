@@ -4,7 +4,8 @@
   steps as the round's sampled clients would have trained together; its answer is taken as it is (averaging one
   update is the identity), so it is the upper bound of any aggregation under the same budget.
 - local: every client trains alone from its own previous state and is never aggregated; each is scored on its own
-  domain's test set, and a domain's score is the mean over its clients: what a client gets without federating.
+  domain's test set, and a domain's score is the mean over its clients: what a client gets without federating. Its
+  client rule (`LOCAL_RULE`) keeps everything, as a personalised method keeps its own factors.
 """
 
 from __future__ import annotations
@@ -14,11 +15,15 @@ import math
 import numpy as np
 from torch.utils.data import ConcatDataset, Subset
 
+from lorafair.aggregation import ClientRule
 from lorafair.config import ClientConfig
 from lorafair.data import Client
 
 UNION_DOMAIN = "all"
 """The domain of the centralized client."""
+LOCAL_RULE = ClientRule(trains="AB", sends="", keeps="AB", keeps_extra=True)
+"""The local bound's clients: each trains and keeps its whole state (both factors and the head), and uploads nothing
+that is aggregated (the server only screens the updates)."""
 
 
 def union_client(clients: list[Client]) -> Client:

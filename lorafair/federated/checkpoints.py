@@ -28,9 +28,19 @@ from lorafair.federated.run_folder import (
     read_results,
     results_path,
 )
-from lorafair.federated.state import GlobalState, ResumeState, pack_client_states, unpack_client_states
+from lorafair.federated.state import GlobalState, OwnState, ResumeState
 from lorafair.files import fsync_directory, replacing
-from lorafair.keys import is_by_rank, nest_pairs, pack, pack_by_rank, pack_pairs, unnest_pairs, unpack
+from lorafair.keys import (
+    is_by_rank,
+    nest_pairs,
+    pack,
+    pack_by_rank,
+    pack_clients,
+    pack_pairs,
+    unnest_pairs,
+    unpack,
+    unpack_clients,
+)
 from lorafair.models.build import state_shapes
 
 CHECKPOINT_KEYS = frozenset({"round", "identity", "results", "lora", "extra", "base"})
@@ -170,15 +180,16 @@ def identity_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -
 
 def checkpoint_state(round_index: int, identity: dict[str, Any], results: dict[str, Any], state: GlobalState,
                      base: dict[str, torch.Tensor] | None,
-                     client_states: dict[int, GlobalState] | None = None) -> dict[str, Any]:
+                     client_states: dict[int, OwnState] | None = None) -> dict[str, Any]:
     """What a round's checkpoint holds (on the CPU); `base` only once merges changed the frozen weights,
-    `client_states` only where clients keep states of their own (the local bound)."""
+    `client_states` only where clients keep tensors of their own between rounds (`ClientRule.keeps`, the local
+    bound): each client's own, so that a resumed run starts each client from exactly what it kept."""
     return {"round": round_index, "identity": identity, "results": results,
             "lora": nest_pairs(state.lora),
             "lora_by_rank": {rank: nest_pairs(pairs) for rank, pairs in state.by_rank.items()},
             "extra": {name: t.cpu() for name, t in state.extra.items()},
             "base": {name: t.cpu() for name, t in base.items()} if base is not None else None,
-            "client_states": {key: t.cpu() for key, t in pack_client_states(client_states or {}).items()}}
+            "client_states": {key: t.cpu() for key, t in pack_clients(client_states or {}).items()}}
 
 
 def read_resume(out_dir: Path, cfg: FitConfig, identity: dict[str, Any], model: nn.Module,
@@ -248,10 +259,11 @@ def read_round(path: Path, state: Any) -> ResumeState:
                    **pack("extra", state["extra"]), **pack("base", state["base"])}
         records = [current_round_record(record) for record in state["results"]["rounds"]]
         start = state["results"].get("start")
-        client_states = unpack_client_states(dict(state.get("client_states", {})))
+        own = dict(state.get("client_states", {}))
+        client_states = unpack_clients(own)
     except (KeyError, TypeError, AttributeError) as err:
         raise UserError(f"{path} is not a lorafair checkpoint (its tensors are malformed: {err!r})") from err
-    problem = _bad_round(state["round"]) or _bad_tensor(tensors)
+    problem = _bad_round(state["round"]) or _bad_tensor({**tensors, **own})
     if problem:
         raise UserError(f"{path} cannot be used: {problem}; restore the file or resume from another checkpoint")
     return ResumeState(round=state["round"], path=path, records=records,

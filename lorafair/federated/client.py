@@ -36,6 +36,7 @@ class ClientModel(Protocol):
     """What the client role needs from a model (LightningModule hooks plus the swappable federated state)."""
 
     def set_rank(self, rank: int) -> None: ...
+    def train_factors(self, factors: str) -> None: ...
     def get_lora(self) -> Pairs: ...
     def set_lora(self, lora: Pairs) -> None: ...
     def get_extra(self) -> dict[str, Tensor]: ...
@@ -70,14 +71,16 @@ class LocalTrainer:
         self.model.set_extra(state.extra)
 
     def train(self, client: Client, start: GlobalState, round_index: int, rank: int | None = None,
-              steps: int | None = None) -> ClientResult:
+              steps: int | None = None, factors: str = "AB") -> ClientResult:
         """Local SGD from `start` at the client's LoRA `rank` (None: the global one), for `steps` optimizer steps
-        (None: as many as client.local_epochs and client.max_local_steps give its data); SGD momentum starts fresh
-        every round, as in the public code, seeded by (seed, round, client) so the result does not depend on where
-        or when the client trains."""
+        (None: as many as client.local_epochs and client.max_local_steps give its data), of the LoRA `factors`
+        its method trains this round (`ClientRule.trains`; the others keep their starting value) and the extra
+        tensors; SGD momentum starts fresh every round, as in the public code, seeded by (seed, round, client) so
+        the result does not depend on where or when the client trains."""
         seed = derive_seed("client", self.seed, round_index, client.id)
         torch.manual_seed(seed)
         self.load(start, rank)
+        self.model.train_factors(factors)
         self.model.train()
         loader = make_loader(client.dataset, self.data_cfg.batch_size, shuffle=True, seed=seed,
                              num_workers=self.data_cfg.num_workers, device=self.fabric.device)

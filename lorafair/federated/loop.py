@@ -1,16 +1,18 @@
 """The round loop of `lorafair fit`, composing the client, the server and the transport on Lightning Fabric.
 
 One round (`FederatedTrainer.run_round`):
-    sample clients -> assign them to ranks -> each rank trains its clients (client role) and folds their updates
-    into the method's accumulators (server role) -> the transport shares the clients' reports and sums the
-    accumulators over the ranks -> rank 0 finishes the aggregation and the transport delivers its answer to every
-    rank -> every rank applies it (merging into its frozen weights for FLoRA / FedEx-LoRA) -> sharded evaluation ->
-    results.json, TensorBoard and a checkpoint on rank 0.
+    sample clients -> assign them to ranks -> each rank trains its clients (client role) by the method's client rule
+    and folds their updates into the method's accumulators (server role) -> the transport shares the clients'
+    reports (and what clients keep of their own) and sums the accumulators over the ranks -> rank 0 finishes the
+    aggregation and the transport delivers its answer to every rank -> every rank applies it (merging into its frozen
+    weights for FLoRA / FedEx-LoRA) -> sharded evaluation (and each client's own model, where clients keep factors)
+    -> results.json, TensorBoard and a checkpoint on rank 0.
 After the last round rank 0 prints the accuracy table and hands the run folder to its `export` (`lorafair.fit`
 passes the one that writes the global model to out_dir/final; not with export false).
 
-Clients keep no state between rounds and everything random is seeded by (seed, round, client), so the results do
-not depend on the number of ranks, on which rank hosts a client, or on whether the run was interrupted and resumed.
+What a client keeps between rounds is what its method's client rule keeps (nothing for most methods), held for every
+client on every rank and in the checkpoints, and everything random is seeded by (seed, round, client), so the results
+do not depend on the number of ranks, on which rank hosts a client, or on whether the run was interrupted and resumed.
 """
 
 from __future__ import annotations
@@ -26,13 +28,13 @@ import torch
 from lightning.fabric import Fabric
 from tqdm import tqdm
 
-from lorafair.aggregation import ClientUpdate, RoundState, ranks
+from lorafair.aggregation import ClientRule, ClientUpdate, RoundState, ranks
 from lorafair.config import BOUND_METHOD, FitConfig, metric_name
 from lorafair.data import Client, FederatedData
 from lorafair.data.build import build_data
 from lorafair.errors import UserError
 from lorafair.federated import faults
-from lorafair.federated.bounds import local_steps, union_client
+from lorafair.federated.bounds import LOCAL_RULE, local_steps, union_client
 from lorafair.federated.checkpoints import checkpoint_state, read_resume, save_checkpoint
 from lorafair.federated.client import LocalTrainer
 from lorafair.federated.fingerprints import run_fingerprints
@@ -49,11 +51,13 @@ from lorafair.federated.server import ClientReport, Server
 from lorafair.federated.state import (
     ClientResult,
     GlobalState,
+    OwnState,
     ResumeState,
     RoundRecord,
     Scores,
     ServerAnswer,
     ServerRecord,
+    kept_tensors,
 )
 from lorafair.federated.transport import PeerLost, TorchDistributedTransport
 from lorafair.models.build import build_model
@@ -78,11 +82,15 @@ class FederatedTrainer:
         self.per_round = clients_per_round(cfg, len(self.data.clients))
         self.model = build_model(cfg, self.data.num_classes, fabric.device)
         self.union, self.participants, self.client_ranks = participants(cfg, self.data)
-        self.own_states: dict[int, GlobalState] = {}
-        """The local bound: each client's own state after its last round (the global state until it trained)."""
-        self.trained: dict[int, GlobalState] = {}
+        self.own_states: dict[int, OwnState] = {}
+        """What each client keeps of its own (`ClientRule.keeps`; the local bound: its whole state) after the last
+        round it trained in; a client that has not trained yet holds the run's initial tensors."""
+        self.trained: dict[int, OwnState] = {}
+        """What the clients of this round keep, from every rank, until the round's answer says whose to keep."""
         self.lower_ranks = tuple(sorted(set(self.client_ranks.values()) - {cfg.lora.r}))
         self.global_state = self.state_of(self.fresh_lora("lora_init", cfg.seed), self.model.get_extra())
+        self.initial_state = self.global_state
+        """The run's starting model: what a client keeps before it first trains."""
         self.merged = False
         self.transport = TorchDistributedTransport(fabric.device)
         self.rank, self.world = self.transport.rank, self.transport.world
@@ -125,30 +133,48 @@ class FederatedTrainer:
         self.apply(round_index, answer)
         applied = clock()
         last = round_index == self.cfg.federation.rounds
-        scores = self.evaluate(round_index) if last or round_index % self.cfg.federation.eval_every == 0 else None
+        evaluates = last or round_index % self.cfg.federation.eval_every == 0
+        scores, personalised = self.evaluate(round_index) if evaluates else (None, None)
         evaluated = clock()
         record = None
         if self.rank == 0:
             comm = applied - trained - self.server_seconds
             seconds = {"train": trained - start, "comm": comm, "aggregate": self.server_seconds,
                        "eval": evaluated - applied, "round": evaluated - start}
-            record = RoundRecord(round_index, sampled, hosts, answer.record, seconds, scores, items=last)
+            record = RoundRecord(round_index, sampled, hosts, answer.record, seconds, scores, personalised,
+                                 items=last)
             self.save(round_index, record)
         self.transport.wait_for_all()  # the round is on disk before any rank starts the next
         return record
 
+    def client_rule(self, round_index: int) -> ClientRule:
+        """What the clients train, upload and keep in round `round_index`: the method's rule (the local bound's
+        clients keep everything)."""
+        return LOCAL_RULE if self.setting == "local" else self.server.client_rule(round_index)
+
+    def start_state(self, client: int, rule: ClientRule) -> GlobalState:
+        """What `client` starts a round of `rule` from: the global state, with what it keeps of its own in its place
+        (before it first trained, the run's initial tensors)."""
+        if not rule.personal:
+            return self.global_state
+        rank = self.client_ranks[client]
+        own = self.own_states.get(client)
+        return self.global_state.overlaid(own if own is not None else self.initial_state.kept(rule, rank), rank)
+
     def train_clients(self, round_index: int, sampled: list[int],
                       steps: int | None = None) -> tuple[list[ClientResult], dict[str, int], float]:
-        """Each rank trains its share of `sampled` (for `steps` steps each; None: their own count): this rank's
-        results, client id -> rank, and the clock when training ended on every rank. Under the local bound every
-        rank then holds every trained client's state (`trained`), to take as its own once the round keeps it."""
+        """Each rank trains its share of `sampled` (for `steps` steps each; None: their own count) by the round's
+        client rule: this rank's results, client id -> rank, and the clock when training ended on every rank. Where
+        clients keep tensors of their own, every rank then holds what every trained client keeps (`trained`), to
+        take as its own once the round keeps its update: a client may train on another rank next round."""
+        rule = self.client_rule(round_index)
         hosted = assign_to_ranks(sampled, {c: self.participants[c].num_samples for c in sampled}, self.world)
-        results = [self.client.train(self.participants[c], self.own_states.get(c, self.global_state), round_index,
-                                     self.client_ranks[c], steps)
+        results = [self.client.train(self.participants[c], self.start_state(c, rule), round_index,
+                                     self.client_ranks[c], steps, rule.trains)
                    for c in hosted[self.rank]]
-        if self.setting == "local":
-            own = {r.client: GlobalState({name: (a.cpu(), b.cpu()) for name, (a, b) in r.update.lora.items()},
-                                         {name: t.cpu() for name, t in r.update.extra.items()}) for r in results}
+        self.trained = {}
+        if rule.personal:
+            own = {r.client: kept_tensors(r.update.lora, r.update.extra, rule) for r in results}
             self.trained = {client: state for states in self.transport.share(own) for client, state in states.items()}
         self.transport.wait_for_all()
         trained = time.perf_counter()
@@ -190,12 +216,15 @@ class FederatedTrainer:
         return answer
 
     def apply(self, round_index: int, answer: ServerAnswer) -> None:
-        """Every rank: take the server's answer as the next starting point (FLoRA: merge, then fresh LoRA)."""
+        """Every rank: take the server's answer as the next starting point (FLoRA: merge, then fresh LoRA); each
+        client keeps what its rule keeps, if the round kept its update. Where clients keep factors, the global
+        model holds in their place the sample-weighted mean of what every client holds (`global_model`)."""
         if answer.record.skipped:
             return
-        if self.setting == "local":  # each client keeps its own update, if the round kept it
-            self.own_states.update({client: state for client, state in self.trained.items()
-                                    if str(client) not in answer.record.bad_updates})
+        rule = self.client_rule(round_index)
+        self.own_states.update({client: state for client, state in self.trained.items()
+                                if str(client) not in answer.record.bad_updates})
+        if self.setting == "local":
             return
         if answer.merge:
             self.model.merge(answer.merge)
@@ -204,6 +233,23 @@ class FederatedTrainer:
             self.global_state = self.state_of(self.fresh_lora("lora_reinit", self.cfg.seed, round_index), answer.extra)
         else:
             self.global_state = GlobalState(answer.lora, answer.extra, answer.by_rank)
+        if rule.personal:
+            self.global_state = self.global_model(rule)
+
+    def global_model(self, rule: ClientRule) -> GlobalState:
+        """The global state with what clients keep replaced by its mean over every client of the partition,
+        weighted by sample count, each holding its own (the run's initial tensors before it first trained): the
+        model a method whose clients keep factors is scored and exported as."""
+        clients = self.data.clients
+        total = sum(client.num_samples for client in clients)
+        held = [(client.num_samples, self.own_states.get(client.id)) for client in clients]
+        initial = self.initial_state.kept(rule, self.cfg.lora.r)
+        device = next(iter(self.global_state.lora.values()))[0].device
+        mean = {key: (sum(count * (own if own is not None else initial)[key].to("cpu", torch.float64)
+                          for count, own in held) / total).to(dtype=tensor.dtype, device=device)
+                for key, tensor in initial.items()}
+        model = self.global_state.overlaid(mean, self.cfg.lora.r)
+        return self.state_of(model.lora, model.extra)
 
     def state_of(self, lora: dict, extra: dict) -> GlobalState:
         """A global state whose lower-rank clients start from the leading components of `lora` (a fresh LoRA)."""
@@ -215,14 +261,18 @@ class FederatedTrainer:
         self.model.init_lora(seeded_generator(*seed_parts))
         return self.model.get_lora()
 
-    def evaluate(self, round_index: int) -> Scores:
-        """Every rank: the global model's scores on every domain's test set; under the local bound, each client's
-        own model on its own domain's (a domain's score is the mean over its clients)."""
+    def evaluate(self, round_index: int) -> tuple[Scores, Scores | None]:
+        """Every rank: the global model's scores on every domain's test set, and where clients keep tensors of their
+        own, each client's own model (what it starts the next round from) on its own domain's test set (a domain's
+        score is the mean over its clients), else None. The local bound has no global model: its scores are the
+        clients' own models'."""
         faults.maybe_fail(round_index, "eval")
-        if self.setting != "local":
-            return self.score([(self.global_state, None, self.data.domains)])
-        return self.score([(self.own_states.get(c.id, self.global_state), self.client_ranks[c.id], [c.domain])
-                           for c in self.data.clients])
+        rule = self.client_rule(round_index + 1)
+        own = [(self.start_state(c.id, rule), self.client_ranks[c.id], [c.domain]) for c in self.data.clients]
+        if self.setting == "local":
+            return self.score(own), None
+        scores = self.score([(self.global_state, None, self.data.domains)])
+        return scores, self.score(own) if rule.personal else None
 
     def score(self, models: list[tuple[GlobalState, int | None, list[str]]]) -> Scores:
         """Scores of (state, LoRA rank, domains whose test sets it is scored on) models; each rank takes a
@@ -280,7 +330,9 @@ class FederatedTrainer:
         if resumed is None:
             return 1
         self.global_state = resumed.state
-        self.own_states = resumed.client_states
+        # held on the CPU, as the clients' own tensors are kept in a run that was not interrupted
+        self.own_states = {client: {key: tensor.cpu() for key, tensor in own.items()}
+                           for client, own in resumed.client_states.items()}
         if resumed.base:
             self.model.load_base_state(resumed.base)
             self.merged = True

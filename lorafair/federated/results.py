@@ -1,6 +1,7 @@
 """What a run reports as it goes, all on rank 0: config.yaml and classes.json when it starts, results.json rewritten
 after every round, TensorBoard scalars per round (the starting model's at step 0), and at the end the final result,
-TensorBoard's hparams entry and the accuracy table."""
+TensorBoard's hparams entry and the accuracy table; where clients keep factors of their own, the same for each
+client's own model (`personalised`) beside the global model's."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from lorafair.data import Client
 from lorafair.federated.run_folder import (
     CLASSES_NAME,
     CONFIG_NAME,
+    PERSONALISED,
     accuracy_table,
     config_to_dict,
     flatten_config,
@@ -69,29 +71,42 @@ class RunResults:
         self.results["bad_updates_total"] += len(entry["bad_updates"])
         if last:
             self.results["final"] = final_accuracy(self.results)
+            if "personalised" in entry:
+                self.results["personalised"] = final_accuracy(self.results, PERSONALISED)
         write_json(results_path(self.out_dir), self.results)
         self.fabric.log_dict({**tensorboard_scalars(entry), "bad_updates_total": self.results["bad_updates_total"]},
                              step=record.round)
 
     def finish(self, whose: str, metric: str) -> None:
-        """The final results.json, the hparams entry of TensorBoard and the table of `whose` model's `metric`."""
+        """The final results.json, the hparams entry of TensorBoard and the table of `whose` model's `metric` (and of
+        each client's own model, where clients keep factors of their own)."""
         self.results["final"] = final = final_accuracy(self.results)
+        blocks = {"": ("", final)}
+        if any(PERSONALISED in record for record in self.results["rounds"]):
+            self.results[PERSONALISED] = final_accuracy(self.results, PERSONALISED)
+            blocks[PERSONALISED] = (f"{PERSONALISED}_", self.results[PERSONALISED])
         write_json(results_path(self.out_dir), self.results)
-        metrics = {f"hparams/{key}": final[key] for key in ("mean_accuracy", "mean_eval_loss") if key in final}
+        metrics = {f"hparams/{prefix}{key}": block[key] for prefix, block in blocks.values()
+                   for key in ("mean_accuracy", "mean_eval_loss") if key in block}
         self.fabric.logger.log_hyperparams(flatten_config(self.results["config"]), metrics=metrics)
         self.fabric.logger.finalize("success")
-        self.fabric.print(accuracy_table(final["accuracy"], final["mean_accuracy"],
-                                         f"{self.results['method']}: {whose} after round {final['round']}",
-                                         final.get("eval_loss"), self.results.get("start", {}).get("accuracy"),
-                                         metric))
+        start = self.results.get("start", {}).get("accuracy")
+        for name, (_, block) in blocks.items():
+            model = "each client's own model on its own domain" if name else whose
+            self.fabric.print(accuracy_table(block["accuracy"], block["mean_accuracy"],
+                                             f"{self.results['method']}: {model} after round {block['round']}",
+                                             block.get("eval_loss"), start, metric))
 
 
-def final_accuracy(results: dict[str, Any]) -> dict[str, Any]:
+def final_accuracy(results: dict[str, Any], block: str | None = None) -> dict[str, Any]:
     """The last evaluated round's scores (and eval losses, where reported), with the gain over the starting model
-    (round 0) where the run scored it: the run's result."""
+    (round 0) where the run scored it: the run's result. block: PERSONALISED for each client's own model's scores
+    of that round instead of the global model's."""
     last = next(record for record in reversed(results["rounds"]) if "accuracy" in record)
-    final = {key: last[key] for key in ("round", "accuracy", "mean_accuracy", "eval_loss", "mean_eval_loss",
-                                        "correct_items") if key in last}
+    scores = last if block is None else last[block]
+    final = {"round": last["round"], **{key: scores[key] for key in ("accuracy", "mean_accuracy", "eval_loss",
+                                                                     "mean_eval_loss", "correct_items")
+                                        if key in scores}}
     start = results.get("start")
     if start is not None:
         final["gain"] = {domain: value - start["accuracy"][domain] for domain, value in final["accuracy"].items()}

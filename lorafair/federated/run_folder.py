@@ -341,9 +341,16 @@ def score_scalars(entry: Mapping[str, Any]) -> dict[str, float]:
     return scalars
 
 
+PERSONALISED = "personalised"
+"""The key of each client's own model's scores in a round's record and of their final block in results.json, and
+the prefix of their TensorBoard scalars (personalised/accuracy/<domain>), where clients keep factors of their own."""
+
+
 def tensorboard_scalars(record: Mapping[str, Any]) -> dict[str, float]:
     """The scalars of one round's record, named for TensorBoard's grouping (accuracy/clipart, seconds/train, ...)."""
     scalars = score_scalars(record)
+    if PERSONALISED in record:
+        scalars.update({f"{PERSONALISED}/{name}": value for name, value in score_scalars(record[PERSONALISED]).items()})
     losses = record["train_loss"]
     scalars.update({f"train_loss/client_{client}": loss for client, loss in losses.items()})
     if losses:

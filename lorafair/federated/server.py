@@ -15,6 +15,7 @@ from typing import Any
 
 from lorafair.aggregation import (
     Aggregator,
+    ClientRule,
     ClientUpdate,
     RoundState,
     build_aggregator,
@@ -34,6 +35,13 @@ def aggregator_options(server_cfg: ServerConfig, seed: int, round_index: int = 0
     return {name: settings[name] for name in method_options(server_cfg.method) if name in settings}
 
 
+def client_rule(server_cfg: ServerConfig, seed: int, round_index: int) -> ClientRule:
+    """What the clients of the server section's method train, upload and keep in round `round_index` (a Flower
+    node asks it of its config; the round loop asks its `Server`)."""
+    options = aggregator_options(server_cfg, seed, round_index)
+    return build_aggregator(server_cfg.method, **options).client_rule(round_index)
+
+
 @dataclass
 class ClientReport:
     """What the round record and the bad-update policy need of one client, sent by the rank that trained it."""
@@ -51,7 +59,7 @@ class ClientReport:
 @dataclass
 class RankFold:
     """One rank's part of a round: its good clients folded into `state`, the reports of all its clients, and why
-    the method refuses the round (FFA-LoRA: a client's A differs from the shared one), if it does."""
+    the method refuses the round (a factor its client rule freezes differs from the shared one), if it does."""
 
     state: RoundState
     reports: list[ClientReport]
@@ -66,16 +74,20 @@ class Server:
         self.server_cfg, self.on_bad_update, self.seed, self.log = server_cfg, on_bad_update, seed, log
         self.aggregator: Aggregator = build_aggregator(server_cfg.method, **aggregator_options(server_cfg, seed))
 
+    def client_rule(self, round_index: int) -> ClientRule:
+        """What the method's clients train, upload and keep in round `round_index`."""
+        return self.aggregator.client_rule(round_index)
+
     def fold(self, round_index: int, results: Sequence[ClientResult], slots: Sequence[int], like: ClientUpdate,
              clients: int, lower_ranks: Sequence[int] = ()) -> RankFold:
         """Every rank: fold this rank's good results into a round of `clients` slots (result i into slots[i], its
         index among the round's sampled clients). `like`, `clients` and `lower_ranks` (the client ranks below the
         global one, each of which gets its starting pairs) must be the same on every rank, so the folds'
-        accumulators line up."""
+        accumulators line up; the round's client rule says which factors are folded (the uploaded ones)."""
         if "seed" in method_options(self.server_cfg.method):
             self.aggregator = build_aggregator(self.server_cfg.method,
                                                **aggregator_options(self.server_cfg, self.seed, round_index))
-        state = self.aggregator.start(like, clients=clients, lower_ranks=lower_ranks)
+        state = self.aggregator.start(like, clients=clients, lower_ranks=lower_ranks, round_index=round_index)
         bad = unusable_updates([result.train_loss for result in results], [result.update for result in results])
         refusal = None
         for position, (result, slot) in enumerate(zip(results, slots, strict=True)):
@@ -85,7 +97,8 @@ class Server:
                 state.add(result.update, slot=slot)
             except ValueError as err:  # a mis-shaped update: the round cannot go on
                 refusal = refusal or f"client {result.client}: {err}"
-            refusal = refusal or self.aggregator.check_update(result.client, result.update, like)
+            else:
+                refusal = refusal or self.aggregator.refusal(result.client, result.update, like, state.rule)
         reports = [ClientReport(r.client, r.train_loss, r.steps, r.skipped_images, update_rank(r.update),
                                 bad.get(position))
                    for position, r in enumerate(results)]

@@ -10,18 +10,23 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lorafair.aggregation import ClientUpdate
+from lorafair.aggregation import ClientRule, ClientUpdate
 from lorafair.keys import (
     Pairs,
-    client_kinds,
-    clients_in,
     pack,
     pack_by_rank,
+    pack_clients,
     pack_pairs,
+    pair_key,
     unpack,
     unpack_by_rank,
+    unpack_clients,
     unpack_pairs,
 )
+
+OwnState = dict[str, Tensor]
+"""What a client keeps of its own between rounds, keyed as `GlobalState.tensors` keys its tensors
+("lora/blocks.0.attn.proj/B"), at the client's LoRA rank."""
 
 
 @dataclass
@@ -42,6 +47,26 @@ class GlobalState:
     @classmethod
     def from_tensors(cls, tensors: dict[str, Tensor]) -> GlobalState:
         return cls(unpack_pairs(tensors, "lora"), unpack(tensors, "extra"), unpack_by_rank(tensors))
+
+    def overlaid(self, own: OwnState, rank: int) -> GlobalState:
+        """The state a client of LoRA `rank` starts from when it keeps `own`: this state's pairs for its rank and
+        extra tensors, with its own tensors in their place."""
+        tensors = {**pack_pairs("lora", self.lora_for(rank)), **pack("extra", self.extra), **own}
+        return GlobalState(unpack_pairs(tensors, "lora"), unpack(tensors, "extra"))
+
+    def kept(self, rule: ClientRule, rank: int) -> OwnState:
+        """What a client of LoRA `rank` whose `rule` keeps tensors holds of this state (`kept_tensors`)."""
+        return kept_tensors(self.lora_for(rank), self.extra, rule)
+
+
+def kept_tensors(lora: Pairs, extra: dict[str, Tensor], rule: ClientRule) -> OwnState:
+    """The tensors of a client's state that `rule` keeps on the client between rounds, copied to the CPU (a copy of
+    its own, which no other client's state can share)."""
+    tensors = {pair_key("lora", name, factor): pair["AB".index(factor)] for name, pair in lora.items()
+               for factor in rule.keeps}
+    if rule.keeps_extra:
+        tensors.update(pack("extra", extra))
+    return {key: tensor.detach().to("cpu", copy=True) for key, tensor in tensors.items()}
 
 
 @dataclass
@@ -148,6 +173,9 @@ class RoundRecord:
     seconds: dict[str, float]
     scores: Scores | None = None
     """None in a round that was not evaluated."""
+    personalised: Scores | None = None
+    """Each client's own model on its own domain's test set, where clients keep factors of their own (None
+    elsewhere, and in a round that was not evaluated)."""
     items: bool = False
     """Keep the per-item scores (the last round)."""
 
@@ -157,6 +185,8 @@ class RoundRecord:
                   "seconds": seconds, "overhead": (seconds["comm"] + seconds["aggregate"]) / seconds["round"]}
         if self.scores is not None:
             record.update(self.scores.to_dict(self.items))
+        if self.personalised is not None:
+            record["personalised"] = self.personalised.to_dict(self.items)
         return record
 
 
@@ -197,33 +227,15 @@ class ResumeState:
     """The frozen weights of the adapted layers after the merges so far; empty when nothing was merged."""
     start: dict[str, Any] | None = None
     """The starting model's scores (round 0); None in a checkpoint of a run that did not score it."""
-    client_states: dict[int, GlobalState] = field(default_factory=dict)
-    """The local bound: each client's own state."""
+    client_states: dict[int, OwnState] = field(default_factory=dict)
+    """What each client keeps of its own between rounds (its whole state under the local bound)."""
 
     def to_wire(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        return ({**self.state.tensors(), **pack("base", self.base), **pack_client_states(self.client_states)},
+        return ({**self.state.tensors(), **pack("base", self.base), **pack_clients(self.client_states)},
                 {"round": self.round, "path": str(self.path), "records": self.records, "start": self.start})
 
     @classmethod
     def from_wire(cls, tensors: dict[str, Tensor], info: dict[str, Any]) -> ResumeState:
         return cls(round=info["round"], path=Path(info["path"]), records=info["records"],
                    state=GlobalState.from_tensors(tensors), base=unpack(tensors, "base"), start=info["start"],
-                   client_states=unpack_client_states(tensors))
-
-
-def pack_client_states(states: dict[int, GlobalState]) -> dict[str, Tensor]:
-    """Each client's own state under its kinds (`lorafair.keys.client_kinds`)."""
-    packed = {}
-    for client, state in states.items():
-        lora_kind, extra_kind = client_kinds(client)
-        packed.update({**pack_pairs(lora_kind, state.lora), **pack(extra_kind, state.extra)})
-    return packed
-
-
-def unpack_client_states(tensors: dict[str, Tensor]) -> dict[int, GlobalState]:
-    """Inverse of `pack_client_states` for a mixed mapping."""
-    states = {}
-    for client in clients_in(tensors):
-        lora_kind, extra_kind = client_kinds(client)
-        states[client] = GlobalState(unpack_pairs(tensors, lora_kind), unpack(tensors, extra_kind))
-    return states
+                   client_states=unpack_clients(tensors))

@@ -10,7 +10,9 @@ reply is an error (it failed mid-round) is left out of the round and named in re
 FLoRA and FedEx-LoRA merge into the frozen weights. The server keeps the run's merges; a node keeps its frozen
 weights and the count of merges it applied in its node state, and each message carries the merges its node has not
 confirmed yet, so a node that sat out rounds catches up exactly. A resumed run sends each node the checkpoint's
-frozen weights once.
+frozen weights once. A node trains the factors its method's client rule trains (FFA-LoRA: B); methods whose
+clients keep factors of their own, or train other factors from round to round, are refused
+(`lorafair.flower.strategy.flower_refusal`).
 
     lorafair flower --config demo                   # simulation engine, one process
     flwr run flower-app SUPERLINK                   # deployment engine (docs/federation.md)
@@ -43,8 +45,9 @@ from lorafair.federated.client import LocalTrainer
 from lorafair.federated.launch import launch_fabric
 from lorafair.federated.loop import FederatedTrainer
 from lorafair.federated.run_folder import own_run_folder, results_path
+from lorafair.federated.server import aggregator_options, client_rule
 from lorafair.federated.state import ClientResult, GlobalState, ServerAnswer
-from lorafair.flower.strategy import screen_reply
+from lorafair.flower.strategy import flower_refusal, screen_reply
 from lorafair.keys import Pairs, merge_indices, merge_kind, pack, pack_pairs, pair_key, unpack, unpack_pairs
 from lorafair.models.build import build_model
 
@@ -104,7 +107,8 @@ def train(cfg: FitConfig, msg: Message, context: Context) -> Message:
     start = GlobalState.from_tensors(tensors)
     round_index = int(msg.content["config"]["server-round"])
     faults.maybe_raise_in_client(round_index, client.id)
-    result = trainer.train(client, start, round_index, int(msg.content["config"]["lora-rank"]))
+    factors = client_rule(cfg.server, cfg.seed, round_index).trains
+    result = trainer.train(client, start, round_index, int(msg.content["config"]["lora-rank"]), factors=factors)
     update = {**pack_pairs("lora", result.update.lora), **pack("extra", result.update.extra)}
     metrics = MetricRecord({"num-examples": int(result.update.weight), "train-loss": float(result.train_loss),
                             "steps": result.steps, "skipped-images": result.skipped_images})
@@ -134,6 +138,7 @@ class FlowerRoundLoop(FederatedTrainer):
         if cfg.federation.setting != "federated":
             raise UserError(f"federation.setting {cfg.federation.setting} is a bound for `lorafair fit` and "
                             f"`lorafair compare`; Flower runs federated methods only")
+        refuse_unsupported(cfg)
         super().__init__(cfg, launch_fabric(cfg), export=export_final)
         self.grid, self.timeout = grid, timeout
         self.node_of: dict[int, int] = {}
@@ -219,6 +224,13 @@ class FlowerRoundLoop(FederatedTrainer):
         super().apply(round_index, answer)
         if answer.merge and not answer.record.skipped:
             self.merges.append(answer.merge)
+
+
+def refuse_unsupported(cfg: FitConfig) -> None:
+    """One UserError where the config's method cannot run under Flower yet (`flower_refusal`)."""
+    refusal = flower_refusal(cfg.server.method, aggregator_options(cfg.server, cfg.seed))
+    if refusal is not None:
+        raise UserError(refusal)
 
 
 def partition_nodes(grid: Grid, num_clients: int, timeout: float) -> dict[int, int]:
@@ -339,6 +351,7 @@ def keep_ray_local() -> None:
 def simulate(cfg: FitConfig) -> dict[str, Any]:
     """`lorafair flower`: the job on Flower's simulation engine, one SuperNode per client; returns results.json.
     Ray listens on 127.0.0.1 only (keep_ray_local)."""
+    refuse_unsupported(cfg)
     keep_ray_local()
     from flwr.simulation import run_simulation
 

@@ -1,11 +1,12 @@
-"""`LoraStrategy`: a Flower strategy (Message API) for every lorafair aggregation method.
+"""`LoraStrategy`: a Flower strategy (Message API) for lorafair's aggregation methods.
 
 It is FedAvg with the averaging swapped for `lorafair.aggregation`: the same sampling, constructor arguments,
 records and error handling (a node whose reply carries an error is left out of the round and logged), plus
 lorafair's bad-update policy (`lorafair.federated.server.BadUpdatePolicy`: NaN/Inf updates and malformed replies
 dropped and the others re-weighted, or the run stopped) and, for the methods that merge into the frozen weights
 (FLoRA, FedEx-LoRA), a log of merges from which every node receives the ones it has not confirmed yet, so a node
-that sat out rounds catches up exactly before it trains.
+that sat out rounds catches up exactly before it trains. Methods whose clients keep factors of their own between
+rounds, or train other factors from round to round, are refused (`flower_refusal`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,23 @@ from lorafair.federated.server import BadUpdatePolicy, unusable_updates
 from lorafair.flower.records import arrays_to_state, merges_to_arrays, state_to_arrays
 from lorafair.keys import PEFT_A, PEFT_B, Pairs, peft_partner
 from lorafair.seeds import derive_seed, fresh_lora, seeded_generator
+
+
+def flower_refusal(method: str, options: dict[str, Any] | None = None) -> str | None:
+    """Why `method` cannot run under Flower yet, from its client rule, or None: lorafair's Flower integration holds
+    nothing a client keeps of its own between rounds (nor scores such a client's own model), and `LoraStrategy`'s
+    messages do not tell a client which factors to train this round."""
+    aggregator = build_aggregator(method, **(options or {}))
+    odd, even = aggregator.client_rule(1), aggregator.client_rule(2)
+    if odd.personal or even.personal:
+        kept = " and ".join(filter(None, (odd.keeps or even.keeps, "head" if odd.keeps_extra else "")))
+        return (f"{method} cannot run under Flower yet: its clients keep their own {kept} between rounds, which "
+                "lorafair's Flower integration does not hold; run it with lorafair fit")
+    if odd != even:
+        return (f"{method} cannot run under Flower yet: its clients train {odd.trains} in odd rounds and "
+                f"{even.trains} in even ones, which lorafair's Flower messages do not tell them; run it with "
+                "lorafair fit")
+    return None
 
 
 def check_secure_aggregation(method: str) -> None:
@@ -90,6 +108,9 @@ class LoraStrategy(FedAvg):
         super().__init__(**fedavg_kwargs)
         self.method, self.options, self.seed = method, dict(options or {}), seed
         build_aggregator(method, **self.options)  # unknown methods and options fail here, not in round 1
+        refusal = flower_refusal(method, self.options)
+        if refusal is not None:
+            raise ValueError(refusal)
         if on_bad_update not in ("drop", "error"):
             raise ValueError(f"on_bad_update must be 'drop' or 'error', got {on_bad_update!r}")
         if secure_aggregation:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lorafair.aggregation import method_class
 from lorafair.config import FitConfig
 from lorafair.keys import pack, pack_pairs
 from lorafair.models.image import LoraClassifier
@@ -23,8 +22,6 @@ def build_model(cfg: FitConfig, num_classes: int, device: torch.device) -> nn.Mo
         model = TextLoraModel(cfg, num_classes).to(device)
     else:
         model = LoraClassifier(cfg.model, cfg.lora, num_classes, cfg.client).to(device)
-    if not method_class(cfg.server.method).sends_A:  # A stays at its shared seeded init (FFA-LoRA)
-        model.freeze_lora_A(True)
     return model
 
 

@@ -75,7 +75,7 @@ class LoraClassifier(PeftLoraState, lightning.LightningModule):
         self.val_accuracy.reset()
 
     def configure_optimizers(self) -> torch.optim.SGD:
-        """SGD over what is trainable now; call again after freeze_lora_A."""
+        """SGD over what is trainable now; call again after train_factors."""
         cfg = self.client_cfg
         return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=cfg.lr,
                                momentum=cfg.momentum, weight_decay=cfg.weight_decay)

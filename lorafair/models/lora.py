@@ -163,10 +163,12 @@ class PeftLoraState:
             backbone.set_submodule(layer, backbone.get_submodule(layer).base_layer)
         return backbone.requires_grad_(True)
 
-    def freeze_lora_A(self, frozen: bool) -> None:
-        """FFA-LoRA trains B only, keeping A at its shared seeded init."""
+    def train_factors(self, factors: str) -> None:
+        """Train only the given LoRA factors ("AB", "A" or "B"; a method's `ClientRule.trains`): the others are
+        left out of the optimizer (`configure_optimizers` afterwards) and keep their value bit for bit."""
         for layer in self._layers():
-            layer.lora_A[_ADAPTER].weight.requires_grad_(not frozen)
+            layer.lora_A[_ADAPTER].weight.requires_grad_("A" in factors)
+            layer.lora_B[_ADAPTER].weight.requires_grad_("B" in factors)
 
     def _layers(self) -> list[nn.Module]:
         return [self.backbone.get_submodule(name) for name in self.layer_names]

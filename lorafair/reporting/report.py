@@ -3,8 +3,9 @@
 Everything is rebuilt from the `results.json` files under DIR, so a report written by `compare` and one written
 later by `report` are the same bytes. A row is one method (and one value of every setting that differs between
 runs, e.g. a swept `server.lam`); its cells are mean +- std over the row's seeds. The tables show the starting
-model's score (round 0) and the gain, the bounds (centralized, local) apart from the methods, and which differences
-against a baseline method are significant (`lorafair.reporting.significance`).
+model's score (round 0) and the gain, the bounds (centralized, local) apart from the methods, which differences
+against a baseline method are significant (`lorafair.reporting.significance`) and, for methods whose clients keep
+factors of their own, each client's own model beside the global one (the Personalised table).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from lorafair.federated.run_folder import (
     CONFIG_NAME,
     EXPORT_NAME,
     PER_RUN_KEYS,
+    PERSONALISED,
     RESULTS_NAME,
     flatten_config,
     is_finished,
@@ -63,6 +65,8 @@ class Run:
     final: dict
     start: dict | None = None
     """The starting model's scores (round 0), where the run recorded them."""
+    personalised: dict | None = None
+    """Each client's own model's final scores on its own domain, where the run's clients keep factors of their own."""
 
 
 @dataclass(frozen=True)
@@ -146,7 +150,7 @@ def load_runs(directory: Path) -> tuple[list[Run], list[str], list[str]]:
         method = results.get("method") or config.get("server", {}).get("method", "?")
         runs.append(Run(folder=folder, method=method, seed=int(results.get("seed", config.get("seed", 0))),
                         config=flatten_config(config), rounds=results.get("rounds", []), final=results["final"],
-                        start=results.get("start")))
+                        start=results.get("start"), personalised=results.get(PERSONALISED)))
     # a run's export (<run>/final/) holds a config.yaml too, but it is no run of its own
     started = ({path.parent for path in directory.rglob(CONFIG_NAME)} - {path.parent for path in results_files}
                - {path.parent / EXPORT_NAME for path in results_files})
@@ -215,6 +219,20 @@ def gain_stats(row: Row, domains: list[str]) -> dict[str, Stat | None]:
               "mean_accuracy": run.final["mean_accuracy"] - run.start["mean_accuracy"]}
              for run in row.runs if run.start is not None]
     return _entry_stats(gains, domains, "accuracy", 100)
+
+
+def personalised_rows(rows: list[Row]) -> list[Row]:
+    """The rows of the Personalised table: the methods whose runs scored each client's own model, and the local bound
+    (whose clients only ever have their own), where some method has such scores; else none."""
+    methods = [row for row in rows if any(run.personalised is not None for run in row.runs)]
+    return [row for row in rows if row in methods or row.method == "local"] if methods else []
+
+
+def personalised_stats(row: Row, domains: list[str]) -> dict[str, Stat | None]:
+    """Each client's own model's final accuracy in percent per domain plus "Average" (the local bound's final
+    scores are its clients' own models')."""
+    entries = [run.final if row.method == "local" else run.personalised for run in row.runs]
+    return _entry_stats([entry for entry in entries if entry is not None], domains, "accuracy", 100)
 
 
 def _final_stats(row: Row, domains: list[str], key: str, scale: float) -> dict[str, Stat | None]:
@@ -397,6 +415,14 @@ def markdown_table(rows: list[Row], incomplete: list[str], baseline: str = BASEL
             lines.append("| " + " | ".join([row.label if row.is_bound else method_name(row.method),
                                              *(format_value(v) for _, v in row.setting),
                                              *(_cell(gain[column], False, signed=True) for column in columns)]) + " |")
+    own = personalised_rows(rows)
+    if own:
+        lines += ["", "## Personalised top-1 accuracy (%)", "",
+                  *_stats_table(own, setting_keys, columns, [personalised_stats(row, domains) for row in own], max),
+                  "", "Each client's own model (the global model's shared factors with the factors the client keeps "
+                  "of its own) on its own domain's test split after the last round, for the methods whose clients "
+                  "keep factors of their own; a domain's score is the mean over its clients. The local bound, each "
+                  "client alone, for reference. Best per column in bold, bounds left out."]
     lines += significance_lines(rows, setting_keys, baseline)
     if has_eval_loss(rows):
         lines += ["", "## Eval loss", "",

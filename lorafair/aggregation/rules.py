@@ -1,0 +1,59 @@
+"""What a method's clients do in a round (`ClientRule`): the LoRA factors they train, the ones they upload and the
+ones each keeps as its own between rounds.
+
+A method declares its rule in `Aggregator.client_rule(round_index)`; the round loop trains and starts its clients by
+it, the server folds only what the rule uploads (the rest is the round's template, unchanged), and the checkpoints
+hold what it keeps. Nobody asks which method it is.
+
+A client starts a round from the server's state with the tensors it keeps in their place: its own once it trained, the
+run's initial ones before that. A factor that is neither trained nor kept is frozen this round: every client must
+return the server's value unchanged (`frozen`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+FACTORS = "AB"
+"""The two factors of a LoRA pair, in the order of the pair: A (r x in), then B (out x r)."""
+FACTOR_SETS = ("", "A", "B", "AB")
+
+
+@dataclass(frozen=True)
+class ClientRule:
+    """One round of a method's clients. The extra tensors (a classifier's head) always train and travel, unless
+    `keeps_extra`."""
+
+    trains: str = "AB"
+    """The factors clients train this round: "AB", "A" or "B"."""
+    sends: str = "AB"
+    """The factors clients upload: the server averages these and takes the others from its template."""
+    keeps: str = ""
+    """The factors each client keeps between rounds, its own (never uploaded): "" (none), "A", "B" or "AB"."""
+    keeps_extra: bool = False
+    """Whether each client also keeps its own extra tensors (the local bound: a client keeps its whole state)."""
+
+    def __post_init__(self) -> None:
+        for name in ("trains", "sends", "keeps"):
+            value = getattr(self, name)
+            if value not in FACTOR_SETS:
+                raise ValueError(f"ClientRule.{name} must be one of {FACTOR_SETS}, got {value!r}")
+        if not set(self.sends) <= set(self.trains):
+            raise ValueError(f"ClientRule: clients upload {self.sends} but train only {self.trains!r}; a frozen "
+                             "factor is the server's already")
+        if set(self.sends) & set(self.keeps):
+            raise ValueError(f"ClientRule: {self.sends} is uploaded and {self.keeps} kept; a factor is either "
+                             "averaged or a client's own")
+        if not set(self.trains) <= set(self.sends) | set(self.keeps):
+            raise ValueError(f"ClientRule: clients train {self.trains} but upload {self.sends!r} and keep "
+                             f"{self.keeps!r}; a trained factor would be lost")
+
+    @property
+    def frozen(self) -> str:
+        """The factors every client holds at the server's value this round: neither trained nor kept."""
+        return "".join(factor for factor in FACTORS if factor not in self.trains and factor not in self.keeps)
+
+    @property
+    def personal(self) -> bool:
+        """Whether clients keep anything of their own between rounds (and have a model of their own to score)."""
+        return bool(self.keeps) or self.keeps_extra
