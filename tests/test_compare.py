@@ -306,3 +306,15 @@ def test_the_runs_of_a_killed_parallel_compare_end_with_it(tmp_path: Path) -> No
     for pid in alive:
         os.kill(pid, signal.SIGKILL)
     assert not alive, f"worker processes {alive} outlived the killed compare"
+
+
+def test_without_methods_a_mixed_rank_config_leaves_out_the_one_rank_methods(tmp_path, capsys) -> None:
+    cfg = base_config(tmp_path)
+    assert {run.method for run in plan_runs(cfg, None, None, None)} == {*registered_methods(), "centralized",
+                                                                         "local"}
+    mixed = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, client_ranks=[2, 4, 8]))
+    planned = {run.method for run in plan_runs(mixed, None, None, None)}
+    assert planned == {*registered_methods(), "centralized", "local"} - {"fedsa_lora", "rolora"}
+    assert "leaving out fedsa_lora, rolora" in capsys.readouterr().err
+    with pytest.raises(UserError):  # named, they are refused as fit refuses them
+        plan_runs(mixed, ["fedit", "rolora"], None, None)

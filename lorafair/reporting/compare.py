@@ -26,7 +26,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from jsonargparse import ArgumentParser
 
-from lorafair.aggregation import method_options
+from lorafair.aggregation import method_class, method_options
 from lorafair.config import BASELINE, BOUND_METHOD, BOUNDS, FitConfig, comparable
 from lorafair.errors import UserError
 from lorafair.federated.run_folder import (
@@ -111,11 +111,24 @@ def _with_override(cfg: FitConfig, key: str, value: Any) -> FitConfig:
     return replace(cfg, **{section: replace(getattr(cfg, section), **{name: value})})
 
 
+def default_methods(cfg: FitConfig) -> list[str]:
+    """What compare runs without --methods: every method and both bounds, less the methods that refuse clients of
+    other ranks where the config has them (named on stderr)."""
+    methods = list(comparable())
+    if cfg.lora.client_ranks:
+        fixed = [m for m in methods if m not in BOUNDS and not method_class(m).mixed_ranks]
+        if fixed:
+            print(f"lorafair compare: note: lora.client_ranks is set: leaving out {', '.join(fixed)}, which train "
+                  "every client at one rank", file=sys.stderr)
+        methods = [m for m in methods if m not in fixed]
+    return methods
+
+
 def plan_runs(cfg: FitConfig, methods: list[str] | None, seeds: list[int] | None,
               grid: str | None) -> list[PlannedRun]:
     """Every run of a comparison, seed by seed (a full table exists after the first seed), validated up front. A
-    bound is a run of its federation.setting (None: every method and both bounds)."""
-    methods = list(comparable()) if methods is None else methods
+    bound is a run of its federation.setting (None: every method that can run the config, and both bounds)."""
+    methods = default_methods(cfg) if methods is None else methods
     unknown = [method for method in methods if method not in comparable()]
     if unknown or not methods:
         raise UserError(f"--methods: unknown method {', '.join(unknown) or '(none given)'}; "
