@@ -123,7 +123,7 @@ def test_fedsa_lora_on_two_ranks_keeps_every_clients_own_b_as_one_process_does(t
     single = fit(tiny_config(tmp_path / "one", *args))
     _torchrun(tmp_path / "two", *args)
     distributed = json.loads((tmp_path / "two" / "results.json").read_text())
-    hosts = [record["ranks"] for record in distributed["rounds"]]
+    hosts = [record["processes"] for record in distributed["rounds"]]
     assert any(hosts[t][c] != hosts[t + 1][c] for t in range(2) for c in hosts[t] if c in hosts[t + 1])
     for block in ("final", "personalised"):
         for domain, accuracy in single[block]["accuracy"].items():
