@@ -196,6 +196,10 @@ def fit_in_parallel(pending: list[tuple[str, FitConfig]], jobs: int, logs: Path)
     """Fit `jobs` runs at a time, each in a fresh process; a run that fails stops no other, and the first failure
     is raised once all have ended (the finished ones are kept, a rerun resumes the rest)."""
     logs.mkdir(parents=True, exist_ok=True)
+    if jobs > (os.cpu_count() or 1):
+        print(f"lorafair compare: note: --jobs {jobs} is more than this machine's {os.cpu_count()} cores; the runs "
+              "share them", file=sys.stderr)
+    jobs = min(jobs, len(pending))  # no more processes than runs
     failures: list[str] = []
     context = multiprocessing.get_context("spawn")  # a clean interpreter per run: no state shared with this one
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context, max_tasks_per_child=1) as pool:
