@@ -62,6 +62,11 @@ class Aggregator:
         upload both factors and keep nothing, starting every round from the server's state."""
         return ClientRule()
 
+    def downloads(self, round_index: int) -> str:
+        """The factors the server's answer to round `round_index` changes, the only ones that travel down: by default
+        those the clients uploaded (a client holds the others already)."""
+        return self.client_rule(round_index).sends
+
     def combine(self, group: LayerGroup) -> GroupResult:
         raise NotImplementedError
 
@@ -135,10 +140,11 @@ class Aggregator:
         return state.finish()
 
     def global_update(self, like: ClientUpdate, groups: list[LayerGroup], extra: dict[str, Tensor],
-                      seconds: float, sends: str = FACTORS) -> GlobalUpdate:
+                      seconds: float, sends: str = FACTORS, downloads: str | None = None) -> GlobalUpdate:
         """`combine` every group and assemble the GlobalUpdate; seconds: time already spent on the round. sends:
-        the factors the clients upload this round, the only ones that travel, up and down (a client holds the
-        others already)."""
+        the factors the clients upload this round; downloads: those the answer changes, the only ones that travel
+        down (None: `sends`; a client holds the others already)."""
+        downloads = sends if downloads is None else downloads
         start = time.perf_counter()
         results = self._combine_checked(groups)
         order = list(like.lora)
@@ -155,8 +161,8 @@ class Aggregator:
               for rank in groups[0].lower_ranks}
         return GlobalUpdate(lora=lora, merge=merge, extra=extra, metrics=metrics,
                             bytes_up=_lora_bytes(like.lora.values(), sends) + extra_bytes,
-                            bytes_down=_lora_bytes((lora or {}).values(), sends) + merge_bytes, by_rank=by_rank,
-                            bytes_by_rank={rank: (up[rank], _lora_bytes(by_rank.get(rank, {}).values(), sends)
+                            bytes_down=_lora_bytes((lora or {}).values(), downloads) + merge_bytes, by_rank=by_rank,
+                            bytes_by_rank={rank: (up[rank], _lora_bytes(by_rank.get(rank, {}).values(), downloads)
                                                   + merge_bytes) for rank in up})
 
     def _combine_checked(self, groups: list[LayerGroup]) -> list[GroupResult]:

@@ -124,6 +124,18 @@ def _rolora(layer: _Layer, round_index: int = 1) -> tuple[Factors, None]:
     return (layer.As[layer.template], layer.B_bar), None
 
 
+def _fedsvd(layer: _Layer, round_index: int = 1, svd_period: int = 1,
+            svd_warmup: int = 0) -> tuple[Factors, None]:
+    """B averaged with the shared frozen A; in a refactoring round, the dense SVD of the product B_bar A: A = V_r^T,
+    B = U_r S_r."""
+    A = layer.As[layer.template]
+    if round_index <= svd_warmup or (round_index - svd_warmup) % svd_period:
+        return (A, layer.B_bar), None
+    rank = A.shape[0]
+    U, S, Vh = torch.linalg.svd(layer.B_bar @ A, full_matrices=False)
+    return (Vh[:rank], U[:, :rank] * S[:rank]), None
+
+
 def _flora(layer: _Layer) -> tuple[None, Tensor]:
     return None, layer.dW
 
@@ -197,4 +209,5 @@ _METHODS: dict[str, Callable[..., tuple[Factors | None, Tensor | None]]] = {
     "fedex_lora": _fedex_lora,
     "fedsa_lora": _fedsa_lora,
     "rolora": _rolora,
+    "fedsvd": _fedsvd,
 }

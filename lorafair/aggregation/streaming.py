@@ -56,10 +56,11 @@ class Method(Protocol):
     needs: str
 
     def client_rule(self, round_index: int) -> ClientRule: ...
+    def downloads(self, round_index: int) -> str: ...
     def path_for(self, clients: int, rank: int, fan_out: int, fan_in: int) -> str: ...
     def refusal(self, index: int, update: ClientUpdate, first: ClientUpdate, rule: ClientRule) -> str | None: ...
     def global_update(self, like: ClientUpdate, groups: list[LayerGroup], extra: dict[str, Tensor],
-                      seconds: float, sends: str = FACTORS) -> GlobalUpdate: ...
+                      seconds: float, sends: str = FACTORS, downloads: str | None = None) -> GlobalUpdate: ...
 
 
 class GroupState:
@@ -129,9 +130,9 @@ class GroupState:
         return [*sums, *slots, *([self.dW_sum] if self.folds_dense else [])]
 
     def layer_group(self, weight_sum: Tensor, slot_weights: Tensor | None, filled: Tensor | None,
-                    lower_ranks: tuple[int, ...]) -> LayerGroup:
+                    lower_ranks: tuple[int, ...], round_index: int = 1) -> LayerGroup:
         """What the method sees at finish: averages, the ideal update on this group's path, and the clients'
-        factors (only those of filled slots) where they were kept."""
+        factors (only those of filled slots) where they were kept, in round `round_index`."""
         self.flush()
         dtype = (self.fixed_B if self.B_sum is None else self.B_sum).dtype
         total = weight_sum.to(dtype)
@@ -139,7 +140,8 @@ class GroupState:
         B_bar = self.fixed_B if self.B_sum is None else self.B_sum / total
         if not self.keeps_clients:
             ideal = DenseIdeal(self.dW_sum / total) if self.folds_dense else FactoredIdeal(B_bar, A_bar)
-            return LayerGroup(names=self.names, A_bar=A_bar, B_bar=B_bar, ideal=ideal, lower_ranks=lower_ranks)
+            return LayerGroup(names=self.names, A_bar=A_bar, B_bar=B_bar, ideal=ideal, lower_ranks=lower_ranks,
+                              round_index=round_index)
         kept = filled.nonzero().view(-1)
         A, B = self.A_slots, self.B_slots
         if len(kept) < len(filled):
@@ -147,7 +149,7 @@ class GroupState:
         weights = (slot_weights[kept] / weight_sum).to(A.dtype)
         return LayerGroup(names=self.names, A_bar=A_bar, B_bar=B_bar, A=A, B=B, weights=weights,
                           dense=self.path == "dense", client_ranks=self.slot_ranks[kept].long(),
-                          lower_ranks=lower_ranks)
+                          lower_ranks=lower_ranks, round_index=round_index)
 
 
 class RoundState:
@@ -161,7 +163,7 @@ class RoundState:
         if path not in (None, *cost.PATHS):
             raise ValueError(f"start(): path must be None (the cost model decides) or one of {cost.PATHS}, "
                              f"got {path!r}")
-        self.aggregator, self.like, self.clients = aggregator, like, clients
+        self.aggregator, self.like, self.clients, self.round_index = aggregator, like, clients, round_index
         self.rule = aggregator.client_rule(round_index)
         """What the round's clients train, upload and keep."""
         shapes = _shapes_of(like)
@@ -239,11 +241,13 @@ class RoundState:
             raise ValueError(self.refusal)
         present = {int(rank) for rank in self.rank_counts.nonzero().view(-1)}
         lower = tuple(sorted(present | set(self.lower_ranks)))
-        groups = [group.layer_group(self.weight_sum, self.slot_weights, self.filled, lower) for group in self.groups]
+        groups = [group.layer_group(self.weight_sum, self.slot_weights, self.filled, lower, self.round_index)
+                  for group in self.groups]
         extra = {name: tensor / torch.tensor(total, dtype=tensor.dtype, device=tensor.device)
                  for name, tensor in self.extra_sums.items()}
         return self.aggregator.global_update(self.like, groups, extra,
-                                             self.seconds + time.perf_counter() - started, self.rule.sends)
+                                             self.seconds + time.perf_counter() - started, self.rule.sends,
+                                             self.aggregator.downloads(self.round_index))
 
     def _check(self, update: ClientUpdate, slot: int) -> int | None:
         """Refuse a bad update; its own rank when below the template's, else None."""

@@ -90,6 +90,8 @@ class LayerGroup:
     client_ranks: Tensor | None = None
     lower_ranks: tuple[int, ...] = ()
     kept_rank: int | None = None
+    round_index: int = 1
+    """The round (1, 2, ...) whose updates the group holds, for a method whose rule changes from round to round."""
 
     def __post_init__(self) -> None:
         if self.ideal is None:

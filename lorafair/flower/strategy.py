@@ -209,7 +209,7 @@ class LoraStrategy(FedAvg):
             return None, None
         good = [i for i in range(len(valid)) if i not in bad]
         kept = self._clip_weights([updates[i] for i in good], [record["clients"][i] for i in good], record)
-        result = self.aggregator(server_round).aggregate(kept)
+        result = self.aggregator(server_round).aggregate(kept, round_index=server_round)
         if result.merge:
             self.merges.append(result.merge)
         lora = result.lora or fresh_lora(updates[0].lora, seeded_generator("lora_reinit", self.seed, server_round))
