@@ -49,11 +49,12 @@ VARIANTS = [
     ("fedit", {}), ("ffa_lora", {}), ("flora", {}), ("flexlora", {}),
     ("lorafair", {"objective": "cosine"}), ("lorafair", {"objective": "column_cosine"}),
     ("lorafair", {"objective": "frobenius"}), ("florana", {}), ("fedex_lora", {}), ("fedsvd", {}),
+    ("hetlora", {}),
 ]
 
 
 MIXED_VARIANTS = [("lorafair", {"objective": "cosine"}),
-                  ("lorafair", {"objective": "cosine", "lower_ranks": "zero_pad"}), ("fedit", {})]
+                  ("lorafair", {"objective": "cosine", "lower_ranks": "zero_pad"}), ("fedit", {}), ("hetlora", {})]
 """The mixed-rank row: LoRA-FAIR solving Eq. 8 per rank, zero-padding only, and plain averaging."""
 
 

@@ -136,6 +136,16 @@ def _fedsvd(layer: _Layer, round_index: int = 1, svd_period: int = 1,
     return (Vh[:rank], U[:, :rank] * S[:rank]), None
 
 
+def _hetlora(layer: _Layer) -> tuple[Factors, None]:
+    """The padded factors averaged with weights ||B_k A_k||_F / sum_j ||B_j A_j||_F (dense products; the sample
+    weights where every product is zero)."""
+    norms = [torch.linalg.matrix_norm(B @ A).item() for A, B in zip(layer.As, layer.Bs, strict=True)]
+    total = sum(norms)
+    weights = [norm / total for norm in norms] if total > 0 else layer.p
+    return (sum(w * A for w, A in zip(weights, layer.As, strict=True)),
+            sum(w * B for w, B in zip(weights, layer.Bs, strict=True))), None
+
+
 def _flora(layer: _Layer) -> tuple[None, Tensor]:
     return None, layer.dW
 
@@ -210,4 +220,5 @@ _METHODS: dict[str, Callable[..., tuple[Factors | None, Tensor | None]]] = {
     "fedsa_lora": _fedsa_lora,
     "rolora": _rolora,
     "fedsvd": _fedsvd,
+    "hetlora": _hetlora,
 }
