@@ -5,8 +5,8 @@ cost of a round as the number of clients grows.
     python benchmarks/aggregation.py --quick              # K = 6, r = 16 only
     python benchmarks/aggregation.py --out benchmarks/results/aggregation.json
     python benchmarks/aggregation.py --sweep              # K in {6, 30, 100, 300, 1000}, r = 16, against two floors
-    python benchmarks/aggregation.py --mixed              # K = 6 at ranks {4, 8, 16}: LoRA-FAIR against its dense
-                                                          # reference (one Eq. 8 per rank)
+    python benchmarks/aggregation.py --mixed              # K = 6 at ranks {4, 8, 16}: LoRA-FAIR (one Eq. 8 per
+                                                          # rank), FedIT and HetLoRA against their dense references
 
 The sweep times one `aggregate` call per method against two floors measured in the same run: plain weighted
 averaging of A and B (stacked einsum per layer) and the dense ideal update dW = sum p_k B_k A_k (one matmul per
@@ -55,7 +55,8 @@ VARIANTS = [
 
 MIXED_VARIANTS = [("lorafair", {"objective": "cosine"}),
                   ("lorafair", {"objective": "cosine", "lower_ranks": "zero_pad"}), ("fedit", {}), ("hetlora", {})]
-"""The mixed-rank row: LoRA-FAIR solving Eq. 8 per rank, zero-padding only, and plain averaging."""
+"""The mixed-rank row: LoRA-FAIR solving Eq. 8 per rank, zero-padding only, plain averaging and HetLoRA's
+norm-weighted averaging."""
 
 
 def make_updates(clients: int, rank: int, dtype: torch.dtype, seed: int = 0,
@@ -199,7 +200,8 @@ def main() -> None:
     parser.add_argument("--dense-steps", type=int, default=10, help="dense SGD steps actually run")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--sweep", action="store_true", help="K in --clients, r = 16, against the two floors")
-    parser.add_argument("--mixed", action="store_true", help="only K = 6 at ranks {4, 8, 16}, LoRA-FAIR")
+    parser.add_argument("--mixed", action="store_true", help="only K = 6 at ranks {4, 8, 16}, LoRA-FAIR, FedIT and "
+                                                                 "HetLoRA")
     parser.add_argument("--clients", type=str, default=",".join(map(str, SWEEP_CLIENTS)),
                         help="sweep: comma-separated K")
     parser.add_argument("--methods", type=str, default="", help="sweep: comma-separated labels (default: all)")
