@@ -49,7 +49,7 @@ VARIANTS = [
     ("fedit", {}), ("ffa_lora", {}), ("flora", {}), ("flexlora", {}),
     ("lorafair", {"objective": "cosine"}), ("lorafair", {"objective": "column_cosine"}),
     ("lorafair", {"objective": "frobenius"}), ("florana", {}), ("fedex_lora", {}), ("fedsvd", {}),
-    ("hetlora", {}),
+    ("hetlora", {}), ("frlora", {}),
 ]
 
 

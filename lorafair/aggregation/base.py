@@ -53,6 +53,9 @@ class Aggregator:
     mixed_ranks: ClassVar[bool] = True
     """False when the method takes no clients of different ranks (`lora.client_ranks` is refused with it, and the
     round refuses a client of a lower rank)."""
+    starts_from_weights: ClassVar[bool] = False
+    """True when the run's LoRA start is the top-r SVD of each frozen weight, taken out of that weight
+    (`frlora.svd_start`), instead of a random A and B = 0 (FRLoRA)."""
     needs: ClassVar[str] = "ideal"
     """What the method takes from a round: "averages" (weighted sums of A and B), "ideal" (those and the ideal
     update sum p_k B_k A_k, factored or dense), or "factors" (every client's factors, which it sends on)."""

@@ -146,6 +146,13 @@ def _hetlora(layer: _Layer) -> tuple[Factors, None]:
             sum(w * B for w, B in zip(weights, layer.Bs, strict=True))), None
 
 
+def _frlora(layer: _Layer) -> tuple[Factors, Tensor]:
+    """The template's pair (the SVD start every client began from) back, and the dense change of the averaged
+    product merged: B_bar A_bar - B0 A0."""
+    A0, B0 = layer.As[layer.template], layer.Bs[layer.template]
+    return (A0, B0), layer.B_bar @ layer.A_bar - B0 @ A0
+
+
 def _flora(layer: _Layer) -> tuple[None, Tensor]:
     return None, layer.dW
 
@@ -221,4 +228,5 @@ _METHODS: dict[str, Callable[..., tuple[Factors | None, Tensor | None]]] = {
     "rolora": _rolora,
     "fedsvd": _fedsvd,
     "hetlora": _hetlora,
+    "frlora": _frlora,
 }

@@ -25,6 +25,7 @@ from lorafair.aggregation.ffa_lora import FFALoRA
 from lorafair.aggregation.flexlora import FlexLoRA
 from lorafair.aggregation.flora import FLoRA
 from lorafair.aggregation.florana import FLoRANA
+from lorafair.aggregation.frlora import FRLoRA
 from lorafair.aggregation.hetlora import HetLoRA
 from lorafair.aggregation.lorafair import LoRAFAIR
 from lorafair.aggregation.rolora import RoLoRA
@@ -126,6 +127,6 @@ def _aggregator_class(method: str) -> type[Aggregator]:
 
 
 BUILT_IN = (FedIT, FFALoRA, FLoRA, FlexLoRA, LoRAFAIR, FLoRANA, FedExLoRA, FedSALoRA, RoLoRA, FedSVD,
-            HetLoRA)
+            HetLoRA, FRLoRA)
 for _method in BUILT_IN:
     register_method(_method)

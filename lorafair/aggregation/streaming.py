@@ -65,7 +65,7 @@ class Method(Protocol):
 
 class GroupState:
     """The accumulators of the layers of one shape: A_sum [L, r, in] and B_sum [L, out, r] of the uploaded factors
-    (a factor that is not uploaded is the template's, `fixed_A` / `fixed_B`); slots
+    (a factor that is not uploaded is the template's, `fixed_A` / `fixed_B`, of the template's pairs `template`); slots
     A_slots [L, C, r, in] and B_slots [L, out, C, r] for one client each (the round's K clients, or a chunk
     on the dense path), with slot_ranks [C] (each client's own rank) where every client keeps its slot; dW_sum
     [L, out, in] on the dense path of a method that needs the ideal update."""
@@ -77,8 +77,10 @@ class GroupState:
         self.names, self.path, self.rank = names, path, rank
         # a factor the clients do not upload (frozen, as FFA-LoRA's A, or kept, as FedSA-LoRA's B) is the
         # template's, exactly: nothing to sum
-        self.fixed_A = None if "A" in sends else torch.stack([like.lora[name][0] for name in names])
-        self.fixed_B = None if "B" in sends else torch.stack([like.lora[name][1] for name in names])
+        self.template = (torch.stack([like.lora[name][0] for name in names]),
+                         torch.stack([like.lora[name][1] for name in names]))
+        self.fixed_A = None if "A" in sends else self.template[0]
+        self.fixed_B = None if "B" in sends else self.template[1]
         self.A_sum = A.new_zeros(layers, rank, fan_in) if "A" in sends else None
         self.B_sum = B.new_zeros(layers, fan_out, rank) if "B" in sends else None
         self.folds_dense = needs == "ideal" and path == "dense"
@@ -141,7 +143,7 @@ class GroupState:
         if not self.keeps_clients:
             ideal = DenseIdeal(self.dW_sum / total) if self.folds_dense else FactoredIdeal(B_bar, A_bar)
             return LayerGroup(names=self.names, A_bar=A_bar, B_bar=B_bar, ideal=ideal, lower_ranks=lower_ranks,
-                              round_index=round_index)
+                              round_index=round_index, template=self.template)
         kept = filled.nonzero().view(-1)
         A, B = self.A_slots, self.B_slots
         if len(kept) < len(filled):
@@ -149,7 +151,7 @@ class GroupState:
         weights = (slot_weights[kept] / weight_sum).to(A.dtype)
         return LayerGroup(names=self.names, A_bar=A_bar, B_bar=B_bar, A=A, B=B, weights=weights,
                           dense=self.path == "dense", client_ranks=self.slot_ranks[kept].long(),
-                          lower_ranks=lower_ranks, round_index=round_index)
+                          lower_ranks=lower_ranks, round_index=round_index, template=self.template)
 
 
 class RoundState:
