@@ -7,12 +7,13 @@
 
 What a round keeps is what its method declares (`Aggregator.needs`), of the factors its clients upload this round
 (`ClientRule.sends`; a factor they do not upload is the template's in the answer):
-- "averages" (FFA-LoRA, FedSA-LoRA, RoLoRA): the weight sum and the weighted sums of A and of B.
+- "averages" (FFA-LoRA, FedSA-LoRA, RoLoRA, FedSVD, FRLoRA): the weight sum and the weighted sums of A and of B.
 - "ideal" (FedIT, FlexLoRA, LoRA-FAIR, FLoRA-NA): those, plus the ideal update per layer group, on the path the
   cost model picks for K clients: factored (each client's factors in its slot; fewer numbers than a dense dW below
   the crossover) or dense (sum w_k B_k A_k, out x in whatever K; factors wait in a small chunk and are folded in
   one batched product).
-- "factors" (FLoRA, FedEx-LoRA): every client's factors in its slot, because the download carries them all.
+- "factors" (FLoRA, FedEx-LoRA, HetLoRA): every client's factors in its slot, because the download carries them all
+  (HetLoRA: because its weights are each client's own norm).
 
 Every tensor of `accumulators()` is a sum over clients (a client's slot is zero in every other state). Two states
 that folded disjoint clients into disjoint slots therefore add up, tensor by tensor, to the state that folded them
