@@ -42,8 +42,9 @@ class Aggregator:
     display_name: ClassVar[str]
     """How the paper writes it, for tables and plots."""
     merges: ClassVar[bool] = False
-    """True when the answer carries a merge that every client adds to its frozen weights (FLoRA, FedEx-LoRA, FRLoRA): the
-    frozen weights then change, which 4-bit weights cannot take and a differential-privacy wrapper does not see."""
+    """True when the answer carries a merge that every client adds to its frozen weights (FLoRA, FedEx-LoRA,
+    FRLoRA): the frozen weights then change, which 4-bit weights cannot take and a differential-privacy wrapper does
+    not see."""
     sums_only: ClassVar[bool] = False
     """True when the answer needs only the weighted sums of the clients' factors, so the method can run under secure
     aggregation (which reveals only their sum); False when it needs each client's factors."""

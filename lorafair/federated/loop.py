@@ -5,8 +5,8 @@ One round (`FederatedTrainer.run_round`):
     and folds their updates into the method's accumulators (server role) -> the transport shares the clients'
     reports (and what clients keep of their own) and sums the accumulators over the ranks -> rank 0 finishes the
     aggregation and the transport delivers its answer to every rank -> every rank applies it (merging into its frozen
-    weights for FLoRA / FedEx-LoRA / FRLoRA) -> sharded evaluation (and each client's own model, where clients keep factors)
-    -> results.json, TensorBoard and a checkpoint on rank 0.
+    weights for FLoRA / FedEx-LoRA / FRLoRA) -> sharded evaluation (and each client's own model, where clients keep
+    factors) -> results.json, TensorBoard and a checkpoint on rank 0.
 After the last round rank 0 prints the accuracy table and hands the run folder to its `export` (`lorafair.fit`
 passes the one that writes the global model to out_dir/final; not with export false).
 
