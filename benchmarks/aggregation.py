@@ -5,8 +5,8 @@ cost of a round as the number of clients grows.
     python benchmarks/aggregation.py --quick              # K = 6, r = 16 only
     python benchmarks/aggregation.py --out benchmarks/results/aggregation.json
     python benchmarks/aggregation.py --sweep              # K in {6, 30, 100, 300, 1000}, r = 16, against two floors
-    python benchmarks/aggregation.py --mixed              # K = 6 at ranks {4, 8, 16}: LoRA-FAIR against its dense
-                                                          # reference (one Eq. 8 per rank)
+    python benchmarks/aggregation.py --mixed              # K = 6 at ranks {4, 8, 16}: LoRA-FAIR (one Eq. 8 per
+                                                          # rank), FedIT and HetLoRA against their dense references
 
 The sweep times one `aggregate` call per method against two floors measured in the same run: plain weighted
 averaging of A and B (stacked einsum per layer) and the dense ideal update dW = sum p_k B_k A_k (one matmul per
@@ -48,13 +48,15 @@ VIT_B_LAYERS = {f"blocks.{b}.{kind}": shape for b in range(12)
 VARIANTS = [
     ("fedit", {}), ("ffa_lora", {}), ("flora", {}), ("flexlora", {}),
     ("lorafair", {"objective": "cosine"}), ("lorafair", {"objective": "column_cosine"}),
-    ("lorafair", {"objective": "frobenius"}), ("florana", {}), ("fedex_lora", {}),
+    ("lorafair", {"objective": "frobenius"}), ("florana", {}), ("fedex_lora", {}), ("fedsvd", {}),
+    ("hetlora", {}), ("frlora", {}),
 ]
 
 
 MIXED_VARIANTS = [("lorafair", {"objective": "cosine"}),
-                  ("lorafair", {"objective": "cosine", "lower_ranks": "zero_pad"}), ("fedit", {})]
-"""The mixed-rank row: LoRA-FAIR solving Eq. 8 per rank, zero-padding only, and plain averaging."""
+                  ("lorafair", {"objective": "cosine", "lower_ranks": "zero_pad"}), ("fedit", {}), ("hetlora", {})]
+"""The mixed-rank row: LoRA-FAIR solving Eq. 8 per rank, zero-padding only, plain averaging and HetLoRA's
+norm-weighted averaging."""
 
 
 def make_updates(clients: int, rank: int, dtype: torch.dtype, seed: int = 0,
@@ -71,9 +73,14 @@ def make_updates(clients: int, rank: int, dtype: torch.dtype, seed: int = 0,
 
 
 def shared_A_updates(updates: list[ClientUpdate]) -> list[ClientUpdate]:
-    """Every client with client 0's A, as FFA-LoRA requires."""
+    """Every client with client 0's A, as FFA-LoRA and FedSVD require."""
     first = updates[0].lora
     return [ClientUpdate(u.weight, {n: (first[n][0], B) for n, (_, B) in u.lora.items()}) for u in updates]
+
+
+def freezes_A(method: str) -> bool:
+    """Whether the method's clients return the A they were given (so every client's A is the same)."""
+    return "A" in build_aggregator(method).client_rule(1).frozen
 
 
 def mixed_rank_updates(clients: int, ranks: tuple[int, ...], dtype: torch.dtype) -> list[ClientUpdate]:
@@ -154,7 +161,7 @@ def sweep(clients_list: list[int], methods: list[str] | None, skip_above: dict[s
             label = method + (f"[{options['objective']}]" if "objective" in options else "")
             if (methods and label not in methods) or clients > skip_above.get(label, clients):
                 continue
-            used = shared_A_updates(updates) if method == "ffa_lora" else updates
+            used = shared_A_updates(updates) if freezes_A(method) else updates
             call = partial(build_aggregator(method, **options).aggregate, used)
             took, peak = seconds(call), peak_bytes(call)
             row["methods"][label] = {"s": took, "vs_dense_floor": took / row["floor_dense_s"], "peak_bytes": peak}
@@ -193,7 +200,8 @@ def main() -> None:
     parser.add_argument("--dense-steps", type=int, default=10, help="dense SGD steps actually run")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--sweep", action="store_true", help="K in --clients, r = 16, against the two floors")
-    parser.add_argument("--mixed", action="store_true", help="only K = 6 at ranks {4, 8, 16}, LoRA-FAIR")
+    parser.add_argument("--mixed", action="store_true", help="only K = 6 at ranks {4, 8, 16}, LoRA-FAIR, FedIT and "
+                                                                 "HetLoRA")
     parser.add_argument("--clients", type=str, default=",".join(map(str, SWEEP_CLIENTS)),
                         help="sweep: comma-separated K")
     parser.add_argument("--methods", type=str, default="", help="sweep: comma-separated labels (default: all)")
@@ -226,7 +234,7 @@ def main() -> None:
         updates = mixed_rank_updates(clients, rank, torch.float32) if args.mixed else \
             make_updates(clients, rank, torch.float32)
         for method, options in MIXED_VARIANTS if args.mixed else VARIANTS:
-            used = shared_A_updates(updates) if method == "ffa_lora" else updates
+            used = shared_A_updates(updates) if freezes_A(method) else updates
             row = {"K": clients, "r": rank, "method": method, "options": options,
                    **measure(method, options, used, args.steps, args.dense_steps)}
             rows.append(row)

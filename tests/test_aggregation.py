@@ -78,7 +78,7 @@ def assert_matches_reference(method, out, reference, atol=1e-9, rtol=1e-7):
     assert (out.merge is None) == (reference.merge is None)
     for name in SHAPES:
         if reference.lora is not None:
-            if method == "flexlora":  # singular vectors are defined up to sign: compare the product
+            if method in ("flexlora", "fedsvd"):  # singular vectors are defined up to sign: compare the product
                 torch.testing.assert_close(product(out.lora[name]), product(reference.lora[name]), atol=atol,
                                            rtol=rtol)
             else:
@@ -233,10 +233,11 @@ def test_bytes_per_client_per_round():
     head = (5 * 7 + 5) * 8
     for K in (2, 4):
         updates = make_updates(weights=WEIGHTS[:K], shared_A=True, shared_B=True)
-        up = {"ffa_lora": B_only, "fedsa_lora": A_only, "rolora": A_only}
+        up = {"ffa_lora": B_only, "fedsa_lora": A_only, "rolora": A_only, "fedsvd": B_only}
         expected_down = {"fedit": sizes, "ffa_lora": B_only, "flora": K * sizes, "flexlora": sizes,
                          "lorafair": sizes, "florana": sizes, "fedex_lora": sizes + (K + 1) * sizes,
-                         "fedsa_lora": A_only, "rolora": A_only}
+                         "fedsa_lora": A_only, "rolora": A_only, "fedsvd": sizes, "hetlora": sizes,
+                         "frlora": 2 * sizes}
         for method in registered_methods():
             out = build_aggregator(method).aggregate(updates)
             assert out.bytes_up == up.get(method, sizes) * 8 + head

@@ -20,7 +20,7 @@ from flwr.serverapp.strategy import (
 )
 from flwr.supercore.task_identity import TaskIdentity
 
-from lorafair.aggregation import ClientUpdate, registered_methods
+from lorafair.aggregation import ClientUpdate, build_aggregator, method_class, registered_methods
 from lorafair.aggregation.reference import dense_reference
 from lorafair.cli import main
 from lorafair.flower import LoraStrategy, merges_to_apply, state_to_arrays
@@ -89,7 +89,8 @@ every round."""
 def test_every_method_equals_its_dense_reference_through_flower_records(method):
     generator = torch.Generator().manual_seed(0)
     shared_A = {name: torch.randn(RANK, fan_in, generator=generator, dtype=torch.float64)
-                for name, (_, fan_in) in SHAPES.items()} if method == "ffa_lora" else None
+                for name, (_, fan_in) in SHAPES.items()} if "A" in build_aggregator(method).client_rule(1).frozen \
+        else None
     updates = {node: random_update(weight, generator, shared_A=shared_A)
                for node, weight in zip((11, 12, 13, 14), (1.0, 2.5, 0.5, 4.0), strict=True)}
     strategy = LoraStrategy(method, seed=3, min_available_nodes=4, min_train_nodes=4)
@@ -105,7 +106,7 @@ def test_every_method_equals_its_dense_reference_through_flower_records(method):
             fresh = fresh_lora({n: updates[11].lora[n] for n in SHAPES}, seeded_generator("lora_reinit", 3, 1))
             torch.testing.assert_close(lora[name], fresh[name])
             assert not lora[name][1].any()
-        elif method == "flexlora":  # singular vectors have a sign: compare the product
+        elif method in ("flexlora", "fedsvd"):  # singular vectors have a sign: compare the product
             torch.testing.assert_close(product(lora[name]), product(expected.lora[name]))
         else:
             torch.testing.assert_close(lora[name], expected.lora[name])
@@ -293,7 +294,7 @@ def test_methods_whose_clients_keep_factors_or_alternate_them_are_refused_with_t
 
 @pytest.mark.parametrize("method", FLOWER_METHODS)
 def test_secure_aggregation_takes_only_methods_that_need_sums(method):
-    if method in ("fedit", "ffa_lora"):
+    if method_class(method).sums_only:
         assert LoraStrategy(method, secure_aggregation=True).method == method
     else:
         with pytest.raises(ValueError, match=rf"^{method} needs each client's LoRA factors, which secure aggregation"):

@@ -15,6 +15,7 @@ method's clients train, upload and keep each round is its `ClientRule` (`rules`,
 """
 
 from lorafair.aggregation.base import Aggregator, OptionError
+from lorafair.aggregation.frlora import svd_start
 from lorafair.aggregation.registry import (
     build_aggregator,
     display_name,
@@ -42,5 +43,6 @@ __all__ = [
     "method_options",
     "register_method",
     "registered_methods",
+    "svd_start",
     "user_options",
 ]

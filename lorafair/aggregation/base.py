@@ -42,8 +42,9 @@ class Aggregator:
     display_name: ClassVar[str]
     """How the paper writes it, for tables and plots."""
     merges: ClassVar[bool] = False
-    """True when the answer carries a merge that every client adds to its frozen weights (FLoRA, FedEx-LoRA): the
-    frozen weights then change, which 4-bit weights cannot take and a differential-privacy wrapper does not see."""
+    """True when the answer carries a merge that every client adds to its frozen weights (FLoRA, FedEx-LoRA,
+    FRLoRA): the frozen weights then change, which 4-bit weights cannot take and a differential-privacy wrapper does
+    not see."""
     sums_only: ClassVar[bool] = False
     """True when the answer needs only the weighted sums of the clients' factors, so the method can run under secure
     aggregation (which reveals only their sum); False when it needs each client's factors."""
@@ -53,6 +54,9 @@ class Aggregator:
     mixed_ranks: ClassVar[bool] = True
     """False when the method takes no clients of different ranks (`lora.client_ranks` is refused with it, and the
     round refuses a client of a lower rank)."""
+    starts_from_weights: ClassVar[bool] = False
+    """True when the run's LoRA start is the top-r SVD of each frozen weight, taken out of that weight
+    (`frlora.svd_start`), instead of a random A and B = 0 (FRLoRA)."""
     needs: ClassVar[str] = "ideal"
     """What the method takes from a round: "averages" (weighted sums of A and B), "ideal" (those and the ideal
     update sum p_k B_k A_k, factored or dense), or "factors" (every client's factors, which it sends on)."""
@@ -61,6 +65,11 @@ class Aggregator:
         """What the clients train, upload and keep in round `round_index` (1, 2, ...): by default they train and
         upload both factors and keep nothing, starting every round from the server's state."""
         return ClientRule()
+
+    def downloads(self, round_index: int) -> str:
+        """The factors the server's answer to round `round_index` changes, the only ones that travel down: by default
+        those the clients uploaded (a client holds the others already)."""
+        return self.client_rule(round_index).sends
 
     def combine(self, group: LayerGroup) -> GroupResult:
         raise NotImplementedError
@@ -135,10 +144,11 @@ class Aggregator:
         return state.finish()
 
     def global_update(self, like: ClientUpdate, groups: list[LayerGroup], extra: dict[str, Tensor],
-                      seconds: float, sends: str = FACTORS) -> GlobalUpdate:
+                      seconds: float, sends: str = FACTORS, downloads: str | None = None) -> GlobalUpdate:
         """`combine` every group and assemble the GlobalUpdate; seconds: time already spent on the round. sends:
-        the factors the clients upload this round, the only ones that travel, up and down (a client holds the
-        others already)."""
+        the factors the clients upload this round; downloads: those the answer changes, the only ones that travel
+        down (None: `sends`; a client holds the others already)."""
+        downloads = sends if downloads is None else downloads
         start = time.perf_counter()
         results = self._combine_checked(groups)
         order = list(like.lora)
@@ -155,8 +165,8 @@ class Aggregator:
               for rank in groups[0].lower_ranks}
         return GlobalUpdate(lora=lora, merge=merge, extra=extra, metrics=metrics,
                             bytes_up=_lora_bytes(like.lora.values(), sends) + extra_bytes,
-                            bytes_down=_lora_bytes((lora or {}).values(), sends) + merge_bytes, by_rank=by_rank,
-                            bytes_by_rank={rank: (up[rank], _lora_bytes(by_rank.get(rank, {}).values(), sends)
+                            bytes_down=_lora_bytes((lora or {}).values(), downloads) + merge_bytes, by_rank=by_rank,
+                            bytes_by_rank={rank: (up[rank], _lora_bytes(by_rank.get(rank, {}).values(), downloads)
                                                   + merge_bytes) for rank in up})
 
     def _combine_checked(self, groups: list[LayerGroup]) -> list[GroupResult]:

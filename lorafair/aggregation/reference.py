@@ -124,6 +124,35 @@ def _rolora(layer: _Layer, round_index: int = 1) -> tuple[Factors, None]:
     return (layer.As[layer.template], layer.B_bar), None
 
 
+def _fedsvd(layer: _Layer, round_index: int = 1, svd_period: int = 1,
+            svd_warmup: int = 0) -> tuple[Factors, None]:
+    """B averaged with the shared frozen A; in a refactoring round, the dense SVD of the product B_bar A: A = V_r^T,
+    B = U_r S_r."""
+    A = layer.As[layer.template]
+    if round_index <= svd_warmup or (round_index - svd_warmup) % svd_period:
+        return (A, layer.B_bar), None
+    rank = A.shape[0]
+    U, S, Vh = torch.linalg.svd(layer.B_bar @ A, full_matrices=False)
+    return (Vh[:rank], U[:, :rank] * S[:rank]), None
+
+
+def _hetlora(layer: _Layer) -> tuple[Factors, None]:
+    """The padded factors averaged with weights ||B_k A_k||_F / sum_j ||B_j A_j||_F (dense products; the sample
+    weights where every product is zero)."""
+    norms = [torch.linalg.matrix_norm(B @ A).item() for A, B in zip(layer.As, layer.Bs, strict=True)]
+    total = sum(norms)
+    weights = [norm / total for norm in norms] if total > 0 else layer.p
+    return (sum(w * A for w, A in zip(weights, layer.As, strict=True)),
+            sum(w * B for w, B in zip(weights, layer.Bs, strict=True))), None
+
+
+def _frlora(layer: _Layer) -> tuple[Factors, Tensor]:
+    """The template's pair (the SVD start every client began from) back, and the dense change of the averaged
+    product merged: B_bar A_bar - B0 A0."""
+    A0, B0 = layer.As[layer.template], layer.Bs[layer.template]
+    return (A0, B0), layer.B_bar @ layer.A_bar - B0 @ A0
+
+
 def _flora(layer: _Layer) -> tuple[None, Tensor]:
     return None, layer.dW
 
@@ -197,4 +226,7 @@ _METHODS: dict[str, Callable[..., tuple[Factors | None, Tensor | None]]] = {
     "fedex_lora": _fedex_lora,
     "fedsa_lora": _fedsa_lora,
     "rolora": _rolora,
+    "fedsvd": _fedsvd,
+    "hetlora": _hetlora,
+    "frlora": _frlora,
 }

@@ -20,10 +20,13 @@ from lorafair.aggregation.base import Aggregator
 from lorafair.aggregation.fedex_lora import FedExLoRA
 from lorafair.aggregation.fedit import FedIT
 from lorafair.aggregation.fedsa_lora import FedSALoRA
+from lorafair.aggregation.fedsvd import FedSVD
 from lorafair.aggregation.ffa_lora import FFALoRA
 from lorafair.aggregation.flexlora import FlexLoRA
 from lorafair.aggregation.flora import FLoRA
 from lorafair.aggregation.florana import FLoRANA
+from lorafair.aggregation.frlora import FRLoRA
+from lorafair.aggregation.hetlora import HetLoRA
 from lorafair.aggregation.lorafair import LoRAFAIR
 from lorafair.aggregation.rolora import RoLoRA
 
@@ -123,6 +126,7 @@ def _aggregator_class(method: str) -> type[Aggregator]:
     return _REGISTERED[method]
 
 
-BUILT_IN = (FedIT, FFALoRA, FLoRA, FlexLoRA, LoRAFAIR, FLoRANA, FedExLoRA, FedSALoRA, RoLoRA)
+BUILT_IN = (FedIT, FFALoRA, FLoRA, FlexLoRA, LoRAFAIR, FLoRANA, FedExLoRA, FedSALoRA, RoLoRA, FedSVD,
+            HetLoRA, FRLoRA)
 for _method in BUILT_IN:
     register_method(_method)

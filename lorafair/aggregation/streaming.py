@@ -7,12 +7,13 @@
 
 What a round keeps is what its method declares (`Aggregator.needs`), of the factors its clients upload this round
 (`ClientRule.sends`; a factor they do not upload is the template's in the answer):
-- "averages" (FFA-LoRA, FedSA-LoRA, RoLoRA): the weight sum and the weighted sums of A and of B.
+- "averages" (FFA-LoRA, FedSA-LoRA, RoLoRA, FedSVD, FRLoRA): the weight sum and the weighted sums of A and of B.
 - "ideal" (FedIT, FlexLoRA, LoRA-FAIR, FLoRA-NA): those, plus the ideal update per layer group, on the path the
   cost model picks for K clients: factored (each client's factors in its slot; fewer numbers than a dense dW below
   the crossover) or dense (sum w_k B_k A_k, out x in whatever K; factors wait in a small chunk and are folded in
   one batched product).
-- "factors" (FLoRA, FedEx-LoRA): every client's factors in its slot, because the download carries them all.
+- "factors" (FLoRA, FedEx-LoRA, HetLoRA): every client's factors in its slot, because the download carries them all
+  (HetLoRA: because its weights are each client's own norm).
 
 Every tensor of `accumulators()` is a sum over clients (a client's slot is zero in every other state). Two states
 that folded disjoint clients into disjoint slots therefore add up, tensor by tensor, to the state that folded them
@@ -56,15 +57,16 @@ class Method(Protocol):
     needs: str
 
     def client_rule(self, round_index: int) -> ClientRule: ...
+    def downloads(self, round_index: int) -> str: ...
     def path_for(self, clients: int, rank: int, fan_out: int, fan_in: int) -> str: ...
     def refusal(self, index: int, update: ClientUpdate, first: ClientUpdate, rule: ClientRule) -> str | None: ...
     def global_update(self, like: ClientUpdate, groups: list[LayerGroup], extra: dict[str, Tensor],
-                      seconds: float, sends: str = FACTORS) -> GlobalUpdate: ...
+                      seconds: float, sends: str = FACTORS, downloads: str | None = None) -> GlobalUpdate: ...
 
 
 class GroupState:
     """The accumulators of the layers of one shape: A_sum [L, r, in] and B_sum [L, out, r] of the uploaded factors
-    (a factor that is not uploaded is the template's, `fixed_A` / `fixed_B`); slots
+    (a factor that is not uploaded is the template's, `fixed_A` / `fixed_B`, of the template's pairs `template`); slots
     A_slots [L, C, r, in] and B_slots [L, out, C, r] for one client each (the round's K clients, or a chunk
     on the dense path), with slot_ranks [C] (each client's own rank) where every client keeps its slot; dW_sum
     [L, out, in] on the dense path of a method that needs the ideal update."""
@@ -76,8 +78,10 @@ class GroupState:
         self.names, self.path, self.rank = names, path, rank
         # a factor the clients do not upload (frozen, as FFA-LoRA's A, or kept, as FedSA-LoRA's B) is the
         # template's, exactly: nothing to sum
-        self.fixed_A = None if "A" in sends else torch.stack([like.lora[name][0] for name in names])
-        self.fixed_B = None if "B" in sends else torch.stack([like.lora[name][1] for name in names])
+        self.template = (torch.stack([like.lora[name][0] for name in names]),
+                         torch.stack([like.lora[name][1] for name in names]))
+        self.fixed_A = None if "A" in sends else self.template[0]
+        self.fixed_B = None if "B" in sends else self.template[1]
         self.A_sum = A.new_zeros(layers, rank, fan_in) if "A" in sends else None
         self.B_sum = B.new_zeros(layers, fan_out, rank) if "B" in sends else None
         self.folds_dense = needs == "ideal" and path == "dense"
@@ -129,9 +133,9 @@ class GroupState:
         return [*sums, *slots, *([self.dW_sum] if self.folds_dense else [])]
 
     def layer_group(self, weight_sum: Tensor, slot_weights: Tensor | None, filled: Tensor | None,
-                    lower_ranks: tuple[int, ...]) -> LayerGroup:
+                    lower_ranks: tuple[int, ...], round_index: int = 1) -> LayerGroup:
         """What the method sees at finish: averages, the ideal update on this group's path, and the clients'
-        factors (only those of filled slots) where they were kept."""
+        factors (only those of filled slots) where they were kept, in round `round_index`."""
         self.flush()
         dtype = (self.fixed_B if self.B_sum is None else self.B_sum).dtype
         total = weight_sum.to(dtype)
@@ -139,7 +143,8 @@ class GroupState:
         B_bar = self.fixed_B if self.B_sum is None else self.B_sum / total
         if not self.keeps_clients:
             ideal = DenseIdeal(self.dW_sum / total) if self.folds_dense else FactoredIdeal(B_bar, A_bar)
-            return LayerGroup(names=self.names, A_bar=A_bar, B_bar=B_bar, ideal=ideal, lower_ranks=lower_ranks)
+            return LayerGroup(names=self.names, A_bar=A_bar, B_bar=B_bar, ideal=ideal, lower_ranks=lower_ranks,
+                              round_index=round_index, template=self.template)
         kept = filled.nonzero().view(-1)
         A, B = self.A_slots, self.B_slots
         if len(kept) < len(filled):
@@ -147,7 +152,7 @@ class GroupState:
         weights = (slot_weights[kept] / weight_sum).to(A.dtype)
         return LayerGroup(names=self.names, A_bar=A_bar, B_bar=B_bar, A=A, B=B, weights=weights,
                           dense=self.path == "dense", client_ranks=self.slot_ranks[kept].long(),
-                          lower_ranks=lower_ranks)
+                          lower_ranks=lower_ranks, round_index=round_index, template=self.template)
 
 
 class RoundState:
@@ -161,7 +166,7 @@ class RoundState:
         if path not in (None, *cost.PATHS):
             raise ValueError(f"start(): path must be None (the cost model decides) or one of {cost.PATHS}, "
                              f"got {path!r}")
-        self.aggregator, self.like, self.clients = aggregator, like, clients
+        self.aggregator, self.like, self.clients, self.round_index = aggregator, like, clients, round_index
         self.rule = aggregator.client_rule(round_index)
         """What the round's clients train, upload and keep."""
         shapes = _shapes_of(like)
@@ -239,11 +244,13 @@ class RoundState:
             raise ValueError(self.refusal)
         present = {int(rank) for rank in self.rank_counts.nonzero().view(-1)}
         lower = tuple(sorted(present | set(self.lower_ranks)))
-        groups = [group.layer_group(self.weight_sum, self.slot_weights, self.filled, lower) for group in self.groups]
+        groups = [group.layer_group(self.weight_sum, self.slot_weights, self.filled, lower, self.round_index)
+                  for group in self.groups]
         extra = {name: tensor / torch.tensor(total, dtype=tensor.dtype, device=tensor.device)
                  for name, tensor in self.extra_sums.items()}
         return self.aggregator.global_update(self.like, groups, extra,
-                                             self.seconds + time.perf_counter() - started, self.rule.sends)
+                                             self.seconds + time.perf_counter() - started, self.rule.sends,
+                                             self.aggregator.downloads(self.round_index))
 
     def _check(self, update: ClientUpdate, slot: int) -> int | None:
         """Refuse a bad update; its own rank when below the template's, else None."""

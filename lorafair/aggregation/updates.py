@@ -90,6 +90,10 @@ class LayerGroup:
     client_ranks: Tensor | None = None
     lower_ranks: tuple[int, ...] = ()
     kept_rank: int | None = None
+    round_index: int = 1
+    """The round (1, 2, ...) whose updates the group holds, for a method whose rule changes from round to round."""
+    template: tuple[Tensor, Tensor] | None = None
+    """The round's template pairs, A [L, r, in] and B [L, out, r]: what the round's clients started from."""
 
     def __post_init__(self) -> None:
         if self.ideal is None:

@@ -5,8 +5,8 @@ One round (`FederatedTrainer.run_round`):
     and folds their updates into the method's accumulators (server role) -> the transport shares the clients'
     reports (and what clients keep of their own) and sums the accumulators over the ranks -> rank 0 finishes the
     aggregation and the transport delivers its answer to every rank -> every rank applies it (merging into its frozen
-    weights for FLoRA / FedEx-LoRA) -> sharded evaluation (and each client's own model, where clients keep factors)
-    -> results.json, TensorBoard and a checkpoint on rank 0.
+    weights for FLoRA / FedEx-LoRA / FRLoRA) -> sharded evaluation (and each client's own model, where clients keep
+    factors) -> results.json, TensorBoard and a checkpoint on rank 0.
 After the last round rank 0 prints the accuracy table and hands the run folder to its `export` (`lorafair.fit`
 passes the one that writes the global model to out_dir/final; not with export false).
 
@@ -28,7 +28,7 @@ import torch
 from lightning.fabric import Fabric
 from tqdm import tqdm
 
-from lorafair.aggregation import ClientRule, ClientUpdate, RoundState, ranks
+from lorafair.aggregation import ClientRule, ClientUpdate, RoundState, ranks, svd_start
 from lorafair.config import BOUND_METHOD, FitConfig, metric_name
 from lorafair.data import Client, FederatedData
 from lorafair.data.build import build_data
@@ -96,6 +96,8 @@ class FederatedTrainer:
         self.rank, self.world = self.transport.rank, self.transport.world
         self.client = LocalTrainer(self.model, fabric, cfg.client, cfg.data, cfg.seed, show_progress=self.rank == 0)
         self.server = Server(cfg.server, cfg.federation.on_bad_update, cfg.seed, log=fabric.print)
+        if self.server.aggregator.starts_from_weights:
+            self.global_state = self.initial_state = self.start_from_weights()
         self.identity = trajectory_identity(flatten_config(config_to_dict(cfg)), run_fingerprints(self.data, cfg.model))
         self.outputs = RunResults.of_run(cfg, fabric, method, self.data.domains, self.participants.values())
 
@@ -250,6 +252,18 @@ class FederatedTrainer:
                 for key, tensor in initial.items()}
         model = self.global_state.overlaid(mean, self.cfg.lora.r)
         return self.state_of(model.lora, model.extra)
+
+    def start_from_weights(self) -> GlobalState:
+        """The run's start for a method that `starts_from_weights` (FRLoRA): each adapted layer's top-r SVD as its
+        LoRA pair (in the LoRA factors' dtype), taken out of the frozen weight, so the starting model is the
+        pretrained one. The frozen weights have changed: the checkpoints hold them from now on."""
+        fresh = self.global_state.lora
+        start = {name: tuple(factor.to(fresh[name][0]) for factor in svd_start(weight, self.cfg.lora.r,
+                                                                               self.model.scaling))
+                 for name, weight in self.model.base_state().items()}
+        self.model.merge({name: (A, -B) for name, (A, B) in start.items()})
+        self.merged = True
+        return self.state_of(start, self.global_state.extra)
 
     def state_of(self, lora: dict, extra: dict) -> GlobalState:
         """A global state whose lower-rank clients start from the leading components of `lora` (a fresh LoRA)."""

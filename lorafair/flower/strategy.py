@@ -40,10 +40,14 @@ from lorafair.seeds import derive_seed, fresh_lora, seeded_generator
 
 
 def flower_refusal(method: str, options: dict[str, Any] | None = None) -> str | None:
-    """Why `method` cannot run under Flower yet, from its client rule, or None: lorafair's Flower integration holds
-    nothing a client keeps of its own between rounds (nor scores such a client's own model), and `LoraStrategy`'s
-    messages do not tell a client which factors to train this round."""
+    """Why `method` cannot run under Flower yet, from its traits and client rule, or None: lorafair's Flower nodes
+    do not start LoRA from the SVD of their frozen weights, its Flower integration holds nothing a client keeps of
+    its own between rounds (nor scores such a client's own model), and `LoraStrategy`'s messages do not tell a
+    client which factors to train this round."""
     aggregator = build_aggregator(method, **(options or {}))
+    if aggregator.starts_from_weights:
+        return (f"{method} cannot run under Flower yet: its LoRA starts from the SVD of the frozen weights, taken out "
+                "of them, which lorafair's Flower nodes do not do; run it with lorafair fit")
     odd, even = aggregator.client_rule(1), aggregator.client_rule(2)
     if odd.personal or even.personal:
         kept = " and ".join(filter(None, (odd.keeps or even.keeps, "head" if odd.keeps_extra else "")))
@@ -209,7 +213,7 @@ class LoraStrategy(FedAvg):
             return None, None
         good = [i for i in range(len(valid)) if i not in bad]
         kept = self._clip_weights([updates[i] for i in good], [record["clients"][i] for i in good], record)
-        result = self.aggregator(server_round).aggregate(kept)
+        result = self.aggregator(server_round).aggregate(kept, round_index=server_round)
         if result.merge:
             self.merges.append(result.merge)
         lora = result.lora or fresh_lora(updates[0].lora, seeded_generator("lora_reinit", self.seed, server_round))
