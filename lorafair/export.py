@@ -9,6 +9,9 @@ global LoRA factors and the trained head. `export_run` reads it back from a roun
     config.yaml, classes.json, README.md
     .lorafair_export      the marker of an export: an existing `out` is replaced only when it carries one
 
+`export_run(..., client=K)` writes client K's own model the same way, where the run's clients keep tensors of their
+own (FedSA-LoRA: its B; the local bound: everything): the global model with what the client keeps in its place.
+
 The library's layout is timm's folder (`save_for_hf`) for images, and `save_pretrained` of the model and its
 tokenizer for a language model. The model-family part is small on purpose: `write_export` takes a plain model, the
 adapter and a `save_model` function, so every family exports alike.
@@ -51,7 +54,7 @@ from lorafair.federated.run_folder import (
     read_fit_config,
     refuse_shared_folder,
 )
-from lorafair.federated.state import ResumeState
+from lorafair.federated.state import GlobalState, ResumeState
 from lorafair.files import current_umask, is_disk_full, write_json
 from lorafair.keys import peft_key
 from lorafair.models.build import build_model, state_shapes
@@ -75,6 +78,8 @@ class RunState:
     classes: list[str]
     saved: ResumeState
     """The round, its results so far and the global model then (LoRA pairs, head, merged frozen weights)."""
+    clients: dict[int, str]
+    """The run's clients: id -> domain."""
 
 
 @dataclass
@@ -120,19 +125,47 @@ def open_run(run_dir: Path, round_index: int | None = None, say: Callable[[str],
         raise UserError(f"--round {round_index}: {run_dir} keeps the checkpoints of round(s) "
                         f"{', '.join(map(str, sorted(kept)))} only (a run keeps its newest two); choose one of those")
     path = kept[round_index]
-    return RunState(run_dir, cfg, classes, read_round(path, load_checkpoint(path)))
+    state = load_checkpoint(path)
+    saved = read_round(path, state)
+    clients = {entry["id"]: entry["domain"] for entry in state["results"].get("clients", [])}
+    return RunState(run_dir, cfg, classes, saved, clients)
 
 
-def global_model(run: RunState) -> LoraClassifier | TextLoraModel:
-    """The run's global model as the round loop held it: the client model built alike, with the round's state."""
+def global_model(run: RunState, client: int | None = None) -> LoraClassifier | TextLoraModel:
+    """The run's global model as the round loop held it: the client model built alike, with the round's state;
+    with `client`, that client's own model (`client_state`)."""
     model = build_model(run.cfg, len(run.classes), torch.device("cpu"))
     saved = run.saved
     check_fits(saved, state_shapes(model))
     if saved.base:
         model.load_base_state(saved.base)
-    model.set_lora(saved.state.lora)
-    model.set_extra(saved.state.extra)
+    state = saved.state if client is None else client_state(run, client)
+    model.set_lora(state.lora)
+    model.set_extra(state.extra)
     return model.eval()
+
+
+def client_state(run: RunState, client: int) -> GlobalState:
+    """What `client` starts the round after the checkpoint's from, its own model: the global state with the tensors
+    it keeps (`client_states` of the checkpoint) in their place. UserError where the run's clients keep nothing of
+    their own, `client` is not one of the run's clients, or it has nothing of its own yet."""
+    saved, method = run.saved, run.cfg.server.method
+    if not saved.client_states:
+        raise UserError(f"--client {client}: the clients of {run.run_dir} ({method}) keep nothing of their own "
+                        f"between rounds, so each client's model is the global one; leave out --client to export it")
+    if client not in run.clients:
+        raise UserError(f"--client {client}: {run.run_dir} has no client {client}; its clients are "
+                        f"{', '.join(map(str, sorted(run.clients)))}")
+    own = saved.client_states.get(client)
+    if own is None:
+        raise UserError(f"--client {client}: client {client} had not trained by round {saved.round}, so it holds "
+                        f"nothing of its own yet; export a later round or another client")
+    held = saved.state.tensors()
+    if any(held[key].shape != tensor.shape for key, tensor in own.items()):
+        raise UserError(f"--client {client}: client {client} trains at a LoRA rank below lora.r "
+                        f"({run.cfg.lora.r}), which the export does not write; export a client of rank "
+                        f"{run.cfg.lora.r}")
+    return saved.state.overlaid(own, run.cfg.lora.r)
 
 
 def global_adapter(run: RunState, model: LoraClassifier | TextLoraModel) -> LoraAdapter:
@@ -192,22 +225,42 @@ def transformers_saver(tokenizer) -> SaveModel:
 
 
 def export_run(run_dir: Path, round: int | None = None, out: Path | None = None, overwrite: bool = False,
-               say: Callable[[str], None] = print) -> Path:
-    """Export the global model of a run (its newest checkpoint, or `round`) to `out` (default run_dir/final)."""
-    out = Path(out) if out is not None else Path(run_dir) / EXPORT_NAME
+               say: Callable[[str], None] = print, client: int | None = None) -> Path:
+    """Export the global model of a run (its newest checkpoint, or `round`) to `out` (default run_dir/final); with
+    `client`, that client's own model (default folder run_dir/final_client<id>)."""
+    out = Path(out) if out is not None else Path(run_dir) / client_export_name(client)
     check_export_out(out, overwrite)
     run = open_run(run_dir, round, say)
-    into_run = out.resolve().is_relative_to(Path(run_dir).resolve())
-    with hold_folder(run_dir, "--run") if into_run else contextlib.nullcontext():  # no fit writes there meanwhile
-        check_export_out(out, overwrite)
-        _write_export_folder(run, out)
-    say(f"exported the global model of round {run.saved.round} to {out}")
+    _export(run, out, overwrite, client, say)
     return out
 
 
 def export_final(run_dir: Path, say: Callable[[str], None] = print) -> Path:
-    """The export `fit` ends with: the run's last round into run_dir/final, replacing an earlier export there."""
-    return export_run(run_dir, overwrite=True, say=say)
+    """The export `fit` ends with: the run's last round into run_dir/final, replacing an earlier export there; where
+    the clients keep tensors of their own, it says how to export a client's own model."""
+    out = Path(run_dir) / EXPORT_NAME
+    run = open_run(run_dir, say=say)
+    _export(run, out, True, None, say)
+    if run.saved.client_states:
+        say(f"each client keeps a model of its own: `lorafair export --run {run_dir} --client ID` writes client ID's "
+            f"to {run_dir}/{EXPORT_NAME}_clientID")
+    return out
+
+
+def _export(run: RunState, out: Path, overwrite: bool, client: int | None, say: Callable[[str], None]) -> None:
+    if client is not None:
+        client_state(run, client)  # refuse before anything is written
+    into_run = out.resolve().is_relative_to(run.run_dir.resolve())
+    with hold_folder(run.run_dir, "--run") if into_run else contextlib.nullcontext():  # no fit writes there meanwhile
+        check_export_out(out, overwrite)
+        _write_export_folder(run, out, client)
+    whose = "the global model" if client is None else f"client {client}'s own model"
+    say(f"exported {whose} of round {run.saved.round} to {out}")
+
+
+def client_export_name(client: int | None) -> str:
+    """The export folder's name in a run folder: final, or final_client<id> for a client's own model."""
+    return EXPORT_NAME if client is None else f"{EXPORT_NAME}_client{client}"
 
 
 def check_export_out(out: Path, overwrite: bool) -> None:
@@ -220,9 +273,10 @@ def check_export_out(out: Path, overwrite: bool) -> None:
                         f"earlier export, never a run folder or a folder of other files; pass --out a new folder")
 
 
-def _write_export_folder(run: RunState, out: Path) -> None:
-    """Write the export into a staging folder beside `out`, then put it in place of `out`."""
-    model = global_model(run)
+def _write_export_folder(run: RunState, out: Path, client: int | None) -> None:
+    """Write the export (the global model, or `client`'s own) into a staging folder beside `out`, then put it in
+    place of `out`."""
+    model = global_model(run, client)
     if is_language_model(run):
         save_model = transformers_saver(model.tokenizer)
     else:
@@ -234,8 +288,9 @@ def _write_export_folder(run: RunState, out: Path) -> None:
         write_export(model.plain_backbone(), global_adapter(run, model), staging, save_model)
         shutil.copy(run.run_dir / CONFIG_NAME, staging / CONFIG_NAME)
         write_json(staging / CLASSES_NAME, run.classes)
-        (staging / "README.md").write_text(model_card(run))
-        write_json(staging / EXPORT_MARKER, {"lorafair": "export", "round": run.saved.round})
+        (staging / "README.md").write_text(model_card(run, client))
+        write_json(staging / EXPORT_MARKER, {"lorafair": "export", "round": run.saved.round}
+                   | ({} if client is None else {"client": client}))
     except Exception as err:
         if is_disk_full(err):
             raise UserError(f"no space left on the device to write the export {out}; "
@@ -252,21 +307,30 @@ def _write_export_folder(run: RunState, out: Path) -> None:
 
 # ---- the model card ---------------------------------------------------------------------------------------------
 
-def model_card(run: RunState) -> str:
-    """A short README.md: base model, method, data, rounds, accuracy per domain and how to reproduce and load."""
+def model_card(run: RunState, client: int | None = None) -> str:
+    """A short README.md: base model, method, data, rounds, accuracy per domain and how to reproduce and load; for
+    `client`'s own model, its own model's score on its own domain."""
     cfg = run.cfg
     evaluated = [record for record in run.saved.records if "accuracy" in record]
+    model = f"- global model: {_global_model(cfg.server.method)}"
+    if client is not None:
+        model = (f"- client {client}'s own model (domain {run.clients[client]}): the global model with the tensors "
+                 "this client keeps of its own in their place")
     weights = cfg.model.weights or ("timm pretrained weights" if cfg.model.pretrained else "random initialisation")
     lines = [f"# {cfg.server.method} fine-tune of {cfg.model.name}", "",
              f"- base model: `{cfg.model.name}` {cfg.model.kwargs or ''}, weights: {weights}",
              f"- method: `{cfg.server.method}`, LoRA rank {cfg.lora.r}, alpha {cfg.lora.alpha}",
              f"- data: `{cfg.data.name}` ({len(run.classes)} classes), partition `{cfg.federation.partition}`",
              f"- rounds: {run.saved.round} of {cfg.federation.rounds}, seed {cfg.seed}",
-             f"- global model: {_global_model(cfg.server.method)}", ""]
-    if evaluated:
+             model, ""]
+    if evaluated and client is None:
         lines += _score_lines(evaluated[-1], metric_name(cfg.data.name))
+    elif evaluated:
+        lines += _own_score_lines(evaluated[-1], run.clients[client], metric_name(cfg.data.name))
+    option = "" if client is None else f" --client {client}"
     lines += ["Produced by `lorafair fit --config config.yaml` (the run's resolved config, beside this file) and "
-              f"exported with `lorafair export --run RUN --round {run.saved.round}`.", "", _loading_line(run), ""]
+              f"exported with `lorafair export --run RUN --round {run.saved.round}{option}`.", "", _loading_line(run),
+              ""]
     return "\n".join(lines)
 
 
@@ -288,6 +352,14 @@ def _score_lines(last: dict, metric: str) -> list[str]:
     lines += [f"| mean | {100 * last['mean_accuracy']:.2f} |" + (f" {last['mean_eval_loss']:.4f} |" if losses else ""),
               ""]
     return lines
+
+
+def _own_score_lines(last: dict, domain: str, metric: str) -> list[str]:
+    """The line of a round's personalised score on `domain`: the mean over its clients' own models (the local
+    bound's scores are its clients' own models')."""
+    scores = last.get("personalised", last)["accuracy"]
+    return [f"{metric[0].upper()}{metric[1:]} after round {last['round']} of the own models of the clients of "
+            f"domain {domain}, on its test set: {100 * scores[domain]:.2f} %", ""]
 
 
 def _loading_line(run: RunState) -> str:
