@@ -94,3 +94,27 @@ def test_refusals_name_the_problem_and_the_fix(fedsa_run, tiny_run, capsys):
         err = capsys.readouterr().err.strip()
         assert words in err and len(err.splitlines()) == 1, err
         assert not (run / f"{EXPORT_NAME}_client{client}").exists()
+
+
+def test_the_local_bounds_client_export_holds_its_whole_state(tmp_path):
+    """The local bound keeps every client's pair and head: its export's adapter holds exactly those."""
+    run_dir = tmp_path / "local"
+    fit(tiny_config(run_dir, "--federation.setting", "local", "--federation.rounds", "1"))
+    client = trained_clients(run_dir)[0]
+    assert main(["export", "--run", str(run_dir), "--client", str(client)]) == 0
+    adapter = load_file(run_dir / f"{EXPORT_NAME}_client{client}/adapter/adapter_model.safetensors")
+    checkpoint = torch.load(list_checkpoints(checkpoint_dir(run_dir))[-1], weights_only=True)
+    own = {key.partition(".")[2]: tensor for key, tensor in checkpoint["client_states"].items()
+           if key.startswith(f"client{client}.")}
+    assert set(adapter) == {peft_name(key) for key in own}
+    for key, tensor in own.items():
+        assert torch.equal(adapter[peft_name(key)], tensor), key
+
+
+def peft_name(key: str) -> str:
+    """peft's adapter name of a client's tensor key: "lora/blocks.0.attn.proj/B", "extra/head.weight"."""
+    kind, _, rest = key.partition("/")
+    if kind == "extra":
+        return f"base_model.model.{rest}"
+    layer, factor = rest.rsplit("/", 1)
+    return f"base_model.model.{layer}.lora_{factor}.weight"
