@@ -476,14 +476,17 @@ def _stats_table(rows: list[Row], setting_keys: list[str], columns: list[str],
 
 
 def csv_table(rows: list[Row], baseline: str = BASELINE) -> str:
-    """comparison.csv: the numbers of comparison.md, one row per table row, std empty with a single seed."""
+    """comparison.csv: the numbers of comparison.md, one row per table row, std empty with a single seed. Where some
+    method scored each client's own model, the personalised columns follow the gain's, filled for the rows of the
+    Personalised table and empty for the others."""
     domains = _domains(run for row in rows for run in row.runs)
     setting_keys = [key for key, _ in rows[0].setting]
     header = ["method", "name", *setting_keys, "seeds"]
     losses = has_eval_loss(rows)
+    own = personalised_rows(rows)
     for column in [*domains, "average"]:
         header += [f"{column}_mean", f"{column}_std"]
-    for part in ("start", "gain"):
+    for part in ("start", "gain", *(["personalised"] if own else [])):
         header += [f"{column}_{part}_{stat}" for column in [*domains, "average"] for stat in ("mean", "std")]
     header += [f"vs_{baseline}_difference", f"vs_{baseline}_low", f"vs_{baseline}_high", f"vs_{baseline}_interval"]
     if losses:
@@ -502,6 +505,9 @@ def csv_table(rows: list[Row], baseline: str = BASELINE) -> str:
         line += _csv_cells(accuracy_stats(row, domains), [*domains, "Average"], 2)
         line += _csv_cells(start_stats(row, domains), [*domains, "Average"], 2)
         line += _csv_cells(gain_stats(row, domains), [*domains, "Average"], 2)
+        if own:
+            line += _csv_cells(personalised_stats(row, domains) if row in own else dict.fromkeys([*domains, "Average"]),
+                               [*domains, "Average"], 2)
         base = baseline_row(rows, row, baseline)
         interval = difference(row, base) if base is not None and base is not row else None
         line += (["", "", "", ""] if interval is None else
@@ -528,24 +534,36 @@ def _save(fig: Figure, path: Path) -> None:
     fig.savefig(path, dpi=120, metadata=PNG_METADATA)
 
 
+def round_curve(row: Row, personalised: bool = False) -> tuple[list[int], list[Stat]]:
+    """The rounds a row's runs scored (0: the starting model) and the mean accuracy in percent over seeds at each;
+    `personalised`: each client's own model's (the starting model is every client's own at round 0)."""
+    per_round: dict[int, list[float]] = {}
+    for run in row.runs:
+        scored = [(int(entry["round"]), entry.get(PERSONALISED, {}) if personalised else entry)
+                  for entry in run.rounds]
+        for round_index, entry in [*([(0, run.start)] if run.start else []), *scored]:
+            if "mean_accuracy" in entry:
+                per_round.setdefault(round_index, []).append(100 * entry["mean_accuracy"])
+    rounds = sorted(per_round)
+    return rounds, [Stat.of(per_round[r]) for r in rounds]
+
+
 def plot_accuracy_vs_round(rows: list[Row], path: Path) -> None:
-    """Mean accuracy per round per row, shaded +- std over seeds (the paper's Figure 4)."""
+    """Mean accuracy per round per row, shaded +- std over seeds (the paper's Figure 4); for the methods that scored
+    each client's own model, its mean as a dotted line of the row's colour."""
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.subplots()
     for index, row in enumerate(rows):
-        per_round: dict[int, list[float]] = {}
-        for run in row.runs:
-            for entry in [*([run.start] if run.start else []), *run.rounds]:
-                if "mean_accuracy" in entry:
-                    per_round.setdefault(int(entry["round"]), []).append(100 * entry["mean_accuracy"])
-        rounds = sorted(per_round)
-        stats = [Stat.of(per_round[r]) for r in rounds]
         color = f"C{(index if row.setting else _method_rank(row.method)) % 10}"
-        ax.plot(rounds, [s.mean for s in stats], marker="o", markersize=3, color=color, label=row.label,
-                linestyle="--" if row.is_bound else "-")
-        if len(row.runs) > 1:
-            ax.fill_between(rounds, [s.mean - (s.std or 0) for s in stats], [s.mean + (s.std or 0) for s in stats],
-                            color=color, alpha=0.2, linewidth=0)
+        curves = [(*round_curve(row), row.label, "--" if row.is_bound else "-")]
+        if any(run.personalised is not None for run in row.runs):
+            curves.append((*round_curve(row, personalised=True), f"{row.label}, personalised", ":"))
+        for rounds, stats, label, style in curves:
+            ax.plot(rounds, [s.mean for s in stats], marker="o", markersize=3, color=color, label=label,
+                    linestyle=style)
+            if len(row.runs) > 1:
+                ax.fill_between(rounds, [s.mean - (s.std or 0) for s in stats],
+                                [s.mean + (s.std or 0) for s in stats], color=color, alpha=0.2, linewidth=0)
     ax.set_xlabel("Round (0: the starting model)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(f"Average {score_name(rows)} over domains (%)")
