@@ -317,7 +317,8 @@ def model_card(run: RunState, client: int | None = None) -> str:
         model = (f"- client {client}'s own model (domain {run.clients[client]}): the global model with the tensors "
                  "this client keeps of its own in their place")
     weights = cfg.model.weights or ("timm pretrained weights" if cfg.model.pretrained else "random initialisation")
-    lines = [f"# {cfg.server.method} fine-tune of {cfg.model.name}", "",
+    whose = "" if client is None else f": client {client}'s own model"
+    lines = [f"# {cfg.server.method} fine-tune of {cfg.model.name}{whose}", "",
              f"- base model: `{cfg.model.name}` {cfg.model.kwargs or ''}, weights: {weights}",
              f"- method: `{cfg.server.method}`, LoRA rank {cfg.lora.r}, alpha {cfg.lora.alpha}",
              f"- data: `{cfg.data.name}` ({len(run.classes)} classes), partition `{cfg.federation.partition}`",
