@@ -155,7 +155,7 @@ def client_state(run: RunState, client: int) -> GlobalState:
                         f"between rounds, so each client's model is the global one; leave out --client to export it")
     if client not in run.clients:
         raise UserError(f"--client {client}: {run.run_dir} has no client {client}; its clients are "
-                        f"{', '.join(map(str, sorted(run.clients)))}")
+                        f"{', '.join(map(str, sorted(run.clients))) or 'not listed in its checkpoint'}")
     own = saved.client_states.get(client)
     if own is None:
         raise UserError(f"--client {client}: client {client} had not trained by round {saved.round}, so it holds "
