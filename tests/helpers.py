@@ -16,6 +16,7 @@ import sys
 import zlib
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 
@@ -70,6 +71,12 @@ def items_right_by_hand(trainer, lora: dict, extra: dict) -> dict[str, list[int]
 
 
 # ---- processes and ports -------------------------------------------------------------------------------------------
+
+SEVERAL_PROCESSES = pytest.mark.xdist_group("several_processes")
+"""The mark of the modules whose tests start several processes (ranks under torchrun or by hand, Ray, Flower's
+SuperLink and SuperNodes): under pytest-xdist (`make test`) they run on one worker, one after another, so no two
+such jobs share the cores at once."""
+
 
 PORTS_PER_WORKER = 200
 """Each pytest-xdist worker (gw0, gw1, ...) picks ports from its own range of this many, starting at 20000 (below

@@ -29,6 +29,9 @@ from lorafair.fit import fit
 from lorafair.inference import evaluate_run, predict
 from tests.helpers import ROOT, parse_fit_args, tiny_config
 
+pytestmark = pytest.mark.xdist_group("test_export")
+"""One pytest-xdist worker runs this module, so its module fixtures (runs of fit) are built once."""
+
 DEMO_ARGS = ["--config", str(ROOT / "configs/demo_digits.yaml"), "--federation.rounds", "2",
              "--client.max_local_steps", "4", "--server.steps", "50", "--client.lr", "0.1", "--lora.alpha", "32",
              "--server.method", "flora"]
@@ -47,6 +50,7 @@ import timm, torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from timm.models.mlp_mixer import MlpMixer
+
 
 images_file, logits_file, readme_dir, readme_code, *folders = sys.argv[1:]
 images = load_file(images_file)["images"]

@@ -22,6 +22,9 @@ from lorafair.federated.run_folder import accuracy_table
 from lorafair.fit import fit
 from tests.helpers import REDUCED_DEMO, ROOT, glue_file, parse_fit_args
 
+pytestmark = pytest.mark.xdist_group("test_export_text")
+"""One pytest-xdist worker runs this module, so its module fixtures (runs of fit) are built once."""
+
 
 @pytest.fixture(scope="module")
 def lm_run(tmp_path_factory) -> tuple[Path, dict]:

@@ -25,6 +25,10 @@ from lorafair.fit import fit
 from lorafair.inference import evaluate_run, predict
 from tests.helpers import tiny_config
 
+pytestmark = pytest.mark.xdist_group("test_inference")
+"""One pytest-xdist worker runs this module, so its module fixtures (runs of fit) are built once."""
+
+
 TINTS = {"c0": (20, -20, -20), "c1": (-20, 20, -20), "c2": (-20, -20, 20)}
 
 

@@ -22,7 +22,9 @@ from lorafair.federated.checkpoints import (
 )
 from lorafair.federated.launch import check_launch, launch_fabric
 from lorafair.fit import fit
-from tests.helpers import free_port, python_environment, tiny_args, tiny_config, two_rank_command
+from tests.helpers import SEVERAL_PROCESSES, free_port, python_environment, tiny_args, tiny_config, two_rank_command
+
+pytestmark = SEVERAL_PROCESSES
 
 
 def test_more_nodes_than_processes_outside_torchrun_stops_at_once(tmp_path):

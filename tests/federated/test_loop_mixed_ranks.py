@@ -17,6 +17,7 @@ from lorafair.fit import fit
 from tests.helpers import (
     REDUCED_DEMO,
     ROOT,
+    SEVERAL_PROCESSES,
     assert_same_trajectory,
     fit_in_subprocess,
     parse_fit_args,
@@ -24,6 +25,8 @@ from tests.helpers import (
     tiny_args,
     tiny_config,
 )
+
+pytestmark = SEVERAL_PROCESSES
 
 MIXED = ("--lora.client_ranks", "[2, 4]")
 """Clients 0, 2, 4 train at rank 2, clients 1, 3, 5 at the global rank 4."""

@@ -29,6 +29,9 @@ from lorafair.federated.run_folder import run_status
 from lorafair.fit import fit
 from tests.helpers import items_right_by_hand, tiny_args, tiny_config
 
+pytestmark = pytest.mark.xdist_group("test_loop_wiring")
+"""One pytest-xdist worker runs this module, so its module fixtures (runs of fit) are built once."""
+
 
 @pytest.fixture
 def server_calls(monkeypatch) -> list[tuple[Aggregator, list[ClientUpdate], object]]:

@@ -18,6 +18,9 @@ from lorafair.federated.loop import FederatedTrainer
 from lorafair.federated.server import Server, aggregator_options
 from lorafair.federated.state import ClientResult, GlobalState
 from lorafair.federated.transport import TorchDistributedTransport
+from tests.helpers import SEVERAL_PROCESSES
+
+pytestmark = SEVERAL_PROCESSES
 
 LAYERS = {"blocks.0.attn.proj": (12, 8), "blocks.1.attn.proj": (12, 8), "blocks.0.mlp.fc1": (6, 8)}
 """Layer -> (out, in): two layer groups."""

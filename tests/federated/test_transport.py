@@ -16,7 +16,17 @@ from lorafair.federated.checkpoints import (
     load_checkpoint,
 )
 from lorafair.federated.transport import flatten, unflatten
-from tests.helpers import ROOT, free_port, python_environment, run_on_two_ranks, tiny_args, tiny_config
+from tests.helpers import (
+    ROOT,
+    SEVERAL_PROCESSES,
+    free_port,
+    python_environment,
+    run_on_two_ranks,
+    tiny_args,
+    tiny_config,
+)
+
+pytestmark = SEVERAL_PROCESSES
 
 
 def _collectives(rank: int, store: str) -> None:
@@ -46,7 +56,6 @@ def _collectives(rank: int, store: str) -> None:
 
 def test_gather_broadcast_and_reduce_across_two_ranks(tmp_path):
     mp.spawn(_collectives, args=(str(tmp_path / "store"),), nprocs=2)
-
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,9 @@ from flwr.supercore.task_identity import TaskIdentity
 from lorafair.cli import main
 from lorafair.flower.app import BASE, LOCAL_RAY, MERGES, FlowerRoundLoop, catch_up, to_arrays
 from lorafair.keys import pack_pairs
-from tests.helpers import tiny_args, tiny_config
+from tests.helpers import SEVERAL_PROCESSES, tiny_args, tiny_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, SEVERAL_PROCESSES]
 
 FAILING = "2:1"
 """Round 2, client 1: a client that trains in that round (the tiny job samples clients 0, 1, 3, 4, 5)."""

@@ -23,10 +23,9 @@ import psutil
 import pytest
 
 from lorafair.cli import main
-from tests.helpers import ROOT, TINY_ARGS, free_ports
+from tests.helpers import ROOT, SEVERAL_PROCESSES, TINY_ARGS, free_ports
 
-pytestmark = pytest.mark.slow
-
+pytestmark = [pytest.mark.slow, SEVERAL_PROCESSES]
 
 BIN = Path(sys.executable).parent
 

@@ -21,6 +21,7 @@ from lorafair.models.text import TextLoraModel
 from tests.helpers import (
     REDUCED_DEMO,
     ROOT,
+    SEVERAL_PROCESSES,
     TINY_LLAMA,
     assert_same_trajectory,
     fit_in_subprocess,
@@ -28,6 +29,8 @@ from tests.helpers import (
     parse_fit_args,
     run_on_two_ranks,
 )
+
+pytestmark = SEVERAL_PROCESSES
 
 
 def _reduced(out_dir: Path, *extra: str) -> list[str]:
