@@ -85,13 +85,11 @@ takes one between its choice and its use."""
 
 
 def free_ports(count: int) -> list[int]:
-    """`count` ports of this worker's range on 127.0.0.1 that nothing is bound to now, from a random start."""
+    """`count` ports of this worker's range, drawn at random, that nothing on 127.0.0.1 is bound to now."""
     worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
     base = 20000 + PORTS_PER_WORKER * (worker % 60)
-    start = random.randrange(PORTS_PER_WORKER)
     ports = []
-    for offset in range(PORTS_PER_WORKER):
-        port = base + (start + offset) % PORTS_PER_WORKER
+    for port in random.sample(range(base, base + PORTS_PER_WORKER), PORTS_PER_WORKER):
         with socket.socket() as probe:
             try:
                 probe.bind(("127.0.0.1", port))
