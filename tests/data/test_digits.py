@@ -1,4 +1,4 @@
-"""The embedded digits demo set and the `lorafair data` summary / CLI built on it."""
+"""The embedded digits demo set (its `lorafair data` summary: test_summary.py)."""
 
 from __future__ import annotations
 

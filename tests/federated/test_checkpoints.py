@@ -1,6 +1,7 @@
-"""Checkpoints that load but cannot be a run's state, checkpoints that all fail to load, and a disk that fills up
-while a checkpoint or the export is written: each is one line naming the file, and nothing is trained or exported
-from them."""
+"""Checkpoint files: atomic writes that keep the previous one, branches dropped on resume, the identity a resume
+compares, records of earlier versions; and checkpoints that load but cannot be a run's state, checkpoints that all
+fail to load, and a disk that fills up while a checkpoint or the export is written: each is one line naming the file,
+and nothing is trained or exported from them."""
 
 from __future__ import annotations
 

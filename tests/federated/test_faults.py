@@ -1,5 +1,6 @@
-"""Faults and bad input: kills at every point of a round resume exactly, damaged checkpoints fall back to the previous
-one, bad client updates are dropped (the rest re-weighted), changed settings and unsafe files are refused."""
+"""Faults and bad input: kills at every point of a round resume exactly, damaged checkpoints fall back to the
+previous one, bad client updates are dropped (the rest re-weighted), changed settings and unsafe files are refused;
+the fault injection checks its own setting."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """No hang from a bad launch or a stuck peer, and no process outlives a killed job. Every subprocess has a timeout,
-so a regression fails instead of hanging the suite."""
+so a regression fails instead of hanging the suite. And the launch's CPU threads."""
 
 from __future__ import annotations
 

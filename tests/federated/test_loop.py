@@ -1,4 +1,4 @@
-"""End-to-end runs of the tiny job: outputs, resume, FLoRA's merges, FFA-LoRA's frozen A (faults: test_reliability)."""
+"""End-to-end runs of the tiny job: outputs, resume, FLoRA's merges, FFA-LoRA's frozen A (faults: test_faults)."""
 
 from __future__ import annotations
 

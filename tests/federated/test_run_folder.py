@@ -1,4 +1,6 @@
-"""Re-running the same command never loses work: it continues, or refuses naming the flags; only --overwrite deletes."""
+"""Re-running the same command never loses work: it continues, or refuses naming the flags; only --overwrite deletes.
+The run folder is lorafair's (markers, locks, unusable folders as one line), and its plain records (flattened
+config, means, the accuracy table)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The trainer's pure parts: client sampling and placement, flat buffers, checkpoint files, result records."""
+"""Client sampling and placement: which clients train in a round and which process hosts each."""
 
 from __future__ import annotations
 

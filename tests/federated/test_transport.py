@@ -1,4 +1,5 @@
-"""Two gloo ranks on the CPU: the collectives of the transport, torchrun against one process, elastic restarts."""
+"""Two gloo ranks on the CPU: the collectives of the transport, torchrun against one process, elastic restarts; and
+the flat buffers the collectives send."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""`lorafair compare`: run planning, resuming an interrupted comparison, the paper configs, one real tiny compare."""
+"""`lorafair compare`: run planning, resuming an interrupted comparison, the paper configs, one real tiny compare, a
+bad results file left out."""
 
 from __future__ import annotations
 

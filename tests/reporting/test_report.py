@@ -1,4 +1,4 @@
-"""`lorafair report`: tables and plots rebuilt from synthetic run folders."""
+"""`lorafair report`: tables and plots rebuilt from synthetic run folders; a bad results file is one line naming it."""
 
 from __future__ import annotations
 
