@@ -4,6 +4,8 @@ VENV ?= .venv
 # torch first, pinned to a pair known to work together (timm needs torchvision); override for other platforms.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 BIN := $(VENV)/bin
+# pytest-xdist workers of `make test`; each test still runs as it would alone (see docs/testing.md).
+TEST_WORKERS ?= 2
 
 $(BIN)/lorafair: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,7 +22,7 @@ demo: install
 
 test: install
 	$(BIN)/ruff check lorafair tests benchmarks scripts
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 lint: install
 	$(BIN)/ruff check lorafair tests benchmarks scripts

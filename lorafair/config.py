@@ -446,6 +446,12 @@ class FitConfig:
         one question every part that depends on the model family asks."""
         return self.model.resolved_family(self.data.name) == "transformers"
 
+    @property
+    def is_text_classifier(self) -> bool:
+        """Whether the run's model is a transformers sequence classifier (text_classification data: one label per
+        text, a classifier head); the other language models are causal LMs that generate their answers."""
+        return self.data.name == "text_classification"
+
     def validate(self) -> None:
         for section in (self.server, self.model, self.lora, self.data, self.federation, self.client, self.text):
             section.validate()

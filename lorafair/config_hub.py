@@ -1,5 +1,5 @@
-"""Configs by name: the YAML files shipped with the package (the repository's configs/ folder, mapped into the
-package as lorafair/configs at install time, so there is one copy), found by path or by name."""
+"""Configs by name: the YAML files shipped with the package (lorafair/configs, read through importlib.resources;
+the repository's configs/ is a link to it, so there is one copy), found by path or by name."""
 
 from __future__ import annotations
 
@@ -11,11 +11,8 @@ from lorafair.errors import UserError
 
 
 def config_root() -> Path:
-    """The shipped configs: lorafair/configs in an installed package (importlib.resources), else the checkout's
-    configs/ folder beside the package."""
-    package = Path(files("lorafair"))
-    installed = package / "configs"
-    return installed if installed.is_dir() else package.parent / "configs"
+    """The shipped configs: the package data lorafair/configs."""
+    return Path(files("lorafair") / "configs")
 
 
 def list_configs() -> list[str]:

@@ -173,16 +173,12 @@ def global_adapter(run: RunState, model: LoraClassifier | TextLoraModel) -> Lora
     timm head; a classifier's modules outside the transformer body; nothing for a causal LM, whose adapter is
     typed CAUSAL_LM so that peft loads it with generation)."""
     extra = model.get_extra()
-    if is_language_model(run):
+    if run.cfg.is_language_model:
         trained = sorted({name.split(".")[0] for name in extra}) or None
-        task = None if run.cfg.data.name == "text_classification" else "CAUSAL_LM"
+        task = None if run.cfg.is_text_classifier else "CAUSAL_LM"
     else:
         trained, task = [head_parameter_names(model.backbone)[0].rsplit(".", 1)[0]], None
     return LoraAdapter(peft_config(run.cfg.lora, model.layer_names, trained, task), model.get_lora(), extra)
-
-
-def is_language_model(run: RunState) -> bool:
-    return run.cfg.is_language_model
 
 
 # ---- writing --------------------------------------------------------------------------------------------------
@@ -277,7 +273,7 @@ def _write_export_folder(run: RunState, out: Path, client: int | None) -> None:
     """Write the export (the global model, or `client`'s own) into a staging folder beside `out`, then put it in
     place of `out`."""
     model = global_model(run, client)
-    if is_language_model(run):
+    if run.cfg.is_language_model:
         save_model = transformers_saver(model.tokenizer)
     else:
         save_model = timm_saver(run.classes, model_data_config(run.cfg.model, run.cfg.data.image_size))
@@ -364,12 +360,11 @@ def _own_score_lines(last: dict, domain: str, metric: str) -> list[str]:
 
 
 def _loading_line(run: RunState) -> str:
-    if not is_language_model(run):
+    if not run.cfg.is_language_model:
         return ("Load with timm alone: `timm.create_model('local-dir:FOLDER', pretrained=True)`; with peft: "
                 "`PeftModel.from_pretrained(timm.create_model('local-dir:FOLDER/base', pretrained=True), "
                 "'FOLDER/adapter')`.")
-    auto = ("AutoModelForSequenceClassification" if run.cfg.data.name == "text_classification"
-            else "AutoModelForCausalLM")
+    auto = "AutoModelForSequenceClassification" if run.cfg.is_text_classifier else "AutoModelForCausalLM"
     return (f"Load with transformers alone: `{auto}.from_pretrained('FOLDER')` and "
             "`AutoTokenizer.from_pretrained('FOLDER')`; with peft: "
             f"`PeftModel.from_pretrained({auto}.from_pretrained('FOLDER/base'), 'FOLDER/adapter')`.")

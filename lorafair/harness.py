@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from lorafair.errors import UserError
-from lorafair.export import global_model, is_language_model, open_run
+from lorafair.export import global_model, open_run
 from lorafair.files import write_json
 
 CODE_EXECUTING_TASKS = ("humaneval", "mbpp", "ds1000", "apps")
@@ -42,7 +42,7 @@ def score(run_dir: Path, tasks: list[str], include_path: Path | None = None, bat
     except ImportError as err:
         raise UserError("lm_eval: lm-evaluation-harness is not installed; pip install 'lorafair[text]'") from err
     run = open_run(run_dir)
-    if not is_language_model(run) or run.cfg.data.name == "text_classification":
+    if not run.cfg.is_language_model or run.cfg.is_text_classifier:
         raise UserError(f"{run_dir}: lm-eval scores causal language models; this run trained a "
                         f"{run.cfg.data.name} model")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -128,7 +128,7 @@ def test_ctrl_c_is_one_line_and_the_same_command_continues(tmp_path):
     import sys
     import time
 
-    from conftest import tiny_args
+    from tests.helpers import tiny_args
 
     command = [sys.executable, "-m", "lorafair", "fit", *tiny_args(tmp_path, "--federation.rounds", "50")]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -173,7 +173,7 @@ key, the value and the fix, before any training."""
 
 @pytest.mark.parametrize("case", list(HOSTILE_VALUES))
 def test_hostile_values_are_one_line_naming_the_key(tmp_path, capsys, case):
-    from conftest import tiny_args
+    from tests.helpers import tiny_args
 
     args, expected = HOSTILE_VALUES[case]
     assert main(["fit", *tiny_args(tmp_path / "run", *args)]) == 2

@@ -13,11 +13,10 @@ import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 from lorafair import cli
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SHELL_FENCES = {"", "bash", "sh", "shell", "console", "text"}
 """Fenced blocks whose lines are read as shell commands (python, toml, yaml blocks are not)."""

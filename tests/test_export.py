@@ -17,7 +17,6 @@ import pytest
 import timm
 import torch
 import yaml
-from conftest import parse_fit_args, tiny_config
 from peft import PeftModel
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -28,18 +27,22 @@ from lorafair.export import export_run, global_model, open_run
 from lorafair.federated.run_folder import EXPORT_NAME, read_fit_config
 from lorafair.fit import fit
 from lorafair.inference import evaluate_run, predict
+from tests.helpers import ROOT, parse_fit_args, tiny_config
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.xdist_group("test_export")
+"""One pytest-xdist worker runs this module, so its module fixtures (runs of fit) are built once."""
 
 DEMO_ARGS = ["--config", str(ROOT / "configs/demo_digits.yaml"), "--federation.rounds", "2",
              "--client.max_local_steps", "4", "--server.steps", "50", "--client.lr", "0.1", "--lora.alpha", "32",
              "--server.method", "flora"]
 """The digits demo's pretrained backbone, briefly fine-tuned hard enough that the methods' accuracies differ."""
 
+
 LOGIT_TOLERANCE = 1e-5
 """The merged model computes (W + s B A) x where lorafair computes W x + s B (A x): the same sum, reassociated in
 float32 (eps 1.2e-7), over a few layers of width 32: differences of a few 1e-7 on logits of size ~1. The adapter
 path runs the very same operations as lorafair's model and must match bit for bit."""
+
 
 LOAD_WITH_TIMM_AND_PEFT = """
 import contextlib, io, json, os, sys
@@ -47,6 +50,7 @@ import timm, torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from timm.models.mlp_mixer import MlpMixer
+
 
 images_file, logits_file, readme_dir, readme_code, *folders = sys.argv[1:]
 images = load_file(images_file)["images"]
@@ -143,9 +147,6 @@ def _run_main(argv: list[str], capsys) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-# ---- export: what the files hold ----------------------------------------------------------------------------
-
-
 def test_timm_and_peft_alone_give_lorafair_logits_for_three_methods(method_runs, plain_loading):
     """Adapter path (timm base + PeftModel.from_pretrained) and merged path (timm local-dir, and create_model +
     load_state_dict(strict=True)) against the global model lorafair rebuilds, in a process without lorafair."""
@@ -200,9 +201,6 @@ def test_flora_export_has_an_empty_adapter_and_the_merges_in_base(demo_run):
     assert yaml.safe_load((folder / "config.yaml").read_text())["server"]["method"] == "flora"
 
 
-# ---- evaluate ---------------------------------------------------------------------------------------------------
-
-
 def test_evaluate_reproduces_results_json_exactly(demo_run, capsys):
     run_dir, results = demo_run
     code, out, _ = _run_main(["evaluate", "--run", str(run_dir)], capsys)
@@ -229,9 +227,6 @@ def test_evaluate_on_other_data_settings(demo_run, capsys):
     assert f"rotated  {100 * results['final']['accuracy']['rotated']:7.2f}" in out and "plain" not in out
     code, _, err = _run_main(["evaluate", "--run", str(run_dir), "--data.num_classes", "5"], capsys)
     assert code == 2 and "classes" in err and len(err.strip().splitlines()) == 1
-
-
-# ---- predict and the docs -------------------------------------------------------------------------------------
 
 
 def test_predict_matches_the_exported_model_with_timms_preprocessing(demo_run, digit_images, tmp_path, capsys):
@@ -269,9 +264,6 @@ def test_readme_loading_code_runs_and_agrees_with_predict(demo_run, plain_loadin
     name, probability = predict(demo_run[0], [plain_loading.readme_image], top_k=1, say=lambda _: None)[0].top[0]
     assert plain_loading.readme_printed[0] == name
     assert abs(float(plain_loading.readme_printed[1]) - probability) < 1e-3
-
-
-# ---- bad input ---------------------------------------------------------------------------------------------------
 
 
 def _one_line_error(argv: list[str], capsys, expected: str) -> None:

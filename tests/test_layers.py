@@ -1,11 +1,12 @@
 """The package's layers only point down and no modules of any package import each other in a cycle: the
 import-linter contracts of pyproject.toml ([tool.importlinter]), checked as `lint-imports` checks them."""
 
-from pathlib import Path
 
 from importlinter.cli import lint_imports
 
-PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+from tests.helpers import ROOT
+
+PYPROJECT = ROOT / "pyproject.toml"
 
 
 def test_every_import_contract_is_kept(capsys):

@@ -18,10 +18,11 @@ from lorafair import weights
 from lorafair.config import ModelConfig
 from lorafair.errors import UserError
 from lorafair.weights import create_backbone
+from tests.helpers import ROOT
 
 VIT_KWARGS = {"depth": 2, "embed_dim": 64, "num_heads": 2, "img_size": 32}
 MIXER_KWARGS = {"img_size": 32, "patch_size": 8, "num_blocks": 2, "embed_dim": 64}
-ASSETS = Path(__file__).resolve().parents[1] / "lorafair" / "assets"
+ASSETS = ROOT / "lorafair" / "assets"
 
 
 def tiny_vit(num_classes: int = 7, **overrides) -> torch.nn.Module:

@@ -19,7 +19,6 @@ tensors at load time (see docs/data.md).
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import multiprocessing
@@ -35,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import PIL
 import torch
+from filelock import FileLock, Timeout
 from PIL import ExifTags, Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision import transforms as T
@@ -242,17 +242,17 @@ def _open_valid(directory: Path, key: str, expected_fingerprint: str, count: int
 
 @contextmanager
 def _exclusive(lock_path: Path, description: str) -> Iterator[None]:
-    """Hold an exclusive lock on lock_path; says so when it has to wait for another process."""
-    with lock_path.open("a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"waiting for another process to finish the image cache of {description}", file=sys.stderr)
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    """Hold an exclusive lock on lock_path (filelock); says so when it has to wait for another process."""
+    lock = FileLock(lock_path, thread_local=False)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"waiting for another process to finish the image cache of {description}", file=sys.stderr)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def open_or_build(paths: Sequence[str], recipe: PixelRecipe, directory: Path, name: str, on_bad_image: str,

@@ -26,6 +26,7 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -229,76 +230,107 @@ def _gray(image: Tensor) -> Tensor:
     return image.mean(1, keepdim=True).expand(-1, 3, -1, -1)
 
 
+def _photo(labels: Tensor, classes: Sequence[str], size: int, generator: torch.Generator) -> Tensor:
+    """A textured shape on a noisy ground of another colour, lit from one side."""
+    n, rand = len(labels), partial(torch.rand, generator=generator)
+    distance = signed_distance(labels, classes, size, generator)
+    inside = _fill(distance)
+    base = _colours(n, generator, 0.1, 0.9)
+    background = (0.65 * base + 0.35 * _smooth_noise(n, 3, 4, size, generator)
+                  + 0.12 * (rand(n, 3, size, size) - 0.5))
+    x, y = _grid(size)
+    direction = 2 * math.pi * rand(n, 1, 1, 1)
+    frequency = 4 + 6 * rand(n, 1, 1, 1)
+    stripes = torch.sin(frequency * (x * torch.cos(direction) + y * torch.sin(direction)) + 6 * rand(n, 1, 1, 1))
+    light = 0.75 + 0.25 * (x * torch.cos(direction + 1) + y * torch.sin(direction + 1))
+    colour = 0.6 * (1 - base) + 0.4 * _colours(n, generator, 0.1, 0.9)  # apart from the ground
+    texture = colour * light * (0.8 + 0.2 * stripes) + 0.1 * (rand(n, 3, size, size) - 0.5)
+    return background * (1 - inside) + texture * inside
+
+
+def _sketch(labels: Tensor, classes: Sequence[str], size: int, generator: torch.Generator) -> Tensor:
+    """A pencil outline on paper."""
+    n, rand = len(labels), partial(torch.rand, generator=generator)
+    distance = signed_distance(labels, classes, size, generator)
+    line = _edge(distance, 1.0 + 0.6 * rand(n, 1, 1))
+    paper = 0.93 + 0.07 * rand(n, 1, 1, 1) + 0.04 * (rand(n, 1, size, size) - 0.5)
+    return (paper * (1 - 0.85 * line)).expand(-1, 3, -1, -1)
+
+
+def _clipart(labels: Tensor, classes: Sequence[str], size: int, generator: torch.Generator) -> Tensor:
+    """A saturated flat shape on a light ground, mostly outlined in black."""
+    n, rand = len(labels), partial(torch.rand, generator=generator)
+    distance = signed_distance(labels, classes, size, generator)
+    inside, outline = _fill(distance), _edge(distance, 1.0)
+    background = _colours(n, generator, 0.55, 1.0)
+    colour = _colours(n, generator)
+    colour = colour / colour.amax(1, keepdim=True).clamp(min=0.2)  # saturated
+    out = background * (1 - inside) + colour * inside
+    return out * (1 - outline * (rand(n, 1, 1, 1) < 0.7))
+
+
+def _painting(labels: Tensor, classes: Sequence[str], size: int, generator: torch.Generator) -> Tensor:
+    """Blurred soft colours, the shape against the ground."""
+    n = len(labels)
+    distance = signed_distance(labels, classes, size, generator)
+    inside = TF.gaussian_blur(_fill(distance), [5, 5], [0.7, 0.7])
+    base = _colours(n, generator, 0.2, 0.8)
+    background = 0.7 * base + 0.3 * _smooth_noise(n, 3, 8, size, generator)
+    colour = 0.8 * (1 - base) + 0.2 * _smooth_noise(n, 3, 6, size, generator)  # against the ground
+    return TF.gaussian_blur(background * (1 - inside) + colour * inside, [5, 5], [0.7, 0.7])
+
+
+def _quickdraw(labels: Tensor, classes: Sequence[str], size: int, generator: torch.Generator) -> Tensor:
+    """A wobbly outline, often with a gap, on white."""
+    n, rand = len(labels), partial(torch.rand, generator=generator)
+    x, y = _grid(size)
+    jitter = 0.12 * (_smooth_noise(n, 1, 5, size, generator)[:, 0] - 0.5)
+    distance = signed_distance(labels, classes, size, generator) + jitter
+    line = _edge(distance, 0.8)
+    start = 2 * math.pi * rand(n, 1, 1, 1)
+    gap = torch.where(rand(n, 1, 1, 1) < 0.6, 1.6 * rand(n, 1, 1, 1), torch.zeros(n, 1, 1, 1))
+    angle = (torch.atan2(y, x)[None, None] - start).remainder(2 * math.pi)
+    return (1 - line * (angle >= gap)).expand(-1, 3, -1, -1)
+
+
+def _infograph(labels: Tensor, classes: Sequence[str], size: int, generator: torch.Generator) -> Tensor:
+    """A shape among coloured blocks and lines of "text"."""
+    n, rand = len(labels), partial(torch.rand, generator=generator)
+    background = _colours(n, generator, 0.6, 1.0)
+    out = background.expand(-1, 3, size, size).clone()
+    x, y = _grid(size)
+    for _ in range(4):  # distractor blocks and lines of "text"
+        centre = 2 * rand(n, 2, 1, 1) - 1
+        half = torch.where(rand(n, 1, 1, 1) < 0.5, torch.cat([0.1 + 0.25 * rand(n, 1, 1, 1),
+                                                               0.02 + 0.03 * rand(n, 1, 1, 1)], 1),
+                           0.05 + 0.2 * rand(n, 2, 1, 1))
+        block = ((x - centre[:, :1]).abs() < half[:, :1]) & ((y - centre[:, 1:]).abs() < half[:, 1:])
+        out = torch.where(block, _colours(n, generator), out)
+    distance = signed_distance(labels, classes, size, generator, scale=(0.45, 0.62), max_shift=0.3)
+    inside = _fill(distance)
+    return out * (1 - inside) + _colours(n, generator, 0.0, 0.7) * inside
+
+
+def _plain(labels: Tensor, classes: Sequence[str], size: int, generator: torch.Generator) -> Tensor:
+    """The neutral style of the backbone's pretraining: one ink on one ground, apart from each other."""
+    n, rand = len(labels), partial(torch.rand, generator=generator)
+    distance = signed_distance(labels, classes, size, generator, scale=(0.45, 0.75))
+    inside = _fill(distance)
+    ink, ground = rand(n, 1, 1, 1), rand(n, 1, 1, 1)
+    ground = torch.where((ink - ground).abs() < 0.3, (ink + 0.5).remainder(1.0), ground)
+    return (ground * (1 - inside) + ink * inside + 0.05 * (rand(n, 1, size, size) - 0.5)).expand(-1, 3, -1, -1)
+
+
+_STYLES = {"photo": _photo, "sketch": _sketch, "clipart": _clipart, "painting": _painting, "quickdraw": _quickdraw,
+           "infograph": _infograph, "plain": _plain}
+"""A domain's style -> its drawing, each (labels, classes, size, generator) -> (N, 3, size, size), unclamped."""
+
+
 def render(labels: Tensor, classes: Sequence[str], style: str, size: int, generator: torch.Generator) -> Tensor:
     """Draw one shape of classes[label] per label in a domain's style: float (N, 3, size, size) in [0, 1]."""
-    n = len(labels)
-    rand = lambda *shape: torch.rand(*shape, generator=generator)  # noqa: E731
-    if style == "photo":
-        distance = signed_distance(labels, classes, size, generator)
-        inside = _fill(distance)
-        base = _colours(n, generator, 0.1, 0.9)
-        background = (0.65 * base + 0.35 * _smooth_noise(n, 3, 4, size, generator)
-                      + 0.12 * (rand(n, 3, size, size) - 0.5))
-        x, y = _grid(size)
-        direction = 2 * math.pi * rand(n, 1, 1, 1)
-        frequency = 4 + 6 * rand(n, 1, 1, 1)
-        stripes = torch.sin(frequency * (x * torch.cos(direction) + y * torch.sin(direction)) + 6 * rand(n, 1, 1, 1))
-        light = 0.75 + 0.25 * (x * torch.cos(direction + 1) + y * torch.sin(direction + 1))
-        colour = 0.6 * (1 - base) + 0.4 * _colours(n, generator, 0.1, 0.9)  # apart from the ground
-        texture = colour * light * (0.8 + 0.2 * stripes) + 0.1 * (rand(n, 3, size, size) - 0.5)
-        out = background * (1 - inside) + texture * inside
-    elif style == "sketch":
-        distance = signed_distance(labels, classes, size, generator)
-        line = _edge(distance, 1.0 + 0.6 * rand(n, 1, 1))
-        paper = 0.93 + 0.07 * rand(n, 1, 1, 1) + 0.04 * (rand(n, 1, size, size) - 0.5)
-        out = (paper * (1 - 0.85 * line)).expand(-1, 3, -1, -1)
-    elif style == "clipart":
-        distance = signed_distance(labels, classes, size, generator)
-        inside, outline = _fill(distance), _edge(distance, 1.0)
-        background = _colours(n, generator, 0.55, 1.0)
-        colour = _colours(n, generator)
-        colour = colour / colour.amax(1, keepdim=True).clamp(min=0.2)  # saturated
-        out = background * (1 - inside) + colour * inside
-        out = out * (1 - outline * (rand(n, 1, 1, 1) < 0.7))
-    elif style == "painting":
-        distance = signed_distance(labels, classes, size, generator)
-        inside = TF.gaussian_blur(_fill(distance), [5, 5], [0.7, 0.7])
-        base = _colours(n, generator, 0.2, 0.8)
-        background = 0.7 * base + 0.3 * _smooth_noise(n, 3, 8, size, generator)
-        colour = 0.8 * (1 - base) + 0.2 * _smooth_noise(n, 3, 6, size, generator)  # against the ground
-        out = TF.gaussian_blur(background * (1 - inside) + colour * inside, [5, 5], [0.7, 0.7])
-    elif style == "quickdraw":
-        x, y = _grid(size)
-        jitter = 0.12 * (_smooth_noise(n, 1, 5, size, generator)[:, 0] - 0.5)
-        distance = signed_distance(labels, classes, size, generator) + jitter
-        line = _edge(distance, 0.8)
-        start = 2 * math.pi * rand(n, 1, 1, 1)
-        gap = torch.where(rand(n, 1, 1, 1) < 0.6, 1.6 * rand(n, 1, 1, 1), torch.zeros(n, 1, 1, 1))
-        angle = (torch.atan2(y, x)[None, None] - start).remainder(2 * math.pi)
-        out = (1 - line * (angle >= gap)).expand(-1, 3, -1, -1)
-    elif style == "infograph":
-        background = _colours(n, generator, 0.6, 1.0)
-        out = background.expand(-1, 3, size, size).clone()
-        x, y = _grid(size)
-        for _ in range(4):  # distractor blocks and lines of "text"
-            centre = 2 * rand(n, 2, 1, 1) - 1
-            half = torch.where(rand(n, 1, 1, 1) < 0.5, torch.cat([0.1 + 0.25 * rand(n, 1, 1, 1),
-                                                                   0.02 + 0.03 * rand(n, 1, 1, 1)], 1),
-                               0.05 + 0.2 * rand(n, 2, 1, 1))
-            block = ((x - centre[:, :1]).abs() < half[:, :1]) & ((y - centre[:, 1:]).abs() < half[:, 1:])
-            out = torch.where(block, _colours(n, generator), out)
-        distance = signed_distance(labels, classes, size, generator, scale=(0.45, 0.62), max_shift=0.3)
-        inside = _fill(distance)
-        out = out * (1 - inside) + _colours(n, generator, 0.0, 0.7) * inside
-    elif style == "plain":  # the neutral style of the backbone's pretraining
-        distance = signed_distance(labels, classes, size, generator, scale=(0.45, 0.75))
-        inside = _fill(distance)
-        ink, ground = rand(n, 1, 1, 1), rand(n, 1, 1, 1)
-        ground = torch.where((ink - ground).abs() < 0.3, (ink + 0.5).remainder(1.0), ground)
-        out = (ground * (1 - inside) + ink * inside + 0.05 * (rand(n, 1, size, size) - 0.5)).expand(-1, 3, -1, -1)
-    else:
+    if style not in _STYLES:
         raise ValueError(f"unknown shapes style {style!r}; expected one of {', '.join(DOMAINS)} or plain")
-    return out.clamp(0, 1).contiguous()
+    return _STYLES[style](labels, classes, size, generator).clamp(0, 1).contiguous()
 
 
 def balanced_labels(num_classes: int, per_class: int, generator: torch.Generator) -> Tensor:

@@ -244,7 +244,7 @@ def read_splits(cfg: FitConfig) -> tuple[Rows, Rows | None, list[str]]:
                        for part in (0, 1))
         return (instruction_rows(train, text_cfg, ["arithmetic"] * len(train)),
                 instruction_rows(test, text_cfg, ["arithmetic"] * len(test)), ["all"])
-    if cfg.data.name == "text_classification":
+    if cfg.is_text_classifier:
         train, classes = read_classification(text_cfg.train_files, text_cfg, text_cfg.classes, cache)
         test = read_classification(text_cfg.test_files, text_cfg, classes, cache)[0] if text_cfg.test_files else None
         return train, test, classes
@@ -371,7 +371,7 @@ def build_text_data(cfg: FitConfig, tokenizer) -> FederatedData:
     train_rows, test_rows, classes = read_splits(cfg)
     if test_rows is None:
         train_rows, test_rows = _split_off_test(train_rows, cfg.data.test_fraction, cfg.seed)
-    task = "classification" if cfg.data.name == "text_classification" else "instruction"
+    task = "classification" if cfg.is_text_classifier else "instruction"
     members = _positions_by_domain(train_rows.domains)
     names = list(members)
     train = TextDataset(train_rows.select([i for name in names for i in members[name]]), tokenizer, task, True,

@@ -87,7 +87,7 @@ class TextLoraModel(PeftLoraState, lightning.LightningModule):
     def __init__(self, cfg: FitConfig, num_classes: int) -> None:
         super().__init__()
         self.client_cfg, self.text_cfg = cfg.client, cfg.text
-        self.classifier = cfg.data.name == "text_classification"
+        self.classifier = cfg.is_text_classifier
         self.tokenizer = load_tokenizer(cfg.model)
         self.backbone = load_transformer(cfg.model, self.classifier, num_classes, self.tokenizer)
         prefix = self.backbone.base_model_prefix

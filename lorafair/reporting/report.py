@@ -295,9 +295,8 @@ def significance_lines(rows: list[Row], setting_keys: list[str], baseline: str) 
         return ["", f"## Differences against {name}", "",
                 f"No run of the baseline {name} here: pass --baseline with a method of this report."]
     lines = ["", f"## Differences against {name} (paired, 95% interval)", "",
-             "| " + " | ".join(["Method", *setting_keys, f"Average − {name} (points)", "95% interval",
-                                "Significant"]) + " |",
-             "| " + " | ".join([":--"] * (1 + len(setting_keys)) + ["--:", "--:", ":-:"]) + " |"]
+             *_table_head(setting_keys, [f"Average − {name} (points)", "95% interval", "Significant"],
+                          aligns=["--:", "--:", ":-:"])]
     verdicts: dict[str, list[str]] = {"above": [], "below": [], "level": []}
     kinds = set()
     for row in rows:
@@ -309,27 +308,38 @@ def significance_lines(rows: list[Row], setting_keys: list[str], baseline: str) 
             kinds.add(interval.how)
             verdict = "level" if not interval.excludes_zero else "above" if interval.difference > 0 else "below"
             verdicts[verdict].append(row.label)
-        lines.append("| " + " | ".join([method_name(row.method), *(format_value(v) for _, v in row.setting),
-                                        *_interval_cells(interval)]) + " |")
-    how = {"t": "Student t on the per-seed paired differences of the average",
-           "bootstrap": f"percentile bootstrap over the test items of the one seed ({BOOTSTRAP_SAMPLES} resamples, "
-                        "items drawn within each domain, the same for both)"}
-    lines += ["", ("Interval: " + "; ".join(how[kind] for kind in sorted(kinds)) + ".") if kinds else
-              "No interval: the runs share no seed, or hold no per-item scores.",
+        lines.append(_table_row([method_name(row.method), *_setting_cells(row), *_interval_cells(interval)]))
+    lines += ["", _interval_note(kinds),
               "", f"Significantly above {name}: {', '.join(verdicts['above']) or 'none'}. Significantly below: "
               f"{', '.join(verdicts['below']) or 'none'}. Not separated from it (the interval holds 0): "
               f"{', '.join(verdicts['level']) or 'none'}."]
+    return lines + _best_against_weakest(rows)
+
+
+def _interval_note(kinds: set[str]) -> str:
+    """How the intervals of the differences table were computed (`kinds`: Interval.how values)."""
+    how = {"t": "Student t on the per-seed paired differences of the average",
+           "bootstrap": f"percentile bootstrap over the test items of the one seed ({BOOTSTRAP_SAMPLES} resamples, "
+                        "items drawn within each domain, the same for both)"}
+    if not kinds:
+        return "No interval: the runs share no seed, or hold no per-item scores."
+    return "Interval: " + "; ".join(how[kind] for kind in sorted(kinds)) + "."
+
+
+def _best_against_weakest(rows: list[Row]) -> list[str]:
+    """Markdown: the best method against the weakest with its interval, for a report without settings."""
     methods = [row for row in rows if not row.is_bound]
-    if len(methods) > 1 and all(not row.setting for row in methods):
-        ranked = sorted(methods, key=lambda row: statistics.fmean(r.final["mean_accuracy"] for r in row.runs))
-        weakest, best = ranked[0], ranked[-1]
-        interval = difference(best, weakest)
-        if interval is not None:
-            verdict = "significant" if interval.excludes_zero else "not significant: the interval holds 0"
-            lines += ["", f"Best method ({best.label}) against the weakest ({weakest.label}): "
-                      f"{interval.difference:+.2f} points, 95% interval [{interval.low:+.2f}, {interval.high:+.2f}], "
-                      f"{verdict}."]
-    return lines
+    if len(methods) < 2 or any(row.setting for row in methods):
+        return []
+    ranked = sorted(methods, key=lambda row: statistics.fmean(r.final["mean_accuracy"] for r in row.runs))
+    weakest, best = ranked[0], ranked[-1]
+    interval = difference(best, weakest)
+    if interval is None:
+        return []
+    verdict = "significant" if interval.excludes_zero else "not significant: the interval holds 0"
+    return ["", f"Best method ({best.label}) against the weakest ({weakest.label}): "
+            f"{interval.difference:+.2f} points, 95% interval [{interval.low:+.2f}, {interval.high:+.2f}], "
+            f"{verdict}."]
 
 
 def bytes_stats(row: Row, direction: str) -> Stat:
@@ -384,75 +394,125 @@ def markdown_table(rows: list[Row], incomplete: list[str], baseline: str = BASEL
     the gain, the gain per domain, the differences against `baseline` with their intervals, then the communication
     per round."""
     domains = _domains(run for row in rows for run in row.runs)
-    columns = [*domains, "Average"]
     setting_keys = [key for key, _ in rows[0].setting]
+    lines = [*_score_section(rows, domains, setting_keys), *_gain_section(rows, domains, setting_keys),
+             *_personalised_section(rows, domains, setting_keys), *significance_lines(rows, setting_keys, baseline),
+             *_eval_loss_section(rows, domains, setting_keys)]
+    if incomplete:
+        lines += ["", "Not included (not finished): " + "; ".join(incomplete) + "."]
+    lines += [*_communication_section(rows, setting_keys), *_aggregation_metrics_section(rows, setting_keys)]
+    return "\n".join(lines) + "\n"
+
+
+def _score_section(rows: list[Row], domains: list[str], setting_keys: list[str]) -> list[str]:
+    """Markdown: the task's score per method and domain, with the starting model's Average and the gain where the
+    runs scored round 0, and what the table shows."""
+    columns = [*domains, "Average"]
     started = any(run.start is not None for row in rows for run in row.runs)  # runs older than round 0 have none
     stats = [{**accuracy_stats(row, domains), "Start": start_stats(row, domains)["Average"],
               "Gain": gain_stats(row, domains)["Average"]} for row in rows]
     shown = [*columns, "Start", "Gain"] if started else columns
-
     metric = score_name(rows)
-    lines = [f"## {metric[0].upper()}{metric[1:]} (%)", "", *_stats_table(rows, setting_keys, shown, stats, best=max)]
+    title = f"{metric[0].upper()}{metric[1:]}"
+    return [f"## {title} (%)", "", *_stats_table(rows, setting_keys, shown, stats, best=max),
+            "", _score_note(rows, title, started)]
+
+
+def _score_note(rows: list[Row], title: str, started: bool) -> str:
+    """What the score table shows: the score, Start and Gain, the seeds, the bold cells and the bounds."""
     bounds = [row.label for row in rows if row.is_bound]
-    lines += ["", f"{metric[0].upper()}{metric[1:]} of the global model on each domain's test split after the last "
-              "round; Average is the "
-              "mean over domains" + ("; Start is the starting model's Average (round 0: the pretrained backbone with "
-                                     "a fresh LoRA and head, scored the same way) and Gain is Average - Start, in "
-                                     "points" if started else "") + ". "
-              + " ".join(_seed_note(rows)) + " Best per column in bold" + (", bounds left out." if bounds else ".")
-              + (f" Bounds, not methods: {', '.join(bounds)} (centralized: one client holding every client's data, "
-                 "the same steps per round; local: each client alone, never aggregated, scored on its own domain)."
-                 if bounds else "")]
+    return (f"{title} of the global model on each domain's test split after the last round; Average is the "
+            "mean over domains" + ("; Start is the starting model's Average (round 0: the pretrained backbone with "
+                                   "a fresh LoRA and head, scored the same way) and Gain is Average - Start, in "
+                                   "points" if started else "") + ". "
+            + " ".join(_seed_note(rows)) + " Best per column in bold" + (", bounds left out." if bounds else ".")
+            + (f" Bounds, not methods: {', '.join(bounds)} (centralized: one client holding every client's data, "
+               "the same steps per round; local: each client alone, never aggregated, scored on its own domain)."
+               if bounds else ""))
+
+
+def _gain_section(rows: list[Row], domains: list[str], setting_keys: list[str]) -> list[str]:
+    """Markdown: the gain over the starting model per method and domain, below the starting model's scores;
+    nothing when no run scored round 0."""
+    columns = [*domains, "Average"]
     gains = [gain_stats(row, domains) for row in rows]
-    if any(gain["Average"] is not None for gain in gains):
-        starts = start_stats(rows[0], domains)
-        lines += ["", "## Gain over the starting model (points)", "",
-                  "| " + " | ".join(["Method", *setting_keys, *columns]) + " |",
-                  "| " + " | ".join([":--"] * (1 + len(setting_keys)) + ["--:"] * len(columns)) + " |",
-                  "| " + " | ".join(["Start (round 0, %)", *([""] * len(setting_keys)),
-                                     *(_cell(starts[column], False) for column in columns)]) + " |"]
-        for row, gain in zip(rows, gains, strict=True):
-            lines.append("| " + " | ".join([row.label if row.is_bound else method_name(row.method),
-                                             *(format_value(v) for _, v in row.setting),
-                                             *(_cell(gain[column], False, signed=True) for column in columns)]) + " |")
+    if all(gain["Average"] is None for gain in gains):
+        return []
+    starts = start_stats(rows[0], domains)
+    lines = ["", "## Gain over the starting model (points)", "", *_table_head(setting_keys, columns),
+             _table_row(["Start (round 0, %)", *([""] * len(setting_keys)),
+                         *(_cell(starts[column], False) for column in columns)])]
+    for row, gain in zip(rows, gains, strict=True):
+        lines.append(_table_row([row.label if row.is_bound else method_name(row.method), *_setting_cells(row),
+                                 *(_cell(gain[column], False, signed=True) for column in columns)]))
+    return lines
+
+
+def _personalised_section(rows: list[Row], domains: list[str], setting_keys: list[str]) -> list[str]:
+    """Markdown: each client's own model on its own domain, for the rows that scored it; else nothing."""
     own = personalised_rows(rows)
-    if own:
-        lines += ["", "## Personalised top-1 accuracy (%)", "",
-                  *_stats_table(own, setting_keys, columns, [personalised_stats(row, domains) for row in own], max),
-                  "", "Each client's own model (the global model's shared factors with the factors the client keeps "
-                  "of its own) on its own domain's test split after the last round, for the methods whose clients "
-                  "keep factors of their own; a domain's score is the mean over its clients. The local bound, each "
-                  "client alone, for reference. Best per column in bold, bounds left out."]
-    lines += significance_lines(rows, setting_keys, baseline)
-    if has_eval_loss(rows):
-        lines += ["", "## Eval loss", "",
-                  *_stats_table(rows, setting_keys, columns, [eval_loss_stats(row, domains) for row in rows], min),
-                  "", "Mean cross-entropy of the global model over each domain's test split after the last round "
-                  "(instruction data: the response tokens). Best (lowest) per column in bold."]
-    if incomplete:
-        lines += ["", "Not included (not finished): " + "; ".join(incomplete) + "."]
+    if not own:
+        return []
+    columns = [*domains, "Average"]
+    return ["", "## Personalised top-1 accuracy (%)", "",
+            *_stats_table(own, setting_keys, columns, [personalised_stats(row, domains) for row in own], max),
+            "", "Each client's own model (the global model's shared factors with the factors the client keeps "
+            "of its own) on its own domain's test split after the last round, for the methods whose clients "
+            "keep factors of their own; a domain's score is the mean over its clients. The local bound, each "
+            "client alone, for reference. Best per column in bold, bounds left out."]
 
-    lines += ["", "## Communication per client per round", "",
-              "| " + " | ".join(["Method", *setting_keys, "Upload", "Download"]) + " |",
-              "| " + " | ".join([":--"] * (1 + len(setting_keys)) + ["--:", "--:"]) + " |"]
+
+def _eval_loss_section(rows: list[Row], domains: list[str], setting_keys: list[str]) -> list[str]:
+    """Markdown: the eval loss per method and domain, for language models' runs; else nothing."""
+    if not has_eval_loss(rows):
+        return []
+    columns = [*domains, "Average"]
+    return ["", "## Eval loss", "",
+            *_stats_table(rows, setting_keys, columns, [eval_loss_stats(row, domains) for row in rows], min),
+            "", "Mean cross-entropy of the global model over each domain's test split after the last round "
+            "(instruction data: the response tokens). Best (lowest) per column in bold."]
+
+
+def _communication_section(rows: list[Row], setting_keys: list[str]) -> list[str]:
+    """Markdown: bytes up and down per client per round, per method."""
+    lines = ["", "## Communication per client per round", "", *_table_head(setting_keys, ["Upload", "Download"])]
     for row in rows:
-        cells = [method_name(row.method), *(format_value(value) for _, value in row.setting),
-                 _human_bytes(bytes_stats(row, "bytes_up").mean), _human_bytes(bytes_stats(row, "bytes_down").mean)]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(_table_row([method_name(row.method), *_setting_cells(row),
+                                 _human_bytes(bytes_stats(row, "bytes_up").mean),
+                                 _human_bytes(bytes_stats(row, "bytes_down").mean)]))
+    return lines
 
+
+def _aggregation_metrics_section(rows: list[Row], setting_keys: list[str]) -> list[str]:
+    """Markdown: the server's aggregation metrics per method, where any method logged one; else nothing."""
     metrics = [aggregation_stats(row) for row in rows]
     names = sorted({name for found in metrics for name in found})
-    if names:
-        lines += ["", "## Server aggregation metrics", "",
-                  "Logged by the aggregation method every round, mean over rounds and seeds; - where a method does "
-                  "not log it.", "",
-                  "| " + " | ".join(["Method", *setting_keys, *names]) + " |",
-                  "| " + " | ".join([":--"] * (1 + len(setting_keys)) + ["--:"] * len(names)) + " |"]
-        for row, found in zip(rows, metrics, strict=True):
-            cells = [method_name(row.method), *(format_value(value) for _, value in row.setting),
-                     *(f"{found[name]:.6f}" if name in found else "-" for name in names)]
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    if not names:
+        return []
+    lines = ["", "## Server aggregation metrics", "",
+             "Logged by the aggregation method every round, mean over rounds and seeds; - where a method does "
+             "not log it.", "", *_table_head(setting_keys, names)]
+    for row, found in zip(rows, metrics, strict=True):
+        lines.append(_table_row([method_name(row.method), *_setting_cells(row),
+                                 *(f"{found[name]:.6f}" if name in found else "-" for name in names)]))
+    return lines
+
+
+def _table_row(cells: list[str]) -> str:
+    """One line of a markdown table."""
+    return "| " + " | ".join(cells) + " |"
+
+
+def _table_head(setting_keys: list[str], columns: list[str], aligns: list[str] | None = None) -> list[str]:
+    """A markdown table's header and alignment lines: Method and the setting keys left-aligned, then `columns`
+    right-aligned (or aligned as `aligns` says)."""
+    return [_table_row(["Method", *setting_keys, *columns]),
+            _table_row([":--"] * (1 + len(setting_keys)) + (aligns or ["--:"] * len(columns)))]
+
+
+def _setting_cells(row: Row) -> list[str]:
+    """The row's setting values (a grid's swept options) as table cells."""
+    return [format_value(value) for _, value in row.setting]
 
 
 def _stats_table(rows: list[Row], setting_keys: list[str], columns: list[str],
@@ -462,16 +522,15 @@ def _stats_table(rows: list[Row], setting_keys: list[str], columns: list[str],
     best_of = {column: best((round(s[column].mean, 2) for row, s in zip(rows, stats, strict=True)
                              if s[column] is not None and not row.is_bound), default=None)
                for column in columns}
-    lines = ["| " + " | ".join(["Method", *setting_keys, *columns]) + " |",
-             "| " + " | ".join([":--"] * (1 + len(setting_keys)) + ["--:"] * len(columns)) + " |"]
+    lines = _table_head(setting_keys, columns)
     for row, row_stats in zip(rows, stats, strict=True):
-        cells = [method_name(row.method), *(format_value(value) for _, value in row.setting)]
+        cells = [method_name(row.method), *_setting_cells(row)]
         for column in columns:
             stat = row_stats[column]
             is_best = (len(rows) > 1 and stat is not None and not row.is_bound and column != "Start"
                        and round(stat.mean, 2) == best_of[column])
             cells.append(_cell(stat, is_best))
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(_table_row(cells))
     return lines
 
 
