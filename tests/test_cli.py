@@ -76,8 +76,9 @@ def test_model_command_arguments():
     assert kwargs == {"images": [Path("a.png"), Path("photos")], "run": Path("runs/demo"), "round": None, "top_k": 3,
                       "output": None, "batch_size": 64}
     assert parse(["export", "--run", "r", "--overwrite", "--round", "2"])[1] == {
-        "run": Path("r"), "round": 2, "out": None, "overwrite": True}
+        "run": Path("r"), "round": 2, "out": None, "overwrite": True, "client": None}
     assert parse(["export", "--run", "r", "--overwrite", "false"])[1]["overwrite"] is False
+    assert parse(["export", "--run", "r", "--client", "3"])[1]["client"] == 3
     _, kwargs = parse(["evaluate", "--run", "r", "--data.eval_batch_size=7", "--data.domains", "[rotated]"])
     assert kwargs["data"] == {"domains": ["rotated"], "eval_batch_size": 7}
     assert parse(["evaluate", "--run", "r"])[1]["data"] == {}

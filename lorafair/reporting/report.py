@@ -539,10 +539,22 @@ def csv_table(rows: list[Row], baseline: str = BASELINE) -> str:
     method scored each client's own model, the personalised columns follow the gain's, filled for the rows of the
     Personalised table and empty for the others."""
     domains = _domains(run for row in rows for run in row.runs)
-    setting_keys = [key for key, _ in rows[0].setting]
-    header = ["method", "name", *setting_keys, "seeds"]
     losses = has_eval_loss(rows)
     own = personalised_rows(rows)
+    metrics = [aggregation_stats(row) for row in rows]
+    names = sorted({name for found in metrics for name in found})
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(_csv_header(rows, domains, baseline, losses, bool(own), names))
+    for row, found in zip(rows, metrics, strict=True):
+        line = _csv_cells_of_row(rows, row, domains, baseline, losses, own)
+        writer.writerow(line + [f"{found[name]:.6f}" if name in found else "" for name in names])
+    return buffer.getvalue()
+
+
+def _csv_header(rows: list[Row], domains: list[str], baseline: str, losses: bool, own: bool,
+                names: list[str]) -> list[str]:
+    header = ["method", "name", *(key for key, _ in rows[0].setting), "seeds"]
     for column in [*domains, "average"]:
         header += [f"{column}_mean", f"{column}_std"]
     for part in ("start", "gain", *(["personalised"] if own else [])):
@@ -550,33 +562,27 @@ def csv_table(rows: list[Row], baseline: str = BASELINE) -> str:
     header += [f"vs_{baseline}_difference", f"vs_{baseline}_low", f"vs_{baseline}_high", f"vs_{baseline}_interval"]
     if losses:
         header += [f"{column}_eval_loss_{part}" for column in [*domains, "average"] for part in ("mean", "std")]
-    header += ["bytes_up", "bytes_down"]
-    metrics = [aggregation_stats(row) for row in rows]
-    names = sorted({name for found in metrics for name in found})
-    header += names
+    return [*header, "bytes_up", "bytes_down", *names]
 
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    for row, found in zip(rows, metrics, strict=True):
-        line = [row.method, method_name(row.method),
-                *(format_value(value) for _, value in row.setting), " ".join(map(str, row.seeds))]
-        line += _csv_cells(accuracy_stats(row, domains), [*domains, "Average"], 2)
-        line += _csv_cells(start_stats(row, domains), [*domains, "Average"], 2)
-        line += _csv_cells(gain_stats(row, domains), [*domains, "Average"], 2)
-        if own:
-            line += _csv_cells(personalised_stats(row, domains) if row in own else dict.fromkeys([*domains, "Average"]),
-                               [*domains, "Average"], 2)
-        base = baseline_row(rows, row, baseline)
-        interval = difference(row, base) if base is not None and base is not row else None
-        line += (["", "", "", ""] if interval is None else
-                 [f"{interval.difference:.2f}", f"{interval.low:.2f}", f"{interval.high:.2f}", interval.how])
-        if losses:
-            line += _csv_cells(eval_loss_stats(row, domains), [*domains, "Average"], 4)
-        line += [f"{bytes_stats(row, 'bytes_up').mean:.0f}", f"{bytes_stats(row, 'bytes_down').mean:.0f}"]
-        line += [f"{found[name]:.6f}" if name in found else "" for name in names]
-        writer.writerow(line)
-    return buffer.getvalue()
+
+def _csv_cells_of_row(rows: list[Row], row: Row, domains: list[str], baseline: str, losses: bool,
+                      own: list[Row]) -> list[str]:
+    """A row's cells up to its aggregation metrics, in the order of `_csv_header`."""
+    columns = [*domains, "Average"]
+    line = [row.method, method_name(row.method),
+            *(format_value(value) for _, value in row.setting), " ".join(map(str, row.seeds))]
+    line += _csv_cells(accuracy_stats(row, domains), columns, 2)
+    line += _csv_cells(start_stats(row, domains), columns, 2)
+    line += _csv_cells(gain_stats(row, domains), columns, 2)
+    if own:
+        line += _csv_cells(personalised_stats(row, domains) if row in own else dict.fromkeys(columns), columns, 2)
+    base = baseline_row(rows, row, baseline)
+    interval = difference(row, base) if base is not None and base is not row else None
+    line += (["", "", "", ""] if interval is None else
+             [f"{interval.difference:.2f}", f"{interval.low:.2f}", f"{interval.high:.2f}", interval.how])
+    if losses:
+        line += _csv_cells(eval_loss_stats(row, domains), columns, 4)
+    return [*line, f"{bytes_stats(row, 'bytes_up').mean:.0f}", f"{bytes_stats(row, 'bytes_down').mean:.0f}"]
 
 
 def _csv_cells(stats: dict[str, Stat | None], columns: list[str], digits: int) -> list[str]:

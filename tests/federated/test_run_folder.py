@@ -240,9 +240,9 @@ def test_fit_holds_its_folder_locked_from_its_start_to_its_export(tmp_path, monk
         busy.append(("round", _busy(tmp_path)))
         return run_round(trainer, round_index)
 
-    def checking_export(run, out):
+    def checking_export(run, out, client):
         busy.append(("export", _busy(tmp_path)))
-        return export_folder(run, out)
+        return export_folder(run, out, client)
 
     monkeypatch.setattr(FederatedTrainer, "run_round", checking_round)
     monkeypatch.setattr(export, "_write_export_folder", checking_export)
