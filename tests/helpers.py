@@ -23,6 +23,8 @@ from PIL import Image
 from lorafair.aggregation import ClientUpdate, build_aggregator, registered_methods
 from lorafair.cli import parse
 from lorafair.config import FitConfig, ModelConfig
+from lorafair.federated.launch import launch_fabric
+from lorafair.federated.loop import FederatedTrainer
 
 # ---- paths and the tiny job ----------------------------------------------------------------------------------------
 
@@ -395,3 +397,41 @@ def glue_file(path: Path, rows: int) -> Path:
                                          for i in range(rows)]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+class Spy:
+    """Per (round, client): the model's LoRA parameters at the client's first step (`start`) and its update
+    (`end`); per round: the server's answer (`answers`), the global state after it (`states`) and the model's frozen
+    weights after it (`bases`, round 0 before any); per client: its weight."""
+
+    def __init__(self, trainer: FederatedTrainer) -> None:
+        self.start, self.end, self.answers, self.states, self.weights = {}, {}, {}, {}, {}
+        self.bases = {0: trainer.model.base_state()}
+        train, step, apply = trainer.client.train, trainer.model.training_step, trainer.apply
+        current = {}
+
+        def training(client, start, round_index, *args, **kwargs):
+            current["key"] = (round_index, client.id)
+            result = train(client, start, round_index, *args, **kwargs)
+            self.end[round_index, client.id] = {n: (a.clone(), b.clone()) for n, (a, b) in result.update.lora.items()}
+            self.weights[client.id] = result.update.weight
+            return result
+
+        def stepping(batch, batch_idx):
+            if batch_idx == 0:
+                self.start[current["key"]] = trainer.model.get_lora()
+            return step(batch, batch_idx)
+
+        def applying(round_index, answer):
+            apply(round_index, answer)
+            self.answers[round_index] = {n: (a.clone(), b.clone()) for n, (a, b) in answer.lora.items()}
+            self.states[round_index] = trainer.global_state
+            self.bases[round_index] = trainer.model.base_state()
+
+        trainer.client.train, trainer.model.training_step, trainer.apply = training, stepping, applying
+
+
+def spied_run(cfg) -> tuple[FederatedTrainer, Spy, dict]:
+    trainer = FederatedTrainer(cfg, launch_fabric(cfg))
+    spy = Spy(trainer)
+    return trainer, spy, trainer.run()

@@ -11,9 +11,7 @@ import torch
 
 from lorafair.aggregation import ClientUpdate, build_aggregator
 from lorafair.config import ConfigError
-from lorafair.federated.launch import launch_fabric
-from lorafair.federated.loop import FederatedTrainer
-from tests.helpers import parse_fit_args, tiny_args, tiny_config
+from tests.helpers import parse_fit_args, spied_run, tiny_args, tiny_config
 
 SHAPES = {"blocks.0.attn.proj": (12, 10), "blocks.0.mlp.fc2": (12, 17), "blocks.1.attn.proj": (12, 10)}
 """name -> (out, in); two layers of one shape run as one batch."""
@@ -144,53 +142,31 @@ def test_in_a_run_the_next_round_starts_from_the_servers_refactored_pair(tmp_pat
     """Round 1 trains B from the run's start (B = 0) with A frozen; the server's answer is the SVD of the clients'
     mean B times that A; every client of round 2 starts from that answer, bit for bit, and leaves its A as it is."""
     cfg = tiny_config(tmp_path, "--server.method", "fedsvd")
-    trainer = FederatedTrainer(cfg, launch_fabric(cfg))
-    starts, ends, answers, weights = {}, {}, {}, {}
-    train, step, apply = trainer.client.train, trainer.model.training_step, trainer.apply
-    current = {}
-
-    def training(client, start, round_index, *args, **kwargs):
-        current["key"] = (round_index, client.id)
-        result = train(client, start, round_index, *args, **kwargs)
-        ends[round_index, client.id] = {n: (a.clone(), b.clone()) for n, (a, b) in result.update.lora.items()}
-        weights[client.id] = result.update.weight
-        return result
-
-    def stepping(batch, batch_idx):
-        if batch_idx == 0:
-            starts[current["key"]] = trainer.model.get_lora()
-        return step(batch, batch_idx)
-
-    def applying(round_index, answer):
-        apply(round_index, answer)
-        answers[round_index] = {n: (a.clone(), b.clone()) for n, (a, b) in answer.lora.items()}
-
-    trainer.client.train, trainer.model.training_step, trainer.apply = training, stepping, applying
-    results = trainer.run()
+    trainer, spy, results = spied_run(cfg)
 
     first, second = (record["clients"] for record in results["rounds"])
     initial = trainer.initial_state.lora
     for client in first:
-        for name, (A, B) in starts[1, client].items():
+        for name, (A, B) in spy.start[1, client].items():
             assert torch.equal(A, initial[name][0]) and not B.any()
-        for name, (A, B) in ends[1, client].items():
+        for name, (A, B) in spy.end[1, client].items():
             assert torch.equal(A, initial[name][0]) and B.any()  # A frozen, B trained
-    total = sum(weights[client] for client in first)
-    for name, (A, B) in answers[1].items():
-        mean = sum(weights[c] / total * ends[1, c][name][1].double() for c in first)
+    total = sum(spy.weights[client] for client in first)
+    for name, (A, B) in spy.answers[1].items():
+        mean = sum(spy.weights[c] / total * spy.end[1, c][name][1].double() for c in first)
         product = mean @ initial[name][0].double()  # dense, by hand
         torch.testing.assert_close(B.double() @ A.double(), product, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(A.double() @ A.double().T, torch.eye(A.shape[0], dtype=torch.float64),
                                    rtol=0, atol=1e-5)
         assert not torch.equal(A, initial[name][0])
     for client in second:
-        for name, (A, B) in starts[2, client].items():
-            assert torch.equal(A, answers[1][name][0]) and torch.equal(B, answers[1][name][1]), (client, name)
-        for name, (A, _) in ends[2, client].items():
-            assert torch.equal(A, answers[1][name][0])
+        for name, (A, B) in spy.start[2, client].items():
+            assert torch.equal(A, spy.answers[1][name][0]) and torch.equal(B, spy.answers[1][name][1]), (client, name)
+        for name, (A, _) in spy.end[2, client].items():
+            assert torch.equal(A, spy.answers[1][name][0])
     head = (10 * 32 + 10) * 4
-    B_bytes = sum(B.numel() * 4 for _, B in answers[1].values())
-    A_bytes = sum(A.numel() * 4 for A, _ in answers[1].values())
+    B_bytes = sum(B.numel() * 4 for _, B in spy.answers[1].values())
+    A_bytes = sum(A.numel() * 4 for A, _ in spy.answers[1].values())
     assert results["rounds"][0]["bytes_up"] == B_bytes + head
     assert results["rounds"][0]["bytes_down"] == A_bytes + B_bytes + head
     assert "personalised" not in results

@@ -16,7 +16,7 @@ from lorafair.federated.launch import launch_fabric
 from lorafair.federated.loop import FederatedTrainer
 from lorafair.fit import fit
 from lorafair.flower.strategy import flower_refusal
-from tests.helpers import parse_fit_args, tiny_args, tiny_config
+from tests.helpers import Spy, parse_fit_args, tiny_args, tiny_config
 
 SHAPES = {"blocks.0.attn.proj": (12, 10), "blocks.0.mlp.fc2": (12, 17), "blocks.1.attn.proj": (12, 10)}
 RANK = 3
@@ -76,45 +76,25 @@ def test_in_a_run_the_frozen_weight_plus_the_start_is_the_merged_model_of_each_r
     trainer = FederatedTrainer(cfg, launch_fabric(cfg))
     scaling = trainer.model.scaling
     start = trainer.initial_state.lora
-    frozen = {0: trainer.model.base_state()}
+    spy = Spy(trainer)
+    frozen = spy.bases
     for name, (A0, B0) in start.items():
         pretrained = frozen[0][name].double() + scaling * B0.double() @ A0.double()
         U, S, Vh = torch.linalg.svd(pretrained, full_matrices=False)
         top = U[:, :cfg.lora.r] @ torch.diag(S[:cfg.lora.r]) @ Vh[:cfg.lora.r]
         torch.testing.assert_close(scaling * B0.double() @ A0.double(), top, rtol=1e-5, atol=1e-6)
 
-    starts, ends, weights = {}, {}, {}
-    train, step, apply = trainer.client.train, trainer.model.training_step, trainer.apply
-    current = {}
-
-    def training(client, state, round_index, *args, **kwargs):
-        current["key"] = (round_index, client.id)
-        result = train(client, state, round_index, *args, **kwargs)
-        ends[round_index, client.id] = {n: (a.clone(), b.clone()) for n, (a, b) in result.update.lora.items()}
-        weights[client.id] = result.update.weight
-        return result
-
-    def stepping(batch, batch_idx):
-        if batch_idx == 0:
-            starts[current["key"]] = trainer.model.get_lora()
-        return step(batch, batch_idx)
-
-    def applying(round_index, answer):
-        apply(round_index, answer)
-        frozen[round_index] = trainer.model.base_state()
-
-    trainer.client.train, trainer.model.training_step, trainer.apply = training, stepping, applying
     results = trainer.run()
 
     for round_index, record in enumerate(results["rounds"], start=1):
         clients = record["clients"]
         for client in clients:
-            for name, (A, B) in starts[round_index, client].items():
+            for name, (A, B) in spy.start[round_index, client].items():
                 assert torch.equal(A, start[name][0]) and torch.equal(B, start[name][1]), (round_index, client)
-        total = sum(weights[c] for c in clients)
+        total = sum(spy.weights[c] for c in clients)
         for name, (A0, B0) in start.items():
-            A_bar = sum(weights[c] / total * ends[round_index, c][name][0].double() for c in clients)
-            B_bar = sum(weights[c] / total * ends[round_index, c][name][1].double() for c in clients)
+            A_bar = sum(spy.weights[c] / total * spy.end[round_index, c][name][0].double() for c in clients)
+            B_bar = sum(spy.weights[c] / total * spy.end[round_index, c][name][1].double() for c in clients)
             merged = frozen[round_index - 1][name].double() + scaling * B_bar @ A_bar
             now = frozen[round_index][name].double() + scaling * B0.double() @ A0.double()
             torch.testing.assert_close(now, merged, rtol=1e-5, atol=1e-6)

@@ -16,11 +16,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from lorafair.aggregation import ClientRule, ClientUpdate, build_aggregator
 from lorafair.config import ConfigError
 from lorafair.federated.checkpoints import load_checkpoint
-from lorafair.federated.launch import launch_fabric
-from lorafair.federated.loop import FederatedTrainer
 from lorafair.fit import fit
 from lorafair.keys import unpack_clients
-from tests.helpers import items_right_by_hand, parse_fit_args, tiny_args, tiny_config
+from tests.helpers import items_right_by_hand, parse_fit_args, spied_run, tiny_args, tiny_config
 
 SHAPES = {"blocks.0.attn.proj": (6, 5), "blocks.0.mlp.fc2": (6, 9), "blocks.1.attn.proj": (6, 5)}
 """name -> (out, in); two layers of one shape run as one batch."""
@@ -160,42 +158,6 @@ def test_methods_that_average_one_factor_alone_refuse_clients_of_other_ranks(met
 
 
 # ---- in `lorafair fit` ------------------------------------------------------------------------------------------
-
-
-class Spy:
-    """Per (round, client): the model's LoRA parameters at the client's first step (`start`) and its update
-    (`end`); per round: the server's answer (`answers`) and the global state after it (`states`); per client: its
-    weight."""
-
-    def __init__(self, trainer: FederatedTrainer) -> None:
-        self.start, self.end, self.answers, self.states, self.weights = {}, {}, {}, {}, {}
-        train, step, apply = trainer.client.train, trainer.model.training_step, trainer.apply
-        current = {}
-
-        def training(client, start, round_index, *args, **kwargs):
-            current["key"] = (round_index, client.id)
-            result = train(client, start, round_index, *args, **kwargs)
-            self.end[round_index, client.id] = {n: (a.clone(), b.clone()) for n, (a, b) in result.update.lora.items()}
-            self.weights[client.id] = result.update.weight
-            return result
-
-        def stepping(batch, batch_idx):
-            if batch_idx == 0:
-                self.start[current["key"]] = trainer.model.get_lora()
-            return step(batch, batch_idx)
-
-        def applying(round_index, answer):
-            apply(round_index, answer)
-            self.answers[round_index] = {n: (a.clone(), b.clone()) for n, (a, b) in answer.lora.items()}
-            self.states[round_index] = trainer.global_state
-
-        trainer.client.train, trainer.model.training_step, trainer.apply = training, stepping, applying
-
-
-def spied_run(cfg) -> tuple[FederatedTrainer, Spy, dict]:
-    trainer = FederatedTrainer(cfg, launch_fabric(cfg))
-    spy = Spy(trainer)
-    return trainer, spy, trainer.run()
 
 
 def lora_bytes(pairs: dict, factors: str) -> int:
