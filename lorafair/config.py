@@ -461,6 +461,9 @@ class FitConfig:
         _require(not self.model.load_in_4bit or not method_class(self.server.method).merges, "model.load_in_4bit",
                  f"{self.server.method} merges LoRA products into the frozen weights, which 4-bit weights cannot "
                  f"take; use another method or 16-bit weights")
+        _require(not self.model.load_in_4bit or not method_class(self.server.method).starts_from_gradient,
+                 "model.load_in_4bit", f"{self.server.method} starts from the gradient of the loss at the frozen "
+                 "weights, which 4-bit weights do not have; use another method or 16-bit weights")
         mixed = method_class(self.server.method).mixed_ranks or self.federation.setting != "federated"
         _require(mixed or not self.lora.has_lower_ranks, "lora.client_ranks",
                  f"{self.server.method} takes no clients of different ranks; leave lora.client_ranks unset (every "

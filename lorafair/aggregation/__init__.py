@@ -15,6 +15,7 @@ method's clients train, upload and keep each round is its `ClientRule` (`rules`,
 """
 
 from lorafair.aggregation.base import Aggregator, OptionError
+from lorafair.aggregation.fedsb import core_of, gradient_start
 from lorafair.aggregation.frlora import svd_start
 from lorafair.aggregation.registry import (
     build_aggregator,
@@ -37,8 +38,10 @@ __all__ = [
     "OptionError",
     "RoundState",
     "build_aggregator",
+    "core_of",
     "display_name",
     "find_bad_updates",
+    "gradient_start",
     "method_class",
     "method_options",
     "register_method",

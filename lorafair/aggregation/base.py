@@ -57,6 +57,12 @@ class Aggregator:
     starts_from_weights: ClassVar[bool] = False
     """True when the run's LoRA start is the top-r SVD of each frozen weight, taken out of that weight
     (`frlora.svd_start`), instead of a random A and B = 0 (FRLoRA)."""
+    starts_from_gradient: ClassVar[bool] = False
+    """True when the run's LoRA start is cut from the gradient of the loss at the frozen weights, which every client
+    takes on `init_batches` batches of its own data before round 1 (`fedsb.gradient_start`), instead of a random A
+    and B = 0 (Fed-SB)."""
+    init_batches: ClassVar[int] = 0
+    """Batches per client of that gradient, for a method that `starts_from_gradient` (its option)."""
     needs: ClassVar[str] = "ideal"
     """What the method takes from a round: "averages" (weighted sums of A and B), "ideal" (those and the ideal
     update sum p_k B_k A_k, factored or dense), or "factors" (every client's factors, which it sends on)."""
@@ -144,10 +150,12 @@ class Aggregator:
         return state.finish()
 
     def global_update(self, like: ClientUpdate, groups: list[LayerGroup], extra: dict[str, Tensor],
-                      seconds: float, sends: str = FACTORS, downloads: str | None = None) -> GlobalUpdate:
+                      seconds: float, sends: str = FACTORS, downloads: str | None = None,
+                      core: bool = False) -> GlobalUpdate:
         """`combine` every group and assemble the GlobalUpdate; seconds: time already spent on the round. sends:
         the factors the clients upload this round; downloads: those the answer changes, the only ones that travel
-        down (None: `sends`; a client holds the others already)."""
+        down (None: `sends`; a client holds the others already); core: A travels both ways as its r x r core
+        (`ClientRule.core`)."""
         downloads = sends if downloads is None else downloads
         start = time.perf_counter()
         results = self._combine_checked(groups)
@@ -161,12 +169,13 @@ class Aggregator:
         by_rank = {} if lora is None else {
             rank: _by_layer(order, groups, [ranks.to_client(result.by_rank[rank], rank) for result in results])
             for rank in groups[0].lower_ranks}
-        up = {rank: _lora_bytes((ranks.to_client(pair, rank) for pair in like.lora.values()), sends) + extra_bytes
-              for rank in groups[0].lower_ranks}
+        up = {rank: _lora_bytes((ranks.to_client(pair, rank) for pair in like.lora.values()), sends, core)
+              + extra_bytes for rank in groups[0].lower_ranks}
         return GlobalUpdate(lora=lora, merge=merge, extra=extra, metrics=metrics,
-                            bytes_up=_lora_bytes(like.lora.values(), sends) + extra_bytes,
-                            bytes_down=_lora_bytes((lora or {}).values(), downloads) + merge_bytes, by_rank=by_rank,
-                            bytes_by_rank={rank: (up[rank], _lora_bytes(by_rank.get(rank, {}).values(), downloads)
+                            bytes_up=_lora_bytes(like.lora.values(), sends, core) + extra_bytes,
+                            bytes_down=_lora_bytes((lora or {}).values(), downloads, core) + merge_bytes,
+                            by_rank=by_rank,
+                            bytes_by_rank={rank: (up[rank], _lora_bytes(by_rank.get(rank, {}).values(), downloads, core)
                                                   + merge_bytes) for rank in up})
 
     def _combine_checked(self, groups: list[LayerGroup]) -> list[GroupResult]:
@@ -196,9 +205,15 @@ class Aggregator:
 
 
 
-def _lora_bytes(pairs, factors: str) -> int:
-    """Bytes of the given factors ("A", "B" or "AB") of the pairs."""
-    return sum(_nbytes(pair[FACTORS.index(factor)] for factor in factors) for pair in pairs)
+def _lora_bytes(pairs, factors: str, core: bool = False) -> int:
+    """Bytes of the given factors ("A", "B" or "AB") of the pairs; core: an A (r x in) as its r x r core."""
+    total = 0
+    for pair in pairs:
+        for factor in factors:
+            tensor = pair[FACTORS.index(factor)]
+            count = tensor.shape[0] ** 2 if core and factor == "A" else tensor.numel()
+            total += count * tensor.element_size()
+    return total
 
 
 def _by_layer(order: list[str], groups: list[LayerGroup],

@@ -20,6 +20,7 @@ from lorafair.aggregation.base import Aggregator
 from lorafair.aggregation.fedex_lora import FedExLoRA
 from lorafair.aggregation.fedit import FedIT
 from lorafair.aggregation.fedsa_lora import FedSALoRA
+from lorafair.aggregation.fedsb import FedSB
 from lorafair.aggregation.fedsvd import FedSVD
 from lorafair.aggregation.ffa_lora import FFALoRA
 from lorafair.aggregation.flexlora import FlexLoRA
@@ -127,6 +128,6 @@ def _aggregator_class(method: str) -> type[Aggregator]:
 
 
 BUILT_IN = (FedIT, FFALoRA, FLoRA, FlexLoRA, LoRAFAIR, FLoRANA, FedExLoRA, FedSALoRA, RoLoRA, FedSVD,
-            HetLoRA, FRLoRA)
+            HetLoRA, FRLoRA, FedSB)
 for _method in BUILT_IN:
     register_method(_method)

@@ -32,6 +32,9 @@ class ClientRule:
     """The factors each client keeps between rounds, its own (never uploaded): "" (none), "A", "B" or "AB"."""
     keeps_extra: bool = False
     """Whether each client also keeps its own extra tensors (the local bound: a client keeps its whole state)."""
+    core: bool = False
+    """Whether A trains only as R A0, its r x r core R over the run's fixed A0 of orthonormal rows that every client
+    holds, and travels as R, r^2 numbers a layer each way (Fed-SB)."""
 
     def __post_init__(self) -> None:
         for name in ("trains", "sends", "keeps"):
@@ -44,6 +47,8 @@ class ClientRule:
         if set(self.sends) & set(self.keeps):
             raise ValueError(f"ClientRule: {self.sends} is uploaded and {self.keeps} kept; a factor is either "
                              "averaged or a client's own")
+        if self.core and ("A" not in self.sends or "A" in self.keeps):
+            raise ValueError("ClientRule: core is the r x r core of an uploaded A; upload A and keep it not")
         if not set(self.trains) <= set(self.sends) | set(self.keeps):
             raise ValueError(f"ClientRule: clients train {self.trains} but upload {self.sends!r} and keep "
                              f"{self.keeps!r}; a trained factor would be lost")

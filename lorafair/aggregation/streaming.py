@@ -250,7 +250,7 @@ class RoundState:
                  for name, tensor in self.extra_sums.items()}
         return self.aggregator.global_update(self.like, groups, extra,
                                              self.seconds + time.perf_counter() - started, self.rule.sends,
-                                             self.aggregator.downloads(self.round_index))
+                                             self.aggregator.downloads(self.round_index), self.rule.core)
 
     def _check(self, update: ClientUpdate, slot: int) -> int | None:
         """Refuse a bad update; its own rank when below the template's, else None."""

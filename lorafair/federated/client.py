@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 import torch
@@ -37,6 +38,8 @@ class ClientModel(Protocol):
 
     def set_rank(self, rank: int) -> None: ...
     def train_factors(self, factors: str) -> None: ...
+    def core_only(self, basis: dict[str, Tensor] | None) -> AbstractContextManager[None]: ...
+    def frozen_weights(self) -> dict[str, nn.Parameter]: ...
     def get_lora(self) -> Pairs: ...
     def set_lora(self, lora: Pairs) -> None: ...
     def get_extra(self) -> dict[str, Tensor]: ...
@@ -71,12 +74,13 @@ class LocalTrainer:
         self.model.set_extra(state.extra)
 
     def train(self, client: Client, start: GlobalState, round_index: int, rank: int | None = None,
-              steps: int | None = None, factors: str = "AB") -> ClientResult:
+              steps: int | None = None, factors: str = "AB", basis: dict[str, Tensor] | None = None) -> ClientResult:
         """Local SGD from `start` at the client's LoRA `rank` (None: the global one), for `steps` optimizer steps
         (None: as many as client.local_epochs and client.max_local_steps give its data), of the LoRA `factors`
         its method trains this round (`ClientRule.trains`; the others keep their starting value) and the extra
         tensors; SGD momentum starts fresh every round, as in the public code, seeded by (seed, round, client) so
-        the result does not depend on where or when the client trains."""
+        the result does not depend on where or when the client trains. basis: layer -> A0, where A trains only as
+        its core R of A = R A0 (`ClientRule.core`)."""
         seed = derive_seed("client", self.seed, round_index, client.id)
         torch.manual_seed(seed)
         self.load(start, rank)
@@ -88,7 +92,8 @@ class LocalTrainer:
         # per-client bars only on a terminal: in a log file they would bury the round bar
         bar = tqdm(total=total_steps, desc=f"round {round_index} client {client.id}", leave=False,
                    disable=not self.show_progress or not sys.stdout.isatty(), file=sys.stdout, dynamic_ncols=True)
-        loss_sum, steps = self._run_steps(loader, total_steps, round_index, bar.update)
+        with self.model.core_only(basis):
+            loss_sum, steps = self._run_steps(loader, total_steps, round_index, bar.update)
         bar.close()
         lora = self.model.get_lora()
         if faults.is_poisoned(round_index, client.id):
@@ -98,6 +103,33 @@ class LocalTrainer:
         self.model.set_rank(self.global_rank)
         return ClientResult(client=client.id, update=update, train_loss=loss_sum / steps if steps else float("nan"),
                             steps=steps, skipped_images=loader.skipped)
+
+    def weight_gradient(self, client: Client, start: GlobalState, batches: int) -> dict[str, Tensor]:
+        """The gradient of the loss at each adapted layer's frozen weight, for the model at `start`, averaged over
+        the first `batches` batches of the client's data (fewer if it has fewer), in float64: the client's part of a
+        start cut from the gradient (`Aggregator.starts_from_gradient`), seeded by (seed, client) alone."""
+        seed = derive_seed("gradient", self.seed, client.id)
+        torch.manual_seed(seed)
+        self.load(start)
+        self.model.train()
+        loader = make_loader(client.dataset, self.data_cfg.batch_size, shuffle=True, seed=seed,
+                             num_workers=self.data_cfg.num_workers, device=self.fabric.device)
+        count = min(batches, len(loader))
+        weights = self.model.frozen_weights()
+        for weight in weights.values():
+            weight.requires_grad_(True)
+        try:
+            for _, (inputs, targets) in zip(range(count), loader, strict=False):
+                with self.fabric.autocast():
+                    loss = self.model.training_step((inputs.to(self.fabric.device), targets.to(self.fabric.device)),
+                                                    0)
+                (loss / count).backward()
+            return {name: weight.grad.double() for name, weight in weights.items()}
+        finally:
+            for parameter in self.model.parameters():
+                parameter.grad = None
+            for weight in weights.values():
+                weight.requires_grad_(False)
 
     def _run_steps(self, loader, total_steps: int, round_index: int, tick) -> tuple[float, int]:
         """`total_steps` optimizer steps over the loader's epochs; (sum of the losses, steps taken)."""

@@ -28,7 +28,7 @@ import torch
 from lightning.fabric import Fabric
 from tqdm import tqdm
 
-from lorafair.aggregation import ClientRule, ClientUpdate, RoundState, ranks, svd_start
+from lorafair.aggregation import ClientRule, ClientUpdate, RoundState, gradient_start, ranks, svd_start
 from lorafair.config import BOUND_METHOD, FitConfig, metric_name
 from lorafair.data import Client, FederatedData
 from lorafair.data.build import build_data
@@ -96,8 +96,14 @@ class FederatedTrainer:
         self.rank, self.world = self.transport.rank, self.transport.world
         self.client = LocalTrainer(self.model, fabric, cfg.client, cfg.data, cfg.seed, show_progress=self.rank == 0)
         self.server = Server(cfg.server, cfg.federation.on_bad_update, cfg.seed, log=fabric.print)
-        if self.server.aggregator.starts_from_weights:
+        self.basis: dict[str, torch.Tensor] | None = None
+        """Layer -> A0, the fixed rows every client's A trains over where its method's clients train the core of A
+        (`ClientRule.core`; set by `start_from_gradient`)."""
+        aggregator = self.server.aggregator
+        if aggregator.starts_from_weights:
             self.global_state = self.initial_state = self.start_from_weights()
+        if aggregator.starts_from_gradient:
+            self.global_state = self.initial_state = self.start_from_gradient(aggregator.init_batches)
         self.identity = trajectory_identity(flatten_config(config_to_dict(cfg)), run_fingerprints(self.data, cfg.model))
         self.outputs = RunResults.of_run(cfg, fabric, method, self.data.domains, self.participants.values())
 
@@ -172,7 +178,7 @@ class FederatedTrainer:
         rule = self.client_rule(round_index)
         hosted = assign_to_ranks(sampled, {c: self.participants[c].num_samples for c in sampled}, self.world)
         results = [self.client.train(self.participants[c], self.start_state(c, rule), round_index,
-                                     self.client_ranks[c], steps, rule.trains)
+                                     self.client_ranks[c], steps, rule.trains, self.basis if rule.core else None)
                    for c in hosted[self.rank]]
         self.trained = {}
         if rule.personal:
@@ -263,6 +269,30 @@ class FederatedTrainer:
                  for name, weight in self.model.base_state().items()}
         self.model.merge({name: (A, -B) for name, (A, B) in start.items()})
         self.merged = True
+        return self.state_of(start, self.global_state.extra)
+
+    def start_from_gradient(self, batches: int) -> GlobalState:
+        """Every rank: the run's start for a method that `starts_from_gradient` (Fed-SB). Each client takes the
+        gradient of the loss at the frozen weights of the pretrained model (B = 0) on `batches` batches of its own
+        data (`LocalTrainer.weight_gradient`), the ranks sum their clients' shares into the sample-weighted mean G
+        (one exchange before round 1), and each layer starts from LoRA-SB's cut of the first SGD step -lr G
+        (`gradient_start`): A = R0 A0, B = B0, A0 kept in `basis`. A resumed run takes the same start again."""
+        clients = self.data.clients
+        total = sum(client.num_samples for client in clients)
+        hosted = assign_to_ranks([client.id for client in clients],
+                                 {client.id: client.num_samples for client in clients}, self.world)
+        gradient = {name: torch.zeros(weight.shape, dtype=torch.float64, device=self.fabric.device)
+                    for name, weight in self.model.frozen_weights().items()}
+        for client_id in hosted[self.rank]:
+            client = self.participants[client_id]
+            for name, share in self.client.weight_gradient(client, self.global_state, batches).items():
+                gradient[name] += share * (client.num_samples / total)
+        self.transport.sum_over_ranks(list(gradient.values()))
+        fresh, start, self.basis = self.global_state.lora, {}, {}
+        for name, summed in gradient.items():
+            R0, A0, B0 = gradient_start(summed, self.cfg.lora.r, self.model.scaling, self.cfg.client.lr)
+            self.basis[name] = A0.to(fresh[name][0])
+            start[name] = ((R0 @ A0).to(fresh[name][0]), B0.to(fresh[name][1]))
         return self.state_of(start, self.global_state.extra)
 
     def state_of(self, lora: dict, extra: dict) -> GlobalState:

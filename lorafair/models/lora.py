@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import inject_adapter_in_model
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
-from lorafair.aggregation import ranks
+from lorafair.aggregation import core_of, ranks
 from lorafair.config import LoraConfig
 from lorafair.errors import UserError
 from lorafair.seeds import fresh_lora
@@ -170,5 +173,39 @@ class PeftLoraState:
             layer.lora_A[_ADAPTER].weight.requires_grad_("A" in factors)
             layer.lora_B[_ADAPTER].weight.requires_grad_("B" in factors)
 
+    @contextmanager
+    def core_only(self, basis: dict[str, Tensor] | None) -> Iterator[None]:
+        """Within: each layer's A is R @ A0 with A0 = basis[layer] (r x in, orthonormal rows) fixed and its r x r
+        core R, starting at A A0^T, the trainable tensor in A's place (Fed-SB), so any optimizer trains R itself; on
+        leaving, A is the product R @ A0 again. None: nothing changes."""
+        if basis is None:
+            yield
+            return
+        for name, layer in zip(self.layer_names, self._layers(), strict=True):
+            parametrize.register_parametrization(layer.lora_A[_ADAPTER], "weight", _Core(basis[name]))
+        try:
+            yield
+        finally:
+            for layer in self._layers():
+                parametrize.remove_parametrizations(layer.lora_A[_ADAPTER], "weight", leave_parametrized=True)
+
+    def frozen_weights(self) -> dict[str, nn.Parameter]:
+        """The frozen weight of each adapted layer, the parameter itself (a start that takes its gradient)."""
+        return {name: layer.base_layer.weight for name, layer in zip(self.layer_names, self._layers(), strict=True)}
+
     def _layers(self) -> list[nn.Module]:
         return [self.backbone.get_submodule(name) for name in self.layer_names]
+
+
+class _Core(nn.Module):
+    """The parametrization A = R @ A0 of a LoRA A over a fixed basis A0 of orthonormal rows: R (r x r) is held."""
+
+    def __init__(self, basis: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("basis", basis)
+
+    def forward(self, core: Tensor) -> Tensor:
+        return core @ self.basis
+
+    def right_inverse(self, weight: Tensor) -> Tensor:
+        return core_of(weight, self.basis)
