@@ -7,15 +7,19 @@ its rank-r cut from an eigendecomposition, and the model's own parameters at eac
 
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
 
 from lorafair.aggregation import core_of
 from lorafair.data import make_loader
+from lorafair.federated.checkpoints import load_checkpoint
 from lorafair.federated.launch import launch_fabric
 from lorafair.federated.loop import FederatedTrainer
 from lorafair.fit import fit
 from lorafair.seeds import derive_seed
-from tests.helpers import Spy, tiny_config
+from tests.helpers import SEVERAL_PROCESSES, Spy, run_on_two_ranks, tiny_args, tiny_config
 
 BATCHES = 2
 
@@ -93,3 +97,20 @@ def test_a_run_stopped_after_round_1_resumes_to_the_uninterrupted_result(tmp_pat
     resumed = fit(tiny_config(tmp_path / "resumed", "--server.method", "fed_sb", "--resume", "auto"))
     assert resumed["final"] == whole["final"]
     assert [r["train_loss"] for r in resumed["rounds"]] == [r["train_loss"] for r in whole["rounds"]]
+
+
+@pytest.mark.slow
+@SEVERAL_PROCESSES
+def test_two_ranks_take_the_same_start_and_rounds_as_one_process(tmp_path):
+    """Each rank takes the gradient of the clients it hosts and the ranks sum their shares: the start, and so every
+    round, match one process up to float summation order."""
+    single = fit(tiny_config(tmp_path / "one", "--server.method", "fed_sb"))
+    run_on_two_ranks(tiny_args(tmp_path / "two", "--server.method", "fed_sb"))
+    distributed = json.loads((tmp_path / "two" / "results.json").read_text())
+    for domain, accuracy in single["final"]["accuracy"].items():
+        assert abs(distributed["final"]["accuracy"][domain] - accuracy) <= 0.005
+    ours, theirs = (load_checkpoint(tmp_path / run / "checkpoints" / "round_00002.ckpt")["lora"]
+                    for run in ("two", "one"))
+    assert ours.keys() == theirs.keys()
+    for key, tensor in theirs.items():
+        torch.testing.assert_close(ours[key], tensor, rtol=1e-4, atol=1e-6)

@@ -69,6 +69,8 @@ def test_every_method_runs_the_text_demo(text_run, tmp_path, method):
         assert results["rounds"][0]["bytes_up"] == _lora_bytes(3, [(fan_in, 0) for fan_in, _ in modules], 8)
     if method == "rolora":
         assert results["rounds"][1]["bytes_up"] == _lora_bytes(3, [(0, fan_out) for _, fan_out in modules], 8)
+    if method == "fed_sb":  # the r x r core of A only: r^2 per module, as an A of fan_in r and no B
+        assert results["rounds"][0]["bytes_up"] == _lora_bytes(3, [(8, 0) for _ in modules], 8)
     # each client's own model, scored on its own domain, where clients keep factors of their own
     assert ("personalised" in results) == (method == "fedsa_lora")
 
