@@ -63,6 +63,10 @@ def test_a_run_starts_from_the_cut_gradient_trains_only_the_cores_and_averages_e
                                    atol=1e-4 * float(expected.abs().max()))
         basis = trainer.basis[name]
         torch.testing.assert_close(basis @ basis.T, torch.eye(rank), rtol=0, atol=1e-5)
+    trainer.model.train_factors("A")
+    with trainer.model.core_only(trainer.basis):  # what any optimizer is given: R, r x r, in A's place
+        shapes = [p.shape for n, p in trainer.model.named_parameters() if "lora_" in n and p.requires_grad]
+    assert shapes == [(rank, rank)] * len(start)
     spy = Spy(trainer)
 
     results = trainer.run()
