@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lorafair.aggregation import ClientUpdate, build_aggregator, core_of, gradient_start
+from lorafair.cli import main
 from lorafair.config import ConfigError
 from lorafair.flower.strategy import flower_refusal
 from tests.helpers import parse_fit_args, tiny_args
@@ -99,11 +100,14 @@ def test_a_client_that_changed_b_is_refused():
         build_aggregator("fed_sb").aggregate(updates, like=updates[0])
 
 
-def test_fed_sb_is_refused_at_mixed_ranks_under_flower_and_with_a_bad_option(tmp_path):
+def test_fed_sb_is_refused_at_mixed_ranks_with_4_bit_weights_under_flower_and_with_a_bad_option(tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"^lora\.client_ranks: fed_sb takes no clients of different ranks"):
         parse_fit_args(tiny_args(tmp_path, "--server.method", "fed_sb", "--lora.client_ranks", "[2, 4]"))
     with pytest.raises(ConfigError, match=r"^server\.init_batches: must be an integer >= 1, got 0"):
         parse_fit_args(tiny_args(tmp_path, "--server.method", "fed_sb", "--server.init_batches", "0"))
+    assert main(["fit", "--config", "demo_text", "--model.load_in_4bit", "true", "--server.method", "fed_sb"]) == 2
+    assert ("model.load_in_4bit: fed_sb starts from the gradient of the loss at the frozen weights, which 4-bit "
+            "weights do not have") in capsys.readouterr().err
     assert flower_refusal("fed_sb") == ("fed_sb cannot run under Flower yet: its LoRA starts from the SVD of a "
                                         "gradient every client takes before round 1, an exchange lorafair's Flower "
                                         "nodes do not make; run it with lorafair fit")
