@@ -48,7 +48,8 @@ class ClientRule:
             raise ValueError(f"ClientRule: {self.sends} is uploaded and {self.keeps} kept; a factor is either "
                              "averaged or a client's own")
         if self.core and ("A" not in self.sends or "A" in self.keeps):
-            raise ValueError("ClientRule: core is the r x r core of an uploaded A; upload A and keep it not")
+            raise ValueError(f"ClientRule: core sends A as its r x r core, but clients upload {self.sends!r} and keep "
+                             f"{self.keeps!r}; upload A (sends with A, keeps without it) or leave core False")
         if not set(self.trains) <= set(self.sends) | set(self.keeps):
             raise ValueError(f"ClientRule: clients train {self.trains} but upload {self.sends!r} and keep "
                              f"{self.keeps!r}; a trained factor would be lost")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorafair.aggregation import ClientUpdate, build_aggregator, core_of, gradient_start
+from lorafair.aggregation import ClientRule, ClientUpdate, build_aggregator, core_of, gradient_start
 from lorafair.cli import main
 from lorafair.config import ConfigError
 from lorafair.flower.strategy import flower_refusal
@@ -98,6 +98,12 @@ def test_a_client_that_changed_b_is_refused():
     updates[2].lora[name] = (A, B + 1e-3)
     with pytest.raises(ValueError, match=rf"^fed_sb: client 2 sent a different B than client 0 for layer '{name}'"):
         build_aggregator("fed_sb").aggregate(updates, like=updates[0])
+
+
+def test_a_rule_that_sends_a_core_of_an_a_it_does_not_upload_is_refused():
+    with pytest.raises(ValueError, match=r"^ClientRule: core sends A as its r x r core, but clients upload 'B' and "
+                                         r"keep ''; upload A"):
+        ClientRule(trains="B", sends="B", core=True)
 
 
 def test_fed_sb_is_refused_at_mixed_ranks_with_4_bit_weights_under_flower_and_with_a_bad_option(tmp_path, capsys):
