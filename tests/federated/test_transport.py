@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -128,6 +129,41 @@ def test_fedsa_lora_on_two_ranks_keeps_every_clients_own_b_as_one_process_does(t
     assert ours.keys() == theirs.keys() and len({key.split(".")[0] for key in ours}) == 6
     for key, tensor in theirs.items():
         torch.testing.assert_close(ours[key], tensor, rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_frlora_on_two_ranks_merges_alike_on_every_rank_and_matches_one_process(tmp_path):
+    """FRLoRA changes the frozen weights of every rank each round: after the run, each rank's W + s B0 A0 (what it
+    holds itself, not rank 0's files) must be the same on both ranks, and the run must match one process up to float
+    summation order (the convention of the other two-rank tests: accuracies within half a point, tensors within
+    1e-4)."""
+    from tests.federated.rank_state import main
+
+    args = ("--server.method", "frlora")
+    main(tiny_args(tmp_path / "one", *args))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "tests.federated.rank_state", *tiny_args(tmp_path / "two", *args)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=python_environment(), cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lora = tiny_config(tmp_path).lora
+    scaling = lora.alpha / lora.r
+
+    def merged(path):
+        state = torch.load(path, weights_only=True)
+        return {name: weight + scaling * state["lora"][name][1] @ state["lora"][name][0]
+                for name, weight in state["base"].items()}
+
+    ranks = [merged(tmp_path / "two" / f"state.rank{rank}.pt") for rank in (0, 1)]
+    single = merged(tmp_path / "one" / "state.rank0.pt")
+    assert ranks[0].keys() == ranks[1].keys() == single.keys() and len(single) > 0
+    for name, weight in single.items():
+        assert torch.equal(ranks[0][name], ranks[1][name])
+        torch.testing.assert_close(ranks[0][name], weight, rtol=0, atol=1e-4)
+    one, two = (json.loads((tmp_path / run / "results.json").read_text()) for run in ("one", "two"))
+    assert all(len(record["processes"]) == 5 for record in two["rounds"])
+    assert {rank for record in two["rounds"] for rank in record["processes"].values()} == {0, 1}
+    for domain, accuracy in one["final"]["accuracy"].items():
+        assert abs(two["final"]["accuracy"][domain] - accuracy) <= 0.005
 
 
 @pytest.mark.slow
