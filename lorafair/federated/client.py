@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 import torch
@@ -28,6 +28,9 @@ from lorafair.federated.state import ClientResult, GlobalState
 from lorafair.keys import Pairs
 from lorafair.seeds import derive_seed
 
+Penalty = Callable[[Pairs], Tensor | None]
+"""A term a method's clients add to their training loss, of the live LoRA pairs (`Aggregator.client_penalty`)."""
+
 EVALUATION_SUMS = 4
 """Columns of `LocalTrainer.evaluation_sums`: correct, total, loss sum, loss terms."""
 
@@ -38,6 +41,8 @@ class ClientModel(Protocol):
     def set_rank(self, rank: int) -> None: ...
     def train_factors(self, factors: str) -> None: ...
     def get_lora(self) -> Pairs: ...
+    def lora_parameters(self) -> Pairs:
+        """The live LoRA parameters at the current rank, for a penalty that training differentiates."""
     def set_lora(self, lora: Pairs) -> None: ...
     def get_extra(self) -> dict[str, Tensor]: ...
     def set_extra(self, extra: dict[str, Tensor]) -> None: ...
@@ -71,12 +76,13 @@ class LocalTrainer:
         self.model.set_extra(state.extra)
 
     def train(self, client: Client, start: GlobalState, round_index: int, rank: int | None = None,
-              steps: int | None = None, factors: str = "AB") -> ClientResult:
+              steps: int | None = None, factors: str = "AB", penalty: Penalty | None = None) -> ClientResult:
         """Local SGD from `start` at the client's LoRA `rank` (None: the global one), for `steps` optimizer steps
         (None: as many as client.local_epochs and client.max_local_steps give its data), of the LoRA `factors`
         its method trains this round (`ClientRule.trains`; the others keep their starting value) and the extra
-        tensors; SGD momentum starts fresh every round, as in the public code, seeded by (seed, round, client) so
-        the result does not depend on where or when the client trains."""
+        tensors, adding its method's `penalty` (if any) to each step's loss; SGD momentum starts fresh every round,
+        as in the public code, seeded by (seed, round, client) so the result does not depend on where or when the
+        client trains. The reported train loss is the task's, without the penalty."""
         seed = derive_seed("client", self.seed, round_index, client.id)
         torch.manual_seed(seed)
         self.load(start, rank)
@@ -88,7 +94,7 @@ class LocalTrainer:
         # per-client bars only on a terminal: in a log file they would bury the round bar
         bar = tqdm(total=total_steps, desc=f"round {round_index} client {client.id}", leave=False,
                    disable=not self.show_progress or not sys.stdout.isatty(), file=sys.stdout, dynamic_ncols=True)
-        loss_sum, steps = self._run_steps(loader, total_steps, round_index, bar.update)
+        loss_sum, steps = self._run_steps(loader, total_steps, round_index, bar.update, penalty)
         bar.close()
         lora = self.model.get_lora()
         if faults.is_poisoned(round_index, client.id):
@@ -99,7 +105,8 @@ class LocalTrainer:
         return ClientResult(client=client.id, update=update, train_loss=loss_sum / steps if steps else float("nan"),
                             steps=steps, skipped_images=loader.skipped)
 
-    def _run_steps(self, loader, total_steps: int, round_index: int, tick) -> tuple[float, int]:
+    def _run_steps(self, loader, total_steps: int, round_index: int, tick,
+                   penalty: Penalty | None = None) -> tuple[float, int]:
         """`total_steps` optimizer steps over the loader's epochs; (sum of the losses, steps taken)."""
         optimizer = self.model.configure_optimizers()
         trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -111,8 +118,9 @@ class LocalTrainer:
                 with self.fabric.autocast():
                     loss = self.model.training_step((inputs.to(self.fabric.device), targets.to(self.fabric.device)),
                                                     steps)
+                term = penalty(self.model.lora_parameters()) if penalty is not None else None
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss if term is None else loss + term).backward()
                 if self.client_cfg.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(trainable, self.client_cfg.grad_clip)
                 optimizer.step()

@@ -87,6 +87,9 @@ class FederatedTrainer:
         round it trained in; a client that has not trained yet holds the run's initial tensors."""
         self.trained: dict[int, OwnState] = {}
         """What the clients of this round keep, from every rank, until the round's answer says whose to keep."""
+        self.pruned: dict[int, int] = {}
+        """The clients of this round that lowered their rank (`Aggregator.self_prunes`), from every rank: client id
+        -> its new rank, taken once the round's answer keeps its update."""
         self.lower_ranks = tuple(sorted(set(self.client_ranks.values()) - {cfg.lora.r}))
         self.global_state = self.state_of(self.fresh_lora("lora_init", cfg.seed), self.model.get_extra())
         self.initial_state = self.global_state
@@ -171,9 +174,16 @@ class FederatedTrainer:
         take as its own once the round keeps its update: a client may train on another rank next round."""
         rule = self.client_rule(round_index)
         hosted = assign_to_ranks(sampled, {c: self.participants[c].num_samples for c in sampled}, self.world)
+        method = self.server.aggregator
+        penalty = method.client_penalty if method.self_prunes else None
         results = [self.client.train(self.participants[c], self.start_state(c, rule), round_index,
-                                     self.client_ranks[c], steps, rule.trains)
+                                     self.client_ranks[c], steps, rule.trains, penalty)
                    for c in hosted[self.rank]]
+        self.pruned = {}
+        if method.self_prunes:
+            own_pruned = {r.client: self.prune(r, self.start_state(r.client, rule)) for r in results}
+            self.pruned = {client: rank for shared in self.transport.share(own_pruned)
+                           for client, rank in shared.items() if rank < self.client_ranks[client]}
         self.trained = {}
         if rule.personal:
             own = {r.client: kept_tensors(r.update.lora, r.update.extra, rule) for r in results}
@@ -183,6 +193,16 @@ class FederatedTrainer:
         faults.maybe_fail(round_index, "gather")
         hosts = {str(client): rank for rank, clients in enumerate(hosted) for client in clients}
         return results, hosts, trained
+
+    def prune(self, result: ClientResult, start: GlobalState) -> int:
+        """The rank `result`'s client keeps from this round on (`Aggregator.pruned_rank` of the pairs it started
+        from and those it trained); below its rank, its update becomes its leading components, in their scaling."""
+        rank = self.client_ranks[result.client]
+        kept = self.server.aggregator.pruned_rank(start.lora_for(rank), result.update.lora)
+        if kept < rank:
+            result.update = replace(result.update, lora={name: ranks.to_client(pair, kept)
+                                                         for name, pair in result.update.lora.items()})
+        return kept
 
     def aggregate(self, round_index: int, results: list[ClientResult], sampled: list[int],
                   unreadable: dict[str, str] | None = None) -> ServerAnswer:
@@ -226,6 +246,8 @@ class FederatedTrainer:
         rule = self.client_rule(round_index)
         self.own_states.update({client: state for client, state in self.trained.items()
                                 if str(client) not in answer.record.bad_updates})
+        self.client_ranks.update({client: rank for client, rank in self.pruned.items()
+                                  if str(client) not in answer.record.bad_updates})
         if self.setting == "local":
             return
         if answer.merge:
@@ -315,8 +337,9 @@ class FederatedTrainer:
         """results.json, TensorBoard scalars, then the checkpoint of this round."""
         self.outputs.add(record, last=round_index == self.cfg.federation.rounds)
         base = self.model.base_state() if self.merged else None
+        ranks_kept = self.client_ranks if self.server.aggregator.self_prunes else None
         state = checkpoint_state(round_index, self.identity, self.outputs.results, self.global_state, base,
-                                 self.own_states)
+                                 self.own_states, ranks_kept)
         save_checkpoint(checkpoint_dir(self.out_dir), round_index, state,
                         before_rename=lambda: faults.maybe_fail(round_index, "checkpoint"))
 
@@ -347,6 +370,7 @@ class FederatedTrainer:
         # held on the CPU, as the clients' own tensors are kept in a run that was not interrupted
         self.own_states = {client: {key: tensor.cpu() for key, tensor in own.items()}
                            for client, own in resumed.client_states.items()}
+        self.client_ranks.update(resumed.client_ranks)
         if resumed.base:
             self.model.load_base_state(resumed.base)
             self.merged = True

@@ -229,13 +229,16 @@ class ResumeState:
     """The starting model's scores (round 0); None in a checkpoint of a run that did not score it."""
     client_states: dict[int, OwnState] = field(default_factory=dict)
     """What each client keeps of its own between rounds (its whole state under the local bound)."""
+    client_ranks: dict[int, int] = field(default_factory=dict)
+    """Each client's LoRA rank, where clients may lower their own (`Aggregator.self_prunes`); empty elsewhere."""
 
     def to_wire(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         return ({**self.state.tensors(), **pack("base", self.base), **pack_clients(self.client_states)},
-                {"round": self.round, "path": str(self.path), "records": self.records, "start": self.start})
+                {"round": self.round, "path": str(self.path), "records": self.records, "start": self.start,
+                 "client_ranks": self.client_ranks})
 
     @classmethod
     def from_wire(cls, tensors: dict[str, Tensor], info: dict[str, Any]) -> ResumeState:
         return cls(round=info["round"], path=Path(info["path"]), records=info["records"],
                    state=GlobalState.from_tensors(tensors), base=unpack(tensors, "base"), start=info["start"],
-                   client_states=unpack_clients(tensors))
+                   client_states=unpack_clients(tensors), client_ranks=info["client_ranks"])

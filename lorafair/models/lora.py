@@ -117,6 +117,13 @@ class PeftLoraState:
                        layer.lora_B[_ADAPTER].weight[:, :self.lora_rank].detach().clone())
                 for name, layer in zip(self.layer_names, self._layers(), strict=True)}
 
+    def lora_parameters(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """(A, B) per adapted layer at the current rank, the live parameters (not copies), for a penalty on them
+        that training differentiates."""
+        rank = self.lora_rank
+        return {name: (layer.lora_A[_ADAPTER].weight[:rank], layer.lora_B[_ADAPTER].weight[:, :rank])
+                for name, layer in zip(self.layer_names, self._layers(), strict=True)}
+
     @torch.no_grad()
     def set_lora(self, lora: dict[str, tuple[Tensor, Tensor]]) -> None:
         """Pairs of the current rank; the adapter's components past it are zeroed."""
