@@ -68,6 +68,7 @@ class HetLoRA(Aggregator):
 
     @property
     def self_prunes(self) -> bool:
+        """Only a gamma below 1 leaves components to prune."""
         return self.prune_gamma < 1
 
     def kept_rank(self, rank: int) -> int:
