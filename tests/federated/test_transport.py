@@ -167,6 +167,28 @@ def test_frlora_on_two_ranks_merges_alike_on_every_rank_and_matches_one_process(
 
 
 @pytest.mark.slow
+def test_hetlora_clients_pruned_on_one_rank_train_at_their_pruned_rank_on_the_other(tmp_path):
+    """A client prunes on the rank that trained it and may train on the other next round: every rank must hold every
+    client's rank. The bytes each client sends follow its rank, so they, and the checkpointed ranks, match one
+    process exactly."""
+    from lorafair.fit import fit
+
+    args = ("--server.method", "hetlora", "--server.prune_gamma", "0.5", "--server.prune_penalty", "10",
+            "--federation.rounds", "3")
+    single = fit(tiny_config(tmp_path / "one", *args))
+    run_on_two_ranks(tiny_args(tmp_path / "two", *args))
+    distributed = json.loads((tmp_path / "two" / "results.json").read_text())
+    hosts = [record["processes"] for record in distributed["rounds"]]
+    assert any(hosts[t][c] != hosts[t + 1][c] for t in range(2) for c in hosts[t] if c in hosts[t + 1])
+    assert [r["bytes_by_client"] for r in distributed["rounds"]] == [r["bytes_by_client"] for r in single["rounds"]]
+    ours, theirs = (load_checkpoint(tmp_path / run / "checkpoints" / "round_00003.ckpt")["client_ranks"]
+                    for run in ("two", "one"))
+    assert ours == theirs and 2 in ours.values()
+    for domain, accuracy in single["final"]["accuracy"].items():
+        assert abs(distributed["final"]["accuracy"][domain] - accuracy) <= 0.005
+
+
+@pytest.mark.slow
 def test_the_slurm_script_starts_a_rendezvous_job(tmp_path):
     """Run the sbatch script as SLURM would on one node, with srun and scontrol standing in."""
     fake_bin = tmp_path / "bin"
