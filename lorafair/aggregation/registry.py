@@ -18,6 +18,7 @@ from docstring_parser import parse_from_object
 
 from lorafair.aggregation.base import Aggregator
 from lorafair.aggregation.fedex_lora import FedExLoRA
+from lorafair.aggregation.feddpa import FedDPA
 from lorafair.aggregation.fedit import FedIT
 from lorafair.aggregation.fedsa_lora import FedSALoRA
 from lorafair.aggregation.fedsvd import FedSVD
@@ -127,6 +128,6 @@ def _aggregator_class(method: str) -> type[Aggregator]:
 
 
 BUILT_IN = (FedIT, FFALoRA, FLoRA, FlexLoRA, LoRAFAIR, FLoRANA, FedExLoRA, FedSALoRA, RoLoRA, FedSVD,
-            HetLoRA, FRLoRA)
+            HetLoRA, FRLoRA, FedDPA)
 for _method in BUILT_IN:
     register_method(_method)

@@ -50,7 +50,8 @@ def flower_refusal(method: str, options: dict[str, Any] | None = None) -> str | 
                 "of them, which lorafair's Flower nodes do not do; run it with lorafair fit")
     odd, even = aggregator.client_rule(1), aggregator.client_rule(2)
     if odd.personal or even.personal:
-        kept = " and ".join(filter(None, (odd.keeps or even.keeps, "head" if odd.keeps_extra else "")))
+        kept = " and ".join(filter(None, (odd.keeps or even.keeps, "head" if odd.keeps_extra else "",
+                                          "local adapter" if odd.local or even.local else "")))
         return (f"{method} cannot run under Flower yet: its clients keep their own {kept} between rounds, which "
                 "lorafair's Flower integration does not hold; run it with lorafair fit")
     if odd != even:
