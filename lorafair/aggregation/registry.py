@@ -17,8 +17,8 @@ from typing import Any, get_type_hints
 from docstring_parser import parse_from_object
 
 from lorafair.aggregation.base import Aggregator
-from lorafair.aggregation.fedex_lora import FedExLoRA
 from lorafair.aggregation.feddpa import FedDPA
+from lorafair.aggregation.fedex_lora import FedExLoRA
 from lorafair.aggregation.fedit import FedIT
 from lorafair.aggregation.fedsa_lora import FedSALoRA
 from lorafair.aggregation.fedsvd import FedSVD

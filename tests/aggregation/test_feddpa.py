@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.data import ConcatDataset, Subset
 
 from lorafair.aggregation import ClientUpdate, LocalAdapter, build_aggregator
+from lorafair.errors import UserError
 from lorafair.federated.launch import launch_fabric
 from lorafair.federated.loop import FederatedTrainer
+from lorafair.federated.state import GlobalState
 from lorafair.flower.strategy import flower_refusal
 from lorafair.keys import LOCAL, LOCAL_FEATURES, unpack_pairs
-from tests.helpers import tiny_config
+from tests.helpers import REDUCED_DEMO, TINY_LLAMA, parse_fit_args, tiny_config
 
 SHAPES = {"blocks.0.attn.proj": (6, 5), "blocks.0.mlp.fc2": (6, 9), "blocks.1.attn.proj": (6, 5)}
 RANK = 2
@@ -120,7 +123,25 @@ def test_a_clients_own_model_gives_its_local_adapter_the_weight_of_its_similarit
         model.mix_adapters(1.0 - weight, weight)
         mixed = model(test_images)
         model.mix_adapters(1.0, 0.0)
-        assert torch.equal(model(test_images), plain_by_shared := model(test_images))  # the mix switched off
+        plain_by_shared = model(test_images)  # the mix switched off: the global pair alone
+
+    # the evaluation of a client's own model gives the local adapter that weight, the global one the rest
+    state = GlobalState(shared, trainer.global_state.extra, local={
+        **{f"{LOCAL}/{n}/{f}": pair["AB".index(f)] for n, pair in local.items() for f in "AB"},
+        LOCAL_FEATURES: summary})
+    mixes, mix = [], model.mix_adapters
+    model.mix_adapters = lambda shared_weight, local_weight: (mixes.append((shared_weight, local_weight)),
+                                                              mix(shared_weight, local_weight))
+    try:
+        tests = ConcatDataset([Subset(trainer.data.clients[0].dataset, [0]), Subset(trainer.data.test["rotated"],
+                                                                                   [0, 1])])
+        client.evaluation_sums(state, [tests], (0, 1), None, LocalAdapter(similarity_scale=scale))
+    finally:
+        del model.mix_adapters
+    (shared_weight, local_weight), = [pair for pair in mixes if isinstance(pair[1], torch.Tensor)]
+    torch.testing.assert_close(local_weight, alpha, rtol=0, atol=1e-5)
+    torch.testing.assert_close(shared_weight, 1 - alpha, rtol=0, atol=1e-5)
+    assert mixes[-1] == (1.0, 0.0)
 
     for row, a in enumerate(alpha.tolist()):
         by_hand = plain_logits(model, base, {n: (1 - a) * shared[n][1] @ shared[n][0] + a * local[n][1] @ local[n][0]
@@ -176,3 +197,10 @@ def test_the_local_phase_trains_the_local_adapter_alone_and_the_global_phase_the
         assert not torch.equal(result.update.lora[name][1], shared_2[name][1])  # the global pair trained
     assert result.local[LOCAL_FEATURES].shape == (model.backbone.num_features,)
     assert result.local[LOCAL_FEATURES].norm() <= 1 + 1e-6
+
+
+def test_a_text_model_is_refused_with_one_line(tmp_path):
+    """The per-input weight needs a representation of each input, which only the image model offers so far."""
+    cfg = parse_fit_args([*REDUCED_DEMO, *TINY_LLAMA, "--server.method", "feddpa", "--out_dir", str(tmp_path)])
+    with pytest.raises(UserError, match=r"^server.method: feddpa's clients weigh .* TextLoraModel does not offer"):
+        FederatedTrainer(cfg, launch_fabric(cfg))

@@ -14,6 +14,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lorafair.aggregation import ClientRule, ClientUpdate, build_aggregator
+from lorafair.cli import main
 from lorafair.config import ConfigError
 from lorafair.federated.checkpoints import load_checkpoint
 from lorafair.fit import fit
@@ -362,8 +363,9 @@ def test_feddpa_clients_keep_their_own_local_adapter_upload_only_the_global_pair
         results["final"]["accuracy"])
 
 
-def test_a_feddpa_run_stopped_after_round_1_resumes_to_the_uninterrupted_result(tmp_path):
-    """Each client's local adapter and feature summary travel through the checkpoint."""
+def test_a_feddpa_run_stopped_after_round_1_resumes_to_the_uninterrupted_result(tmp_path, capsys):
+    """Each client's local adapter and feature summary travel through the checkpoint. A client's own model mixes
+    its local adapter in per input, which no peft adapter holds: its export is refused with one line."""
     whole = fit(tiny_config(tmp_path / "whole", "--server.method", "feddpa"))
     fit(tiny_config(tmp_path / "resumed", "--server.method", "feddpa", "--federation.rounds", "1"))
     resumed = fit(tiny_config(tmp_path / "resumed", "--server.method", "feddpa", "--resume", "auto"))
@@ -373,3 +375,7 @@ def test_a_feddpa_run_stopped_after_round_1_resumes_to_the_uninterrupted_result(
                     for run in ("resumed", "whole"))
     assert ours["client_states"].keys() == theirs["client_states"].keys()
     assert all(torch.equal(ours["client_states"][key], theirs["client_states"][key]) for key in ours["client_states"])
+    capsys.readouterr()
+    assert main(["export", "--run", str(tmp_path / "whole"), "--client", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "mixes a local adapter of its own" in err and len(err.splitlines()) == 1, err
