@@ -97,10 +97,6 @@ class FederatedTrainer:
         self.rank, self.world = self.transport.rank, self.transport.world
         self.client = LocalTrainer(self.model, fabric, cfg.client, cfg.data, cfg.seed, show_progress=self.rank == 0)
         self.server = Server(cfg.server, cfg.federation.on_bad_update, cfg.seed, log=fabric.print)
-        if self.client_rule(1).local is not None and not hasattr(self.model, "representations"):
-            raise UserError(f"server.method: {cfg.server.method}'s clients weigh their local adapter by the "
-                            f"similarity of an input's representation to their training inputs', which "
-                            f"{type(self.model).__name__} does not offer yet; run it on an image model")
         if self.server.aggregator.starts_from_weights:
             self.global_state = self.initial_state = self.start_from_weights()
         self.identity = trajectory_identity(flatten_config(config_to_dict(cfg)), run_fingerprints(self.data, cfg.model))

@@ -12,13 +12,12 @@ import torch
 from torch.utils.data import ConcatDataset, Subset
 
 from lorafair.aggregation import ClientUpdate, LocalAdapter, build_aggregator
-from lorafair.errors import UserError
 from lorafair.federated.launch import launch_fabric
 from lorafair.federated.loop import FederatedTrainer
 from lorafair.federated.state import GlobalState
 from lorafair.flower.strategy import flower_refusal
 from lorafair.keys import LOCAL, LOCAL_FEATURES, unpack_pairs
-from tests.helpers import REDUCED_DEMO, TINY_LLAMA, parse_fit_args, tiny_config
+from tests.helpers import tiny_config
 
 SHAPES = {"blocks.0.attn.proj": (6, 5), "blocks.0.mlp.fc2": (6, 9), "blocks.1.attn.proj": (6, 5)}
 RANK = 2
@@ -198,9 +197,3 @@ def test_the_local_phase_trains_the_local_adapter_alone_and_the_global_phase_the
     assert result.local[LOCAL_FEATURES].shape == (model.backbone.num_features,)
     assert result.local[LOCAL_FEATURES].norm() <= 1 + 1e-6
 
-
-def test_a_text_model_is_refused_with_one_line(tmp_path):
-    """The per-input weight needs a representation of each input, which only the image model offers so far."""
-    cfg = parse_fit_args([*REDUCED_DEMO, *TINY_LLAMA, "--server.method", "feddpa", "--out_dir", str(tmp_path)])
-    with pytest.raises(UserError, match=r"^server.method: feddpa's clients weigh .* TextLoraModel does not offer"):
-        FederatedTrainer(cfg, launch_fabric(cfg))
