@@ -84,8 +84,9 @@ class FederatedTrainer:
         self.model = build_model(cfg, self.data.num_classes, fabric.device)
         self.union, self.participants, self.client_ranks = participants(cfg, self.data)
         self.own_states: dict[int, OwnState] = {}
-        """What each client keeps of its own (`ClientRule.keeps`; the local bound: its whole state) after the last
-        round it trained in; a client that has not trained yet holds the run's initial tensors."""
+        """What each client keeps of its own (`ClientRule.keeps` and a local adapter, `ClientRule.local`; the local
+        bound: its whole state) after the last round it trained in; a client that has not trained yet holds the
+        run's initial tensors."""
         self.trained: dict[int, OwnState] = {}
         """What the clients of this round keep, from every rank, until the round's answer says whose to keep."""
         self.lower_ranks = tuple(sorted(set(self.client_ranks.values()) - {cfg.lora.r}))
