@@ -183,9 +183,10 @@ def checkpoint_state(round_index: int, identity: dict[str, Any], results: dict[s
                      client_states: dict[int, OwnState] | None = None,
                      client_ranks: dict[int, int] | None = None) -> dict[str, Any]:
     """What a round's checkpoint holds (on the CPU); `base` only once merges changed the frozen weights,
-    `client_states` only where clients keep tensors of their own between rounds (`ClientRule.keeps`, the local
-    bound): each client's own, so that a resumed run starts each client from exactly what it kept; `client_ranks`
-    (client id -> LoRA rank) only where clients may lower their own rank (`Aggregator.self_prunes`)."""
+    `client_states` only where clients keep tensors of their own between rounds (`ClientRule.keeps`, a local
+    adapter, the local bound): each client's own, so that a resumed run starts each client from exactly what it
+    kept; `client_ranks` (client id -> LoRA rank) only where clients may lower their own rank
+    (`Aggregator.self_prunes`)."""
     return {"round": round_index, "identity": identity, "results": results,
             "lora": nest_pairs(state.lora),
             "lora_by_rank": {rank: nest_pairs(pairs) for rank, pairs in state.by_rank.items()},

@@ -28,7 +28,7 @@ import torch
 from lightning.fabric import Fabric
 from tqdm import tqdm
 
-from lorafair.aggregation import ClientRule, ClientUpdate, RoundState, ranks, svd_start
+from lorafair.aggregation import ClientRule, ClientUpdate, LocalAdapter, RoundState, ranks, svd_start
 from lorafair.config import BOUND_METHOD, FitConfig, metric_name
 from lorafair.data import Client, FederatedData
 from lorafair.data.build import build_data
@@ -57,6 +57,7 @@ from lorafair.federated.state import (
     Scores,
     ServerAnswer,
     ServerRecord,
+    is_local,
     kept_tensors,
 )
 from lorafair.federated.transport import PeerLost, TorchDistributedTransport
@@ -83,8 +84,9 @@ class FederatedTrainer:
         self.model = build_model(cfg, self.data.num_classes, fabric.device)
         self.union, self.participants, self.client_ranks = participants(cfg, self.data)
         self.own_states: dict[int, OwnState] = {}
-        """What each client keeps of its own (`ClientRule.keeps`; the local bound: its whole state) after the last
-        round it trained in; a client that has not trained yet holds the run's initial tensors."""
+        """What each client keeps of its own (`ClientRule.keeps` and a local adapter, `ClientRule.local`; the local
+        bound: its whole state) after the last round it trained in; a client that has not trained yet holds the
+        run's initial tensors."""
         self.trained: dict[int, OwnState] = {}
         """What the clients of this round keep, from every rank, until the round's answer says whose to keep."""
         self.pruned: dict[int, int] = {}
@@ -177,7 +179,7 @@ class FederatedTrainer:
         method = self.server.aggregator
         penalty = method.client_penalty if method.self_prunes else None
         results = [self.client.train(self.participants[c], self.start_state(c, rule), round_index,
-                                     self.client_ranks[c], steps, rule.trains, penalty)
+                                     self.client_ranks[c], steps, rule.trains, penalty, rule.local)
                    for c in hosted[self.rank]]
         self.pruned = {}
         if method.self_prunes:
@@ -186,7 +188,7 @@ class FederatedTrainer:
                            for client, rank in shared.items() if rank < self.client_ranks[client]}
         self.trained = {}
         if rule.personal:
-            own = {r.client: kept_tensors(r.update.lora, r.update.extra, rule) for r in results}
+            own = {r.client: {**kept_tensors(r.update.lora, r.update.extra, rule), **r.local} for r in results}
             self.trained = {client: state for states in self.transport.share(own) for client, state in states.items()}
         self.transport.wait_for_all()
         trained = time.perf_counter()
@@ -267,7 +269,8 @@ class FederatedTrainer:
         clients = self.data.clients
         total = sum(client.num_samples for client in clients)
         held = [(client.num_samples, self.own_states.get(client.id)) for client in clients]
-        initial = self.initial_state.kept(rule, self.cfg.lora.r)
+        initial = {key: tensor for key, tensor in self.initial_state.kept(rule, self.cfg.lora.r).items()
+                   if not is_local(key)}  # a local adapter is never part of the global model
         device = next(iter(self.global_state.lora.values()))[0].device
         mean = {key: (sum(count * (own if own is not None else initial)[key].to("cpu", torch.float64)
                           for count, own in held) / total).to(dtype=tensor.dtype, device=device)
@@ -308,15 +311,17 @@ class FederatedTrainer:
         if self.setting == "local":
             return self.score(own), None
         scores = self.score([(self.global_state, None, self.data.domains)])
-        return scores, self.score(own) if rule.personal else None
+        return scores, self.score(own, rule.local) if rule.personal else None
 
-    def score(self, models: list[tuple[GlobalState, int | None, list[str]]]) -> Scores:
-        """Scores of (state, LoRA rank, domains whose test sets it is scored on) models; each rank takes a
-        contiguous shard of every test set and the transport sums the shards."""
+    def score(self, models: list[tuple[GlobalState, int | None, list[str]]], local: LocalAdapter | None = None
+              ) -> Scores:
+        """Scores of (state, LoRA rank, domains whose test sets it is scored on) models, each mixing its local
+        adapter in by `local` where it holds one; each rank takes a contiguous shard of every test set and the
+        transport sums the shards."""
         sums, items, domains = [], [], []
         for state, rank, model_domains in models:
             model_sums, model_items = self.client.evaluation_sums(state, [self.data.test[d] for d in model_domains],
-                                                                  (self.rank, self.world), rank)
+                                                                  (self.rank, self.world), rank, local)
             sums.append(model_sums)
             items += model_items
             domains += model_domains

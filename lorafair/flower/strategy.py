@@ -54,7 +54,8 @@ def flower_refusal(method: str, options: dict[str, Any] | None = None) -> str | 
                 "do; run it with lorafair fit, or leave prune_gamma at 1")
     odd, even = aggregator.client_rule(1), aggregator.client_rule(2)
     if odd.personal or even.personal:
-        kept = " and ".join(filter(None, (odd.keeps or even.keeps, "head" if odd.keeps_extra else "")))
+        kept = " and ".join(filter(None, (odd.keeps or even.keeps, "head" if odd.keeps_extra else "",
+                                          "local adapter" if odd.local or even.local else "")))
         return (f"{method} cannot run under Flower yet: its clients keep their own {kept} between rounds, which "
                 "lorafair's Flower integration does not hold; run it with lorafair fit")
     if odd != even:

@@ -110,12 +110,14 @@ def test_the_local_bound_on_two_ranks_matches_one_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_fedsa_lora_on_two_ranks_keeps_every_clients_own_b_as_one_process_does(tmp_path):
-    """A client trained on one rank may train on the other next round: every rank must hold every client's B, and
-    rank 0 checkpoints all of them; the two-rank run then matches one process up to float summation order."""
+@pytest.mark.parametrize("method", ["fedsa_lora", "feddpa"])
+def test_a_method_whose_clients_keep_their_own_on_two_ranks_keeps_every_clients_as_one_process_does(method, tmp_path):
+    """A client trained on one rank may train on the other next round: every rank must hold what every client keeps
+    (FedSA-LoRA: its B; FedDPA: its local adapter and feature summary), and rank 0 checkpoints all of them; the
+    two-rank run then matches one process up to float summation order."""
     from lorafair.fit import fit
 
-    args = ("--server.method", "fedsa_lora", "--federation.rounds", "3")
+    args = ("--server.method", method, "--federation.rounds", "3")
     single = fit(tiny_config(tmp_path / "one", *args))
     run_on_two_ranks(tiny_args(tmp_path / "two", *args))
     distributed = json.loads((tmp_path / "two" / "results.json").read_text())
