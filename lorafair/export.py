@@ -54,7 +54,7 @@ from lorafair.federated.run_folder import (
     read_fit_config,
     refuse_shared_folder,
 )
-from lorafair.federated.state import GlobalState, ResumeState
+from lorafair.federated.state import GlobalState, ResumeState, is_local
 from lorafair.files import current_umask, is_disk_full, write_json
 from lorafair.keys import peft_key
 from lorafair.models.build import build_model, state_shapes
@@ -148,7 +148,8 @@ def global_model(run: RunState, client: int | None = None) -> LoraClassifier | T
 def client_state(run: RunState, client: int) -> GlobalState:
     """What `client` starts the round after the checkpoint's from, its own model: the global state with the tensors
     it keeps (`client_states` of the checkpoint) in their place. UserError where the run's clients keep nothing of
-    their own, `client` is not one of the run's clients, or it has nothing of its own yet."""
+    their own, `client` is not one of the run's clients, or it has nothing of its own yet, and where it mixes in a
+    local adapter per input (`ClientRule.local`)."""
     saved, method = run.saved, run.cfg.server.method
     if not saved.client_states:
         raise UserError(f"--client {client}: the clients of {run.run_dir} ({method}) keep nothing of their own "
@@ -160,6 +161,10 @@ def client_state(run: RunState, client: int) -> GlobalState:
     if own is None:
         raise UserError(f"--client {client}: client {client} had not trained by round {saved.round}, so it holds "
                         f"nothing of its own yet; export a later round or another client")
+    if any(is_local(key) for key in own):
+        raise UserError(f"--client {client}: a client of {run.run_dir} ({method}) mixes a local adapter of its own "
+                        "with the global one, weighted per input, which a peft adapter cannot hold; leave out "
+                        "--client to export the global model")
     held = saved.state.tensors()
     if any(held[key].shape != tensor.shape for key, tensor in own.items()):
         raise UserError(f"--client {client}: client {client} trains at a LoRA rank below lora.r "

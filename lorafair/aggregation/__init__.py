@@ -26,7 +26,7 @@ from lorafair.aggregation.registry import (
     registered_methods,
     user_options,
 )
-from lorafair.aggregation.rules import ClientRule
+from lorafair.aggregation.rules import ClientRule, LocalAdapter
 from lorafair.aggregation.streaming import RoundState
 from lorafair.aggregation.updates import ClientUpdate, GlobalUpdate, find_bad_updates
 
@@ -35,6 +35,7 @@ __all__ = [
     "ClientRule",
     "ClientUpdate",
     "GlobalUpdate",
+    "LocalAdapter",
     "OptionError",
     "RoundState",
     "build_aggregator",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numbers
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import ClassVar
 
@@ -76,6 +76,23 @@ class Aggregator:
         """The factors the server's answer to round `round_index` changes, the only ones that travel down: by default
         those the clients uploaded (a client holds the others already)."""
         return self.client_rule(round_index).sends
+
+    @property
+    def self_prunes(self) -> bool:
+        """Whether the clients may lower their own LoRA rank after a round (`pruned_rank`; HetLoRA's rank
+        self-pruning): the round loop then keeps each client's rank, shares it and checkpoints it."""
+        return False
+
+    def client_penalty(self, lora: Mapping[str, ranks.Pair]) -> Tensor | None:
+        """A term each client adds to its training loss, of its live LoRA pairs at its own rank (gradients flow
+        through it); None: none (the default)."""
+        return None
+
+    def pruned_rank(self, start: Mapping[str, ranks.Pair], trained: Mapping[str, ranks.Pair]) -> int:
+        """The LoRA rank a client keeps from this round on, from the pairs it started the round from and those it
+        trained (both at its rank); a lower rank than theirs means it uploads and keeps only its leading
+        components. By default its rank."""
+        return next(iter(trained.values()))[0].shape[0]
 
     def combine(self, group: LayerGroup) -> GroupResult:
         raise NotImplementedError

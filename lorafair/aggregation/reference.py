@@ -234,5 +234,6 @@ _METHODS: dict[str, Callable[..., tuple[Factors | None, Tensor | None]]] = {
     "fedsvd": _fedsvd,
     "hetlora": _hetlora,
     "frlora": _frlora,
+    "feddpa": _fedit,  # the global pairs averaged, as FedIT; the local adapters never reach the server
     "fed_sb": _fed_sb,
 }

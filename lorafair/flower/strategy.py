@@ -41,9 +41,9 @@ from lorafair.seeds import derive_seed, fresh_lora, seeded_generator
 
 def flower_refusal(method: str, options: dict[str, Any] | None = None) -> str | None:
     """Why `method` cannot run under Flower yet, from its traits and client rule, or None: lorafair's Flower nodes
-    do not start LoRA from the SVD of their frozen weights or of a gradient, its Flower integration holds nothing a
-    client keeps of its own between rounds (nor scores such a client's own model), and `LoraStrategy`'s messages do
-    not tell a client which factors to train this round."""
+    do not start LoRA from the SVD of their frozen weights or of a gradient nor prune their own rank, its Flower
+    integration holds nothing a client keeps of its own between rounds (nor scores such a client's own model), and
+    `LoraStrategy`'s messages do not tell a client which factors to train this round."""
     aggregator = build_aggregator(method, **(options or {}))
     if aggregator.starts_from_weights:
         return (f"{method} cannot run under Flower yet: its LoRA starts from the SVD of the frozen weights, taken out "
@@ -51,9 +51,14 @@ def flower_refusal(method: str, options: dict[str, Any] | None = None) -> str | 
     if aggregator.starts_from_gradient:
         return (f"{method} cannot run under Flower yet: its LoRA starts from the SVD of a gradient every client "
                 "takes before round 1, an exchange lorafair's Flower nodes do not make; run it with lorafair fit")
+    if aggregator.self_prunes:
+        return (f"{method} cannot run under Flower yet with rank self-pruning (server.prune_gamma below 1): its "
+                "clients add a penalty to their loss and lower their own rank, which lorafair's Flower nodes do not "
+                "do; run it with lorafair fit, or leave prune_gamma at 1")
     odd, even = aggregator.client_rule(1), aggregator.client_rule(2)
     if odd.personal or even.personal:
-        kept = " and ".join(filter(None, (odd.keeps or even.keeps, "head" if odd.keeps_extra else "")))
+        kept = " and ".join(filter(None, (odd.keeps or even.keeps, "head" if odd.keeps_extra else "",
+                                          "local adapter" if odd.local or even.local else "")))
         return (f"{method} cannot run under Flower yet: its clients keep their own {kept} between rounds, which "
                 "lorafair's Flower integration does not hold; run it with lorafair fit")
     if odd != even:

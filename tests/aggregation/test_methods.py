@@ -180,7 +180,7 @@ def test_bytes_per_client_per_round():
         expected_down = {"fedit": sizes, "ffa_lora": B_only, "flora": K * sizes, "flexlora": sizes,
                          "lorafair": sizes, "florana": sizes, "fedex_lora": sizes + (K + 1) * sizes,
                          "fedsa_lora": A_only, "rolora": A_only, "fedsvd": sizes, "hetlora": sizes,
-                         "frlora": 2 * sizes, "fed_sb": cores}
+                         "frlora": 2 * sizes, "feddpa": sizes, "fed_sb": cores}
         for method in registered_methods():
             out = build_aggregator(method).aggregate(updates)
             assert out.bytes_up == up.get(method, sizes) * 8 + head

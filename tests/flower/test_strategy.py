@@ -276,6 +276,8 @@ def test_merging_methods_are_refused_under_client_side_differential_privacy():
 
 @pytest.mark.parametrize(("method", "reason"), [
     ("fedsa_lora", "its clients keep their own B between rounds, which lorafair's Flower integration does not hold"),
+    ("feddpa", "its clients keep their own local adapter between rounds, which lorafair's Flower integration does "
+               "not hold"),
     ("rolora", "its clients train A in odd rounds and B in even ones, which lorafair's Flower messages do not tell "
                "them"),
 ])
