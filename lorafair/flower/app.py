@@ -232,7 +232,7 @@ class FlowerRoundLoop(FederatedTrainer):
         if first > 1 and self.no_global_model is not None:
             raise UserError(f"{self.cfg.server.method} cannot resume under Flower: what each client keeps of its own "
                             f"lives in its node's state, which a new Flower run starts empty; start the run afresh "
-                            f"(another out_dir, or resume false) or run it with lorafair fit")
+                            f"(another out_dir, or --overwrite true) or resume it with lorafair fit")
         if self.merged:
             self.resumed_base = self.model.base_state()
         self.node_of = partition_nodes(self.grid, len(self.data.clients), self.timeout)

@@ -18,6 +18,7 @@ from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from lorafair.cli import main
+from lorafair.errors import UserError
 from lorafair.federated.checkpoints import list_checkpoints, load_checkpoint
 from lorafair.flower.app import make_client_app, run_server
 from lorafair.flower.records import OWN, PENDING
@@ -129,3 +130,15 @@ def test_fedsa_lora_nodes_keep_their_own_b_which_never_travels_and_score_their_o
             torch.testing.assert_close(tensor, fit_states[node - 10][key], rtol=0, atol=0)
     key = next(iter(held[0]))
     assert not torch.equal(held[0][key], held[1][key]) and not torch.equal(held[1][key], held[2][key])
+
+
+def test_a_flower_run_whose_clients_keep_factors_does_not_resume(tmp_path):
+    """A new Flower run's nodes start with empty states: resuming would silently restart every client's own B."""
+    args = [*JOB, "--server.method", "fedsa_lora"]
+    assert main(["fit", *tiny_args(tmp_path, *args, "--federation.rounds", "1")]) == 0
+    cfg = tiny_config(tmp_path, *args)
+    grid = InProcessGrid(make_client_app(lambda _: cfg), 3)
+    with pytest.raises(UserError, match="fedsa_lora cannot resume under Flower: what each client keeps of its own "
+                                        "lives in its node's state"):
+        run_server(cfg, grid, timeout=60)
+    assert grid.exchanges == []
