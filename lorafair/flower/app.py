@@ -354,7 +354,7 @@ class FlowerRoundLoop(FederatedTrainer):
                 sums, items = tensors["sums"].to(torch.float64), tensors["items"].to(torch.float64)
                 if sums.shape != (1, EVALUATION_SUMS) or items.shape != (len(self.data.test[domain]),):
                     raise ValueError(f"scores of shapes {tuple(sums.shape)} and {tuple(items.shape)}")
-            except (KeyError, TypeError, ValueError) as err:
+            except (AttributeError, KeyError, TypeError, ValueError) as err:
                 reason = " ".join(str(err).split())[:200]
                 self.fabric.print(f"warning: round {round_index}: client {client} scored no personalised model "
                                   f"({reason})")
@@ -377,7 +377,7 @@ class FlowerRoundLoop(FederatedTrainer):
             super().finish()
             return
         self.outputs.finish("global model", metric_name(self.cfg.data.name))
-        self.fabric.print(f"no {EXPORT_NAME}/ written: the global model is {self.no_global_model.split(':')[0]}")
+        self.fabric.print(f"no {EXPORT_NAME}/ written: there is no global model under Flower")
 
 
 def kept_keys(state: GlobalState, rule: ClientRule) -> set[str]:

@@ -303,7 +303,8 @@ class LoraStrategy(FedAvg):
         metrics.update({f"aggregation-{name}": float(value) for name, value in result.metrics.items()})
         metrics.update({"bad-updates": bad_count, "failed-nodes": len(errors)})
         kept_keys, _ = self._kept_keys(rule)
-        return state_to_arrays(lora, result.extra, [key for key in self.template if key not in kept_keys]), metrics
+        order = [key for key in self.template if key not in kept_keys] if self.template else None
+        return state_to_arrays(lora, result.extra, order), metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
