@@ -52,7 +52,7 @@ from lorafair.federated import faults
 from lorafair.federated.client import EVALUATION_SUMS, LocalTrainer
 from lorafair.federated.launch import launch_fabric
 from lorafair.federated.loop import FederatedTrainer
-from lorafair.federated.run_folder import EXPORT_NAME, own_run_folder, results_path
+from lorafair.federated.run_folder import EXPORT_NAME, GLOBAL_MODEL, own_run_folder, results_path
 from lorafair.federated.server import aggregator_options
 from lorafair.federated.state import ClientResult, GlobalState, RoundRecord, Scores, ServerAnswer, kept_tensors
 from lorafair.flower.records import KEPT_ROUND, hold_pending, own_tensors, rule_of_config, rule_to_config
@@ -226,6 +226,8 @@ class FlowerRoundLoop(FederatedTrainer):
         kept = next((rule for rule in rules if rule.personal), None)
         self.no_global_model = None if kept is None else NO_GLOBAL_MODEL.format(kept=kept.keeps or "head")
         """Why there is no global model, where clients keep factors of their own; else None."""
+        if self.no_global_model is not None:  # in every checkpoint, which holds no global model either
+            self.outputs.results[GLOBAL_MODEL] = self.no_global_model
 
     def start_or_resume(self) -> int:
         first = super().start_or_resume()

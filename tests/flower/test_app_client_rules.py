@@ -16,6 +16,7 @@ import pytest
 import torch
 from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
+from PIL import Image
 
 from lorafair.cli import main
 from lorafair.errors import UserError
@@ -142,3 +143,27 @@ def test_a_flower_run_whose_clients_keep_factors_does_not_resume(tmp_path):
                                         "lives in its node's state"):
         run_server(cfg, grid, timeout=60)
     assert grid.exchanges == []
+
+
+def test_a_flower_run_whose_clients_keep_factors_has_no_model_to_export_evaluate_or_predict(tmp_path, capsys):
+    """Its checkpoints hold the server's A with the initial B (the nodes' own B never reached the server): export,
+    evaluate and predict refuse every round's checkpoint with one line, the round that was not evaluated too (it is
+    the results.json entry of the whole run they read, not an evaluated round's), and write nothing."""
+    run = tmp_path / "flower"
+    cfg = tiny_config(run, *JOB, "--server.method", "fedsa_lora", "--federation.rounds", "2",
+                      "--federation.eval_every", "2")
+    run_server(cfg, InProcessGrid(make_client_app(lambda _: cfg), 3), timeout=60)
+    assert sorted(list_checkpoints(run / "checkpoints"))[0].name == "round_00001.ckpt"
+    assert "global_model" not in json.loads((run / "results.json").read_text())["rounds"][0]  # round 1: no scores
+    capsys.readouterr()
+    image = tmp_path / "image.png"
+    Image.new("RGB", (16, 16)).save(image)
+    for command in (["export", "--run", str(run)], ["export", "--run", str(run), "--round", "1"],
+                    ["export", "--run", str(run), "--client", "0"], ["evaluate", "--run", str(run)],
+                    ["predict", "--run", str(run), str(image)]):
+        assert main(command) == 2, command
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{run} has no model to load, its global model being not available under Flower: " \
+                                  "each client keeps its own B, which never reaches the server" in err[0], command
+        assert "run the same config with `lorafair fit`" in err[0]
+    assert not any(path.name.startswith("final") for path in run.iterdir())
