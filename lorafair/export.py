@@ -48,6 +48,7 @@ from lorafair.federated.run_folder import (
     CONFIG_NAME,
     EXPORT_MARKER,
     EXPORT_NAME,
+    GLOBAL_MODEL,
     checkpoint_dir,
     hold_folder,
     is_export,
@@ -104,7 +105,9 @@ class LoraAdapter:
 def open_run(run_dir: Path, round_index: int | None = None, say: Callable[[str], None] = print) -> RunState:
     """The checkpoint of `round_index` (default: the newest) of a run folder, with the run's settings.
 
-    An unfinished run gives its newest checkpoint and says which round that is.
+    An unfinished run gives its newest checkpoint and says which round that is. A run whose results say it has no
+    global model (`GLOBAL_MODEL`: under Flower, what its clients keep never reached the server) is refused: its
+    checkpoints hold the server's part of the model only, which would load as a model nobody trained.
     """
     run_dir = Path(run_dir)
     kept = kept_rounds(checkpoint_dir(run_dir))
@@ -127,6 +130,12 @@ def open_run(run_dir: Path, round_index: int | None = None, say: Callable[[str],
     path = kept[round_index]
     state = load_checkpoint(path)
     saved = read_round(path, state)
+    missing = state["results"].get(GLOBAL_MODEL)
+    if missing is not None:
+        raise UserError(f"{run_dir} has no model to load, its global model being {missing}. Its checkpoints hold only "
+                        f"the server's factors, with the initial ones where the clients keep their own: for a model, "
+                        f"run the same config with `lorafair fit`, then `lorafair export --run RUN` writes the global "
+                        f"model and `--client ID` a client's own")
     clients = {entry["id"]: entry["domain"] for entry in state["results"].get("clients", [])}
     return RunState(run_dir, cfg, classes, saved, clients)
 

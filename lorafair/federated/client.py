@@ -118,9 +118,9 @@ class LocalTrainer:
         bar.close()
         own = {} if local is None else self.local_state(client, local, seed)
         lora = self.model.get_lora()
-        if faults.is_poisoned(round_index, client.id):
+        if faults.is_poisoned(round_index, client.id):  # in a factor it trained, which it uploads or keeps
             first = next(iter(lora))
-            lora[first][0].view(-1)[0] = float("nan")
+            lora[first]["AB".index(factors[0])].view(-1)[0] = float("nan")
         update = ClientUpdate(weight=client.num_samples, lora=lora, extra=self.model.get_extra())
         self.model.set_rank(self.global_rank)
         return ClientResult(client=client.id, update=update, train_loss=loss_sum / steps if steps else float("nan"),

@@ -155,9 +155,11 @@ class Scores:
     @classmethod
     def of(cls, domains: list[str], rows: list[str], sums: Tensor, items: list[Tensor]) -> Scores:
         """From `LocalTrainer.evaluation_sums` summed over the shards, with one row (and item vector) per model
-        and test set, `rows` naming each row's domain: a domain's score is the mean over its rows."""
+        and test set, `rows` naming each row's domain: a domain's score is the mean over its rows (NaN where it has
+        none: under Flower, every node of its clients failed to score)."""
         def mean_of(ratios: Tensor, domain: str) -> float:
-            return torch.stack([ratios[i] for i, name in enumerate(rows) if name == domain]).mean().item()
+            scored = [ratios[i] for i, name in enumerate(rows) if name == domain]
+            return torch.stack(scored).mean().item() if scored else float("nan")  # no model of it was scored
 
         accuracy = {domain: mean_of(sums[:, 0] / sums[:, 1], domain) for domain in domains}
         eval_loss = (None if not sums[:, 3].any() else
@@ -197,6 +199,9 @@ class RoundRecord:
     elsewhere, and in a round that was not evaluated)."""
     items: bool = False
     """Keep the per-item scores (the last round)."""
+    global_model: str | None = None
+    """Why the round has no global scores though it was evaluated (a method whose clients keep factors, under
+    Flower: the server never sees them); None where it has them or was not evaluated."""
 
     def to_dict(self) -> dict[str, Any]:
         seconds = self.seconds
@@ -206,6 +211,8 @@ class RoundRecord:
             record.update(self.scores.to_dict(self.items))
         if self.personalised is not None:
             record["personalised"] = self.personalised.to_dict(self.items)
+        if self.global_model is not None:
+            record["global_model"] = self.global_model
         return record
 
 

@@ -14,6 +14,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lorafair.aggregation import ClientRule, ClientUpdate, build_aggregator
+from lorafair.aggregation.fedsa_lora import FedSALoRA
 from lorafair.cli import main
 from lorafair.config import ConfigError
 from lorafair.federated.checkpoints import load_checkpoint
@@ -379,3 +380,33 @@ def test_a_feddpa_run_stopped_after_round_1_resumes_to_the_uninterrupted_result(
     assert main(["export", "--run", str(tmp_path / "whole"), "--client", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert "mixes a local adapter of its own" in err and len(err.splitlines()) == 1, err
+
+
+def test_iid_clients_are_refused_where_clients_keep_factors_and_score_their_own_models(tmp_path, capsys,
+                                                                                       monkeypatch):
+    """The personalised evaluation scores each client's own model on its own domain, which no iid client has: the
+    config is refused before anything runs, by the method's client rule, not by its name."""
+    iid = ["--federation.partition", "iid", "--federation.rounds", "1"]
+    assert main(["fit", *tiny_args(tmp_path / "fedsa", "--server.method", "fedsa_lora", *iid)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and ("federation.partition: iid gives no client a domain of its own, yet fedsa_lora's "
+                              "clients keep factors of their own") in err[0] and "use partition feature" in err[0]
+    assert not (tmp_path / "fedsa").exists()
+    with pytest.raises(ConfigError, match=r"^federation\.partition: iid gives no client a domain of its own, yet "
+                                          r"feddpa's clients keep"):
+        parse_fit_args(tiny_args(tmp_path, "--server.method", "feddpa", *iid))  # its local adapter
+    parse_fit_args(tiny_args(tmp_path, "--server.method", "rolora", *iid))  # another factor each round, none kept
+    parse_fit_args(tiny_args(tmp_path, "--server.method", "fedsa_lora", *iid, "--federation.setting", "centralized"))
+
+    def keeps_b_from_round(first):
+        return lambda self, round_index: ClientRule("AB", "A", "B") if round_index >= first else ClientRule()
+
+    # round r's evaluation scores by round r + 1's rule: a rule keeping B from round 2 on is refused in a 1-round
+    # run, one keeping it from round 3 on is not (no evaluation of a 1-round run sees it)
+    monkeypatch.setattr(FedSALoRA, "client_rule", keeps_b_from_round(2))
+    with pytest.raises(ConfigError, match=r"^federation\.partition: iid"):
+        parse_fit_args(tiny_args(tmp_path, "--server.method", "fedsa_lora", *iid))
+    monkeypatch.setattr(FedSALoRA, "client_rule", keeps_b_from_round(3))
+    parse_fit_args(tiny_args(tmp_path, "--server.method", "fedsa_lora", *iid))
+    with pytest.raises(ConfigError, match=r"^federation\.partition: iid"):
+        parse_fit_args(tiny_args(tmp_path, "--server.method", "fedsa_lora", *iid, "--federation.rounds", "2"))
