@@ -49,7 +49,7 @@ VARIANTS = [
     ("fedit", {}), ("ffa_lora", {}), ("flora", {}), ("flexlora", {}),
     ("lorafair", {"objective": "cosine"}), ("lorafair", {"objective": "column_cosine"}),
     ("lorafair", {"objective": "frobenius"}), ("florana", {}), ("fedex_lora", {}), ("fedsvd", {}),
-    ("hetlora", {}), ("frlora", {}),
+    ("hetlora", {}), ("frlora", {}), ("fed_sb", {}),
 ]
 
 
@@ -72,15 +72,13 @@ def make_updates(clients: int, rank: int, dtype: torch.dtype, seed: int = 0,
     return updates
 
 
-def shared_A_updates(updates: list[ClientUpdate]) -> list[ClientUpdate]:
-    """Every client with client 0's A, as FFA-LoRA and FedSVD require."""
+def shared_updates(updates: list[ClientUpdate], method: str) -> list[ClientUpdate]:
+    """The updates with every factor the method's clients return as given (its client rule freezes it in round 1:
+    A for FFA-LoRA and FedSVD, B for Fed-SB) taken from client 0, as the method requires."""
+    frozen = build_aggregator(method).client_rule(1).frozen
     first = updates[0].lora
-    return [ClientUpdate(u.weight, {n: (first[n][0], B) for n, (_, B) in u.lora.items()}) for u in updates]
-
-
-def freezes_A(method: str) -> bool:
-    """Whether the method's clients return the A they were given (so every client's A is the same)."""
-    return "A" in build_aggregator(method).client_rule(1).frozen
+    return [ClientUpdate(u.weight, {n: (first[n][0] if "A" in frozen else A, first[n][1] if "B" in frozen else B)
+                                    for n, (A, B) in u.lora.items()}) for u in updates]
 
 
 def mixed_rank_updates(clients: int, ranks: tuple[int, ...], dtype: torch.dtype) -> list[ClientUpdate]:
@@ -161,7 +159,7 @@ def sweep(clients_list: list[int], methods: list[str] | None, skip_above: dict[s
             label = method + (f"[{options['objective']}]" if "objective" in options else "")
             if (methods and label not in methods) or clients > skip_above.get(label, clients):
                 continue
-            used = shared_A_updates(updates) if freezes_A(method) else updates
+            used = shared_updates(updates, method)
             call = partial(build_aggregator(method, **options).aggregate, used)
             took, peak = seconds(call), peak_bytes(call)
             row["methods"][label] = {"s": took, "vs_dense_floor": took / row["floor_dense_s"], "peak_bytes": peak}
@@ -234,7 +232,7 @@ def main() -> None:
         updates = mixed_rank_updates(clients, rank, torch.float32) if args.mixed else \
             make_updates(clients, rank, torch.float32)
         for method, options in MIXED_VARIANTS if args.mixed else VARIANTS:
-            used = shared_A_updates(updates) if freezes_A(method) else updates
+            used = shared_updates(updates, method)
             row = {"K": clients, "r": rank, "method": method, "options": options,
                    **measure(method, options, used, args.steps, args.dense_steps)}
             rows.append(row)

@@ -452,6 +452,14 @@ class FitConfig:
         text, a classifier head); the other language models are causal LMs that generate their answers."""
         return self.data.name == "text_classification"
 
+    def clients_keep_their_own(self) -> bool:
+        """Whether the method's clients keep anything of their own at an evaluation (`ClientRule.personal`), which
+        then scores each client's own model on its own domain: round r's evaluation takes round r + 1's rule."""
+        options = {name: getattr(self.server, name) for name in method_options(self.server.method)
+                   if name in user_options()}
+        server = build_aggregator(self.server.method, **options)
+        return any(server.client_rule(r).personal for r in range(2, self.federation.rounds + 2))
+
     def validate(self) -> None:
         for section in (self.server, self.model, self.lora, self.data, self.federation, self.client, self.text):
             section.validate()
@@ -461,6 +469,14 @@ class FitConfig:
         _require(not self.model.load_in_4bit or not method_class(self.server.method).merges, "model.load_in_4bit",
                  f"{self.server.method} merges LoRA products into the frozen weights, which 4-bit weights cannot "
                  f"take; use another method or 16-bit weights")
+        _require(not self.model.load_in_4bit or not method_class(self.server.method).starts_from_gradient,
+                 "model.load_in_4bit", f"{self.server.method} starts from the gradient of the loss at the frozen "
+                 "weights, which 4-bit weights do not have; use another method or 16-bit weights")
+        _require(self.federation.partition != "iid" or self.federation.setting != "federated"
+                 or not self.clients_keep_their_own(), "federation.partition",
+                 f"iid gives no client a domain of its own, yet {self.server.method}'s clients keep factors of their "
+                 f"own and each client's own model is scored on its own domain's test set; use partition feature or "
+                 f"feature_label")
         mixed = method_class(self.server.method).mixed_ranks or self.federation.setting != "federated"
         _require(mixed or not self.lora.has_lower_ranks, "lora.client_ranks",
                  f"{self.server.method} takes no clients of different ranks; leave lora.client_ranks unset (every "

@@ -48,13 +48,14 @@ from lorafair.federated.run_folder import (
     CONFIG_NAME,
     EXPORT_MARKER,
     EXPORT_NAME,
+    GLOBAL_MODEL,
     checkpoint_dir,
     hold_folder,
     is_export,
     read_fit_config,
     refuse_shared_folder,
 )
-from lorafair.federated.state import GlobalState, ResumeState
+from lorafair.federated.state import GlobalState, ResumeState, is_local
 from lorafair.files import current_umask, is_disk_full, write_json
 from lorafair.keys import peft_key
 from lorafair.models.build import build_model, state_shapes
@@ -104,7 +105,9 @@ class LoraAdapter:
 def open_run(run_dir: Path, round_index: int | None = None, say: Callable[[str], None] = print) -> RunState:
     """The checkpoint of `round_index` (default: the newest) of a run folder, with the run's settings.
 
-    An unfinished run gives its newest checkpoint and says which round that is.
+    An unfinished run gives its newest checkpoint and says which round that is. A run whose results say it has no
+    global model (`GLOBAL_MODEL`: under Flower, what its clients keep never reached the server) is refused: its
+    checkpoints hold the server's part of the model only, which would load as a model nobody trained.
     """
     run_dir = Path(run_dir)
     kept = kept_rounds(checkpoint_dir(run_dir))
@@ -127,6 +130,12 @@ def open_run(run_dir: Path, round_index: int | None = None, say: Callable[[str],
     path = kept[round_index]
     state = load_checkpoint(path)
     saved = read_round(path, state)
+    missing = state["results"].get(GLOBAL_MODEL)
+    if missing is not None:
+        raise UserError(f"{run_dir} has no model to load, its global model being {missing}. Its checkpoints hold only "
+                        f"the server's factors, with the initial ones where the clients keep their own: for a model, "
+                        f"run the same config with `lorafair fit`, then `lorafair export --run RUN` writes the global "
+                        f"model and `--client ID` a client's own")
     clients = {entry["id"]: entry["domain"] for entry in state["results"].get("clients", [])}
     return RunState(run_dir, cfg, classes, saved, clients)
 
@@ -148,7 +157,8 @@ def global_model(run: RunState, client: int | None = None) -> LoraClassifier | T
 def client_state(run: RunState, client: int) -> GlobalState:
     """What `client` starts the round after the checkpoint's from, its own model: the global state with the tensors
     it keeps (`client_states` of the checkpoint) in their place. UserError where the run's clients keep nothing of
-    their own, `client` is not one of the run's clients, or it has nothing of its own yet."""
+    their own, `client` is not one of the run's clients, or it has nothing of its own yet, and where it mixes in a
+    local adapter per input (`ClientRule.local`)."""
     saved, method = run.saved, run.cfg.server.method
     if not saved.client_states:
         raise UserError(f"--client {client}: the clients of {run.run_dir} ({method}) keep nothing of their own "
@@ -160,6 +170,10 @@ def client_state(run: RunState, client: int) -> GlobalState:
     if own is None:
         raise UserError(f"--client {client}: client {client} had not trained by round {saved.round}, so it holds "
                         f"nothing of its own yet; export a later round or another client")
+    if any(is_local(key) for key in own):
+        raise UserError(f"--client {client}: a client of {run.run_dir} ({method}) mixes a local adapter of its own "
+                        "with the global one, weighted per input, which a peft adapter cannot hold; leave out "
+                        "--client to export the global model")
     held = saved.state.tensors()
     if any(held[key].shape != tensor.shape for key, tensor in own.items()):
         raise UserError(f"--client {client}: client {client} trains at a LoRA rank below lora.r "

@@ -5,7 +5,9 @@ lorafair's own (client updates, the server's answer, the resume state, the Flowe
 "base/blocks.0.attn.proj"), so any transport moves a flat {key: tensor} mapping and small plain values. The kinds:
 "lora", "extra", "base", "merge/<index>" (a Flower node's pending merges), "lora_r<rank>" (the starting pairs of a
 lower rank) and "client<id>.lora" / "client<id>.extra" (what a client keeps of its own between rounds: its whole
-state under the local bound, the factors its method keeps, "client3.lora/blocks.0.attn.proj/B", otherwise).
+state under the local bound, the factors its method keeps, "client3.lora/blocks.0.attn.proj/B", otherwise), among
+them a local adapter's pairs ("local/blocks.0.attn.proj/A") and the summary of its training inputs
+("local_features").
 
 A checkpoint nests its pairs instead ({layer: {"A": A, "B": B}}: `nest_pairs`). peft's state dicts (the Flower
 strategy's records, an export's adapter) key a layer L's factors "L.lora_A.weight" and "L.lora_B.weight".
@@ -19,6 +21,12 @@ from torch import Tensor
 
 Pairs = dict[str, tuple[Tensor, Tensor]]
 """Layer name -> (A: r x in, B: out x r)."""
+
+
+LOCAL = "local"
+"""The kind of a client's local adapter, a LoRA pair of its own per layer (`ClientRule.local`)."""
+LOCAL_FEATURES = "local_features"
+"""The key of the mean of a client's normalised training-input representations, kept with its local adapter."""
 
 
 def pair_key(kind: str, layer: str, factor: str) -> str:

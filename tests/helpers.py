@@ -25,6 +25,7 @@ from lorafair.cli import parse
 from lorafair.config import FitConfig, ModelConfig
 from lorafair.federated.launch import launch_fabric
 from lorafair.federated.loop import FederatedTrainer
+from lorafair.keys import LOCAL, unpack_pairs
 
 # ---- paths and the tiny job ----------------------------------------------------------------------------------------
 
@@ -400,12 +401,15 @@ def glue_file(path: Path, rows: int) -> Path:
 
 
 class Spy:
-    """Per (round, client): the model's LoRA parameters at the client's first step (`start`) and its update
-    (`end`); per round: the server's answer (`answers`), the global state after it (`states`) and the model's frozen
-    weights after it (`bases`, round 0 before any); per client: its weight."""
+    """Per (round, client): the model's LoRA parameters at the client's first step (`start`; of its last phase where
+    it trains a local adapter first) and its update (`end`), its local adapter at its first step and the one it
+    returned (`local`, `local_end`, where it has one); per round: the server's answer (`answers`), the global state
+    after it (`states`) and the model's frozen weights after it (`bases`, round 0 before any); per client: its
+    weight."""
 
     def __init__(self, trainer: FederatedTrainer) -> None:
         self.start, self.end, self.answers, self.states, self.weights = {}, {}, {}, {}, {}
+        self.local, self.local_end = {}, {}
         self.bases = {0: trainer.model.base_state()}
         train, step, apply = trainer.client.train, trainer.model.training_step, trainer.apply
         current = {}
@@ -415,11 +419,15 @@ class Spy:
             result = train(client, start, round_index, *args, **kwargs)
             self.end[round_index, client.id] = {n: (a.clone(), b.clone()) for n, (a, b) in result.update.lora.items()}
             self.weights[client.id] = result.update.weight
+            if result.local:
+                self.local_end[round_index, client.id] = unpack_pairs(result.local, LOCAL)
             return result
 
         def stepping(batch, batch_idx):
             if batch_idx == 0:
                 self.start[current["key"]] = trainer.model.get_lora()
+                if getattr(trainer.model, "local_factors", None) is not None and current["key"] not in self.local:
+                    self.local[current["key"]] = trainer.model.get_local_lora()
             return step(batch, batch_idx)
 
         def applying(round_index, answer):

@@ -15,6 +15,7 @@ method's clients train, upload and keep each round is its `ClientRule` (`rules`,
 """
 
 from lorafair.aggregation.base import Aggregator, OptionError
+from lorafair.aggregation.fedsb import core_of, gradient_start
 from lorafair.aggregation.frlora import svd_start
 from lorafair.aggregation.registry import (
     build_aggregator,
@@ -25,7 +26,7 @@ from lorafair.aggregation.registry import (
     registered_methods,
     user_options,
 )
-from lorafair.aggregation.rules import ClientRule
+from lorafair.aggregation.rules import ClientRule, LocalAdapter
 from lorafair.aggregation.streaming import RoundState
 from lorafair.aggregation.updates import ClientUpdate, GlobalUpdate, find_bad_updates
 
@@ -34,11 +35,14 @@ __all__ = [
     "ClientRule",
     "ClientUpdate",
     "GlobalUpdate",
+    "LocalAdapter",
     "OptionError",
     "RoundState",
     "build_aggregator",
+    "core_of",
     "display_name",
     "find_bad_updates",
+    "gradient_start",
     "method_class",
     "method_options",
     "register_method",

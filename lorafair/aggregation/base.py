@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numbers
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import ClassVar
 
@@ -57,6 +57,12 @@ class Aggregator:
     starts_from_weights: ClassVar[bool] = False
     """True when the run's LoRA start is the top-r SVD of each frozen weight, taken out of that weight
     (`frlora.svd_start`), instead of a random A and B = 0 (FRLoRA)."""
+    starts_from_gradient: ClassVar[bool] = False
+    """True when the run's LoRA start is cut from the gradient of the loss at the frozen weights, which every client
+    takes on `init_batches` batches of its own data before round 1 (`fedsb.gradient_start`), instead of a random A
+    and B = 0 (Fed-SB)."""
+    init_batches: ClassVar[int] = 0
+    """Batches per client of that gradient, for a method that `starts_from_gradient` (its option)."""
     needs: ClassVar[str] = "ideal"
     """What the method takes from a round: "averages" (weighted sums of A and B), "ideal" (those and the ideal
     update sum p_k B_k A_k, factored or dense), or "factors" (every client's factors, which it sends on)."""
@@ -70,6 +76,23 @@ class Aggregator:
         """The factors the server's answer to round `round_index` changes, the only ones that travel down: by default
         those the clients uploaded (a client holds the others already)."""
         return self.client_rule(round_index).sends
+
+    @property
+    def self_prunes(self) -> bool:
+        """Whether the clients may lower their own LoRA rank after a round (`pruned_rank`; HetLoRA's rank
+        self-pruning): the round loop then keeps each client's rank, shares it and checkpoints it."""
+        return False
+
+    def client_penalty(self, lora: Mapping[str, ranks.Pair]) -> Tensor | None:
+        """A term each client adds to its training loss, of its live LoRA pairs at its own rank (gradients flow
+        through it); None: none (the default)."""
+        return None
+
+    def pruned_rank(self, start: Mapping[str, ranks.Pair], trained: Mapping[str, ranks.Pair]) -> int:
+        """The LoRA rank a client keeps from this round on, from the pairs it started the round from and those it
+        trained (both at its rank); a lower rank than theirs means it uploads and keeps only its leading
+        components. By default its rank."""
+        return next(iter(trained.values()))[0].shape[0]
 
     def combine(self, group: LayerGroup) -> GroupResult:
         raise NotImplementedError
@@ -144,10 +167,12 @@ class Aggregator:
         return state.finish()
 
     def global_update(self, like: ClientUpdate, groups: list[LayerGroup], extra: dict[str, Tensor],
-                      seconds: float, sends: str = FACTORS, downloads: str | None = None) -> GlobalUpdate:
+                      seconds: float, sends: str = FACTORS, downloads: str | None = None,
+                      core: bool = False) -> GlobalUpdate:
         """`combine` every group and assemble the GlobalUpdate; seconds: time already spent on the round. sends:
         the factors the clients upload this round; downloads: those the answer changes, the only ones that travel
-        down (None: `sends`; a client holds the others already)."""
+        down (None: `sends`; a client holds the others already); core: A travels both ways as its r x r core
+        (`ClientRule.core`)."""
         downloads = sends if downloads is None else downloads
         start = time.perf_counter()
         results = self._combine_checked(groups)
@@ -161,12 +186,13 @@ class Aggregator:
         by_rank = {} if lora is None else {
             rank: _by_layer(order, groups, [ranks.to_client(result.by_rank[rank], rank) for result in results])
             for rank in groups[0].lower_ranks}
-        up = {rank: _lora_bytes((ranks.to_client(pair, rank) for pair in like.lora.values()), sends) + extra_bytes
-              for rank in groups[0].lower_ranks}
+        up = {rank: _lora_bytes((ranks.to_client(pair, rank) for pair in like.lora.values()), sends, core)
+              + extra_bytes for rank in groups[0].lower_ranks}
         return GlobalUpdate(lora=lora, merge=merge, extra=extra, metrics=metrics,
-                            bytes_up=_lora_bytes(like.lora.values(), sends) + extra_bytes,
-                            bytes_down=_lora_bytes((lora or {}).values(), downloads) + merge_bytes, by_rank=by_rank,
-                            bytes_by_rank={rank: (up[rank], _lora_bytes(by_rank.get(rank, {}).values(), downloads)
+                            bytes_up=_lora_bytes(like.lora.values(), sends, core) + extra_bytes,
+                            bytes_down=_lora_bytes((lora or {}).values(), downloads, core) + merge_bytes,
+                            by_rank=by_rank,
+                            bytes_by_rank={rank: (up[rank], _lora_bytes(by_rank.get(rank, {}).values(), downloads, core)
                                                   + merge_bytes) for rank in up})
 
     def _combine_checked(self, groups: list[LayerGroup]) -> list[GroupResult]:
@@ -196,9 +222,15 @@ class Aggregator:
 
 
 
-def _lora_bytes(pairs, factors: str) -> int:
-    """Bytes of the given factors ("A", "B" or "AB") of the pairs."""
-    return sum(_nbytes(pair[FACTORS.index(factor)] for factor in factors) for pair in pairs)
+def _lora_bytes(pairs, factors: str, core: bool = False) -> int:
+    """Bytes of the given factors ("A", "B" or "AB") of the pairs; core: an A (r x in) as its r x r core."""
+    total = 0
+    for pair in pairs:
+        for factor in factors:
+            tensor = pair[FACTORS.index(factor)]
+            count = tensor.shape[0] ** 2 if core and factor == "A" else tensor.numel()
+            total += count * tensor.element_size()
+    return total
 
 
 def _by_layer(order: list[str], groups: list[LayerGroup],

@@ -153,6 +153,11 @@ def _frlora(layer: _Layer) -> tuple[Factors, Tensor]:
     return (A0, B0), layer.B_bar @ layer.A_bar - B0 @ A0
 
 
+def _fed_sb(layer: _Layer) -> tuple[Factors, None]:
+    """A averaged (each A_k = R_k A0, so A_bar = R_bar A0 with R_bar = sum p_k R_k); B the shared frozen B0."""
+    return (layer.A_bar, layer.Bs[layer.template]), None
+
+
 def _flora(layer: _Layer) -> tuple[None, Tensor]:
     return None, layer.dW
 
@@ -229,4 +234,6 @@ _METHODS: dict[str, Callable[..., tuple[Factors | None, Tensor | None]]] = {
     "fedsvd": _fedsvd,
     "hetlora": _hetlora,
     "frlora": _frlora,
+    "feddpa": _fedit,  # the global pairs averaged, as FedIT; the local adapters never reach the server
+    "fed_sb": _fed_sb,
 }

@@ -17,9 +17,11 @@ from typing import Any, get_type_hints
 from docstring_parser import parse_from_object
 
 from lorafair.aggregation.base import Aggregator
+from lorafair.aggregation.feddpa import FedDPA
 from lorafair.aggregation.fedex_lora import FedExLoRA
 from lorafair.aggregation.fedit import FedIT
 from lorafair.aggregation.fedsa_lora import FedSALoRA
+from lorafair.aggregation.fedsb import FedSB
 from lorafair.aggregation.fedsvd import FedSVD
 from lorafair.aggregation.ffa_lora import FFALoRA
 from lorafair.aggregation.flexlora import FlexLoRA
@@ -127,6 +129,6 @@ def _aggregator_class(method: str) -> type[Aggregator]:
 
 
 BUILT_IN = (FedIT, FFALoRA, FLoRA, FlexLoRA, LoRAFAIR, FLoRANA, FedExLoRA, FedSALoRA, RoLoRA, FedSVD,
-            HetLoRA, FRLoRA)
+            HetLoRA, FRLoRA, FedDPA, FedSB)
 for _method in BUILT_IN:
     register_method(_method)

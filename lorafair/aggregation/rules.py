@@ -8,6 +8,9 @@ hold what it keeps. Nobody asks which method it is.
 A client starts a round from the server's state with the tensors it keeps in their place: its own once it trained, the
 run's initial ones before that. A factor that is neither trained nor kept is frozen this round: every client must
 return the server's value unchanged (`frozen`).
+
+A rule may also give each client a local adapter (`LocalAdapter`): a second LoRA pair per adapted layer that the
+client trains and keeps as its own and never uploads, mixed with the shared pair (FedDPA).
 """
 
 from __future__ import annotations
@@ -17,6 +20,20 @@ from dataclasses import dataclass
 FACTORS = "AB"
 """The two factors of a LoRA pair, in the order of the pair: A (r x in), then B (out x r)."""
 FACTOR_SETS = ("", "A", "B", "AB")
+
+
+@dataclass(frozen=True)
+class LocalAdapter:
+    """A second LoRA pair per adapted layer that each client keeps as its own (never uploaded), of the shared pair's
+    rank and scaling. Each round the client first trains it, the shared pair and the head frozen and the layer's
+    output  W0 x + shared_weight * s B A x + (1 - shared_weight) * s B_l A_l x,  then trains the shared pair (and
+    head) alone. Its own model mixes the two per input: the local adapter gets alpha(x) = similarity_scale *
+    mean_j cos(e(x), e(x_j)) over `instances` of its training inputs x_j (e: the model's representation of an input
+    under the local adapter), the shared pair 1 - alpha(x)."""
+
+    shared_weight: float = 0.5
+    similarity_scale: float = 0.5
+    instances: int = 5
 
 
 @dataclass(frozen=True)
@@ -32,6 +49,11 @@ class ClientRule:
     """The factors each client keeps between rounds, its own (never uploaded): "" (none), "A", "B" or "AB"."""
     keeps_extra: bool = False
     """Whether each client also keeps its own extra tensors (the local bound: a client keeps its whole state)."""
+    core: bool = False
+    """Whether A trains only as R A0, its r x r core R over the run's fixed A0 of orthonormal rows that every client
+    holds, and travels as R, r^2 numbers a layer each way (Fed-SB)."""
+    local: LocalAdapter | None = None
+    """A local adapter each client trains and keeps besides the shared pair (`LocalAdapter`); None: none."""
 
     def __post_init__(self) -> None:
         for name in ("trains", "sends", "keeps"):
@@ -44,6 +66,9 @@ class ClientRule:
         if set(self.sends) & set(self.keeps):
             raise ValueError(f"ClientRule: {self.sends} is uploaded and {self.keeps} kept; a factor is either "
                              "averaged or a client's own")
+        if self.core and ("A" not in self.sends or "A" in self.keeps):
+            raise ValueError(f"ClientRule: core sends A as its r x r core, but clients upload {self.sends!r} and keep "
+                             f"{self.keeps!r}; upload A (sends with A, keeps without it) or leave core False")
         if not set(self.trains) <= set(self.sends) | set(self.keeps):
             raise ValueError(f"ClientRule: clients train {self.trains} but upload {self.sends!r} and keep "
                              f"{self.keeps!r}; a trained factor would be lost")
@@ -56,4 +81,4 @@ class ClientRule:
     @property
     def personal(self) -> bool:
         """Whether clients keep anything of their own between rounds (and have a model of their own to score)."""
-        return bool(self.keeps) or self.keeps_extra
+        return bool(self.keeps) or self.keeps_extra or self.local is not None

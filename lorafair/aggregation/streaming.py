@@ -7,7 +7,7 @@
 
 What a round keeps is what its method declares (`Aggregator.needs`), of the factors its clients upload this round
 (`ClientRule.sends`; a factor they do not upload is the template's in the answer):
-- "averages" (FFA-LoRA, FedSA-LoRA, RoLoRA, FedSVD, FRLoRA): the weight sum and the weighted sums of A and of B.
+- "averages" (FFA-LoRA, FedSA-LoRA, RoLoRA, FedSVD, FRLoRA, Fed-SB): the weight sum and the weighted sums of A and of B.
 - "ideal" (FedIT, FlexLoRA, LoRA-FAIR, FLoRA-NA): those, plus the ideal update per layer group, on the path the
   cost model picks for K clients: factored (each client's factors in its slot; fewer numbers than a dense dW below
   the crossover) or dense (sum w_k B_k A_k, out x in whatever K; factors wait in a small chunk and are folded in
@@ -61,7 +61,8 @@ class Method(Protocol):
     def path_for(self, clients: int, rank: int, fan_out: int, fan_in: int) -> str: ...
     def refusal(self, index: int, update: ClientUpdate, first: ClientUpdate, rule: ClientRule) -> str | None: ...
     def global_update(self, like: ClientUpdate, groups: list[LayerGroup], extra: dict[str, Tensor],
-                      seconds: float, sends: str = FACTORS, downloads: str | None = None) -> GlobalUpdate: ...
+                      seconds: float, sends: str = FACTORS, downloads: str | None = None,
+                      core: bool = False) -> GlobalUpdate: ...
 
 
 class GroupState:
@@ -250,7 +251,7 @@ class RoundState:
                  for name, tensor in self.extra_sums.items()}
         return self.aggregator.global_update(self.like, groups, extra,
                                              self.seconds + time.perf_counter() - started, self.rule.sends,
-                                             self.aggregator.downloads(self.round_index))
+                                             self.aggregator.downloads(self.round_index), self.rule.core)
 
     def _check(self, update: ClientUpdate, slot: int) -> int | None:
         """Refuse a bad update; its own rank when below the template's, else None."""

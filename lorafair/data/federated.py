@@ -147,16 +147,18 @@ def build_caches(data: FederatedData, data_cfg: DataConfig) -> str:
 
 
 def build_client_data(data_cfg: DataConfig, federation_cfg: FederationConfig, seed: int, data_config: dict,
-                      client_id: int) -> tuple[Client, list[str]]:
+                      client_id: int) -> tuple[Client, list[str], Dataset | None]:
     """What a data owner's node holds: client `client_id` of the partition `build_federated_data` makes (so it trains
-    the same samples as under `fit`) and the class names. Of file datasets it keeps only this client's files, so no
-    other client's image is ever read (hence no image cache: building one decodes every image); no test set."""
+    the same samples as under `fit`), the class names and its domain's test set (on which a node scores its own
+    model where its method has clients keep factors of their own; None for a client of the iid partition). Of file
+    datasets it keeps only this client's files, so no other client's training image is ever read (hence no image
+    cache: building one decodes every image)."""
     data = build_federated_data(replace(data_cfg, cache="off"), federation_cfg, seed, data_config)
     if not 0 <= client_id < len(data.clients):
         raise UserError(f"partition-id {client_id} is not a client of this partition (0..{len(data.clients) - 1}); "
                         f"give each node one id in that range")
     client = data.clients[client_id]
-    return replace(client, dataset=own_files(client.dataset)), data.classes
+    return replace(client, dataset=own_files(client.dataset)), data.classes, data.test.get(client.domain)
 
 
 def own_files(dataset: Dataset) -> Dataset:

@@ -180,16 +180,20 @@ def identity_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -
 
 def checkpoint_state(round_index: int, identity: dict[str, Any], results: dict[str, Any], state: GlobalState,
                      base: dict[str, torch.Tensor] | None,
-                     client_states: dict[int, OwnState] | None = None) -> dict[str, Any]:
+                     client_states: dict[int, OwnState] | None = None,
+                     client_ranks: dict[int, int] | None = None) -> dict[str, Any]:
     """What a round's checkpoint holds (on the CPU); `base` only once merges changed the frozen weights,
-    `client_states` only where clients keep tensors of their own between rounds (`ClientRule.keeps`, the local
-    bound): each client's own, so that a resumed run starts each client from exactly what it kept."""
+    `client_states` only where clients keep tensors of their own between rounds (`ClientRule.keeps`, a local
+    adapter, the local bound): each client's own, so that a resumed run starts each client from exactly what it
+    kept; `client_ranks` (client id -> LoRA rank) only where clients may lower their own rank
+    (`Aggregator.self_prunes`)."""
     return {"round": round_index, "identity": identity, "results": results,
             "lora": nest_pairs(state.lora),
             "lora_by_rank": {rank: nest_pairs(pairs) for rank, pairs in state.by_rank.items()},
             "extra": {name: t.cpu() for name, t in state.extra.items()},
             "base": {name: t.cpu() for name, t in base.items()} if base is not None else None,
-            "client_states": {key: t.cpu() for key, t in pack_clients(client_states or {}).items()}}
+            "client_states": {key: t.cpu() for key, t in pack_clients(client_states or {}).items()},
+            "client_ranks": dict(client_ranks or {})}
 
 
 def read_resume(out_dir: Path, cfg: FitConfig, identity: dict[str, Any], model: nn.Module,
@@ -261,14 +265,16 @@ def read_round(path: Path, state: Any) -> ResumeState:
         start = state["results"].get("start")
         own = dict(state.get("client_states", {}))
         client_states = unpack_clients(own)
+        client_ranks = dict(state.get("client_ranks", {}))
     except (KeyError, TypeError, AttributeError) as err:
         raise UserError(f"{path} is not a lorafair checkpoint (its tensors are malformed: {err!r})") from err
-    problem = _bad_round(state["round"]) or _bad_tensor({**tensors, **own})
+    problem = _bad_round(state["round"]) or _bad_tensor({**tensors, **own}) or _bad_ranks(client_ranks)
     if problem:
         raise UserError(f"{path} cannot be used: {problem}; restore the file or resume from another checkpoint")
     return ResumeState(round=state["round"], path=path, records=records,
                        state=GlobalState.from_tensors(tensors),
-                       base=unpack(tensors, "base"), start=start, client_states=client_states)
+                       base=unpack(tensors, "base"), start=start, client_states=client_states,
+                       client_ranks=client_ranks)
 
 
 def _bad_round(value: Any) -> str | None:
@@ -276,6 +282,14 @@ def _bad_round(value: Any) -> str | None:
     if isinstance(value, bool) or not isinstance(value, int):
         return f"its round is {value!r} ({type(value).__name__}), not a whole number"
     return f"its round is {value}, not a round number (1 or more)" if value < 1 else None
+
+
+def _bad_ranks(client_ranks: Mapping[Any, Any]) -> str | None:
+    """Why a checkpoint's client ranks are not client id -> LoRA rank (whole numbers, ranks 1 or more), or None."""
+    for client, rank in client_ranks.items():
+        if not all(isinstance(value, int) and not isinstance(value, bool) for value in (client, rank)) or rank < 1:
+            return f"its client_ranks maps {client!r} to {rank!r}, not a client id to a LoRA rank of 1 or more"
+    return None
 
 
 def _bad_tensor(tensors: Mapping[str, Any]) -> str | None:

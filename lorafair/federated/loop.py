@@ -28,7 +28,7 @@ import torch
 from lightning.fabric import Fabric
 from tqdm import tqdm
 
-from lorafair.aggregation import ClientRule, ClientUpdate, RoundState, ranks, svd_start
+from lorafair.aggregation import ClientRule, ClientUpdate, LocalAdapter, RoundState, gradient_start, ranks, svd_start
 from lorafair.config import BOUND_METHOD, FitConfig, metric_name
 from lorafair.data import Client, FederatedData
 from lorafair.data.build import build_data
@@ -57,6 +57,7 @@ from lorafair.federated.state import (
     Scores,
     ServerAnswer,
     ServerRecord,
+    is_local,
     kept_tensors,
 )
 from lorafair.federated.transport import PeerLost, TorchDistributedTransport
@@ -83,10 +84,14 @@ class FederatedTrainer:
         self.model = build_model(cfg, self.data.num_classes, fabric.device)
         self.union, self.participants, self.client_ranks = participants(cfg, self.data)
         self.own_states: dict[int, OwnState] = {}
-        """What each client keeps of its own (`ClientRule.keeps`; the local bound: its whole state) after the last
-        round it trained in; a client that has not trained yet holds the run's initial tensors."""
+        """What each client keeps of its own (`ClientRule.keeps` and a local adapter, `ClientRule.local`; the local
+        bound: its whole state) after the last round it trained in; a client that has not trained yet holds the
+        run's initial tensors."""
         self.trained: dict[int, OwnState] = {}
         """What the clients of this round keep, from every rank, until the round's answer says whose to keep."""
+        self.pruned: dict[int, int] = {}
+        """The clients of this round that lowered their rank (`Aggregator.self_prunes`), from every rank: client id
+        -> its new rank, taken once the round's answer keeps its update."""
         self.lower_ranks = tuple(sorted(set(self.client_ranks.values()) - {cfg.lora.r}))
         self.global_state = self.state_of(self.fresh_lora("lora_init", cfg.seed), self.model.get_extra())
         self.initial_state = self.global_state
@@ -96,8 +101,14 @@ class FederatedTrainer:
         self.rank, self.world = self.transport.rank, self.transport.world
         self.client = LocalTrainer(self.model, fabric, cfg.client, cfg.data, cfg.seed, show_progress=self.rank == 0)
         self.server = Server(cfg.server, cfg.federation.on_bad_update, cfg.seed, log=fabric.print)
-        if self.server.aggregator.starts_from_weights:
+        self.basis: dict[str, torch.Tensor] | None = None
+        """Layer -> A0, the fixed rows every client's A trains over where its method's clients train the core of A
+        (`ClientRule.core`; set by `start_from_gradient`)."""
+        aggregator = self.server.aggregator
+        if aggregator.starts_from_weights:
             self.global_state = self.initial_state = self.start_from_weights()
+        if aggregator.starts_from_gradient:
+            self.global_state = self.initial_state = self.start_from_gradient(aggregator.init_batches)
         self.identity = trajectory_identity(flatten_config(config_to_dict(cfg)), run_fingerprints(self.data, cfg.model))
         self.outputs = RunResults.of_run(cfg, fabric, method, self.data.domains, self.participants.values())
 
@@ -171,18 +182,36 @@ class FederatedTrainer:
         take as its own once the round keeps its update: a client may train on another rank next round."""
         rule = self.client_rule(round_index)
         hosted = assign_to_ranks(sampled, {c: self.participants[c].num_samples for c in sampled}, self.world)
+        method = self.server.aggregator
+        penalty = method.client_penalty if method.self_prunes else None
         results = [self.client.train(self.participants[c], self.start_state(c, rule), round_index,
-                                     self.client_ranks[c], steps, rule.trains)
+                                     self.client_ranks[c], steps, rule.trains, penalty=penalty, local=rule.local,
+                                     basis=self.basis if rule.core else None)
                    for c in hosted[self.rank]]
+        self.pruned = {}
+        if method.self_prunes:
+            own_pruned = {r.client: self.prune(r, self.start_state(r.client, rule)) for r in results}
+            self.pruned = {client: rank for shared in self.transport.share(own_pruned)
+                           for client, rank in shared.items() if rank < self.client_ranks[client]}
         self.trained = {}
         if rule.personal:
-            own = {r.client: kept_tensors(r.update.lora, r.update.extra, rule) for r in results}
+            own = {r.client: {**kept_tensors(r.update.lora, r.update.extra, rule), **r.local} for r in results}
             self.trained = {client: state for states in self.transport.share(own) for client, state in states.items()}
         self.transport.wait_for_all()
         trained = time.perf_counter()
         faults.maybe_fail(round_index, "gather")
         hosts = {str(client): rank for rank, clients in enumerate(hosted) for client in clients}
         return results, hosts, trained
+
+    def prune(self, result: ClientResult, start: GlobalState) -> int:
+        """The rank `result`'s client keeps from this round on (`Aggregator.pruned_rank` of the pairs it started
+        from and those it trained); below its rank, its update becomes its leading components, in their scaling."""
+        rank = self.client_ranks[result.client]
+        kept = self.server.aggregator.pruned_rank(start.lora_for(rank), result.update.lora)
+        if kept < rank:
+            result.update = replace(result.update, lora={name: ranks.to_client(pair, kept)
+                                                         for name, pair in result.update.lora.items()})
+        return kept
 
     def aggregate(self, round_index: int, results: list[ClientResult], sampled: list[int],
                   unreadable: dict[str, str] | None = None) -> ServerAnswer:
@@ -226,6 +255,8 @@ class FederatedTrainer:
         rule = self.client_rule(round_index)
         self.own_states.update({client: state for client, state in self.trained.items()
                                 if str(client) not in answer.record.bad_updates})
+        self.client_ranks.update({client: rank for client, rank in self.pruned.items()
+                                  if str(client) not in answer.record.bad_updates})
         if self.setting == "local":
             return
         if answer.merge:
@@ -245,7 +276,8 @@ class FederatedTrainer:
         clients = self.data.clients
         total = sum(client.num_samples for client in clients)
         held = [(client.num_samples, self.own_states.get(client.id)) for client in clients]
-        initial = self.initial_state.kept(rule, self.cfg.lora.r)
+        initial = {key: tensor for key, tensor in self.initial_state.kept(rule, self.cfg.lora.r).items()
+                   if not is_local(key)}  # a local adapter is never part of the global model
         device = next(iter(self.global_state.lora.values()))[0].device
         mean = {key: (sum(count * (own if own is not None else initial)[key].to("cpu", torch.float64)
                           for count, own in held) / total).to(dtype=tensor.dtype, device=device)
@@ -263,6 +295,30 @@ class FederatedTrainer:
                  for name, weight in self.model.base_state().items()}
         self.model.merge({name: (A, -B) for name, (A, B) in start.items()})
         self.merged = True
+        return self.state_of(start, self.global_state.extra)
+
+    def start_from_gradient(self, batches: int) -> GlobalState:
+        """Every rank: the run's start for a method that `starts_from_gradient` (Fed-SB). Each client takes the
+        gradient of the loss at the frozen weights of the pretrained model (B = 0) on `batches` batches of its own
+        data (`LocalTrainer.weight_gradient`), the ranks sum their clients' shares into the sample-weighted mean G
+        (one exchange before round 1), and each layer starts from LoRA-SB's cut of the first SGD step -lr G
+        (`gradient_start`): A = R0 A0, B = B0, A0 kept in `basis`. A resumed run takes the same start again."""
+        clients = self.data.clients
+        total = sum(client.num_samples for client in clients)
+        hosted = assign_to_ranks([client.id for client in clients],
+                                 {client.id: client.num_samples for client in clients}, self.world)
+        gradient = {name: torch.zeros(weight.shape, dtype=torch.float64, device=self.fabric.device)
+                    for name, weight in self.model.frozen_weights().items()}
+        for client_id in hosted[self.rank]:
+            client = self.participants[client_id]
+            for name, share in self.client.weight_gradient(client, self.global_state, batches).items():
+                gradient[name] += share * (client.num_samples / total)
+        self.transport.sum_over_ranks(list(gradient.values()))
+        fresh, start, self.basis = self.global_state.lora, {}, {}
+        for name, summed in gradient.items():
+            R0, A0, B0 = gradient_start(summed, self.cfg.lora.r, self.model.scaling, self.cfg.client.lr)
+            self.basis[name] = A0.to(fresh[name][0])
+            start[name] = ((R0 @ A0).to(fresh[name][0]), B0.to(fresh[name][1]))
         return self.state_of(start, self.global_state.extra)
 
     def state_of(self, lora: dict, extra: dict) -> GlobalState:
@@ -286,15 +342,17 @@ class FederatedTrainer:
         if self.setting == "local":
             return self.score(own), None
         scores = self.score([(self.global_state, None, self.data.domains)])
-        return scores, self.score(own) if rule.personal else None
+        return scores, self.score(own, rule.local) if rule.personal else None
 
-    def score(self, models: list[tuple[GlobalState, int | None, list[str]]]) -> Scores:
-        """Scores of (state, LoRA rank, domains whose test sets it is scored on) models; each rank takes a
-        contiguous shard of every test set and the transport sums the shards."""
+    def score(self, models: list[tuple[GlobalState, int | None, list[str]]], local: LocalAdapter | None = None
+              ) -> Scores:
+        """Scores of (state, LoRA rank, domains whose test sets it is scored on) models, each mixing its local
+        adapter in by `local` where it holds one; each rank takes a contiguous shard of every test set and the
+        transport sums the shards."""
         sums, items, domains = [], [], []
         for state, rank, model_domains in models:
             model_sums, model_items = self.client.evaluation_sums(state, [self.data.test[d] for d in model_domains],
-                                                                  (self.rank, self.world), rank)
+                                                                  (self.rank, self.world), rank, local)
             sums.append(model_sums)
             items += model_items
             domains += model_domains
@@ -315,8 +373,9 @@ class FederatedTrainer:
         """results.json, TensorBoard scalars, then the checkpoint of this round."""
         self.outputs.add(record, last=round_index == self.cfg.federation.rounds)
         base = self.model.base_state() if self.merged else None
+        ranks_kept = self.client_ranks if self.server.aggregator.self_prunes else None
         state = checkpoint_state(round_index, self.identity, self.outputs.results, self.global_state, base,
-                                 self.own_states)
+                                 self.own_states, ranks_kept)
         save_checkpoint(checkpoint_dir(self.out_dir), round_index, state,
                         before_rename=lambda: faults.maybe_fail(round_index, "checkpoint"))
 
@@ -347,6 +406,7 @@ class FederatedTrainer:
         # held on the CPU, as the clients' own tensors are kept in a run that was not interrupted
         self.own_states = {client: {key: tensor.cpu() for key, tensor in own.items()}
                            for client, own in resumed.client_states.items()}
+        self.client_ranks.update(resumed.client_ranks)
         if resumed.base:
             self.model.load_base_state(resumed.base)
             self.merged = True

@@ -81,7 +81,7 @@ class RunResults:
         """The final results.json, the hparams entry of TensorBoard and the table of `whose` model's `metric` (and of
         each client's own model, where clients keep factors of their own)."""
         self.results["final"] = final = final_accuracy(self.results)
-        blocks = {"": ("", final)}
+        blocks = {"": ("", final)} if "accuracy" in final else {}
         if any(PERSONALISED in record for record in self.results["rounds"]):
             self.results[PERSONALISED] = final_accuracy(self.results, PERSONALISED)
             blocks[PERSONALISED] = (f"{PERSONALISED}_", self.results[PERSONALISED])
@@ -91,6 +91,8 @@ class RunResults:
         self.fabric.logger.log_hyperparams(flatten_config(self.results["config"]), metrics=metrics)
         self.fabric.logger.finalize("success")
         start = self.results.get("start", {}).get("accuracy")
+        if "accuracy" not in final:
+            self.fabric.print(f"{self.results['method']}: {whose}: {final['global_model']}")
         for name, (_, block) in blocks.items():
             model = "each client's own model on its own domain" if name else whose
             self.fabric.print(accuracy_table(block["accuracy"], block["mean_accuracy"],
@@ -101,8 +103,11 @@ class RunResults:
 def final_accuracy(results: dict[str, Any], block: str | None = None) -> dict[str, Any]:
     """The last evaluated round's scores (and eval losses, where reported), with the gain over the starting model
     (round 0) where the run scored it: the run's result. block: PERSONALISED for each client's own model's scores
-    of that round instead of the global model's."""
-    last = next(record for record in reversed(results["rounds"]) if "accuracy" in record)
+    of that round instead of the global model's. A round evaluated without global scores (`RoundRecord.global_model`)
+    gives, for the global model, its round and why it has none."""
+    last = next(record for record in reversed(results["rounds"]) if "accuracy" in record or "global_model" in record)
+    if block is None and "accuracy" not in last:
+        return {"round": last["round"], "global_model": last["global_model"]}
     scores = last if block is None else last[block]
     final = {"round": last["round"], **{key: scores[key] for key in ("accuracy", "mean_accuracy", "eval_loss",
                                                                      "mean_eval_loss", "correct_items")

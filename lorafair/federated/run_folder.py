@@ -341,6 +341,10 @@ def score_scalars(entry: Mapping[str, Any]) -> dict[str, float]:
     return scalars
 
 
+GLOBAL_MODEL = "global_model"
+"""The key, at the top of results.json (so in every round's checkpoint) and in each evaluated round's record, of why
+the run has no global model (absent where it has one): export, evaluate and predict refuse such a run with it."""
+
 PERSONALISED = "personalised"
 """The key of each client's own model's scores in a round's record and of their final block in results.json, and
 the prefix of their TensorBoard scalars (personalised/accuracy/<domain>), where clients keep factors of their own."""

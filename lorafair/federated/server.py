@@ -35,13 +35,6 @@ def aggregator_options(server_cfg: ServerConfig, seed: int, round_index: int = 0
     return {name: settings[name] for name in method_options(server_cfg.method) if name in settings}
 
 
-def client_rule(server_cfg: ServerConfig, seed: int, round_index: int) -> ClientRule:
-    """What the clients of the server section's method train, upload and keep in round `round_index` (a Flower
-    node asks it of its config; the round loop asks its `Server`)."""
-    options = aggregator_options(server_cfg, seed, round_index)
-    return build_aggregator(server_cfg.method, **options).client_rule(round_index)
-
-
 @dataclass
 class ClientReport:
     """What the round record and the bad-update policy need of one client, sent by the rank that trained it."""

@@ -12,6 +12,8 @@ from torch import Tensor
 
 from lorafair.aggregation import ClientRule, ClientUpdate
 from lorafair.keys import (
+    LOCAL,
+    LOCAL_FEATURES,
     Pairs,
     pack,
     pack_by_rank,
@@ -37,6 +39,9 @@ class GlobalState:
     lora: Pairs
     extra: dict[str, Tensor]
     by_rank: dict[int, Pairs] = field(default_factory=dict)
+    local: OwnState = field(default_factory=dict)
+    """One client's local adapter ("local/<layer>/A", ...) and the summary of its training inputs
+    ("local_features"), where its method gives it one (`ClientRule.local`); empty for the global model."""
 
     def lora_for(self, rank: int) -> Pairs:
         return self.by_rank.get(rank, self.lora)
@@ -52,11 +57,22 @@ class GlobalState:
         """The state a client of LoRA `rank` starts from when it keeps `own`: this state's pairs for its rank and
         extra tensors, with its own tensors in their place."""
         tensors = {**pack_pairs("lora", self.lora_for(rank)), **pack("extra", self.extra), **own}
-        return GlobalState(unpack_pairs(tensors, "lora"), unpack(tensors, "extra"))
+        local = {key: tensor for key, tensor in own.items() if is_local(key)}
+        return GlobalState(unpack_pairs(tensors, "lora"), unpack(tensors, "extra"), local=local)
 
     def kept(self, rule: ClientRule, rank: int) -> OwnState:
-        """What a client of LoRA `rank` whose `rule` keeps tensors holds of this state (`kept_tensors`)."""
-        return kept_tensors(self.lora_for(rank), self.extra, rule)
+        """What a client of LoRA `rank` whose `rule` keeps tensors holds of this state (`kept_tensors`), and a
+        local adapter's start where the rule gives one: this state's A with B = 0, no contribution yet."""
+        lora = self.lora_for(rank)
+        local = {} if rule.local is None else {name: (A, torch.zeros_like(B)) for name, (A, B) in lora.items()}
+        return {**kept_tensors(lora, self.extra, rule),
+                **{key: tensor.detach().to("cpu", copy=True) for key, tensor in pack_pairs(LOCAL, local).items()}}
+
+
+def is_local(key: str) -> bool:
+    """Whether a client's tensor under `key` belongs to its local adapter (`GlobalState.local`), never to the
+    shared model."""
+    return key.startswith(f"{LOCAL}/") or key == LOCAL_FEATURES
 
 
 def kept_tensors(lora: Pairs, extra: dict[str, Tensor], rule: ClientRule) -> OwnState:
@@ -79,6 +95,9 @@ class ClientResult:
     train_loss: float
     steps: int
     skipped_images: int
+    local: OwnState = field(default_factory=dict)
+    """Its local adapter and the summary of its training inputs, on the CPU (`GlobalState.local`): kept on the
+    client, never uploaded; empty where its method gives it none."""
 
 
 @dataclass
@@ -136,9 +155,11 @@ class Scores:
     @classmethod
     def of(cls, domains: list[str], rows: list[str], sums: Tensor, items: list[Tensor]) -> Scores:
         """From `LocalTrainer.evaluation_sums` summed over the shards, with one row (and item vector) per model
-        and test set, `rows` naming each row's domain: a domain's score is the mean over its rows."""
+        and test set, `rows` naming each row's domain: a domain's score is the mean over its rows (NaN where it has
+        none: under Flower, every node of its clients failed to score)."""
         def mean_of(ratios: Tensor, domain: str) -> float:
-            return torch.stack([ratios[i] for i, name in enumerate(rows) if name == domain]).mean().item()
+            scored = [ratios[i] for i, name in enumerate(rows) if name == domain]
+            return torch.stack(scored).mean().item() if scored else float("nan")  # no model of it was scored
 
         accuracy = {domain: mean_of(sums[:, 0] / sums[:, 1], domain) for domain in domains}
         eval_loss = (None if not sums[:, 3].any() else
@@ -178,6 +199,9 @@ class RoundRecord:
     elsewhere, and in a round that was not evaluated)."""
     items: bool = False
     """Keep the per-item scores (the last round)."""
+    global_model: str | None = None
+    """Why the round has no global scores though it was evaluated (a method whose clients keep factors, under
+    Flower: the server never sees them); None where it has them or was not evaluated."""
 
     def to_dict(self) -> dict[str, Any]:
         seconds = self.seconds
@@ -187,6 +211,8 @@ class RoundRecord:
             record.update(self.scores.to_dict(self.items))
         if self.personalised is not None:
             record["personalised"] = self.personalised.to_dict(self.items)
+        if self.global_model is not None:
+            record["global_model"] = self.global_model
         return record
 
 
@@ -229,13 +255,16 @@ class ResumeState:
     """The starting model's scores (round 0); None in a checkpoint of a run that did not score it."""
     client_states: dict[int, OwnState] = field(default_factory=dict)
     """What each client keeps of its own between rounds (its whole state under the local bound)."""
+    client_ranks: dict[int, int] = field(default_factory=dict)
+    """Each client's LoRA rank, where clients may lower their own (`Aggregator.self_prunes`); empty elsewhere."""
 
     def to_wire(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         return ({**self.state.tensors(), **pack("base", self.base), **pack_clients(self.client_states)},
-                {"round": self.round, "path": str(self.path), "records": self.records, "start": self.start})
+                {"round": self.round, "path": str(self.path), "records": self.records, "start": self.start,
+                 "client_ranks": self.client_ranks})
 
     @classmethod
     def from_wire(cls, tensors: dict[str, Tensor], info: dict[str, Any]) -> ResumeState:
         return cls(round=info["round"], path=Path(info["path"]), records=info["records"],
                    state=GlobalState.from_tensors(tensors), base=unpack(tensors, "base"), start=info["start"],
-                   client_states=unpack_clients(tensors))
+                   client_states=unpack_clients(tensors), client_ranks=info["client_ranks"])

@@ -7,13 +7,23 @@
 The core package never imports this module: only code that asks for Flower pays for it.
 """
 
-from lorafair.flower.records import arrays_to_state, merges_to_apply, state_to_arrays
+from lorafair.flower.records import (
+    arrays_to_state,
+    hold_pending,
+    merges_to_apply,
+    own_tensors,
+    rule_of_config,
+    state_to_arrays,
+)
 from lorafair.flower.strategy import LoraStrategy, check_secure_aggregation
 
 __all__ = [
     "LoraStrategy",
     "arrays_to_state",
     "check_secure_aggregation",
+    "hold_pending",
     "merges_to_apply",
+    "own_tensors",
+    "rule_of_config",
     "state_to_arrays",
 ]

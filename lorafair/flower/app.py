@@ -10,9 +10,16 @@ reply is an error (it failed mid-round) is left out of the round and named in re
 FLoRA and FedEx-LoRA merge into the frozen weights. The server keeps the run's merges; a node keeps its frozen
 weights and the count of merges it applied in its node state, and each message carries the merges its node has not
 confirmed yet, so a node that sat out rounds catches up exactly. A resumed run sends each node the checkpoint's
-frozen weights once. A node trains the factors its method's client rule trains (FFA-LoRA: B); methods whose
-clients keep factors of their own, or train other factors from round to round, are refused
-(`lorafair.flower.strategy.flower_refusal`).
+frozen weights once.
+
+Each message's config carries the round's client rule (`lorafair.flower.records.rule_to_config`): a node trains the
+factors it names (RoLoRA: A in odd rounds, B in even ones) and uploads only those it sends. Where clients keep
+factors of their own (FedSA-LoRA: B), they never travel: a node keeps them in its node state (`own_tensors`,
+`hold_pending`), starting from the run's initial ones, and the server, which never sees them, has no global model
+to score: after each evaluated round every node scores its own model on its domain's test set (an evaluate
+message), and the run reports those personalised scores, the global model's as not available. FRLoRA, Fed-SB,
+HetLoRA with rank self-pruning and FedDPA are refused (`lorafair.flower.strategy.flower_refusal`): a node trains
+with no penalty, no fixed basis and no local adapter.
 
     lorafair flower --config demo                   # simulation engine, one process
     flwr run flower-app SUPERLINK                   # deployment engine (docs/federation.md)
@@ -26,6 +33,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,52 +41,93 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
+from torch.utils.data import Dataset
 
-from lorafair.aggregation import ClientUpdate, method_class
-from lorafair.config import FitConfig
+from lorafair.aggregation import ClientRule, ClientUpdate, method_class, ranks
+from lorafair.config import FitConfig, metric_name
 from lorafair.config_parse import parse_fit_config
 from lorafair.data import Client, build_client_data, build_federated_data, model_data_config
 from lorafair.errors import UserError
 from lorafair.export import export_final
 from lorafair.federated import faults
-from lorafair.federated.client import LocalTrainer
+from lorafair.federated.client import EVALUATION_SUMS, LocalTrainer
 from lorafair.federated.launch import launch_fabric
 from lorafair.federated.loop import FederatedTrainer
-from lorafair.federated.run_folder import own_run_folder, results_path
-from lorafair.federated.server import aggregator_options, client_rule
-from lorafair.federated.state import ClientResult, GlobalState, ServerAnswer
+from lorafair.federated.run_folder import EXPORT_NAME, GLOBAL_MODEL, own_run_folder, results_path
+from lorafair.federated.server import aggregator_options
+from lorafair.federated.state import ClientResult, GlobalState, RoundRecord, Scores, ServerAnswer, kept_tensors
+from lorafair.flower.records import KEPT_ROUND, hold_pending, own_tensors, rule_of_config, rule_to_config
 from lorafair.flower.strategy import flower_refusal, screen_reply
 from lorafair.keys import Pairs, merge_indices, merge_kind, pack, pack_pairs, pair_key, unpack, unpack_pairs
 from lorafair.models.build import build_model
+from lorafair.seeds import fresh_lora, seeded_generator
 
 MERGES, BASE, APPLIED = "lorafair.merges", "lorafair.base", "lorafair.applied"
 """Message records of the merges a node has not applied and of the resumed frozen weights; the node state record of
 how many merges it applied."""
 DEFAULT_TIMEOUT = 600.0
 """Seconds the server waits for the nodes to connect and for a round's replies."""
+NO_GLOBAL_MODEL = ("not available under Flower: each client keeps its own {kept}, which never reaches the server, so "
+                   "there is no global model to score or export; the personalised scores are each node's own model "
+                   "on its own domain (lorafair fit also scores the global model, with the mean of the clients' "
+                   "{kept})")
+"""What results.json and the console say of the global model where clients keep factors of their own."""
 
 
 # ---- the client role ------------------------------------------------------------------------------------------
 
-_TRAINERS: dict[str, tuple[LocalTrainer, dict[str, torch.Tensor]]] = {}
-"""One model per process and config (a simulation worker hosts every node in turn), with its pristine frozen
-weights; a node's own frozen weights live in its node state."""
-_CLIENTS: dict[tuple[str, int], Client] = {}
+@dataclass
+class NodeRole:
+    """One model per process and config (a simulation worker hosts every node in turn) and what every node of the
+    run starts from; a node's own frozen weights and factors live in its node state."""
+
+    trainer: LocalTrainer
+    pristine: dict[str, torch.Tensor]
+    """The pristine frozen weights."""
+    start: GlobalState
+    """The run's starting model (the `fit` round loop's): what a node keeps before it first trained."""
 
 
-def node_trainer(cfg: FitConfig, partition: int) -> tuple[LocalTrainer, dict[str, torch.Tensor], Client]:
-    """This process's client role for `cfg`, its pristine frozen weights, and the data of client `partition` only."""
+_ROLES: dict[str, NodeRole] = {}
+_CLIENTS: dict[tuple[str, int], tuple[Client, Dataset | None]] = {}
+
+
+def node_role(cfg: FitConfig, partition: int) -> tuple[NodeRole, Client, Dataset | None]:
+    """This process's client role for `cfg`, and the data of client `partition` only: its training data and its
+    domain's test set."""
     key = repr(cfg)
     if (key, partition) not in _CLIENTS:
         data_config = model_data_config(cfg.model, cfg.data.image_size)
-        _CLIENTS[key, partition], classes = build_client_data(cfg.data, cfg.federation, cfg.seed, data_config,
-                                                              partition)
-        if key not in _TRAINERS:
+        client, classes, test = build_client_data(cfg.data, cfg.federation, cfg.seed, data_config, partition)
+        _CLIENTS[key, partition] = client, test
+        if key not in _ROLES:
             fabric = launch_fabric(cfg, tensorboard=False)
             model = build_model(cfg, len(classes), fabric.device)
-            _TRAINERS[key] = (LocalTrainer(model, fabric, cfg.client, cfg.data, cfg.seed, show_progress=False),
-                              model.base_state())
-    return (*_TRAINERS[key], _CLIENTS[key, partition])
+            start = GlobalState(fresh_lora(model.get_lora(), seeded_generator("lora_init", cfg.seed)),
+                                {name: tensor.detach().clone() for name, tensor in model.get_extra().items()})
+            _ROLES[key] = NodeRole(LocalTrainer(model, fabric, cfg.client, cfg.data, cfg.seed, show_progress=False),
+                                   model.base_state(), start)
+    return (_ROLES[key], *_CLIENTS[key, partition])
+
+
+def node_start(role: NodeRole, msg: Message, context: Context) -> GlobalState:
+    """The model this node trains (or scores) from: the message's, with what its rule keeps in place, the node's own
+    (`own_tensors`; before it first trained, the run's initial ones)."""
+    tensors, config = msg.content["arrays"].to_torch_state_dict(), msg.content["config"]
+    rule = rule_of_config(config)
+    if not rule.personal:
+        return GlobalState.from_tensors(tensors)
+    rank = int(config["lora-rank"])
+    initial = kept_tensors({name: ranks.to_client(pair, rank) for name, pair in role.start.lora.items()},
+                           role.start.extra, rule)
+    return GlobalState.from_tensors({**tensors, **own_tensors(context.state, config, initial)})
+
+
+def uploaded(update: ClientUpdate, rule: ClientRule) -> dict[str, torch.Tensor]:
+    """What a node sends of its update: the factors its rule uploads and the extra tensors, unless it keeps them."""
+    tensors = {pair_key("lora", name, factor): pair["AB".index(factor)] for name, pair in update.lora.items()
+               for factor in rule.sends}
+    return {**tensors, **({} if rule.keeps_extra else pack("extra", update.extra))}
 
 
 def catch_up(trainer: LocalTrainer, pristine: dict[str, torch.Tensor], msg: Message, context: Context) -> None:
@@ -99,20 +148,36 @@ def catch_up(trainer: LocalTrainer, pristine: dict[str, torch.Tensor], msg: Mess
 
 
 def train(cfg: FitConfig, msg: Message, context: Context) -> Message:
-    """Train this node's client from the global state in `msg`; reply with its update and statistics."""
-    trainer, pristine, client = node_trainer(cfg, int(context.node_config["partition-id"]))
+    """Train this node's client from the global state in `msg` (with what it keeps of its own) by the round's client
+    rule; reply with the factors it uploads and its statistics, and hold what it keeps."""
+    role, client, _ = node_role(cfg, int(context.node_config["partition-id"]))
     if method_class(cfg.server.method).merges:
-        catch_up(trainer, pristine, msg, context)
-    tensors = msg.content["arrays"].to_torch_state_dict()
-    start = GlobalState.from_tensors(tensors)
-    round_index = int(msg.content["config"]["server-round"])
+        catch_up(role.trainer, role.pristine, msg, context)
+    config = msg.content["config"]
+    rule, round_index = rule_of_config(config), int(config["server-round"])
+    start = node_start(role, msg, context)
     faults.maybe_raise_in_client(round_index, client.id)
-    factors = client_rule(cfg.server, cfg.seed, round_index).trains
-    result = trainer.train(client, start, round_index, int(msg.content["config"]["lora-rank"]), factors=factors)
-    update = {**pack_pairs("lora", result.update.lora), **pack("extra", result.update.extra)}
+    result = role.trainer.train(client, start, round_index, int(config["lora-rank"]), factors=rule.trains)
+    if rule.personal:
+        hold_pending(context.state, round_index, kept_tensors(result.update.lora, result.update.extra, rule))
     metrics = MetricRecord({"num-examples": int(result.update.weight), "train-loss": float(result.train_loss),
                             "steps": result.steps, "skipped-images": result.skipped_images})
-    return Message(RecordDict({"arrays": to_arrays(update), "metrics": metrics}), reply_to=msg)
+    return Message(RecordDict({"arrays": to_arrays(uploaded(result.update, rule)), "metrics": metrics}),
+                   reply_to=msg)
+
+
+def evaluate(cfg: FitConfig, msg: Message, context: Context) -> Message:
+    """Score this node's own model (the message's global state with what it keeps of its own) on its domain's test
+    set; reply with the evaluation sums and the per-item scores (`LocalTrainer.evaluation_sums`)."""
+    role, client, test = node_role(cfg, int(context.node_config["partition-id"]))
+    if test is None:
+        raise UserError(f"client {client.id} is drawn from every domain (iid partition): it has no domain of its own "
+                        "to score its own model on; use partition feature or feature_label")
+    sums, items = role.trainer.evaluation_sums(node_start(role, msg, context), [test], (0, 1),
+                                               int(msg.content["config"]["lora-rank"]))
+    scores = to_arrays({"sums": sums, "items": items[0]})
+    return Message(RecordDict({"scores": scores, "metrics": MetricRecord({"num-examples": len(test)})}),
+                   reply_to=msg)
 
 
 def make_client_app(config_of: Callable[[Context], FitConfig]) -> ClientApp:
@@ -121,6 +186,10 @@ def make_client_app(config_of: Callable[[Context], FitConfig]) -> ClientApp:
     @app.train()
     def _train(msg: Message, context: Context) -> Message:
         return train(config_of(context), msg, context)
+
+    @app.evaluate()
+    def _evaluate(msg: Message, context: Context) -> Message:
+        return evaluate(config_of(context), msg, context)
 
     @app.query()
     def _partition(msg: Message, context: Context) -> Message:
@@ -150,9 +219,23 @@ class FlowerRoundLoop(FederatedTrainer):
         self.failed: dict[str, str] = {}
         self.malformed: dict[str, str] = {}
         """Client id -> why its reply was dropped (wrong keys, shapes or dtypes, a bad count, missing metrics)."""
+        self.round_clients: list[int] = []
+        """The clients whose replies of the round being run were read."""
+        self.kept_rounds: dict[int, int] = {}
+        """Client id -> the last round whose update of it the server kept (what its node keeps follows it)."""
+        rules = [self.client_rule(1), self.client_rule(2)]
+        kept = next((rule for rule in rules if rule.personal), None)
+        self.no_global_model = None if kept is None else NO_GLOBAL_MODEL.format(kept=kept.keeps or "head")
+        """Why there is no global model, where clients keep factors of their own; else None."""
+        if self.no_global_model is not None:  # in every checkpoint, which holds no global model either
+            self.outputs.results[GLOBAL_MODEL] = self.no_global_model
 
     def start_or_resume(self) -> int:
         first = super().start_or_resume()
+        if first > 1 and self.no_global_model is not None:
+            raise UserError(f"{self.cfg.server.method} cannot resume under Flower: what each client keeps of its own "
+                            f"lives in its node's state, which a new Flower run starts empty; start the run afresh "
+                            f"(another out_dir, or --overwrite true) or resume it with lorafair fit")
         if self.merged:
             self.resumed_base = self.model.base_state()
         self.node_of = partition_nodes(self.grid, len(self.data.clients), self.timeout)
@@ -162,8 +245,9 @@ class FlowerRoundLoop(FederatedTrainer):
                       steps: int | None = None) -> tuple[list[ClientResult], dict[str, int], float]:
         """Send the round to the sampled clients' nodes and collect their results; client id -> node id. `steps`
         is always None here: it is set only for the centralized bound, which Flower does not run."""
-        replies = self.grid.send_and_receive([self.train_message(round_index, client) for client in sampled],
-                                             timeout=self.timeout)
+        rule = self.client_rule(round_index)
+        replies = self.grid.send_and_receive([self.message(round_index, client, rule, MessageType.TRAIN)
+                                              for client in sampled], timeout=self.timeout)
         trained = time.perf_counter()
         client_of = {node: client for client, node in self.node_of.items()}
         results, self.failed = [], {str(client): f"no reply within {self.timeout:.0f} s" for client in sampled}
@@ -175,11 +259,12 @@ class FlowerRoundLoop(FederatedTrainer):
                 continue
             del self.failed[str(client)]
             self.merges_applied[client] = len(self.merges)
-            problem = screen_reply(reply.content, self.reply_template(client), "num-examples",
-                                   self.participants[client].num_samples)
+            template, kept, unsent = self.reply_template(client, rule)
+            problem = screen_reply(reply.content, template, "num-examples", self.participants[client].num_samples,
+                                   kept, unsent)
             result = None
             try:
-                result = result_of(client, reply) if problem is None else None
+                result = result_of(client, reply, self.held(client, kept | unsent)) if problem is None else None
             except (KeyError, TypeError, ValueError, RuntimeError) as err:
                 problem = f"unreadable: {' '.join(str(err).split())[:200]}"
             if result is None:
@@ -187,30 +272,50 @@ class FlowerRoundLoop(FederatedTrainer):
                 continue
             results.append(result)
         results.sort(key=lambda result: result.client)
+        self.round_clients = [result.client for result in results]
         return results, {str(result.client): self.node_of[result.client] for result in results}, trained
 
-    def train_message(self, round_index: int, client: int) -> Message:
-        content = RecordDict({"arrays": to_arrays(self.global_state.tensors()),
-                              "config": ConfigRecord({"server-round": round_index,
-                                                      "lora-rank": self.client_ranks[client]})})
+    def message(self, round_index: int, client: int, rule: ClientRule, message_type: str) -> Message:
+        """The message of a round (or of the evaluation after it) to `client`'s node: the global state, the round's
+        client rule in its config and, where clients keep factors of their own, the state at the client's rank
+        without them and the last round whose update of the client the server kept."""
+        config = {"server-round": round_index, "lora-rank": self.client_ranks[client], **rule_to_config(rule)}
+        tensors = self.global_state.tensors()
+        if rule.personal:
+            rank = self.client_ranks[client]
+            tensors = {key: tensor for key, tensor in GlobalState(self.global_state.lora_for(rank),
+                                                                  self.global_state.extra).tensors().items()
+                       if key not in kept_keys(self.global_state, rule)}
+            config[KEPT_ROUND] = self.kept_rounds.get(client, 0)
+        content = RecordDict({"arrays": to_arrays(tensors), "config": ConfigRecord(config)})
         if method_class(self.cfg.server.method).merges:
             if client not in self.merges_applied and self.resumed_base:
                 content[BASE] = to_arrays(self.resumed_base)
             start = self.merges_applied.get(client, 0)
             content[MERGES] = to_arrays({key: tensor for index in range(start, len(self.merges))
                                          for key, tensor in pack_pairs(merge_kind(index), self.merges[index]).items()})
-        return Message(content, message_type=MessageType.TRAIN, dst_node_id=self.node_of[client])
+        return Message(content, message_type=message_type, dst_node_id=self.node_of[client])
 
-    def reply_template(self, client: int) -> dict[str, tuple[tuple[int, ...], str]]:
-        """key -> (shape, dtype) of the update `client` must send: the global LoRA pairs at its rank and the extra
-        tensors."""
+    def reply_template(self, client: int, rule: ClientRule) -> tuple[dict[str, tuple[tuple[int, ...], str]],
+                                                                      set[str], set[str]]:
+        """(key -> (shape, dtype) of the update `client` may send: the global LoRA pairs at its rank and the extra
+        tensors; the keys of what the rule keeps, which it must not send; those of the factors the rule neither
+        uploads nor keeps, which it may leave out)."""
         rank, template = self.client_ranks[client], {}
         for name, (lora_a, lora_b) in self.global_state.lora.items():
             template[pair_key("lora", name, "A")] = ((rank, lora_a.shape[1]), _dtype(lora_a))
             template[pair_key("lora", name, "B")] = ((lora_b.shape[0], rank), _dtype(lora_b))
         template.update({key: (tuple(tensor.shape), _dtype(tensor))
                          for key, tensor in pack("extra", self.global_state.extra).items()})
-        return template
+        frozen = "".join(factor for factor in "AB" if factor not in rule.sends and factor not in rule.keeps)
+        unsent = {pair_key("lora", name, factor) for name in self.global_state.lora for factor in frozen}
+        return template, kept_keys(self.global_state, rule), unsent
+
+    def held(self, client: int, keys: set[str]) -> dict[str, torch.Tensor]:
+        """The server's tensors of `keys` at `client`'s rank, in place of those its reply leaves out: a frozen
+        factor is the server's; a kept one the server never sees, and its own stands in (the fold takes neither)."""
+        state = GlobalState(self.global_state.lora_for(self.client_ranks[client]), self.global_state.extra)
+        return {key: tensor for key, tensor in state.tensors().items() if key in keys}
 
     def aggregate(self, round_index: int, results: list[ClientResult], sampled: list[int],
                   unreadable: dict[str, str] | None = None) -> ServerAnswer:
@@ -222,8 +327,66 @@ class FlowerRoundLoop(FederatedTrainer):
 
     def apply(self, round_index: int, answer: ServerAnswer) -> None:
         super().apply(round_index, answer)
-        if answer.merge and not answer.record.skipped:
+        if answer.record.skipped:
+            return
+        self.kept_rounds.update({client: round_index for client in self.round_clients
+                                 if str(client) not in answer.record.bad_updates})
+        if answer.merge:
             self.merges.append(answer.merge)
+
+    def evaluate(self, round_index: int) -> tuple[Scores | None, Scores | None]:
+        """`fit`'s evaluation; where clients keep factors of their own, no global scores (the server never sees
+        those factors) and the personalised ones from the nodes: every client's node scores its own model on its
+        domain's test set, and a domain's score is the mean over its clients, as in `fit`. A node that does not
+        answer is left out (a domain none of whose nodes answered scores NaN)."""
+        rule = self.client_rule(round_index + 1)
+        if not rule.personal:
+            return super().evaluate(round_index)
+        clients = [client.id for client in self.data.clients]
+        replies = self.grid.send_and_receive([self.message(round_index, client, rule, MessageType.EVALUATE)
+                                              for client in clients], timeout=self.timeout)
+        client_of = {node: client for client, node in self.node_of.items()}
+        scored: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for reply in replies:
+            client = client_of[reply.metadata.src_node_id]
+            domain = self.data.clients[client].domain
+            try:
+                if reply.has_error():
+                    raise ValueError(reply.error.reason)
+                tensors = reply.content["scores"].to_torch_state_dict()
+                sums, items = tensors["sums"].to(torch.float64), tensors["items"].to(torch.float64)
+                if sums.shape != (1, EVALUATION_SUMS) or items.shape != (len(self.data.test[domain]),):
+                    raise ValueError(f"scores of shapes {tuple(sums.shape)} and {tuple(items.shape)}")
+            except (AttributeError, KeyError, TypeError, ValueError) as err:
+                reason = " ".join(str(err).split())[:200]
+                self.fabric.print(f"warning: round {round_index}: client {client} scored no personalised model "
+                                  f"({reason})")
+                continue
+            scored[client] = sums, items
+        if not scored:
+            raise UserError(f"round {round_index}: no node scored its own model (the log above names why)")
+        order = [client for client in clients if client in scored]
+        return None, Scores.of(self.data.domains, [self.data.clients[c].domain for c in order],
+                               torch.cat([scored[c][0] for c in order]), [scored[c][1] for c in order])
+
+    def save(self, round_index: int, record: RoundRecord) -> None:
+        if record.personalised is not None:
+            record.global_model = self.no_global_model
+        super().save(round_index, record)
+
+    def finish(self) -> None:
+        """`fit`'s finish; where clients keep factors of their own, no global model to export."""
+        if self.no_global_model is None:
+            super().finish()
+            return
+        self.outputs.finish("global model", metric_name(self.cfg.data.name))
+        self.fabric.print(f"no {EXPORT_NAME}/ written: there is no global model under Flower")
+
+
+def kept_keys(state: GlobalState, rule: ClientRule) -> set[str]:
+    """The keys of `state.tensors()` (at one rank) that clients of `rule` keep of their own."""
+    keys = {pair_key("lora", name, factor) for name in state.lora for factor in rule.keeps}
+    return keys | (set(pack("extra", state.extra)) if rule.keeps_extra else set())
 
 
 def refuse_unsupported(cfg: FitConfig) -> None:
@@ -291,9 +454,9 @@ def _dtype(tensor: torch.Tensor) -> str:
     return str(tensor.dtype).removeprefix("torch.")
 
 
-def result_of(client: int, reply: Message) -> ClientResult:
-    """The ClientResult a node's train reply carries."""
-    tensors, metrics = reply.content["arrays"].to_torch_state_dict(), reply.content["metrics"]
+def result_of(client: int, reply: Message, held: dict[str, torch.Tensor]) -> ClientResult:
+    """The ClientResult a node's train reply carries, the `held` tensors in place of those it leaves out."""
+    tensors, metrics = {**held, **reply.content["arrays"].to_torch_state_dict()}, reply.content["metrics"]
     update = ClientUpdate(weight=int(metrics["num-examples"]), lora=unpack_pairs(tensors, "lora"),
                           extra=unpack(tensors, "extra"))
     return ClientResult(client=client, update=update, train_loss=float(metrics["train-loss"]),

@@ -4,16 +4,71 @@ A model's trainable state travels as one ArrayRecord keyed like `get_peft_model_
 pair `L.lora_A.weight` (r x in) and `L.lora_B.weight` (out x r); every other key (a classifier head) is averaged.
 Merges (FLoRA, FedEx-LoRA) travel in a second ArrayRecord keyed `{index}/L.lora_A.weight`, index counting the
 merges of the run, so a client that missed rounds applies exactly the ones it has not seen, in order.
+
+The round's client rule (`lorafair.aggregation.ClientRule`: the factors clients train, upload and keep) travels in
+the message's ConfigRecord (`rule_to_config`), so a client trains what the server folds (RoLoRA: A in odd rounds, B
+in even ones); where clients keep factors of their own (FedSA-LoRA: B), the config also names the last round whose
+update of this node the server kept (`KEPT_ROUND`), so a node whose update was dropped goes back to what it held.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from torch import Tensor
 
+from lorafair.aggregation import ClientRule
 from lorafair.keys import PEFT_A, Pairs, peft_key, unpack_peft
+
+TRAINS, SENDS, KEEPS, KEEPS_EXTRA = "lorafair.trains", "lorafair.sends", "lorafair.keeps", "lorafair.keeps-extra"
+"""ConfigRecord keys of the round's client rule: the factors ("A", "B", "AB" or "") clients train, upload and keep,
+and whether they keep their extra tensors (head)."""
+KEPT_ROUND = "lorafair.kept-round"
+"""ConfigRecord key, where clients keep factors: the last round whose update of this node the server kept (0: none)."""
+
+
+def rule_to_config(rule: ClientRule) -> dict[str, str | bool]:
+    """The ConfigRecord entries of a round's client rule."""
+    return {TRAINS: rule.trains, SENDS: rule.sends, KEEPS: rule.keeps, KEEPS_EXTRA: rule.keeps_extra}
+
+
+def rule_of_config(config: ConfigRecord) -> ClientRule:
+    """The client rule a message's config carries; a config without one means the default rule (train and upload
+    both factors, keep nothing), as for a message of a server that does not send rules."""
+    return ClientRule(trains=str(config.get(TRAINS, "AB")), sends=str(config.get(SENDS, "AB")),
+                      keeps=str(config.get(KEEPS, "")), keeps_extra=bool(config.get(KEEPS_EXTRA, False)))
+
+
+OWN, PENDING, PENDING_ROUND = "lorafair.own", "lorafair.pending", "lorafair.pending-round"
+"""Node state records: what the node keeps of its own, what it trained in its last round (until the server says
+whether it kept that update) and that round."""
+
+
+def own_tensors(state: RecordDict, config: ConfigRecord, initial: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """What a node keeps of its own for the message whose `config` it got: what it trained in its last round if the
+    server kept that update (`KEPT_ROUND`), else what it held before, else (before it first trained) `initial`.
+    Settles its node `state` accordingly."""
+    if PENDING in state:
+        if int(state[PENDING_ROUND]["round"]) == int(config.get(KEPT_ROUND, 0)):
+            state[OWN] = state[PENDING]
+        del state[PENDING], state[PENDING_ROUND]
+    if OWN in state:
+        return state[OWN].to_torch_state_dict()
+    return {key: tensor.detach().clone() for key, tensor in initial.items()}
+
+
+def hold_pending(state: RecordDict, round_index: int, tensors: Mapping[str, Tensor]) -> None:
+    """Keep what a node trained in round `round_index` and keeps of its own, until the server says whether it kept
+    the node's update (`own_tensors`)."""
+    state[PENDING] = ArrayRecord(torch_state_dict={key: tensor.detach().cpu().clone() for key, tensor in
+                                                   tensors.items()})
+    state[PENDING_ROUND] = ConfigRecord({"round": round_index})
+
+
+def rule_keys(rule_factors: str, layers: list[str]) -> list[str]:
+    """The peft keys of the given factors ("A", "B" or "AB") of `layers`."""
+    return [peft_key(layer, factor) for layer in layers for factor in rule_factors]
 
 
 def arrays_to_state(arrays: ArrayRecord) -> tuple[Pairs, dict[str, Tensor]]:

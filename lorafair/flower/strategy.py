@@ -5,8 +5,16 @@ records and error handling (a node whose reply carries an error is left out of t
 lorafair's bad-update policy (`lorafair.federated.server.BadUpdatePolicy`: NaN/Inf updates and malformed replies
 dropped and the others re-weighted, or the run stopped) and, for the methods that merge into the frozen weights
 (FLoRA, FedEx-LoRA), a log of merges from which every node receives the ones it has not confirmed yet, so a node
-that sat out rounds catches up exactly before it trains. Methods whose clients keep factors of their own between
-rounds, or train other factors from round to round, are refused (`flower_refusal`).
+that sat out rounds catches up exactly before it trains.
+
+Each message's config carries the round's client rule (`lorafair.flower.records.rule_to_config`): the factors the
+clients train and upload this round (RoLoRA: A in odd rounds, B in even ones, round 1 being the first) and those each
+keeps as its own (FedSA-LoRA: B). A reply holds the uploaded factors (a frozen one may come back too, unchanged);
+the strategy folds only the uploaded ones, as `lorafair fit` does. A kept factor never travels: the messages leave
+it out, a reply that holds it is dropped, and there is no global model to evaluate on the server (`start` refuses
+an `evaluate_fn`): Flower's federated evaluation scores each node's own model instead. Refused (`flower_refusal`):
+a method whose LoRA starts from the SVD of the frozen weights or of a gradient, one whose clients prune their own
+rank, and one whose clients train a local adapter of their own.
 """
 
 from __future__ import annotations
@@ -14,19 +22,20 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from logging import INFO
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Result
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore import log
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from lorafair.aggregation import (
+    ClientRule,
     ClientUpdate,
     build_aggregator,
     method_class,
@@ -34,30 +43,46 @@ from lorafair.aggregation import (
     registered_methods,
 )
 from lorafair.federated.server import BadUpdatePolicy, unusable_updates
-from lorafair.flower.records import arrays_to_state, merges_to_arrays, state_to_arrays
-from lorafair.keys import PEFT_A, PEFT_B, Pairs, peft_partner
+from lorafair.flower.records import (
+    KEPT_ROUND,
+    merges_to_arrays,
+    rule_keys,
+    rule_to_config,
+    state_to_arrays,
+)
+from lorafair.keys import PEFT_A, PEFT_B, Pairs, peft_partner, unpack_peft
 from lorafair.seeds import derive_seed, fresh_lora, seeded_generator
 
 
 def flower_refusal(method: str, options: dict[str, Any] | None = None) -> str | None:
-    """Why `method` cannot run under Flower yet, from its traits and client rule, or None: lorafair's Flower nodes
-    do not start LoRA from the SVD of their frozen weights, its Flower integration holds nothing a client keeps of
-    its own between rounds (nor scores such a client's own model), and `LoraStrategy`'s messages do not tell a
-    client which factors to train this round."""
+    """Why `method` cannot run under Flower yet, from its traits and client rule, or None: lorafair's Flower nodes do
+    not start LoRA from the SVD of their frozen weights or of a gradient, nor prune their own rank, and a message
+    carries the factors a client trains, uploads and keeps this round, not a local adapter. (Clients that keep
+    factors of their own, or train other factors from round to round, run: the messages carry the round's rule.)"""
     aggregator = build_aggregator(method, **(options or {}))
     if aggregator.starts_from_weights:
         return (f"{method} cannot run under Flower yet: its LoRA starts from the SVD of the frozen weights, taken out "
                 "of them, which lorafair's Flower nodes do not do; run it with lorafair fit")
-    odd, even = aggregator.client_rule(1), aggregator.client_rule(2)
-    if odd.personal or even.personal:
-        kept = " and ".join(filter(None, (odd.keeps or even.keeps, "head" if odd.keeps_extra else "")))
-        return (f"{method} cannot run under Flower yet: its clients keep their own {kept} between rounds, which "
-                "lorafair's Flower integration does not hold; run it with lorafair fit")
-    if odd != even:
-        return (f"{method} cannot run under Flower yet: its clients train {odd.trains} in odd rounds and "
-                f"{even.trains} in even ones, which lorafair's Flower messages do not tell them; run it with "
-                "lorafair fit")
+    if aggregator.starts_from_gradient:
+        return (f"{method} cannot run under Flower yet: its LoRA starts from the SVD of a gradient every client "
+                "takes before round 1, an exchange lorafair's Flower nodes do not make; run it with lorafair fit")
+    if aggregator.self_prunes:
+        return (f"{method} cannot run under Flower yet with rank self-pruning (server.prune_gamma below 1): its "
+                "clients add a penalty to their loss and lower their own rank, which lorafair's Flower nodes do not "
+                "do; run it with lorafair fit, or leave prune_gamma at 1")
+    if aggregator.client_rule(1).local or aggregator.client_rule(2).local:
+        return (f"{method} cannot run under Flower yet: its clients train a local adapter of their own before the "
+                "shared pair and mix the two per input at evaluation, which lorafair's Flower nodes do not do; run it "
+                "with lorafair fit")
     return None
+
+
+def round_keys(rule: ClientRule, layers: list[str], extra: list[str]) -> tuple[set[str], set[str]]:
+    """(the keys a reply of a round of `rule` must leave out: the factors and extra tensors clients keep; those it
+    may leave out: the factors it neither uploads nor keeps, which the server holds)."""
+    kept = set(rule_keys(rule.keeps, layers)) | (set(extra) if rule.keeps_extra else set())
+    unsent = "".join(factor for factor in "AB" if factor not in rule.sends and factor not in rule.keeps)
+    return kept, set(rule_keys(unsent, layers))
 
 
 def check_secure_aggregation(method: str) -> None:
@@ -94,8 +119,12 @@ class LoraStrategy(FedAvg):
 
     Replies carry one ArrayRecord with the model's LoRA factors keyed as peft's state dict does
     (`L.lora_A.weight`, `L.lora_B.weight`) plus any other tensors (averaged), and one MetricRecord with
-    `weighted_by_key`. An optional `partition-id` metric orders the clients in the aggregation (else node id), so
-    results do not depend on the order replies arrive in.
+    `weighted_by_key`. The config of every message names the round's client rule (`lorafair.trains`,
+    `lorafair.sends`, `lorafair.keeps`, `lorafair.keeps-extra`): a reply may leave out the factors it does not
+    upload and must leave out those it keeps; where clients keep factors, `lorafair.kept-round` names the last round
+    whose update of the node the strategy kept (a node whose later update was dropped goes back to what it held).
+    An optional `partition-id` metric orders the clients in the aggregation (else node id), so results do not
+    depend on the order replies arrive in.
 
     The arrays of the first `configure_train` fix the template: every reply must hold exactly these keys, in their
     dtype and shape (a LoRA pair may have a lower rank than the global one, never a higher one), and a positive
@@ -133,6 +162,13 @@ class LoraStrategy(FedAvg):
         self.merges_applied: dict[int, int] = {}
         """node id -> how many merges it has confirmed (by replying to a message that carried them)."""
         self._merges_sent: dict[int, int] = {}
+        self.initial: dict[str, torch.Tensor] = {}
+        """The initial arrays: a factor clients keep stays the initial one in the server's state (it never sees
+        theirs)."""
+        self.round_state: dict[str, torch.Tensor] = {}
+        """The full state of the round being trained, whose factors fill in those a reply does not upload."""
+        self.kept_rounds: dict[int, int] = {}
+        """node id -> the last round whose update of that node was aggregated."""
         self.round_records: dict[int, dict[str, Any]] = {}
         """server round -> what happened: failed nodes, bad updates, aggregation metrics."""
 
@@ -149,6 +185,21 @@ class LoraStrategy(FedAvg):
 
     # ---- sending ----------------------------------------------------------------------------------------------
 
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
+              train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None) -> Result:
+        """FedAvg's `start`; an `evaluate_fn` is refused where clients keep factors the server never sees."""
+        rule = self.client_rule(1)
+        if evaluate_fn is not None and rule.personal:
+            raise ValueError(f"{self.method}: each client keeps its own {rule.keeps or 'head'}, which never reaches "
+                             "the server, so there is no global model for evaluate_fn to score; leave evaluate_fn out: "
+                             "Flower's federated evaluation (fraction_evaluate) scores each node's own model")
+        return super().start(grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config, evaluate_fn)
+
+    def client_rule(self, server_round: int) -> ClientRule:
+        """What the clients train, upload and keep in round `server_round` (1, 2, ..., as `lorafair fit` counts)."""
+        return self.aggregator(server_round).client_rule(server_round)
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         if KEY_CLIPPING_NORM in config and method_class(self.method).merges:
@@ -156,11 +207,52 @@ class LoraStrategy(FedAvg):
                              f" wrapper clips and noises; use a method without merges under differential privacy")
         if self.template is None:  # the initial arrays, never a reply, decide the global keys, shapes and rank
             self.template = {key: (tuple(array.shape), str(array.dtype)) for key, array in arrays.items()}
-        return self._with_merges(super().configure_train(server_round, arrays, config, grid))
+            self.initial = arrays.to_torch_state_dict()
+        rule = self.client_rule(server_round)
+        arrays, self.round_state = self._without_kept(arrays, rule)
+        config.update(rule_to_config(rule))
+        return self._with_kept_round(self._with_merges(super().configure_train(server_round, arrays, config, grid)),
+                                     rule)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        return self._with_merges(super().configure_evaluate(server_round, arrays, config, grid))
+        """Each node evaluates the model it would start the next round from: with the factors it keeps, its own."""
+        rule = self.client_rule(server_round + 1)
+        arrays, _ = self._without_kept(arrays, rule)
+        config.update(rule_to_config(rule))
+        return self._with_kept_round(self._with_merges(super().configure_evaluate(server_round, arrays, config, grid)),
+                                     rule)
+
+    def _kept_keys(self, rule: ClientRule) -> tuple[set[str], set[str]]:
+        """`round_keys` of the global model's keys."""
+        keys = list(self.template or {})
+        layers = [key[: -len(PEFT_A)] for key in keys if key.endswith(PEFT_A)]
+        extra = [key for key in keys if not key.endswith((PEFT_A, PEFT_B))]
+        return round_keys(rule, layers, extra)
+
+    def _without_kept(self, arrays: ArrayRecord, rule: ClientRule) -> tuple[ArrayRecord, dict[str, torch.Tensor]]:
+        """(the arrays to send: those given without what the clients keep; the full state of the round, the
+        initial tensors in place of those kept, where the rule has clients upload less than everything, else {})."""
+        if rule.sends == "AB" and not rule.personal:
+            return arrays, {}
+        kept, _ = self._kept_keys(rule)
+        tensors = arrays.to_torch_state_dict()
+        full = {key: tensors[key] if key in tensors else self.initial[key] for key in self.template or {}}
+        return ArrayRecord(torch_state_dict={k: t for k, t in tensors.items() if k not in kept}), full
+
+    def _with_kept_round(self, messages: Iterable[Message], rule: ClientRule) -> list[Message]:
+        """Where clients keep factors, give each message its own config naming the last round whose update of its
+        node was aggregated."""
+        messages = list(messages)
+        if not rule.personal:
+            return messages
+        for message in messages:
+            content = RecordDict(dict(message.content.items()))
+            config = ConfigRecord(dict(content[self.configrecord_key].items()))
+            config[KEPT_ROUND] = self.kept_rounds.get(message.metadata.dst_node_id, 0)
+            content[self.configrecord_key] = config
+            message.content = content
+        return messages
 
     def _with_merges(self, messages: Iterable[Message]) -> list[Message]:
         """Give each message its own content holding the merges its node has not confirmed."""
@@ -188,14 +280,15 @@ class LoraStrategy(FedAvg):
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        screened, malformed = self._screened(list(replies))
+        rule = self.client_rule(server_round)
+        screened, malformed = self._screened(list(replies), rule)
         valid, errors = self._check_and_log_replies(screened, is_train=True, validate=False)
         record: dict[str, Any] = {"failed_nodes": {str(m.metadata.src_node_id): m.error.reason for m in errors},
                                   "bad_updates": {}, "clients": [], "aggregation": {}}
         self.round_records[server_round] = record
         self._confirm_merges(valid)
         valid.sort(key=self._client_of)
-        updates, keys, unreadable = self._updates(valid)
+        updates, unreadable = self._updates(valid)
         malformed.update({self._client_of(valid[i]): reason for i, reason in unreadable.items()})
         valid = [m for i, m in enumerate(valid) if i not in unreadable]
         updates = [u for u in updates if u is not None]
@@ -214,6 +307,7 @@ class LoraStrategy(FedAvg):
         good = [i for i in range(len(valid)) if i not in bad]
         kept = self._clip_weights([updates[i] for i in good], [record["clients"][i] for i in good], record)
         result = self.aggregator(server_round).aggregate(kept, round_index=server_round)
+        self.kept_rounds.update({valid[i].metadata.src_node_id: server_round for i in good})
         if result.merge:
             self.merges.append(result.merge)
         lora = result.lora or fresh_lora(updates[0].lora, seeded_generator("lora_reinit", self.seed, server_round))
@@ -222,7 +316,9 @@ class LoraStrategy(FedAvg):
         metrics = self.train_metrics_aggr_fn([valid[i].content for i in good], self.weighted_by_key)
         metrics.update({f"aggregation-{name}": float(value) for name, value in result.metrics.items()})
         metrics.update({"bad-updates": bad_count, "failed-nodes": len(errors)})
-        return state_to_arrays(lora, result.extra, keys), metrics
+        kept_keys, _ = self._kept_keys(rule)
+        order = [key for key in self.template if key not in kept_keys] if self.template else None
+        return state_to_arrays(lora, result.extra, order), metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
@@ -237,25 +333,24 @@ class LoraStrategy(FedAvg):
             return int(partition)
         return reply.metadata.src_node_id
 
-    def _screened(self, replies: list[Message]) -> tuple[list[Message], dict[int, str]]:
-        """(the replies fit to read, client -> why for the others): errors pass, for FedAvg to log."""
+    def _screened(self, replies: list[Message], rule: ClientRule) -> tuple[list[Message], dict[int, str]]:
+        """(the replies fit to read in a round of `rule`, client -> why for the others): errors pass, for FedAvg to
+        log."""
+        kept, unsent = self._kept_keys(rule)
         screened, malformed = [], {}
         for reply in replies:
-            problem = None if reply.has_error() else self._screen(reply)
+            problem = None if reply.has_error() else screen_reply(reply.content, self.template, self.weighted_by_key,
+                                                                  self.max_examples, kept, unsent)
             if problem is None:
                 screened.append(reply)
             else:
                 malformed[self._client_of(reply)] = f"malformed reply from node {reply.metadata.src_node_id}: {problem}"
         return screened, malformed
 
-    def _screen(self, reply: Message) -> str | None:
-        """What makes a reply unfit to aggregate, read from its records' metadata alone, or None."""
-        return screen_reply(reply.content, self.template, self.weighted_by_key, self.max_examples)
-
-    def _updates(self, replies: list[Message]) -> tuple[list[ClientUpdate | None], list[str], dict[int, str]]:
-        """ClientUpdates of the replies (None for one that cannot be read), the key order of the first reply's
-        ArrayRecord, and position -> why, for the replies that cannot be read."""
-        updates, keys, unreadable = [], [], {}
+    def _updates(self, replies: list[Message]) -> tuple[list[ClientUpdate | None], dict[int, str]]:
+        """ClientUpdates of the replies (None for one that cannot be read; a factor a reply leaves out is the
+        round's), and position -> why, for the replies that cannot be read."""
+        updates, unreadable = [], {}
         for position, reply in enumerate(replies):
             arrays = next(iter(reply.content.array_records.values()))
             try:
@@ -265,16 +360,16 @@ class LoraStrategy(FedAvg):
                 if wrong is not None:
                     raise ValueError(f"array '{wrong}' holds data of shape {tuple(tensors[wrong].shape)}, not the "
                                      f"{tuple(arrays[wrong].shape)} it announces")
-                lora, extra = arrays_to_state(arrays)
+                tensors = {**{key: self.round_state[key] for key in self.round_state if key not in tensors}, **tensors}
+                lora, extra = unpack_peft({key: tensors[key] for key in self.template or tensors if key in tensors})
             except Exception as err:
                 unreadable[position] = (f"malformed reply from node {reply.metadata.src_node_id}: "
                                         f"{' '.join(str(err).split())[:200]}")
                 updates.append(None)
                 continue
-            keys = keys or list(arrays.keys())
             weight = next(iter(reply.content.metric_records.values()))[self.weighted_by_key]
             updates.append(ClientUpdate(weight=weight, lora=lora, extra=extra))
-        return updates, keys, unreadable
+        return updates, unreadable
 
     def _clip_weights(self, updates: list[ClientUpdate], clients: list[int], record: dict[str, Any]
                       ) -> list[ClientUpdate]:
@@ -288,11 +383,12 @@ class LoraStrategy(FedAvg):
 
 
 def screen_reply(content: RecordDict, template: dict[str, tuple[tuple[int, ...], str]] | None, count_key: str,
-                 max_examples: float) -> str | None:
+                 max_examples: float, kept: set[str] = frozenset(), unsent: set[str] = frozenset()) -> str | None:
     """What makes a reply's content unfit to aggregate, read from its records' metadata alone, or None: one
     ArrayRecord and one MetricRecord, a positive example count `count_key` up to `max_examples`, and (given a
     `template`: key -> (shape, dtype)) exactly the template's keys in its dtypes and shapes (a LoRA factor keyed as
-    peft does may have a lower rank), with no more bytes than the shapes hold."""
+    peft does may have a lower rank), with no more bytes than the shapes hold, less the `kept` keys (what clients
+    keep: never sent) and less any of the `unsent` ones (factors the round does not upload)."""
     if len(content.array_records) != 1 or len(content.metric_records) != 1:
         return (f"expected one ArrayRecord and one MetricRecord, got {len(content.array_records)} and "
                 f"{len(content.metric_records)}")
@@ -306,7 +402,10 @@ def screen_reply(content: RecordDict, template: dict[str, tuple[tuple[int, ...],
         return "its ArrayRecord is empty"
     if template is None:
         return None
-    missing, extra = sorted(template.keys() - arrays.keys()), sorted(arrays.keys() - template.keys())
+    leaked = sorted(arrays.keys() & kept)
+    if leaked:
+        return f"array '{leaked[0]}' is what each client keeps as its own this round: it must not be sent"
+    missing, extra = sorted(template.keys() - arrays.keys() - kept - unsent), sorted(arrays.keys() - template.keys())
     if missing or extra:
         return f"array '{(missing or extra)[0]}' is {'missing' if missing else 'not one of the global model'}"
     for key, array in arrays.items():

@@ -57,6 +57,11 @@ class LoraClassifier(PeftLoraState, lightning.LightningModule):
     def forward(self, images: Tensor) -> Tensor:
         return self.backbone(images)
 
+    def representations(self, images: Tensor) -> Tensor:
+        """The backbone's pooled features before the head, one row per image: what a local adapter's per-input
+        weight compares (`ClientRule.local`)."""
+        return self.backbone.forward_head(self.backbone.forward_features(images), pre_logits=True)
+
     # ---- data and training --------------------------------------------------------------------------------
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:

@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig as PeftLoraConfig
 from peft import inject_adapter_in_model
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
-from lorafair.aggregation import ranks
+from lorafair.aggregation import core_of, ranks
 from lorafair.config import LoraConfig
 from lorafair.errors import UserError
+from lorafair.keys import Pairs
 from lorafair.seeds import fresh_lora
 
 _ADAPTER = "default"
@@ -117,6 +122,13 @@ class PeftLoraState:
                        layer.lora_B[_ADAPTER].weight[:, :self.lora_rank].detach().clone())
                 for name, layer in zip(self.layer_names, self._layers(), strict=True)}
 
+    def lora_parameters(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """(A, B) per adapted layer at the current rank, the live parameters (not copies), for a penalty on them
+        that training differentiates."""
+        rank = self.lora_rank
+        return {name: (layer.lora_A[_ADAPTER].weight[:rank], layer.lora_B[_ADAPTER].weight[:, :rank])
+                for name, layer in zip(self.layer_names, self._layers(), strict=True)}
+
     @torch.no_grad()
     def set_lora(self, lora: dict[str, tuple[Tensor, Tensor]]) -> None:
         """Pairs of the current rank; the adapter's components past it are zeroed."""
@@ -170,5 +182,103 @@ class PeftLoraState:
             layer.lora_A[_ADAPTER].weight.requires_grad_("A" in factors)
             layer.lora_B[_ADAPTER].weight.requires_grad_("B" in factors)
 
+    @contextmanager
+    def core_only(self, basis: dict[str, Tensor] | None) -> Iterator[None]:
+        """Within: each layer's A is R @ A0 with A0 = basis[layer] (r x in, orthonormal rows) fixed and its r x r
+        core R, starting at A A0^T, the trainable tensor in A's place (Fed-SB), so any optimizer trains R itself; on
+        leaving, A is the product R @ A0 again. None: nothing changes."""
+        if basis is None:
+            yield
+            return
+        for name, layer in zip(self.layer_names, self._layers(), strict=True):
+            parametrize.register_parametrization(layer.lora_A[_ADAPTER], "weight", _Core(basis[name]))
+        try:
+            yield
+        finally:
+            for layer in self._layers():
+                parametrize.remove_parametrizations(layer.lora_A[_ADAPTER], "weight", leave_parametrized=True)
+
+    def frozen_weights(self) -> dict[str, nn.Parameter]:
+        """The frozen weight of each adapted layer, the parameter itself (a start that takes its gradient)."""
+        return {name: layer.base_layer.weight for name, layer in zip(self.layer_names, self._layers(), strict=True)}
+
+    # ---- a local adapter (`ClientRule.local`) --------------------------------------------------------------
+
+    def set_local_lora(self, lora: Pairs | None) -> None:
+        """Hold a second LoRA pair per adapted layer, of the current rank and scaling (None: none), which adds to a
+        layer's output with the weight `mix_adapters` gives it; it trains only after `train_local(True)`. Its
+        factors are `local_factors`, (A, B) of each layer in `layer_names` order, a module's parameters."""
+        if lora is None:
+            self.local_factors = None
+            return
+        if not hasattr(self, "_mix"):  # the hooks, once: they do nothing while the mix is (1, 0)
+            self._mix: tuple[Tensor | float, Tensor | float] = (1.0, 0.0)
+            for index, layer in enumerate(self._layers()):
+                layer.register_forward_hook(self._mixing_hook(index))
+        device = self._layers()[0].lora_A[_ADAPTER].weight.device
+        self.local_factors = nn.ParameterList(
+            [nn.Parameter(factor.detach().to(device, torch.float32, copy=True), requires_grad=False)
+             for name in self.layer_names for factor in lora[name]])
+
+    def get_local_lora(self) -> Pairs:
+        """The local adapter, detached copies."""
+        factors = list(self.local_factors)
+        return {name: (factors[2 * i].detach().clone(), factors[2 * i + 1].detach().clone())
+                for i, name in enumerate(self.layer_names)}
+
+    def mix_adapters(self, shared: Tensor | float, local: Tensor | float) -> None:
+        """Each adapted layer's output becomes W0 x + shared * s B A x + local * s B_l A_l x, each weight a number
+        or one per input of the batch; (1, 0), the default, is the shared pair alone."""
+        self._mix = (shared, local)
+        plain = isinstance(shared, float) and isinstance(local, float) and (shared, local) == (1.0, 0.0)
+        for layer in self._layers():  # mixed, the hooks add both pairs and peft's own adds nothing
+            layer.scaling[_ADAPTER] = ranks.scaling(self.alpha, self.lora_rank) if plain else 0.0
+
+    def train_local(self, local: bool) -> None:
+        """True: train the local adapter alone (the shared factors and the head frozen); False: freeze it and train
+        the head again (the shared factors follow `train_factors`)."""
+        for factor in getattr(self, "local_factors", None) or []:
+            factor.requires_grad_(local)
+        params = dict(self.backbone.named_parameters())
+        for name in self._head_names:
+            params[name].requires_grad_(not local)
+        if local:
+            self.train_factors("")
+
+    def _mixing_hook(self, index: int):
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+            shared, local = self._mix
+            if getattr(self, "local_factors", None) is None or module.scaling[_ADAPTER] != 0.0:
+                return None
+            inputs = module.lora_dropout[_ADAPTER](args[0].to(torch.float32))
+            scaling = ranks.scaling(self.alpha, self.lora_rank)
+            local_a, local_b = self.local_factors[2 * index], self.local_factors[2 * index + 1]
+            pairs = ((shared, module.lora_A[_ADAPTER].weight, module.lora_B[_ADAPTER].weight),
+                     (local, local_a, local_b))
+            added = sum(_per_input(weight, inputs) * F.linear(F.linear(inputs, a), b) for weight, a, b in pairs)
+            return output + (scaling * added).to(output.dtype)
+        return hook
+
     def _layers(self) -> list[nn.Module]:
         return [self.backbone.get_submodule(name) for name in self.layer_names]
+
+
+class _Core(nn.Module):
+    """The parametrization A = R @ A0 of a LoRA A over a fixed basis A0 of orthonormal rows: R (r x r) is held."""
+
+    def __init__(self, basis: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("basis", basis)
+
+    def forward(self, core: Tensor) -> Tensor:
+        return core @ self.basis
+
+    def right_inverse(self, weight: Tensor) -> Tensor:
+        return core_of(weight, self.basis)
+
+
+def _per_input(weight: Tensor | float, inputs: Tensor) -> Tensor | float:
+    """A weight per input of the batch shaped to scale `inputs` (batch first), or a number as it is."""
+    if isinstance(weight, Tensor):
+        return weight.to(inputs.dtype).reshape(-1, *([1] * (inputs.dim() - 1)))
+    return weight

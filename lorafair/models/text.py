@@ -105,6 +105,17 @@ class TextLoraModel(PeftLoraState, lightning.LightningModule):
 
     # ---- training and evaluation --------------------------------------------------------------------------
 
+    def representations(self, inputs: Tensor) -> Tensor:
+        """The last layer's hidden state at each item's last token (the official FedDPA code's default embedding),
+        one row per item: what a local adapter's per-input weight compares (`ClientRule.local`). An item is read
+        from its first two rows, stack(ids, mask): the whole text of a training item, the prompt of a test item of
+        instruction data."""
+        used = trim(inputs)
+        ids, mask = inputs[:, 0, used], inputs[:, 1, used]
+        hidden = self.backbone(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+        last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(dim=-1)
+        return hidden[torch.arange(len(ids), device=ids.device), last]
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         """Cross-entropy of the class, or of the response tokens (labels are -100 elsewhere)."""
         inputs, targets = batch

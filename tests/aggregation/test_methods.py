@@ -172,14 +172,15 @@ def test_bytes_per_client_per_round():
     sizes = sum(RANK * (fan_in + fan_out) for fan_out, fan_in in SHAPES.values())
     B_only = sum(RANK * fan_out for fan_out, _ in SHAPES.values())
     A_only = sum(RANK * fan_in for _, fan_in in SHAPES.values())
+    cores = len(SHAPES) * RANK * RANK  # Fed-SB: A travels as its r x r core
     head = (5 * 7 + 5) * 8
     for K in (2, 4):
         updates = make_updates(weights=WEIGHTS[:K], shared_A=True, shared_B=True)
-        up = {"ffa_lora": B_only, "fedsa_lora": A_only, "rolora": A_only, "fedsvd": B_only}
+        up = {"ffa_lora": B_only, "fedsa_lora": A_only, "rolora": A_only, "fedsvd": B_only, "fed_sb": cores}
         expected_down = {"fedit": sizes, "ffa_lora": B_only, "flora": K * sizes, "flexlora": sizes,
                          "lorafair": sizes, "florana": sizes, "fedex_lora": sizes + (K + 1) * sizes,
                          "fedsa_lora": A_only, "rolora": A_only, "fedsvd": sizes, "hetlora": sizes,
-                         "frlora": 2 * sizes}
+                         "frlora": 2 * sizes, "feddpa": sizes, "fed_sb": cores}
         for method in registered_methods():
             out = build_aggregator(method).aggregate(updates)
             assert out.bytes_up == up.get(method, sizes) * 8 + head

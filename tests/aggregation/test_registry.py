@@ -57,12 +57,13 @@ def test_the_server_config_is_the_registry():
     assert [f for f in ServerConfig.__dataclass_fields__] == ["method", *options]
     assert registered_methods() == ("fedit", "ffa_lora", "flora", "flexlora", "lorafair", "florana", "fedex_lora",
                                     "fedsa_lora", "rolora", "fedsvd", "hetlora",
-                                    "frlora")
+                                    "frlora", "feddpa", "fed_sb")
     assert [display_name(m) for m in registered_methods()] == ["FedIT", "FFA-LoRA", "FLoRA", "FlexLoRA", "LoRA-FAIR",
                                                                 "FLoRA-NA", "FedEx-LoRA", "FedSA-LoRA", "RoLoRA",
-                                                                "FedSVD", "HetLoRA", "FRLoRA"]
+                                                                "FedSVD", "HetLoRA", "FRLoRA", "FedDPA", "Fed-SB"]
     assert options["sweeps"].methods == ("florana",) and options["lam"].default == 0.01
     assert (options["svd_period"].default, options["svd_warmup"].default) == (1, 0)
+    assert options["init_batches"].methods == ("fed_sb",) and options["init_batches"].default == 4
 
 
 def test_a_registered_method_is_in_help_configs_and_compare_tables(tmp_path):

@@ -66,6 +66,7 @@ EDITS = {
     "int64 LoRA": (lambda state: _set_first_lora_a(state, _first_lora_a(state).long()), "is torch.int64"),
     "NaN LoRA": (_nan_in_lora, "holds NaN or Inf values"),
     "Inf head": (_inf_in_head, "extra/head.weight holds NaN or Inf values"),
+    "rank 0 client": (lambda state: state.update(client_ranks={3: 0}), "its client_ranks maps 3 to 0, not a client id"),
 }
 
 

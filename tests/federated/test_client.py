@@ -14,6 +14,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lorafair.aggregation import ClientRule, ClientUpdate, build_aggregator
+from lorafair.aggregation.fedsa_lora import FedSALoRA
+from lorafair.cli import main
 from lorafair.config import ConfigError
 from lorafair.federated.checkpoints import load_checkpoint
 from lorafair.fit import fit
@@ -310,3 +312,101 @@ def test_rolora_trains_and_uploads_one_factor_a_round_from_the_servers_pair_and_
     fedit = fit(tiny_config(tmp_path / "fedit", "--server.method", "fedit", "--federation.rounds", "1"))
     assert sum(r["bytes_up"] for r in results["rounds"]) == fedit["rounds"][0]["bytes_up"] + head
     assert "personalised" not in results and "personalised" not in results["rounds"][-1]
+
+
+def test_feddpa_clients_keep_their_own_local_adapter_upload_only_the_global_pair_and_are_scored_mixed(tmp_path):
+    """Three rounds of 5 of 6 clients, replayed: every client's local adapter at its first step is the one it ended
+    its last round with (before that: the run's initial A with B = 0), never another client's; the global pair at
+    its first step is the server's; the server's pair is the weighted mean of the round's global pairs, the global
+    model that pair alone; bytes up are the global pair and the head; the checkpoint keeps each trained client's
+    local adapter and feature summary; the personalised scores are present (the mix itself: tests/aggregation)."""
+    cfg = tiny_config(tmp_path, "--server.method", "feddpa", "--federation.rounds", "3", "--client.lr", "0.5")
+    trainer, spy, results = spied_run(cfg)
+    initial = trainer.initial_state.lora
+
+    own_local: dict[int, dict] = {}
+    global_pairs = {name: (a, b) for name, (a, b) in initial.items()}
+    sat_out_and_came_back = 0
+    for round_index, record in enumerate(results["rounds"], start=1):
+        for client in record["clients"]:
+            expected = own_local.get(client, {n: (a, torch.zeros_like(b)) for n, (a, b) in initial.items()})
+            local = spy.local[round_index, client]
+            sat_out_and_came_back += round_index > 2 and client in own_local and client not in results["rounds"][
+                round_index - 2]["clients"]
+            for name in initial:
+                assert all(torch.equal(local[name][i], expected[name][i]) for i in (0, 1)), (round_index, client)
+                assert all(torch.equal(spy.start[round_index, client][name][i], global_pairs[name][i])
+                           for i in (0, 1))
+        updates = [(spy.weights[c], spy.end[round_index, c]) for c in record["clients"]]
+        total = sum(weight for weight, _ in updates)
+        answer = spy.answers[round_index]
+        for name in initial:
+            for i in (0, 1):
+                by_hand = sum(weight / total * lora[name][i].double() for weight, lora in updates)
+                torch.testing.assert_close(answer[name][i].double(), by_hand, rtol=0, atol=1e-6)
+        global_pairs = answer
+        assert all(torch.equal(spy.states[round_index].lora[n][i], answer[n][i]) for n in answer for i in (0, 1))
+        assert not spy.states[round_index].local
+        own_local.update({c: spy.local_end[round_index, c] for c in record["clients"]})
+        assert record["bytes_up"] == record["bytes_down"] == lora_bytes(answer, "AB") + (10 * 32 + 10) * 4
+    assert sat_out_and_came_back
+    first = results["rounds"][0]["clients"]
+    assert not torch.equal(own_local[first[0]]["blocks.0.attn.proj"][1], own_local[first[1]]["blocks.0.attn.proj"][1])
+
+    saved = load_checkpoint(tmp_path / "checkpoints" / "round_00003.ckpt")
+    kept = unpack_clients(saved["client_states"])
+    assert sorted(kept) == sorted(own_local)
+    for client, tensors in kept.items():
+        assert sorted(tensors) == sorted([f"local/{n}/{f}" for n in initial for f in "AB"] + ["local_features"])
+        assert all(torch.equal(tensors[f"local/{n}/{f}"], own_local[client][n]["AB".index(f)])
+                   for n in initial for f in "AB")
+    assert results["personalised"]["round"] == 3 and set(results["personalised"]["accuracy"]) == set(
+        results["final"]["accuracy"])
+
+
+def test_a_feddpa_run_stopped_after_round_1_resumes_to_the_uninterrupted_result(tmp_path, capsys):
+    """Each client's local adapter and feature summary travel through the checkpoint. A client's own model mixes
+    its local adapter in per input, which no peft adapter holds: its export is refused with one line."""
+    whole = fit(tiny_config(tmp_path / "whole", "--server.method", "feddpa"))
+    fit(tiny_config(tmp_path / "resumed", "--server.method", "feddpa", "--federation.rounds", "1"))
+    resumed = fit(tiny_config(tmp_path / "resumed", "--server.method", "feddpa", "--resume", "auto"))
+    assert resumed["final"] == whole["final"] and resumed["personalised"] == whole["personalised"]
+    assert [r["train_loss"] for r in resumed["rounds"]] == [r["train_loss"] for r in whole["rounds"]]
+    ours, theirs = (load_checkpoint(tmp_path / run / "checkpoints" / "round_00002.ckpt")
+                    for run in ("resumed", "whole"))
+    assert ours["client_states"].keys() == theirs["client_states"].keys()
+    assert all(torch.equal(ours["client_states"][key], theirs["client_states"][key]) for key in ours["client_states"])
+    capsys.readouterr()
+    assert main(["export", "--run", str(tmp_path / "whole"), "--client", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "mixes a local adapter of its own" in err and len(err.splitlines()) == 1, err
+
+
+def test_iid_clients_are_refused_where_clients_keep_factors_and_score_their_own_models(tmp_path, capsys,
+                                                                                       monkeypatch):
+    """The personalised evaluation scores each client's own model on its own domain, which no iid client has: the
+    config is refused before anything runs, by the method's client rule, not by its name."""
+    iid = ["--federation.partition", "iid", "--federation.rounds", "1"]
+    assert main(["fit", *tiny_args(tmp_path / "fedsa", "--server.method", "fedsa_lora", *iid)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and ("federation.partition: iid gives no client a domain of its own, yet fedsa_lora's "
+                              "clients keep factors of their own") in err[0] and "use partition feature" in err[0]
+    assert not (tmp_path / "fedsa").exists()
+    with pytest.raises(ConfigError, match=r"^federation\.partition: iid gives no client a domain of its own, yet "
+                                          r"feddpa's clients keep"):
+        parse_fit_args(tiny_args(tmp_path, "--server.method", "feddpa", *iid))  # its local adapter
+    parse_fit_args(tiny_args(tmp_path, "--server.method", "rolora", *iid))  # another factor each round, none kept
+    parse_fit_args(tiny_args(tmp_path, "--server.method", "fedsa_lora", *iid, "--federation.setting", "centralized"))
+
+    def keeps_b_from_round(first):
+        return lambda self, round_index: ClientRule("AB", "A", "B") if round_index >= first else ClientRule()
+
+    # round r's evaluation scores by round r + 1's rule: a rule keeping B from round 2 on is refused in a 1-round
+    # run, one keeping it from round 3 on is not (no evaluation of a 1-round run sees it)
+    monkeypatch.setattr(FedSALoRA, "client_rule", keeps_b_from_round(2))
+    with pytest.raises(ConfigError, match=r"^federation\.partition: iid"):
+        parse_fit_args(tiny_args(tmp_path, "--server.method", "fedsa_lora", *iid))
+    monkeypatch.setattr(FedSALoRA, "client_rule", keeps_b_from_round(3))
+    parse_fit_args(tiny_args(tmp_path, "--server.method", "fedsa_lora", *iid))
+    with pytest.raises(ConfigError, match=r"^federation\.partition: iid"):
+        parse_fit_args(tiny_args(tmp_path, "--server.method", "fedsa_lora", *iid, "--federation.rounds", "2"))

@@ -124,6 +124,7 @@ def test_server_options_reach_the_aggregator_and_decide_the_answer(tmp_path, ser
                   "residual_on": "A", "relative": False, "lower_ranks": "zero_pad"}),
     ("florana", {"sweeps": 3}),
     ("fedsvd", {"svd_period": 2, "svd_warmup": 1}),
+    ("hetlora", {"prune_gamma": 0.5, "prune_penalty": 2.0, "prune_threshold": 0.9}),
 ])
 def test_every_server_option_reaches_the_aggregator(tmp_path, server_calls, method, options):
     assert set(options) == set(method_options(method)) - {"seed"}  # a new option needs a case here

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -109,12 +110,14 @@ def test_the_local_bound_on_two_ranks_matches_one_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_fedsa_lora_on_two_ranks_keeps_every_clients_own_b_as_one_process_does(tmp_path):
-    """A client trained on one rank may train on the other next round: every rank must hold every client's B, and
-    rank 0 checkpoints all of them; the two-rank run then matches one process up to float summation order."""
+@pytest.mark.parametrize("method", ["fedsa_lora", "feddpa"])
+def test_a_method_whose_clients_keep_their_own_on_two_ranks_keeps_every_clients_as_one_process_does(method, tmp_path):
+    """A client trained on one rank may train on the other next round: every rank must hold what every client keeps
+    (FedSA-LoRA: its B; FedDPA: its local adapter and feature summary), and rank 0 checkpoints all of them; the
+    two-rank run then matches one process up to float summation order."""
     from lorafair.fit import fit
 
-    args = ("--server.method", "fedsa_lora", "--federation.rounds", "3")
+    args = ("--server.method", method, "--federation.rounds", "3")
     single = fit(tiny_config(tmp_path / "one", *args))
     run_on_two_ranks(tiny_args(tmp_path / "two", *args))
     distributed = json.loads((tmp_path / "two" / "results.json").read_text())
@@ -128,6 +131,63 @@ def test_fedsa_lora_on_two_ranks_keeps_every_clients_own_b_as_one_process_does(t
     assert ours.keys() == theirs.keys() and len({key.split(".")[0] for key in ours}) == 6
     for key, tensor in theirs.items():
         torch.testing.assert_close(ours[key], tensor, rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_frlora_on_two_ranks_merges_alike_on_every_rank_and_matches_one_process(tmp_path):
+    """FRLoRA changes the frozen weights of every rank each round: after the run, each rank's W + s B0 A0 (what it
+    holds itself, not rank 0's files) must be the same on both ranks, and the run must match one process up to float
+    summation order (the convention of the other two-rank tests: accuracies within half a point, tensors within
+    1e-4)."""
+    from tests.federated.rank_state import main
+
+    args = ("--server.method", "frlora")
+    main(tiny_args(tmp_path / "one", *args))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "tests.federated.rank_state", *tiny_args(tmp_path / "two", *args)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=python_environment(), cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lora = tiny_config(tmp_path).lora
+    scaling = lora.alpha / lora.r
+
+    def merged(path):
+        state = torch.load(path, weights_only=True)
+        return {name: weight + scaling * state["lora"][name][1] @ state["lora"][name][0]
+                for name, weight in state["base"].items()}
+
+    ranks = [merged(tmp_path / "two" / f"state.rank{rank}.pt") for rank in (0, 1)]
+    single = merged(tmp_path / "one" / "state.rank0.pt")
+    assert ranks[0].keys() == ranks[1].keys() == single.keys() and len(single) > 0
+    for name, weight in single.items():
+        assert torch.equal(ranks[0][name], ranks[1][name])
+        torch.testing.assert_close(ranks[0][name], weight, rtol=0, atol=1e-4)
+    one, two = (json.loads((tmp_path / run / "results.json").read_text()) for run in ("one", "two"))
+    assert all(len(record["processes"]) == 5 for record in two["rounds"])
+    assert {rank for record in two["rounds"] for rank in record["processes"].values()} == {0, 1}
+    for domain, accuracy in one["final"]["accuracy"].items():
+        assert abs(two["final"]["accuracy"][domain] - accuracy) <= 0.005
+
+
+@pytest.mark.slow
+def test_hetlora_clients_pruned_on_one_rank_train_at_their_pruned_rank_on_the_other(tmp_path):
+    """A client prunes on the rank that trained it and may train on the other next round: every rank must hold every
+    client's rank. The bytes each client sends follow its rank, so they, and the checkpointed ranks, match one
+    process exactly."""
+    from lorafair.fit import fit
+
+    args = ("--server.method", "hetlora", "--server.prune_gamma", "0.5", "--server.prune_penalty", "10",
+            "--federation.rounds", "3")
+    single = fit(tiny_config(tmp_path / "one", *args))
+    run_on_two_ranks(tiny_args(tmp_path / "two", *args))
+    distributed = json.loads((tmp_path / "two" / "results.json").read_text())
+    hosts = [record["processes"] for record in distributed["rounds"]]
+    assert any(hosts[t][c] != hosts[t + 1][c] for t in range(2) for c in hosts[t] if c in hosts[t + 1])
+    assert [r["bytes_by_client"] for r in distributed["rounds"]] == [r["bytes_by_client"] for r in single["rounds"]]
+    ours, theirs = (load_checkpoint(tmp_path / run / "checkpoints" / "round_00003.ckpt")["client_ranks"]
+                    for run in ("two", "one"))
+    assert ours == theirs and 2 in ours.values()
+    for domain, accuracy in single["final"]["accuracy"].items():
+        assert abs(distributed["final"]["accuracy"][domain] - accuracy) <= 0.005
 
 
 @pytest.mark.slow

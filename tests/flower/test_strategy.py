@@ -22,7 +22,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from lorafair.aggregation import ClientUpdate, build_aggregator, method_class, registered_methods
 from lorafair.aggregation.reference import dense_reference
 from lorafair.cli import main
-from lorafair.flower import LoraStrategy, merges_to_apply, state_to_arrays
+from lorafair.flower import LoraStrategy, hold_pending, merges_to_apply, own_tensors, rule_of_config, state_to_arrays
 from lorafair.flower.records import arrays_to_state
 from lorafair.flower.strategy import flower_refusal
 from lorafair.keys import PEFT_A as LORA_A
@@ -37,6 +37,9 @@ RANK = 2
 
 
 SCALING = 0.5
+
+
+FACTOR_KEY = {"A": LORA_A, "B": LORA_B}
 
 
 class FakeGrid:
@@ -66,7 +69,11 @@ def random_update(weight, generator, dtype=torch.float64, shared_A=None):
 
 
 def reply(message, update, partition_id, **metrics):
+    """A node's reply holding what the message's client rule has it upload: those factors and the head."""
+    rule = rule_of_config(message.content["config"])
     arrays = state_to_arrays(update.lora, update.extra)
+    for key in [key for key in arrays if key.endswith(tuple(FACTOR_KEY[f] for f in "AB" if f not in rule.sends))]:
+        del arrays[key]
     content = RecordDict({"arrays": arrays, "metrics": MetricRecord(
         {"num-examples": update.weight, "partition-id": partition_id, "train-loss": 1.0, **metrics})})
     return Message(content=content, reply_to=message)
@@ -81,8 +88,7 @@ def train_round(strategy, server_round, arrays, updates, nodes):
 
 
 FLOWER_METHODS = [method for method in registered_methods() if flower_refusal(method) is None]
-"""The methods lorafair runs under Flower: those whose clients keep nothing of their own and train the same factors
-every round."""
+"""The methods lorafair runs under Flower: all but the one whose LoRA starts from the SVD of the frozen weights."""
 
 
 @pytest.mark.parametrize("method", FLOWER_METHODS)
@@ -97,7 +103,11 @@ def test_every_method_equals_its_dense_reference_through_flower_records(method):
     start = state_to_arrays(updates[11].lora, updates[11].extra)
     arrays, metrics = train_round(strategy, 1, start, updates, list(updates))
     expected = dense_reference(method, [updates[node] for node in sorted(updates)])
-    lora, extra = arrays_to_state(arrays)
+    kept = build_aggregator(method).client_rule(1).keeps  # FedSA-LoRA's B: neither sent back nor held by the server
+    assert not [key for key in arrays if key.endswith(tuple(FACTOR_KEY[f] for f in kept))]
+    tensors = {**arrays.to_torch_state_dict(), **{key: tensor for key, tensor in start.to_torch_state_dict().items()
+                                                  if key.endswith(tuple(FACTOR_KEY[f] for f in kept))}}
+    lora, extra = arrays_to_state(ArrayRecord(torch_state_dict=tensors))
     total = sum(u.weight for u in updates.values())
     torch.testing.assert_close(extra["head.weight"], sum(u.weight / total * u.extra["head.weight"]
                                                          for u in updates.values()))
@@ -115,7 +125,7 @@ def test_every_method_equals_its_dense_reference_through_flower_records(method):
     assert (expected.merge is not None) == bool(strategy.merges)
     assert metrics["train-loss"] == pytest.approx(1.0) and "partition-id" not in metrics
     assert metrics["bad-updates"] == 0 and "aggregation-cos_avg_mean" in metrics
-    assert list(arrays.keys()) == list(start.keys())
+    assert list(arrays.keys()) == [key for key in start if not key.endswith(tuple(FACTOR_KEY[f] for f in kept))]
 
 
 def test_fresh_lora_is_the_models_own_init():
@@ -274,21 +284,121 @@ def test_merging_methods_are_refused_under_client_side_differential_privacy():
         strategy.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid([1, 2]))
 
 
-@pytest.mark.parametrize(("method", "reason"), [
-    ("fedsa_lora", "its clients keep their own B between rounds, which lorafair's Flower integration does not hold"),
-    ("rolora", "its clients train A in odd rounds and B in even ones, which lorafair's Flower messages do not tell "
-               "them"),
-])
-def test_methods_whose_clients_keep_factors_or_alternate_them_are_refused_with_the_reason(method, reason, tmp_path,
-                                                                                          capsys):
-    message = f"{method} cannot run under Flower yet: {reason}; run it with lorafair fit"
+def test_feddpa_is_refused_with_the_reason(tmp_path, capsys):
+    """A message carries the factors a node trains, uploads and keeps, not a local adapter: FedDPA stops with one
+    line, before Flower starts."""
+    message = ("feddpa cannot run under Flower yet: its clients train a local adapter of their own before the shared "
+               "pair and mix the two per input at evaluation, which lorafair's Flower nodes do not do; run it with "
+               "lorafair fit")
     with pytest.raises(ValueError) as refused:
-        LoraStrategy(method)
+        LoraStrategy("feddpa")
     assert str(refused.value) == message
-    # `lorafair flower` stops with the same line before it starts Flower
-    assert main(["flower", *tiny_args(tmp_path, "--server.method", method)]) == 2
+    assert main(["flower", *tiny_args(tmp_path, "--server.method", "feddpa")]) == 2
     assert capsys.readouterr().err == f"lorafair: error: {message}\n"
     assert not (tmp_path / "results.json").exists()
+
+
+def test_rolora_messages_name_the_rounds_factor_and_the_aggregate_is_the_exact_mean_product():
+    """Rounds 1, 2, 3 tell every node to train A, B, A (round 1 is odd, as in `lorafair fit`); the nodes upload only
+    that factor, and the aggregate's product is sum_k p_k B_k A_k computed densely, the other factor unchanged."""
+    generator = torch.Generator().manual_seed(8)
+    start = random_update(1.0, generator)
+    weights = {1: 1.0, 2: 3.0, 3: 2.0}
+    strategy = LoraStrategy("rolora", min_available_nodes=3, min_train_nodes=3)
+    arrays = state_to_arrays(start.lora, start.extra)
+    for server_round, factor in ((1, "A"), (2, "B"), (3, "A")):
+        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), FakeGrid(weights)))
+        replies, updates = [], {}
+        for message in messages:
+            config, node = message.content["config"], message.metadata.dst_node_id
+            rule = (config["lorafair.trains"], config["lorafair.sends"], config["lorafair.keeps"])
+            assert rule == (factor, factor, "")
+            given, _ = arrays_to_state(message.content["arrays"])
+            moved = random_update(weights[node], generator)  # the trained factor moves, the other stays
+            lora = {name: (moved.lora[name][0], pair[1]) if factor == "A" else (pair[0], moved.lora[name][1])
+                    for name, pair in given.items()}
+            updates[node] = ClientUpdate(weights[node], lora, moved.extra)
+            replies.append(reply(message, updates[node], node))
+            assert {key[len(key) - len(LORA_A):] for key in replies[-1].content["arrays"]
+                    if key != "head.weight"} == {FACTOR_KEY[factor]}
+        arrays, _ = strategy.aggregate_train(server_round, replies)
+        lora, _ = arrays_to_state(arrays)
+        total = sum(weights.values())
+        frozen = "AB".index("B" if factor == "A" else "A")
+        for name in SHAPES:
+            mean_product = sum(weights[node] / total * product(updates[node].lora[name]) for node in weights)
+            torch.testing.assert_close(product(lora[name]), mean_product)
+            torch.testing.assert_close(lora[name][frozen], given[name][frozen], rtol=0, atol=0)
+        assert strategy.round_records[server_round]["bad_updates"] == {}
+
+
+def test_fedsa_lora_b_never_travels_each_node_keeps_its_own_and_personal_scores_aggregate():
+    """Four rounds, 2 of 3 nodes each; nodes keep B in their node state with `own_tensors` / `hold_pending`. Node 2's
+    round-2 update is NaN (dropped) and node 3 leaks its B in round 3 (dropped): each goes back to the B it held.
+    No message carries a B either way; A is the weighted mean of the kept replies' A."""
+    random.seed(1)  # Flower samples nodes with the random module
+    generator = torch.Generator().manual_seed(9)
+    start = random_update(1.0, generator)
+    weights = {1: 1.0, 2: 3.0, 3: 2.0}
+    b_keys = [f"{name}{LORA_B}" for name in SHAPES]
+    initial_b = {key: tensor for key, tensor in state_to_arrays(start.lora, {}).to_torch_state_dict().items()
+                 if key in b_keys}
+    states = {node: RecordDict() for node in weights}
+    expected = {node: initial_b for node in weights}  # each node's own B, tracked by hand
+    last_kept = {node: 0 for node in weights}  # the last round whose update of the node was aggregated
+    strategy = LoraStrategy("fedsa_lora", fraction_train=0.5, min_train_nodes=2, min_available_nodes=3)
+    arrays, sat_out = state_to_arrays(start.lora, start.extra), set()
+    for server_round in range(1, 5):
+        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), FakeGrid(weights)))
+        replies, trained = [], {}
+        for message in messages:
+            node, config = message.metadata.dst_node_id, message.content["config"]
+            assert not set(message.content["arrays"].keys()) & set(b_keys)  # B does not travel down
+            own = own_tensors(states[node], config, initial_b)
+            for key in b_keys:
+                torch.testing.assert_close(own[key], expected[node][key], rtol=0, atol=0)
+            moved = random_update(weights[node], generator)
+            trained[node] = ClientUpdate(weights[node], {name: (moved.lora[name][0], own[f"{name}{LORA_B}"] +
+                                                                moved.lora[name][1]) for name in SHAPES}, moved.extra)
+            if (server_round, node) == (2, 2):
+                trained[node].lora["blocks.0.attn.proj"][0][0, 0] = float("nan")
+            hold_pending(states[node], server_round, {f"{name}{LORA_B}": pair[1]
+                                                      for name, pair in trained[node].lora.items()})
+            answer = reply(message, trained[node], node)
+            if (server_round, node) == (3, 3):  # a node that sends its B anyway
+                answer.content["arrays"][b_keys[0]] = message.content["arrays"][f"{next(iter(SHAPES))}{LORA_A}"]
+            replies.append(answer)
+            assert rule_of_config(config).keeps == "B" and config["lorafair.kept-round"] == last_kept[node]
+        arrays, _ = strategy.aggregate_train(server_round, replies)
+        record = strategy.round_records[server_round]
+        good = [node for node in trained if str(node) not in record["bad_updates"]]
+        last_kept.update({node: server_round for node in good})
+        sat_out |= set(weights) - set(trained)
+        total = sum(weights[node] for node in good)
+        aggregate = arrays.to_torch_state_dict()
+        for name in SHAPES:
+            torch.testing.assert_close(aggregate[f"{name}{LORA_A}"],
+                                       sum(weights[n] / total * trained[n].lora[name][0] for n in good))
+        assert not set(arrays.keys()) & set(b_keys)
+        expected.update({node: {f"{name}{LORA_B}": trained[node].lora[name][1] for name in SHAPES} for node in good})
+    assert "must not be sent" in strategy.round_records[3]["bad_updates"]["3"]
+    assert "NaN" in strategy.round_records[2]["bad_updates"]["2"] and sat_out == set(weights)
+
+    scores = {}
+    evaluations = list(strategy.configure_evaluate(4, arrays, ConfigRecord(), FakeGrid(weights)))
+    for message in evaluations:
+        node = message.metadata.dst_node_id
+        assert not set(message.content["arrays"].keys()) & set(b_keys)
+        own = own_tensors(states[node], message.content["config"], initial_b)
+        given = message.content["arrays"].to_torch_state_dict()
+        scores[node] = sum(float(product((given[f"{name}{LORA_A}"], own[f"{name}{LORA_B}"])).sum()) for name in SHAPES)
+        torch.testing.assert_close(own[b_keys[0]], expected[node][b_keys[0]], rtol=0, atol=0)
+    metrics = strategy.aggregate_evaluate(4, [Message(RecordDict({"metrics": MetricRecord(
+        {"num-examples": weights[m.metadata.dst_node_id], "score": scores[m.metadata.dst_node_id]})}), reply_to=m)
+        for m in evaluations])
+    assert metrics["score"] == pytest.approx(sum(weights[n] * scores[n] for n in scores) / sum(weights.values()))
+    with pytest.raises(ValueError, match="fedsa_lora: each client keeps its own B, which never reaches the server"):
+        strategy.start(FakeGrid(weights), arrays, evaluate_fn=lambda server_round, arrays: None)
 
 
 @pytest.mark.parametrize("method", FLOWER_METHODS)

@@ -13,7 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from lorafair.aggregation import registered_methods
-from lorafair.data.text import IGNORE_INDEX, TextDataset, encode_instruction
+from lorafair.data.text import (
+    IGNORE_INDEX,
+    TextDataset,
+    encode_classification,
+    encode_instruction,
+    encode_prompt,
+)
 from lorafair.federated.launch import launch_fabric
 from lorafair.federated.loop import FederatedTrainer
 from lorafair.fit import fit
@@ -61,7 +67,7 @@ def test_every_method_runs_the_text_demo(text_run, tmp_path, method):
     # the demo LM: 3 layers; q, k, v and o_proj 64 -> 64, gate and up_proj 64 -> 192, down_proj 192 -> 64; rank 8;
     # a causal LM sends no extra tensors
     modules = [(64, 64)] * 4 + [(64, 192), (64, 192), (192, 64)]
-    if method in ("fedit", "lorafair", "florana", "flexlora"):
+    if method in ("fedit", "lorafair", "florana", "flexlora", "feddpa"):  # FedDPA: its global adapter only
         assert results["rounds"][0]["bytes_up"] == _lora_bytes(3, modules, 8)
     if method == "ffa_lora":  # B only: r x fan_out per module
         assert results["rounds"][0]["bytes_up"] == _lora_bytes(3, [(0, fan_out) for _, fan_out in modules], 8)
@@ -69,8 +75,10 @@ def test_every_method_runs_the_text_demo(text_run, tmp_path, method):
         assert results["rounds"][0]["bytes_up"] == _lora_bytes(3, [(fan_in, 0) for fan_in, _ in modules], 8)
     if method == "rolora":
         assert results["rounds"][1]["bytes_up"] == _lora_bytes(3, [(0, fan_out) for _, fan_out in modules], 8)
+    if method == "fed_sb":  # the r x r core of A only: r^2 per module, as an A of fan_in r and no B
+        assert results["rounds"][0]["bytes_up"] == _lora_bytes(3, [(8, 0) for _ in modules], 8)
     # each client's own model, scored on its own domain, where clients keep factors of their own
-    assert ("personalised" in results) == (method == "fedsa_lora")
+    assert ("personalised" in results) == (method in ("fedsa_lora", "feddpa"))
 
 
 @pytest.mark.slow
@@ -137,6 +145,24 @@ def test_the_training_loss_is_the_cross_entropy_of_the_response_tokens(demo_mode
     everything = F.cross_entropy(predicted[inputs[:, 1, 1:].reshape(-1).bool()],
                                  inputs[:, 0, 1:].reshape(-1)[inputs[:, 1, 1:].reshape(-1).bool()])
     assert abs(loss.item() - everything.item()) > 1e-3  # the prompt tokens would change it
+
+
+def test_a_representation_is_the_last_layers_state_at_the_last_real_token_whatever_the_padding(demo_model):
+    """FedDPA's per-input weight compares these: the same prompt, left-padded (a test item) or right-padded (the
+    first rows of a training item), gives the last hidden state the unpadded prompt gives at its last token."""
+    tokenizer = demo_model.tokenizer
+    prompts = ["Add: 1 + 2\nA: ", "Solve: Ann has 4 pens and gets 5 more.\nA: "]
+    left = torch.stack([encode_prompt(tokenizer, prompt, 64) for prompt in prompts])
+    right = torch.stack([torch.cat([encode_classification(tokenizer, prompt, None, 64),
+                                    torch.zeros(1, 64, dtype=torch.long)]) for prompt in prompts])  # a third row
+    demo_model.eval()
+    with torch.no_grad():
+        by_left, by_right = demo_model.representations(left), demo_model.representations(right)
+        for row, prompt in enumerate(prompts):
+            ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+            alone = demo_model.backbone(input_ids=ids, output_hidden_states=True).hidden_states[-1][0, -1]
+            torch.testing.assert_close(by_left[row], alone, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(by_right[row], alone, rtol=1e-4, atol=1e-5)
 
 
 def test_bf16_weights_and_gradient_checkpointing_train_float32_lora(tmp_path):

@@ -289,8 +289,9 @@ def test_without_methods_a_mixed_rank_config_leaves_out_the_one_rank_methods(tmp
                                                                          "local"}
     mixed = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, client_ranks=[2, 4, 8]))
     planned = {run.method for run in plan_runs(mixed, None, None, None)}
-    assert planned == {*registered_methods(), "centralized", "local"} - {"fedsa_lora", "rolora", "frlora"}
-    assert "leaving out fedsa_lora, rolora, frlora" in capsys.readouterr().err
+    assert planned == {*registered_methods(), "centralized", "local"} - {"fedsa_lora", "rolora", "frlora",
+                                                                                       "feddpa", "fed_sb"}
+    assert "leaving out fedsa_lora, rolora, frlora, feddpa, fed_sb" in capsys.readouterr().err
     with pytest.raises(UserError):  # named, they are refused as fit refuses them
         plan_runs(mixed, ["fedit", "rolora"], None, None)
 
