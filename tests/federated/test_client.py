@@ -263,20 +263,6 @@ def test_a_dropped_fedsa_lora_update_leaves_its_client_holding_what_it_held(tmp_
                 assert torch.equal(B, spy.end[1, client][name][1])
 
 
-def test_a_fedsa_lora_run_stopped_after_round_1_resumes_to_the_uninterrupted_result(tmp_path):
-    """Each client's B travels through the checkpoint: a resumed round 2 starts every client from its own."""
-    whole = fit(tiny_config(tmp_path / "whole", "--server.method", "fedsa_lora"))
-    fit(tiny_config(tmp_path / "resumed", "--server.method", "fedsa_lora", "--federation.rounds", "1"))
-    resumed = fit(tiny_config(tmp_path / "resumed", "--server.method", "fedsa_lora", "--resume", "auto"))
-    assert resumed["final"] == whole["final"] and resumed["personalised"] == whole["personalised"]
-    assert [r["train_loss"] for r in resumed["rounds"]] == [r["train_loss"] for r in whole["rounds"]]
-    ours, theirs = (load_checkpoint(tmp_path / run / "checkpoints" / "round_00002.ckpt")
-                    for run in ("resumed", "whole"))
-    assert ours["client_states"].keys() == theirs["client_states"].keys()
-    assert all(torch.equal(ours["client_states"][key], theirs["client_states"][key]) for key in ours["client_states"])
-    assert all(torch.equal(ours["lora"][name][f], theirs["lora"][name][f]) for name in ours["lora"] for f in "AB")
-
-
 def test_rolora_trains_and_uploads_one_factor_a_round_from_the_servers_pair_and_aggregates_exactly(tmp_path):
     """Round 1 trains A with the server's B, round 2 B with the server's A; every client starts from the server's
     pair, never another client's; the global pair's product is the clients' mean product, by dense products by hand;
@@ -364,20 +350,32 @@ def test_feddpa_clients_keep_their_own_local_adapter_upload_only_the_global_pair
         results["final"]["accuracy"])
 
 
-def test_a_feddpa_run_stopped_after_round_1_resumes_to_the_uninterrupted_result(tmp_path, capsys):
-    """Each client's local adapter and feature summary travel through the checkpoint. A client's own model mixes
-    its local adapter in per input, which no peft adapter holds: its export is refused with one line."""
-    whole = fit(tiny_config(tmp_path / "whole", "--server.method", "feddpa"))
-    fit(tiny_config(tmp_path / "resumed", "--server.method", "feddpa", "--federation.rounds", "1"))
-    resumed = fit(tiny_config(tmp_path / "resumed", "--server.method", "feddpa", "--resume", "auto"))
-    assert resumed["final"] == whole["final"] and resumed["personalised"] == whole["personalised"]
+@pytest.mark.parametrize("method", ["fedsa_lora", "feddpa", "frlora", "fed_sb"])
+def test_a_run_stopped_after_round_1_resumes_to_the_uninterrupted_result(tmp_path, method):
+    """What a method keeps apart from the global pair travels through the checkpoint: each client's own B
+    (FedSA-LoRA), each client's local adapter and feature summary (FedDPA), the frozen weights the merges changed
+    (FRLoRA, over the start the resumed run takes again), the basis of the core (Fed-SB, cut again from the same
+    gradient)."""
+    whole = fit(tiny_config(tmp_path / "whole", "--server.method", method))
+    fit(tiny_config(tmp_path / "resumed", "--server.method", method, "--federation.rounds", "1"))
+    resumed = fit(tiny_config(tmp_path / "resumed", "--server.method", method, "--resume", "auto"))
+    assert resumed["final"] == whole["final"] and resumed.get("personalised") == whole.get("personalised")
     assert [r["train_loss"] for r in resumed["rounds"]] == [r["train_loss"] for r in whole["rounds"]]
     ours, theirs = (load_checkpoint(tmp_path / run / "checkpoints" / "round_00002.ckpt")
                     for run in ("resumed", "whole"))
-    assert ours["client_states"].keys() == theirs["client_states"].keys()
-    assert all(torch.equal(ours["client_states"][key], theirs["client_states"][key]) for key in ours["client_states"])
+    for part in ("client_states", "base"):
+        mine, reference = ours.get(part) or {}, theirs.get(part) or {}
+        assert mine.keys() == reference.keys()
+        assert all(torch.equal(mine[key], reference[key]) for key in mine)
+    assert all(torch.equal(ours["lora"][name][f], theirs["lora"][name][f]) for name in ours["lora"] for f in "AB")
+
+
+def test_a_feddpa_clients_own_model_is_not_exported(tmp_path, capsys):
+    """A FedDPA client's own model mixes its local adapter in per input, which no peft adapter holds: its export is
+    refused with one line."""
+    fit(tiny_config(tmp_path / "run", "--server.method", "feddpa", "--federation.rounds", "1"))
     capsys.readouterr()
-    assert main(["export", "--run", str(tmp_path / "whole"), "--client", "0"]) == 2
+    assert main(["export", "--run", str(tmp_path / "run"), "--client", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert "mixes a local adapter of its own" in err and len(err.splitlines()) == 1, err
 

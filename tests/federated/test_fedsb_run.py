@@ -94,15 +94,6 @@ def test_a_run_starts_from_the_cut_gradient_trains_only_the_cores_and_averages_e
             assert torch.equal(B, start[name][1])
 
 
-def test_a_run_stopped_after_round_1_resumes_to_the_uninterrupted_result(tmp_path):
-    """The resumed run cuts the same start again (the basis the clients train over) and takes R from the checkpoint."""
-    whole = fit(tiny_config(tmp_path / "whole", "--server.method", "fed_sb"))
-    fit(tiny_config(tmp_path / "resumed", "--server.method", "fed_sb", "--federation.rounds", "1"))
-    resumed = fit(tiny_config(tmp_path / "resumed", "--server.method", "fed_sb", "--resume", "auto"))
-    assert resumed["final"] == whole["final"]
-    assert [r["train_loss"] for r in resumed["rounds"]] == [r["train_loss"] for r in whole["rounds"]]
-
-
 @pytest.mark.slow
 @SEVERAL_PROCESSES
 def test_two_ranks_take_the_same_start_and_rounds_as_one_process(tmp_path):
