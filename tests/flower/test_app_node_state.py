@@ -190,8 +190,8 @@ class RecordingGrid(InProcessGrid):
         return replies
 
 
-def test_feddpa_nodes_keep_their_local_adapter_which_never_travels_and_score_both_models_as_fit(tmp_path,
-                                                                                               monkeypatch):
+def test_feddpa_nodes_keep_their_local_adapter_which_never_travels_and_score_both_models_as_fit(tmp_path, monkeypatch,
+                                                                                               capsys):
     monkeypatch.setenv("LORAFAIR_POISON", POISONED)
     assert main(["fit", *tiny_args(tmp_path / "fit", *FEDDPA_JOB)]) == 0
     cfg = tiny_config(tmp_path / "flower", *FEDDPA_JOB)
@@ -240,6 +240,9 @@ def test_feddpa_nodes_keep_their_local_adapter_which_never_travels_and_score_bot
     for command in (["export", "--run", run, "--round", "3", "--out", str(tmp_path / "again")],
                     ["evaluate", "--run", run], ["predict", "--run", run, str(image)]):
         assert main(command) == 0, command
+    capsys.readouterr()
+    assert main(["export", "--run", run, "--client", "0"]) == 2  # refused, as fit's run refuses it
+    assert "mix a local adapter of their own with the global one" in capsys.readouterr().err
 
 
 def test_a_flower_run_whose_clients_keep_a_local_adapter_does_not_resume(tmp_path):
