@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 from timm.models import save_for_hf
 from torch import Tensor, nn
 
-from lorafair.aggregation import Aggregator, method_class, registered_methods
+from lorafair.aggregation import Aggregator, build_aggregator, method_class, registered_methods
 from lorafair.config import FitConfig, metric_name
 from lorafair.data import model_data_config
 from lorafair.errors import UserError
@@ -160,6 +160,11 @@ def client_state(run: RunState, client: int) -> GlobalState:
     their own, `client` is not one of the run's clients, or it has nothing of its own yet, and where it mixes in a
     local adapter per input (`ClientRule.local`)."""
     saved, method = run.saved, run.cfg.server.method
+    if not saved.client_states and build_aggregator(method).client_rule(saved.round).local is not None:
+        raise UserError(f"--client {client}: the clients of {run.run_dir} ({method}) mix a local adapter of their own "
+                        "with the global one, weighted per input, which a peft adapter cannot hold (and which its "
+                        "checkpoints do not hold: under Flower it stays in each node's state); leave out --client "
+                        "to export the global model")
     if not saved.client_states:
         raise UserError(f"--client {client}: the clients of {run.run_dir} ({method}) keep nothing of their own "
                         f"between rounds, so each client's model is the global one; leave out --client to export it")

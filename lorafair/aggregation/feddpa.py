@@ -17,7 +17,8 @@ cosines is <e(x)/|e(x)|, m> with m the mean of the normalised e(x_j), so a clien
 local adapter. The global model is the global adapter alone. `LocalAdapter` in `rules` carries these settings to the
 clients; what was read in the paper and its code is in docs/client-methods.md.
 
-Clients of different ranks are refused: a local adapter is held at the global rank.
+Clients of different ranks are refused: a local adapter is held at the global rank. Under `lorafair flower` each
+node keeps its local adapter in its node state and it never travels; `LoraStrategy` refuses the method.
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ components and adds to its training loss the penalty on the rest (the tail), sum
     lambda * sum_layers ||B[:, k:]||_F ||A[k:, :]||_F
 
 and after training lowers its rank to k for good when the tail has shrunk, tail(trained) < threshold * tail(start),
-uploading its leading k components (`pruned_rank`, `ranks.to_client`); the round loop keeps each client's rank.
+uploading its leading k components (`pruned_rank`, `ranks.to_client`); the round loop keeps each client's rank
+(under `lorafair flower` each node prunes its own update and announces its rank; `LoraStrategy` refuses pruning).
 """
 
 from __future__ import annotations

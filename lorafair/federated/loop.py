@@ -28,7 +28,16 @@ import torch
 from lightning.fabric import Fabric
 from tqdm import tqdm
 
-from lorafair.aggregation import ClientRule, ClientUpdate, LocalAdapter, RoundState, gradient_start, ranks, svd_start
+from lorafair.aggregation import (
+    Aggregator,
+    ClientRule,
+    ClientUpdate,
+    LocalAdapter,
+    RoundState,
+    gradient_start,
+    ranks,
+    svd_start,
+)
 from lorafair.config import BOUND_METHOD, FitConfig, metric_name
 from lorafair.data import Client, FederatedData
 from lorafair.data.build import build_data
@@ -204,14 +213,8 @@ class FederatedTrainer:
         return results, hosts, trained
 
     def prune(self, result: ClientResult, start: GlobalState) -> int:
-        """The rank `result`'s client keeps from this round on (`Aggregator.pruned_rank` of the pairs it started
-        from and those it trained); below its rank, its update becomes its leading components, in their scaling."""
-        rank = self.client_ranks[result.client]
-        kept = self.server.aggregator.pruned_rank(start.lora_for(rank), result.update.lora)
-        if kept < rank:
-            result.update = replace(result.update, lora={name: ranks.to_client(pair, kept)
-                                                         for name, pair in result.update.lora.items()})
-        return kept
+        """The rank `result`'s client keeps from this round on (`prune_update`)."""
+        return prune_update(self.server.aggregator, result, start, self.client_ranks[result.client])
 
     def aggregate(self, round_index: int, results: list[ClientResult], sampled: list[int],
                   unreadable: dict[str, str] | None = None) -> ServerAnswer:
@@ -413,6 +416,17 @@ class FederatedTrainer:
         if self.rank == 0:
             self.outputs.resume(resumed)
         return resumed.round + 1
+
+
+def prune_update(method: Aggregator, result: ClientResult, start: GlobalState, rank: int) -> int:
+    """The rank a client of LoRA `rank` keeps from this round on (`Aggregator.pruned_rank` of the pairs it started
+    from and those it trained); below its rank, its update (`result`, changed in place) becomes its leading
+    components, in their scaling. The client's part of rank self-pruning, wherever the client trains."""
+    kept = method.pruned_rank(start.lora_for(rank), result.update.lora)
+    if kept < rank:
+        result.update = replace(result.update, lora={name: ranks.to_client(pair, kept)
+                                                     for name, pair in result.update.lora.items()})
+    return kept
 
 
 def clients_per_round(cfg: FitConfig, clients: int) -> int:

@@ -14,12 +14,19 @@ frozen weights once.
 
 Each message's config carries the round's client rule (`lorafair.flower.records.rule_to_config`): a node trains the
 factors it names (RoLoRA: A in odd rounds, B in even ones) and uploads only those it sends. Where clients keep
-factors of their own (FedSA-LoRA: B), they never travel: a node keeps them in its node state (`own_tensors`,
-`hold_pending`), starting from the run's initial ones, and the server, which never sees them, has no global model
-to score: after each evaluated round every node scores its own model on its domain's test set (an evaluate
-message), and the run reports those personalised scores, the global model's as not available. FRLoRA, Fed-SB,
-HetLoRA with rank self-pruning and FedDPA are refused (`lorafair.flower.strategy.flower_refusal`): a node trains
-with no penalty, no fixed basis and no local adapter.
+tensors of their own, they never travel: a node keeps them in its node state (`own_tensors`, `hold_pending`),
+starting from the run's initial ones, and after each evaluated round every node scores its own model on its domain's
+test set (an evaluate message), the run's personalised scores. Where they are factors or the head (FedSA-LoRA: B),
+the server, which never sees them, has no global model to score or export, and reports it as not available; a
+local adapter alone (FedDPA: a second LoRA pair and the summary of the node's training inputs, which it trains
+first, with `LocalAdapter`'s settings from the message's config) is no part of the global model, which the server
+scores and exports as `fit` does.
+
+Where the method's clients prune their own rank (HetLoRA with prune_gamma below 1), a node trains with the method's
+penalty, decides the rank it keeps (`lorafair.federated.loop.prune_update`), uploads its update at that rank and
+announces it (`RANK`); the server takes a reply at the announced rank, no higher than the client's, and lowers the
+client's rank once the round keeps its update, as `fit` does. FRLoRA and Fed-SB are refused
+(`lorafair.flower.strategy.flower_refusal`): a node takes no SVD start and trains no fixed basis.
 
     lorafair flower --config demo                   # simulation engine, one process
     flwr run flower-app SUPERLINK                   # deployment engine (docs/federation.md)
@@ -33,7 +40,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +50,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from torch.utils.data import Dataset
 
-from lorafair.aggregation import ClientRule, ClientUpdate, method_class, ranks
+from lorafair.aggregation import Aggregator, ClientRule, ClientUpdate, build_aggregator, method_class, ranks
 from lorafair.config import FitConfig, metric_name
 from lorafair.config_parse import parse_fit_config
 from lorafair.data import Client, build_client_data, build_federated_data, model_data_config
@@ -52,10 +59,18 @@ from lorafair.export import export_final
 from lorafair.federated import faults
 from lorafair.federated.client import EVALUATION_SUMS, LocalTrainer
 from lorafair.federated.launch import launch_fabric
-from lorafair.federated.loop import FederatedTrainer
+from lorafair.federated.loop import FederatedTrainer, prune_update
 from lorafair.federated.run_folder import EXPORT_NAME, GLOBAL_MODEL, own_run_folder, results_path
 from lorafair.federated.server import aggregator_options
-from lorafair.federated.state import ClientResult, GlobalState, RoundRecord, Scores, ServerAnswer, kept_tensors
+from lorafair.federated.state import (
+    ClientResult,
+    GlobalState,
+    RoundRecord,
+    Scores,
+    ServerAnswer,
+    is_local,
+    kept_tensors,
+)
 from lorafair.flower.records import KEPT_ROUND, hold_pending, own_tensors, rule_of_config, rule_to_config
 from lorafair.flower.strategy import flower_refusal, screen_reply
 from lorafair.keys import Pairs, merge_indices, merge_kind, pack, pack_pairs, pair_key, unpack, unpack_pairs
@@ -65,13 +80,16 @@ from lorafair.seeds import fresh_lora, seeded_generator
 MERGES, BASE, APPLIED = "lorafair.merges", "lorafair.base", "lorafair.applied"
 """Message records of the merges a node has not applied and of the resumed frozen weights; the node state record of
 how many merges it applied."""
+RANK = "lora-rank"
+"""The config entry of a message (the client's LoRA rank) and, where clients prune their own rank, the metric of a
+train reply (the rank the node kept: its update's)."""
 DEFAULT_TIMEOUT = 600.0
 """Seconds the server waits for the nodes to connect and for a round's replies."""
 NO_GLOBAL_MODEL = ("not available under Flower: each client keeps its own {kept}, which never reaches the server, so "
                    "there is no global model to score or export; the personalised scores are each node's own model "
                    "on its own domain (lorafair fit also scores the global model, with the mean of the clients' "
                    "{kept})")
-"""What results.json and the console say of the global model where clients keep factors of their own."""
+"""What results.json and the console say of the global model where clients keep factors or the head of their own."""
 
 
 # ---- the client role ------------------------------------------------------------------------------------------
@@ -86,6 +104,9 @@ class NodeRole:
     """The pristine frozen weights."""
     start: GlobalState
     """The run's starting model (the `fit` round loop's): what a node keeps before it first trained."""
+    method: Aggregator
+    """The run's method, for the clients' part beyond the round's rule: the penalty and the rank a client keeps
+    where it prunes its own rank."""
 
 
 _ROLES: dict[str, NodeRole] = {}
@@ -106,21 +127,24 @@ def node_role(cfg: FitConfig, partition: int) -> tuple[NodeRole, Client, Dataset
             start = GlobalState(fresh_lora(model.get_lora(), seeded_generator("lora_init", cfg.seed)),
                                 {name: tensor.detach().clone() for name, tensor in model.get_extra().items()})
             _ROLES[key] = NodeRole(LocalTrainer(model, fabric, cfg.client, cfg.data, cfg.seed, show_progress=False),
-                                   model.base_state(), start)
+                                   model.base_state(), start,
+                                   build_aggregator(cfg.server.method, **aggregator_options(cfg.server, cfg.seed)))
     return (_ROLES[key], *_CLIENTS[key, partition])
 
 
 def node_start(role: NodeRole, msg: Message, context: Context) -> GlobalState:
-    """The model this node trains (or scores) from: the message's, with what its rule keeps in place, the node's own
-    (`own_tensors`; before it first trained, the run's initial ones)."""
+    """The model this node trains (or scores) from: the message's, with what its rule keeps in place and its local
+    adapter, the node's own (`own_tensors`; before it first trained, the run's initial ones)."""
     tensors, config = msg.content["arrays"].to_torch_state_dict(), msg.content["config"]
     rule = rule_of_config(config)
     if not rule.personal:
         return GlobalState.from_tensors(tensors)
-    rank = int(config["lora-rank"])
-    initial = kept_tensors({name: ranks.to_client(pair, rank) for name, pair in role.start.lora.items()},
-                           role.start.extra, rule)
-    return GlobalState.from_tensors({**tensors, **own_tensors(context.state, config, initial)})
+    rank = int(config[RANK])
+    start = GlobalState({name: ranks.to_client(pair, rank) for name, pair in role.start.lora.items()},
+                        role.start.extra)
+    own = own_tensors(context.state, config, start.kept(rule, rank))
+    return replace(GlobalState.from_tensors({**tensors, **own}),
+                   local={key: tensor for key, tensor in own.items() if is_local(key)})
 
 
 def uploaded(update: ClientUpdate, rule: ClientRule) -> dict[str, torch.Tensor]:
@@ -149,7 +173,8 @@ def catch_up(trainer: LocalTrainer, pristine: dict[str, torch.Tensor], msg: Mess
 
 def train(cfg: FitConfig, msg: Message, context: Context) -> Message:
     """Train this node's client from the global state in `msg` (with what it keeps of its own) by the round's client
-    rule; reply with the factors it uploads and its statistics, and hold what it keeps."""
+    rule (and its method's penalty, where it prunes its own rank); reply with the factors it uploads and its
+    statistics (and the rank it kept), and hold what it keeps."""
     role, client, _ = node_role(cfg, int(context.node_config["partition-id"]))
     if method_class(cfg.server.method).merges:
         catch_up(role.trainer, role.pristine, msg, context)
@@ -157,24 +182,30 @@ def train(cfg: FitConfig, msg: Message, context: Context) -> Message:
     rule, round_index = rule_of_config(config), int(config["server-round"])
     start = node_start(role, msg, context)
     faults.maybe_raise_in_client(round_index, client.id)
-    result = role.trainer.train(client, start, round_index, int(config["lora-rank"]), factors=rule.trains)
+    rank, method = int(config[RANK]), role.method
+    result = role.trainer.train(client, start, round_index, rank, factors=rule.trains,
+                                penalty=method.client_penalty if method.self_prunes else None, local=rule.local)
+    kept_rank = {RANK: prune_update(method, result, start, rank)} if method.self_prunes else {}
     if rule.personal:
-        hold_pending(context.state, round_index, kept_tensors(result.update.lora, result.update.extra, rule))
+        hold_pending(context.state, round_index,
+                     {**kept_tensors(result.update.lora, result.update.extra, rule), **result.local})
     metrics = MetricRecord({"num-examples": int(result.update.weight), "train-loss": float(result.train_loss),
-                            "steps": result.steps, "skipped-images": result.skipped_images})
+                            "steps": result.steps, "skipped-images": result.skipped_images, **kept_rank})
     return Message(RecordDict({"arrays": to_arrays(uploaded(result.update, rule)), "metrics": metrics}),
                    reply_to=msg)
 
 
 def evaluate(cfg: FitConfig, msg: Message, context: Context) -> Message:
-    """Score this node's own model (the message's global state with what it keeps of its own) on its domain's test
-    set; reply with the evaluation sums and the per-item scores (`LocalTrainer.evaluation_sums`)."""
+    """Score this node's own model (the message's global state with what it keeps of its own; a local adapter mixed
+    in per input) on its domain's test set; reply with the evaluation sums and the per-item scores
+    (`LocalTrainer.evaluation_sums`)."""
     role, client, test = node_role(cfg, int(context.node_config["partition-id"]))
     if test is None:
         raise UserError(f"client {client.id} is drawn from every domain (iid partition): it has no domain of its own "
                         "to score its own model on; use partition feature or feature_label")
-    sums, items = role.trainer.evaluation_sums(node_start(role, msg, context), [test], (0, 1),
-                                               int(msg.content["config"]["lora-rank"]))
+    config = msg.content["config"]
+    sums, items = role.trainer.evaluation_sums(node_start(role, msg, context), [test], (0, 1), int(config[RANK]),
+                                               rule_of_config(config).local)
     scores = to_arrays({"sums": sums, "items": items[0]})
     return Message(RecordDict({"scores": scores, "metrics": MetricRecord({"num-examples": len(test)})}),
                    reply_to=msg)
@@ -224,15 +255,18 @@ class FlowerRoundLoop(FederatedTrainer):
         self.kept_rounds: dict[int, int] = {}
         """Client id -> the last round whose update of it the server kept (what its node keeps follows it)."""
         rules = [self.client_rule(1), self.client_rule(2)]
-        kept = next((rule for rule in rules if rule.personal), None)
+        self.nodes_keep_state = any(rule.personal for rule in rules)
+        """Whether clients keep tensors of their own (factors, head or a local adapter) in their nodes' state."""
+        kept = next((rule for rule in rules if rule.keeps or rule.keeps_extra), None)
         self.no_global_model = None if kept is None else NO_GLOBAL_MODEL.format(kept=kept.keeps or "head")
-        """Why there is no global model, where clients keep factors of their own; else None."""
+        """Why there is no global model, where clients keep factors or the head of their own; else None (a local
+        adapter is no part of the global model)."""
         if self.no_global_model is not None:  # in every checkpoint, which holds no global model either
             self.outputs.results[GLOBAL_MODEL] = self.no_global_model
 
     def start_or_resume(self) -> int:
         first = super().start_or_resume()
-        if first > 1 and self.no_global_model is not None:
+        if first > 1 and self.nodes_keep_state:
             raise UserError(f"{self.cfg.server.method} cannot resume under Flower: what each client keeps of its own "
                             f"lives in its node's state, which a new Flower run starts empty; start the run afresh "
                             f"(another out_dir, or --overwrite true) or resume it with lorafair fit")
@@ -251,7 +285,7 @@ class FlowerRoundLoop(FederatedTrainer):
         trained = time.perf_counter()
         client_of = {node: client for client, node in self.node_of.items()}
         results, self.failed = [], {str(client): f"no reply within {self.timeout:.0f} s" for client in sampled}
-        self.malformed = {}
+        self.malformed, self.pruned = {}, {}
         for reply in replies:
             client = client_of[reply.metadata.src_node_id]
             if reply.has_error():
@@ -259,9 +293,11 @@ class FlowerRoundLoop(FederatedTrainer):
                 continue
             del self.failed[str(client)]
             self.merges_applied[client] = len(self.merges)
-            template, kept, unsent = self.reply_template(client, rule)
-            problem = screen_reply(reply.content, template, "num-examples", self.participants[client].num_samples,
-                                   kept, unsent)
+            rank, problem = self.reply_rank(client, reply)
+            template, kept, unsent = self.reply_template(client, rule, rank)
+            if problem is None:
+                problem = screen_reply(reply.content, template, "num-examples",
+                                       self.participants[client].num_samples, kept, unsent)
             result = None
             try:
                 result = result_of(client, reply, self.held(client, kept | unsent)) if problem is None else None
@@ -270,16 +306,30 @@ class FlowerRoundLoop(FederatedTrainer):
             if result is None:
                 self.malformed[str(client)] = f"malformed reply from node {reply.metadata.src_node_id}: {problem}"
                 continue
+            if rank < self.client_ranks[client]:
+                self.pruned[client] = rank
             results.append(result)
         results.sort(key=lambda result: result.client)
         self.round_clients = [result.client for result in results]
         return results, {str(result.client): self.node_of[result.client] for result in results}, trained
 
+    def reply_rank(self, client: int, reply: Message) -> tuple[int, str | None]:
+        """The LoRA rank `client`'s train reply must hold: its rank or, where the method's clients prune their own,
+        the rank its node announces (`RANK`), from 1 up to its rank; with why the announcement is unfit, or None."""
+        rank = self.client_ranks[client]
+        if not self.server.aggregator.self_prunes:
+            return rank, None
+        metrics = reply.content.metric_records.get("metrics")
+        announced = None if metrics is None else metrics.get(RANK)
+        if isinstance(announced, bool) or not isinstance(announced, int) or not 1 <= announced <= rank:
+            return rank, f"its metric '{RANK}' is {announced!r}, not the client's LoRA rank {rank} or a lower one"
+        return announced, None
+
     def message(self, round_index: int, client: int, rule: ClientRule, message_type: str) -> Message:
         """The message of a round (or of the evaluation after it) to `client`'s node: the global state, the round's
         client rule in its config and, where clients keep factors of their own, the state at the client's rank
         without them and the last round whose update of the client the server kept."""
-        config = {"server-round": round_index, "lora-rank": self.client_ranks[client], **rule_to_config(rule)}
+        config = {"server-round": round_index, RANK: self.client_ranks[client], **rule_to_config(rule)}
         tensors = self.global_state.tensors()
         if rule.personal:
             rank = self.client_ranks[client]
@@ -296,12 +346,12 @@ class FlowerRoundLoop(FederatedTrainer):
                                          for key, tensor in pack_pairs(merge_kind(index), self.merges[index]).items()})
         return Message(content, message_type=message_type, dst_node_id=self.node_of[client])
 
-    def reply_template(self, client: int, rule: ClientRule) -> tuple[dict[str, tuple[tuple[int, ...], str]],
-                                                                      set[str], set[str]]:
-        """(key -> (shape, dtype) of the update `client` may send: the global LoRA pairs at its rank and the extra
-        tensors; the keys of what the rule keeps, which it must not send; those of the factors the rule neither
-        uploads nor keeps, which it may leave out)."""
-        rank, template = self.client_ranks[client], {}
+    def reply_template(self, client: int, rule: ClientRule, rank: int) -> tuple[
+            dict[str, tuple[tuple[int, ...], str]], set[str], set[str]]:
+        """(key -> (shape, dtype) of the update `client` may send: the global LoRA pairs at `rank` (`reply_rank`)
+        and the extra tensors; the keys of what the rule keeps, which it must not send; those of the factors the rule
+        neither uploads nor keeps, which it may leave out)."""
+        template = {}
         for name, (lora_a, lora_b) in self.global_state.lora.items():
             template[pair_key("lora", name, "A")] = ((rank, lora_a.shape[1]), _dtype(lora_a))
             template[pair_key("lora", name, "B")] = ((lora_b.shape[0], rank), _dtype(lora_b))
@@ -335,13 +385,16 @@ class FlowerRoundLoop(FederatedTrainer):
             self.merges.append(answer.merge)
 
     def evaluate(self, round_index: int) -> tuple[Scores | None, Scores | None]:
-        """`fit`'s evaluation; where clients keep factors of their own, no global scores (the server never sees
-        those factors) and the personalised ones from the nodes: every client's node scores its own model on its
-        domain's test set, and a domain's score is the mean over its clients, as in `fit`. A node that does not
-        answer is left out (a domain none of whose nodes answered scores NaN)."""
+        """`fit`'s evaluation; where clients keep tensors of their own, the global model's scores (none where they
+        keep factors or the head: the server never sees those) and the personalised ones from the nodes: every
+        client's node scores its own model on its domain's test set, and a domain's score is the mean over its
+        clients, as in `fit`. A node that does not answer is left out (a domain none of whose nodes answered scores
+        NaN)."""
         rule = self.client_rule(round_index + 1)
         if not rule.personal:
             return super().evaluate(round_index)
+        scores = None if self.no_global_model is not None else self.score([(self.global_state, None,
+                                                                            self.data.domains)])
         clients = [client.id for client in self.data.clients]
         replies = self.grid.send_and_receive([self.message(round_index, client, rule, MessageType.EVALUATE)
                                               for client in clients], timeout=self.timeout)
@@ -366,7 +419,7 @@ class FlowerRoundLoop(FederatedTrainer):
         if not scored:
             raise UserError(f"round {round_index}: no node scored its own model (the log above names why)")
         order = [client for client in clients if client in scored]
-        return None, Scores.of(self.data.domains, [self.data.clients[c].domain for c in order],
+        return scores, Scores.of(self.data.domains, [self.data.clients[c].domain for c in order],
                                torch.cat([scored[c][0] for c in order]), [scored[c][1] for c in order])
 
     def save(self, round_index: int, record: RoundRecord) -> None:
@@ -375,7 +428,7 @@ class FlowerRoundLoop(FederatedTrainer):
         super().save(round_index, record)
 
     def finish(self) -> None:
-        """`fit`'s finish; where clients keep factors of their own, no global model to export."""
+        """`fit`'s finish; where clients keep factors or the head of their own, no global model to export."""
         if self.no_global_model is None:
             super().finish()
             return

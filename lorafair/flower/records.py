@@ -7,37 +7,48 @@ merges of the run, so a client that missed rounds applies exactly the ones it ha
 
 The round's client rule (`lorafair.aggregation.ClientRule`: the factors clients train, upload and keep) travels in
 the message's ConfigRecord (`rule_to_config`), so a client trains what the server folds (RoLoRA: A in odd rounds, B
-in even ones); where clients keep factors of their own (FedSA-LoRA: B), the config also names the last round whose
-update of this node the server kept (`KEPT_ROUND`), so a node whose update was dropped goes back to what it held.
+in even ones) and the settings of the local adapter clients train besides (FedDPA); where clients keep tensors of their
+own (FedSA-LoRA: B; FedDPA: its local adapter), the config also names the last round whose update of this node the
+server kept (`KEPT_ROUND`), so a node whose update was dropped goes back to what it held.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import astuple
 
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from torch import Tensor
 
-from lorafair.aggregation import ClientRule
+from lorafair.aggregation import ClientRule, LocalAdapter
 from lorafair.keys import PEFT_A, Pairs, peft_key, unpack_peft
 
 TRAINS, SENDS, KEEPS, KEEPS_EXTRA = "lorafair.trains", "lorafair.sends", "lorafair.keeps", "lorafair.keeps-extra"
 """ConfigRecord keys of the round's client rule: the factors ("A", "B", "AB" or "") clients train, upload and keep,
 and whether they keep their extra tensors (head)."""
+LOCAL_SETTINGS = ("lorafair.local-shared-weight", "lorafair.local-similarity-scale", "lorafair.local-instances")
+"""ConfigRecord keys, where clients train a local adapter (`LocalAdapter`, FedDPA): its settings, in its fields'
+order; absent where they train none."""
 KEPT_ROUND = "lorafair.kept-round"
-"""ConfigRecord key, where clients keep factors: the last round whose update of this node the server kept (0: none)."""
+"""ConfigRecord key, where clients keep tensors of their own: the last round whose update of this node the server kept
+(0: none)."""
 
 
-def rule_to_config(rule: ClientRule) -> dict[str, str | bool]:
-    """The ConfigRecord entries of a round's client rule."""
-    return {TRAINS: rule.trains, SENDS: rule.sends, KEEPS: rule.keeps, KEEPS_EXTRA: rule.keeps_extra}
+def rule_to_config(rule: ClientRule) -> dict[str, str | bool | float | int]:
+    """The ConfigRecord entries of a round's client rule (with its local adapter's settings, where it gives one)."""
+    local = {} if rule.local is None else dict(zip(LOCAL_SETTINGS, astuple(rule.local), strict=True))
+    return {TRAINS: rule.trains, SENDS: rule.sends, KEEPS: rule.keeps, KEEPS_EXTRA: rule.keeps_extra, **local}
 
 
 def rule_of_config(config: ConfigRecord) -> ClientRule:
     """The client rule a message's config carries; a config without one means the default rule (train and upload
     both factors, keep nothing), as for a message of a server that does not send rules."""
+    local = None
+    if LOCAL_SETTINGS[0] in config:
+        shared_weight, similarity_scale, instances = (config[key] for key in LOCAL_SETTINGS)
+        local = LocalAdapter(float(shared_weight), float(similarity_scale), int(instances))
     return ClientRule(trains=str(config.get(TRAINS, "AB")), sends=str(config.get(SENDS, "AB")),
-                      keeps=str(config.get(KEEPS, "")), keeps_extra=bool(config.get(KEEPS_EXTRA, False)))
+                      keeps=str(config.get(KEEPS, "")), keeps_extra=bool(config.get(KEEPS_EXTRA, False)), local=local)
 
 
 OWN, PENDING, PENDING_ROUND = "lorafair.own", "lorafair.pending", "lorafair.pending-round"

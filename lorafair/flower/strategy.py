@@ -12,9 +12,10 @@ clients train and upload this round (RoLoRA: A in odd rounds, B in even ones, ro
 keeps as its own (FedSA-LoRA: B). A reply holds the uploaded factors (a frozen one may come back too, unchanged);
 the strategy folds only the uploaded ones, as `lorafair fit` does. A kept factor never travels: the messages leave
 it out, a reply that holds it is dropped, and there is no global model to evaluate on the server (`start` refuses
-an `evaluate_fn`): Flower's federated evaluation scores each node's own model instead. Refused (`flower_refusal`):
+an `evaluate_fn`): Flower's federated evaluation scores each node's own model instead. Refused (`strategy_refusal`):
 a method whose LoRA starts from the SVD of the frozen weights or of a gradient, one whose clients prune their own
-rank, and one whose clients train a local adapter of their own.
+rank, and one whose clients train a local adapter of their own; `lorafair flower` (`lorafair.flower.app`) runs the
+last two, its own ClientApp doing the clients' part.
 """
 
 from __future__ import annotations
@@ -55,10 +56,10 @@ from lorafair.seeds import derive_seed, fresh_lora, seeded_generator
 
 
 def flower_refusal(method: str, options: dict[str, Any] | None = None) -> str | None:
-    """Why `method` cannot run under Flower yet, from its traits and client rule, or None: lorafair's Flower nodes do
-    not start LoRA from the SVD of their frozen weights or of a gradient, nor prune their own rank, and a message
-    carries the factors a client trains, uploads and keeps this round, not a local adapter. (Clients that keep
-    factors of their own, or train other factors from round to round, run: the messages carry the round's rule.)"""
+    """Why `method` cannot run under `lorafair flower` yet, from its traits, or None: lorafair's Flower nodes do not
+    start LoRA from the SVD of their frozen weights or of a gradient. (Clients that keep tensors of their own, train
+    other factors from round to round, prune their own rank or train a local adapter run: the messages carry the
+    round's rule and the nodes keep what is theirs in their node state.)"""
     aggregator = build_aggregator(method, **(options or {}))
     if aggregator.starts_from_weights:
         return (f"{method} cannot run under Flower yet: its LoRA starts from the SVD of the frozen weights, taken out "
@@ -66,14 +67,24 @@ def flower_refusal(method: str, options: dict[str, Any] | None = None) -> str | 
     if aggregator.starts_from_gradient:
         return (f"{method} cannot run under Flower yet: its LoRA starts from the SVD of a gradient every client "
                 "takes before round 1, an exchange lorafair's Flower nodes do not make; run it with lorafair fit")
+    return None
+
+
+def strategy_refusal(method: str, options: dict[str, Any] | None = None) -> str | None:
+    """Why `LoraStrategy` cannot run `method`, or None: what `lorafair flower` refuses (`flower_refusal`), and a
+    method whose clients prune their own rank or train a local adapter, whose nodes need lorafair's ClientApp."""
+    refusal = flower_refusal(method, options)
+    if refusal is not None:
+        return refusal
+    aggregator = build_aggregator(method, **(options or {}))
     if aggregator.self_prunes:
-        return (f"{method} cannot run under Flower yet with rank self-pruning (server.prune_gamma below 1): its "
-                "clients add a penalty to their loss and lower their own rank, which lorafair's Flower nodes do not "
-                "do; run it with lorafair fit, or leave prune_gamma at 1")
+        return (f"{method} with rank self-pruning (server.prune_gamma below 1) cannot run with LoraStrategy: its "
+                "clients add a penalty to their loss and lower their own rank, which only lorafair's own ClientApp "
+                "does; run it with lorafair flower, or leave prune_gamma at 1")
     if aggregator.client_rule(1).local or aggregator.client_rule(2).local:
-        return (f"{method} cannot run under Flower yet: its clients train a local adapter of their own before the "
-                "shared pair and mix the two per input at evaluation, which lorafair's Flower nodes do not do; run it "
-                "with lorafair fit")
+        return (f"{method} cannot run with LoraStrategy: its clients train a local adapter of their own before the "
+                "shared pair and mix the two per input at evaluation, which only lorafair's own ClientApp does; run "
+                "it with lorafair flower")
     return None
 
 
@@ -141,7 +152,7 @@ class LoraStrategy(FedAvg):
         super().__init__(**fedavg_kwargs)
         self.method, self.options, self.seed = method, dict(options or {}), seed
         build_aggregator(method, **self.options)  # unknown methods and options fail here, not in round 1
-        refusal = flower_refusal(method, self.options)
+        refusal = strategy_refusal(method, self.options)
         if refusal is not None:
             raise ValueError(refusal)
         if on_bad_update not in ("drop", "error"):

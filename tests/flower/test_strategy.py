@@ -21,14 +21,13 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from lorafair.aggregation import ClientUpdate, build_aggregator, method_class, registered_methods
 from lorafair.aggregation.reference import dense_reference
-from lorafair.cli import main
 from lorafair.flower import LoraStrategy, hold_pending, merges_to_apply, own_tensors, rule_of_config, state_to_arrays
 from lorafair.flower.records import arrays_to_state
-from lorafair.flower.strategy import flower_refusal
+from lorafair.flower.strategy import strategy_refusal
 from lorafair.keys import PEFT_A as LORA_A
 from lorafair.keys import PEFT_B as LORA_B
 from lorafair.seeds import fresh_lora, seeded_generator
-from tests.helpers import product, tiny_args
+from tests.helpers import product
 
 SHAPES = {"blocks.0.attn.proj": (6, 5), "blocks.1.mlp.fc2": (6, 7)}
 
@@ -87,8 +86,9 @@ def train_round(strategy, server_round, arrays, updates, nodes):
     return strategy.aggregate_train(server_round, replies)
 
 
-FLOWER_METHODS = [method for method in registered_methods() if flower_refusal(method) is None]
-"""The methods lorafair runs under Flower: all but the one whose LoRA starts from the SVD of the frozen weights."""
+FLOWER_METHODS = [method for method in registered_methods() if strategy_refusal(method) is None]
+"""The methods LoraStrategy runs: all but those whose LoRA starts from an SVD and the one whose clients train a local
+adapter."""
 
 
 @pytest.mark.parametrize("method", FLOWER_METHODS)
@@ -284,18 +284,17 @@ def test_merging_methods_are_refused_under_client_side_differential_privacy():
         strategy.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid([1, 2]))
 
 
-def test_feddpa_is_refused_with_the_reason(tmp_path, capsys):
-    """A message carries the factors a node trains, uploads and keeps, not a local adapter: FedDPA stops with one
-    line, before Flower starts."""
-    message = ("feddpa cannot run under Flower yet: its clients train a local adapter of their own before the shared "
-               "pair and mix the two per input at evaluation, which lorafair's Flower nodes do not do; run it with "
-               "lorafair fit")
+def test_lora_strategy_refuses_feddpa_and_names_lorafair_flower():
+    """A LoraStrategy's nodes are the user's own ClientApp, which trains no local adapter: FedDPA stops with one line
+    naming the Flower path that runs it (`lorafair flower`, whose ClientApp does)."""
+    message = ("feddpa cannot run with LoraStrategy: its clients train a local adapter of their own before the shared "
+               "pair and mix the two per input at evaluation, which only lorafair's own ClientApp does; run it with "
+               "lorafair flower")
     with pytest.raises(ValueError) as refused:
         LoraStrategy("feddpa")
     assert str(refused.value) == message
-    assert main(["flower", *tiny_args(tmp_path, "--server.method", "feddpa")]) == 2
-    assert capsys.readouterr().err == f"lorafair: error: {message}\n"
-    assert not (tmp_path / "results.json").exists()
+    with pytest.raises(ValueError, match="run it with lorafair flower, or leave prune_gamma at 1"):
+        LoraStrategy("hetlora", {"prune_gamma": 0.5})
 
 
 def test_rolora_messages_name_the_rounds_factor_and_the_aggregate_is_the_exact_mean_product():
