@@ -65,6 +65,11 @@ from lorafair.seeds import fresh_lora, seeded_generator
 MERGES, BASE, APPLIED = "lorafair.merges", "lorafair.base", "lorafair.applied"
 """Message records of the merges a node has not applied and of the resumed frozen weights; the node state record of
 how many merges it applied."""
+GRADIENT_QUERY, GRADIENT, INIT_BATCHES = f"{MessageType.QUERY}.gradient", "lorafair.gradient", "lorafair.init-batches"
+"""A start cut from the clients' gradient (Fed-SB): the message type of the server's one request to every node before
+round 1, the record of a node's reply (layer -> its gradient) and the config key of how many batches it takes."""
+BASIS = "lorafair.basis"
+"""Message record, where clients train the core of A (Fed-SB): layer -> the fixed rows A0 it trains over."""
 DEFAULT_TIMEOUT = 600.0
 """Seconds the server waits for the nodes to connect and for a round's replies."""
 NO_GLOBAL_MODEL = ("not available under Flower: each client keeps its own {kept}, which never reaches the server, so "
@@ -157,7 +162,10 @@ def train(cfg: FitConfig, msg: Message, context: Context) -> Message:
     rule, round_index = rule_of_config(config), int(config["server-round"])
     start = node_start(role, msg, context)
     faults.maybe_raise_in_client(round_index, client.id)
-    result = role.trainer.train(client, start, round_index, int(config["lora-rank"]), factors=rule.trains)
+    device = role.trainer.fabric.device
+    basis = ({name: rows.to(device) for name, rows in msg.content[BASIS].to_torch_state_dict().items()}
+             if BASIS in msg.content else None)
+    result = role.trainer.train(client, start, round_index, int(config["lora-rank"]), factors=rule.trains, basis=basis)
     if rule.personal:
         hold_pending(context.state, round_index, kept_tensors(result.update.lora, result.update.extra, rule))
     metrics = MetricRecord({"num-examples": int(result.update.weight), "train-loss": float(result.train_loss),
@@ -180,6 +188,19 @@ def evaluate(cfg: FitConfig, msg: Message, context: Context) -> Message:
                    reply_to=msg)
 
 
+def gradient(cfg: FitConfig, msg: Message, context: Context) -> Message:
+    """This node's client's share of a start cut from the gradient (Fed-SB): the gradient of the loss at each adapted
+    layer's frozen weight, for the model the message carries, on the config's number of batches of its own data
+    (`LocalTrainer.weight_gradient`, float64), with its example count; the server weights the shares by it and sums
+    them. LORAFAIR_CLIENT_ERROR's round 0 makes this step fail."""
+    role, client, _ = node_role(cfg, int(context.node_config["partition-id"]))
+    faults.maybe_raise_in_client(0, client.id)
+    start = GlobalState.from_tensors(msg.content["arrays"].to_torch_state_dict())
+    shares = role.trainer.weight_gradient(client, start, int(msg.content["config"][INIT_BATCHES]))
+    metrics = MetricRecord({"num-examples": client.num_samples})
+    return Message(RecordDict({GRADIENT: to_arrays(shares), "metrics": metrics}), reply_to=msg)
+
+
 def make_client_app(config_of: Callable[[Context], FitConfig]) -> ClientApp:
     app = ClientApp()
 
@@ -195,6 +216,10 @@ def make_client_app(config_of: Callable[[Context], FitConfig]) -> ClientApp:
     def _partition(msg: Message, context: Context) -> Message:
         partition = MetricRecord({"partition-id": int(context.node_config["partition-id"])})
         return Message(RecordDict({"metrics": partition}), reply_to=msg)
+
+    @app.query(GRADIENT_QUERY.split(".")[1])
+    def _gradient(msg: Message, context: Context) -> Message:
+        return gradient(config_of(context), msg, context)
 
     return app
 
@@ -236,10 +261,50 @@ class FlowerRoundLoop(FederatedTrainer):
             raise UserError(f"{self.cfg.server.method} cannot resume under Flower: what each client keeps of its own "
                             f"lives in its node's state, which a new Flower run starts empty; start the run afresh "
                             f"(another out_dir, or --overwrite true) or resume it with lorafair fit")
-        if self.merged:
+        if self.merged and first > 1:
             self.resumed_base = self.model.base_state()
         self.node_of = partition_nodes(self.grid, len(self.data.clients), self.timeout)
+        aggregator = self.server.aggregator
+        if aggregator.starts_from_weights and first == 1:  # the merge `start_from_weights` made, the nodes' first
+            self.merges = [{name: (lora_a, -lora_b) for name, (lora_a, lora_b) in self.global_state.lora.items()}]
+        if aggregator.starts_from_gradient:  # on resume too, as in fit: the basis is not checkpointed
+            self.initial_state = self.cut_gradient_start(self.gradient_of_nodes(aggregator.init_batches))
+            if first == 1:
+                self.global_state = self.initial_state
         return first
+
+    def start_from_gradient(self, batches: int) -> GlobalState:
+        """Nothing yet: the gradient comes from the nodes, known once they have connected (`start_or_resume`, which
+        takes it at the run's fresh LoRA, kept as the initial state until then)."""
+        return self.global_state
+
+    def gradient_of_nodes(self, batches: int) -> dict[str, torch.Tensor]:
+        """The sample-weighted mean over every client of the gradient of the loss at each adapted layer's frozen
+        weight, each client's share taken by its node (`gradient`) on `batches` batches of its data at the run's
+        fresh LoRA, summed in client order as `fit` sums them. The start needs every client: a node that fails,
+        does not answer or replies malformed stops the run with one UserError naming it."""
+        clients = [client.id for client in self.data.clients]
+        content = {"arrays": to_arrays(self.initial_state.tensors()), "config": ConfigRecord({INIT_BATCHES: batches})}
+        replies = self.grid.send_and_receive([Message(RecordDict(content), message_type=GRADIENT_QUERY,
+                                                      dst_node_id=self.node_of[client]) for client in clients],
+                                             timeout=self.timeout)
+        client_of = {node: client for client, node in self.node_of.items()}
+        by_client = {client_of[reply.metadata.src_node_id]: reply for reply in replies}
+        weights = self.model.frozen_weights()
+        template = {name: (tuple(weight.shape), "float64") for name, weight in weights.items()}
+        total = sum(self.participants[client].num_samples for client in clients)
+        gradient = {name: torch.zeros(weight.shape, dtype=torch.float64, device=self.fabric.device)
+                    for name, weight in weights.items()}
+        for client in clients:
+            count = self.participants[client].num_samples
+            shares, problem = gradient_shares(by_client.get(client), template, count, self.timeout)
+            if problem is not None:
+                raise UserError(f"{self.cfg.server.method}'s start: client {client} (node {self.node_of[client]}) "
+                                f"gave no gradient ({problem}); the start is cut from every client's gradient, so the "
+                                "run cannot start: fix or restart that node and run again")
+            for name, share in shares.items():
+                gradient[name] += share.to(self.fabric.device) * (count / total)
+        return gradient
 
     def train_clients(self, round_index: int, sampled: list[int],
                       steps: int | None = None) -> tuple[list[ClientResult], dict[str, int], float]:
@@ -288,6 +353,8 @@ class FlowerRoundLoop(FederatedTrainer):
                        if key not in kept_keys(self.global_state, rule)}
             config[KEPT_ROUND] = self.kept_rounds.get(client, 0)
         content = RecordDict({"arrays": to_arrays(tensors), "config": ConfigRecord(config)})
+        if rule.core:
+            content[BASIS] = to_arrays(self.basis)
         if method_class(self.cfg.server.method).merges:
             if client not in self.merges_applied and self.resumed_base:
                 content[BASE] = to_arrays(self.resumed_base)
@@ -461,6 +528,27 @@ def result_of(client: int, reply: Message, held: dict[str, torch.Tensor]) -> Cli
                           extra=unpack(tensors, "extra"))
     return ClientResult(client=client, update=update, train_loss=float(metrics["train-loss"]),
                         steps=int(metrics["steps"]), skipped_images=int(metrics["skipped-images"]))
+
+
+def gradient_shares(reply: Message | None, template: dict[str, tuple[tuple[int, ...], str]], count: int,
+                    timeout: float) -> tuple[dict[str, torch.Tensor], str | None]:
+    """(layer -> gradient, None) of a node's reply to the gradient request; ({}, what is wrong with it) if it is
+    missing, an error, or not one finite float64 gradient per adapted layer of the frozen weight's shape with the
+    client's example count `count`."""
+    if reply is None:
+        return {}, f"no reply within {timeout:.0f} s"
+    if reply.has_error():
+        return {}, " ".join(reply.error.reason.split())[:200]
+    problem = screen_reply(reply.content, template, "num-examples", count)
+    if problem is None and reply.content["metrics"]["num-examples"] != count:
+        problem = f"example count {reply.content['metrics']['num-examples']} is not the client's {count}"
+    if problem is not None:
+        return {}, f"malformed reply: {problem}"
+    shares = reply.content[GRADIENT].to_torch_state_dict()
+    unfit = next((name for name, share in shares.items() if not torch.isfinite(share).all()), None)
+    if unfit is not None:
+        return {}, f"malformed reply: the gradient of {unfit} is not finite"
+    return shares, None
 
 
 def pending_merges(tensors: dict[str, torch.Tensor], applied: int) -> list[Pairs]:

@@ -12,9 +12,10 @@ clients train and upload this round (RoLoRA: A in odd rounds, B in even ones, ro
 keeps as its own (FedSA-LoRA: B). A reply holds the uploaded factors (a frozen one may come back too, unchanged);
 the strategy folds only the uploaded ones, as `lorafair fit` does. A kept factor never travels: the messages leave
 it out, a reply that holds it is dropped, and there is no global model to evaluate on the server (`start` refuses
-an `evaluate_fn`): Flower's federated evaluation scores each node's own model instead. Refused (`flower_refusal`):
-a method whose LoRA starts from the SVD of the frozen weights or of a gradient, one whose clients prune their own
-rank, and one whose clients train a local adapter of their own.
+an `evaluate_fn`): Flower's federated evaluation scores each node's own model instead. Refused (`strategy_refusal`):
+a method whose LoRA starts from the SVD of the frozen weights or of a gradient (`lorafair flower` runs them: its
+own ServerApp and ClientApp make that start), one whose clients prune their own rank, and one whose clients train a
+local adapter of their own.
 """
 
 from __future__ import annotations
@@ -54,18 +55,29 @@ from lorafair.keys import PEFT_A, PEFT_B, Pairs, peft_partner, unpack_peft
 from lorafair.seeds import derive_seed, fresh_lora, seeded_generator
 
 
-def flower_refusal(method: str, options: dict[str, Any] | None = None) -> str | None:
-    """Why `method` cannot run under Flower yet, from its traits and client rule, or None: lorafair's Flower nodes do
-    not start LoRA from the SVD of their frozen weights or of a gradient, nor prune their own rank, and a message
-    carries the factors a client trains, uploads and keeps this round, not a local adapter. (Clients that keep
-    factors of their own, or train other factors from round to round, run: the messages carry the round's rule.)"""
+def strategy_refusal(method: str, options: dict[str, Any] | None = None) -> str | None:
+    """Why `LoraStrategy` cannot run `method`, or None: what `lorafair flower` refuses (`flower_refusal`), and a
+    start made before round 1 (the SVD of the frozen weights or of the clients' gradient), which lorafair's own
+    ServerApp and ClientApp make and the strategy's rounds, answered by a user's ClientApp, do not."""
     aggregator = build_aggregator(method, **(options or {}))
     if aggregator.starts_from_weights:
-        return (f"{method} cannot run under Flower yet: its LoRA starts from the SVD of the frozen weights, taken out "
-                "of them, which lorafair's Flower nodes do not do; run it with lorafair fit")
+        return (f"{method} cannot run in LoraStrategy: its LoRA starts from the SVD of the frozen weights, taken out "
+                "of them on every node before round 1, which the strategy does not send; run it with lorafair flower "
+                "(lorafair's own ServerApp and ClientApp) or lorafair fit")
     if aggregator.starts_from_gradient:
-        return (f"{method} cannot run under Flower yet: its LoRA starts from the SVD of a gradient every client "
-                "takes before round 1, an exchange lorafair's Flower nodes do not make; run it with lorafair fit")
+        return (f"{method} cannot run in LoraStrategy: its LoRA starts from the SVD of a gradient every client "
+                "takes before round 1, an exchange the strategy does not make; run it with lorafair flower "
+                "(lorafair's own ServerApp and ClientApp) or lorafair fit")
+    return flower_refusal(method, options)
+
+
+def flower_refusal(method: str, options: dict[str, Any] | None = None) -> str | None:
+    """Why `method` cannot run under Flower yet, from its traits and client rule, or None: lorafair's Flower nodes do
+    not prune their own rank, and a message carries the factors a client trains, uploads and keeps this round, not a
+    local adapter. (Clients that keep factors of their own, or train other factors from round to round, run: the
+    messages carry the round's rule; so do starts from the SVD of the frozen weights or of a gradient, under
+    `lorafair flower`, but not in `LoraStrategy`: `strategy_refusal`.)"""
+    aggregator = build_aggregator(method, **(options or {}))
     if aggregator.self_prunes:
         return (f"{method} cannot run under Flower yet with rank self-pruning (server.prune_gamma below 1): its "
                 "clients add a penalty to their loss and lower their own rank, which lorafair's Flower nodes do not "
@@ -141,7 +153,7 @@ class LoraStrategy(FedAvg):
         super().__init__(**fedavg_kwargs)
         self.method, self.options, self.seed = method, dict(options or {}), seed
         build_aggregator(method, **self.options)  # unknown methods and options fail here, not in round 1
-        refusal = flower_refusal(method, self.options)
+        refusal = strategy_refusal(method, self.options)
         if refusal is not None:
             raise ValueError(refusal)
         if on_bad_update not in ("drop", "error"):

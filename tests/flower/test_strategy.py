@@ -24,7 +24,7 @@ from lorafair.aggregation.reference import dense_reference
 from lorafair.cli import main
 from lorafair.flower import LoraStrategy, hold_pending, merges_to_apply, own_tensors, rule_of_config, state_to_arrays
 from lorafair.flower.records import arrays_to_state
-from lorafair.flower.strategy import flower_refusal
+from lorafair.flower.strategy import strategy_refusal
 from lorafair.keys import PEFT_A as LORA_A
 from lorafair.keys import PEFT_B as LORA_B
 from lorafair.seeds import fresh_lora, seeded_generator
@@ -87,8 +87,8 @@ def train_round(strategy, server_round, arrays, updates, nodes):
     return strategy.aggregate_train(server_round, replies)
 
 
-FLOWER_METHODS = [method for method in registered_methods() if flower_refusal(method) is None]
-"""The methods lorafair runs under Flower: all but the one whose LoRA starts from the SVD of the frozen weights."""
+FLOWER_METHODS = [method for method in registered_methods() if strategy_refusal(method) is None]
+"""The methods LoraStrategy runs: all but those it refuses (`strategy_refusal`)."""
 
 
 @pytest.mark.parametrize("method", FLOWER_METHODS)
