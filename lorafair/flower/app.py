@@ -7,19 +7,27 @@ nodes: the same sampling, server role (bad-update policy and aggregation), evalu
 checkpoints and resume. Messages carry the named tensors of `lorafair.keys` in ArrayRecords. A node whose
 reply is an error (it failed mid-round) is left out of the round and named in results.json.
 
-FLoRA and FedEx-LoRA merge into the frozen weights. The server keeps the run's merges; a node keeps its frozen
-weights and the count of merges it applied in its node state, and each message carries the merges its node has not
-confirmed yet, so a node that sat out rounds catches up exactly. A resumed run sends each node the checkpoint's
-frozen weights once.
+FLoRA, FedEx-LoRA and FRLoRA merge into the frozen weights. The server keeps the run's merges; a node keeps its
+frozen weights and the count of merges it applied in its node state, and each message carries the merges its node
+has not confirmed yet, so a node that sat out rounds catches up exactly. FRLoRA's start (each layer's top-r SVD taken
+out of its frozen weight) is the run's first merge, (A0, -B0) of rank r, and every message carries (A0, B0), which
+each node restarts from. A resumed run sends each node the checkpoint's frozen weights once.
+
+Fed-SB's start is cut from the clients' gradient: before round 1 (and again on resume: the basis is not
+checkpointed) the server sends every node one `GRADIENT_QUERY` message with the run's fresh LoRA; the node replies
+with its client's gradient of the loss at each adapted layer's frozen weight (float64), and the server weights the
+replies by sample count, sums them in client order and cuts the start as `fit` does. The start needs every client:
+a node that fails or replies malformed there stops the run with one line naming it. Every round's message then
+carries the fixed rows A0 (`BASIS`), over which the node trains the core R of A = R A0.
 
 Each message's config carries the round's client rule (`lorafair.flower.records.rule_to_config`): a node trains the
 factors it names (RoLoRA: A in odd rounds, B in even ones) and uploads only those it sends. Where clients keep
 factors of their own (FedSA-LoRA: B), they never travel: a node keeps them in its node state (`own_tensors`,
 `hold_pending`), starting from the run's initial ones, and the server, which never sees them, has no global model
 to score: after each evaluated round every node scores its own model on its domain's test set (an evaluate
-message), and the run reports those personalised scores, the global model's as not available. FRLoRA, Fed-SB,
-HetLoRA with rank self-pruning and FedDPA are refused (`lorafair.flower.strategy.flower_refusal`): a node trains
-with no penalty, no fixed basis and no local adapter.
+message), and the run reports those personalised scores, the global model's as not available. HetLoRA with rank
+self-pruning and FedDPA are refused (`lorafair.flower.strategy.flower_refusal`): a node trains with no penalty and no
+local adapter.
 
     lorafair flower --config demo                   # simulation engine, one process
     flwr run flower-app SUPERLINK                   # deployment engine (docs/federation.md)
@@ -539,12 +547,15 @@ def gradient_shares(reply: Message | None, template: dict[str, tuple[tuple[int, 
         return {}, f"no reply within {timeout:.0f} s"
     if reply.has_error():
         return {}, " ".join(reply.error.reason.split())[:200]
-    problem = screen_reply(reply.content, template, "num-examples", count)
-    if problem is None and reply.content["metrics"]["num-examples"] != count:
-        problem = f"example count {reply.content['metrics']['num-examples']} is not the client's {count}"
+    content = reply.content
+    problem = screen_reply(content, template, "num-examples", count)
+    if problem is None and (GRADIENT not in content.array_records or "metrics" not in content.metric_records):
+        problem = f"its records are {sorted(content)}, not '{GRADIENT}' and 'metrics'"
+    elif problem is None and content["metrics"]["num-examples"] != count:
+        problem = f"example count {content['metrics']['num-examples']} is not the client's {count}"
     if problem is not None:
         return {}, f"malformed reply: {problem}"
-    shares = reply.content[GRADIENT].to_torch_state_dict()
+    shares = content[GRADIENT].to_torch_state_dict()
     unfit = next((name for name, share in shares.items() if not torch.isfinite(share).all()), None)
     if unfit is not None:
         return {}, f"malformed reply: the gradient of {unfit} is not finite"

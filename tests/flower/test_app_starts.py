@@ -15,14 +15,24 @@ from functools import partial
 
 import pytest
 import torch
-from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from lorafair.cli import main
 from lorafair.errors import UserError
 from lorafair.federated import loop
 from lorafair.federated.checkpoints import load_checkpoint, save_checkpoint
-from lorafair.flower.app import BASE, BASIS, GRADIENT, GRADIENT_QUERY, MERGES, make_client_app, run_server, to_arrays
+from lorafair.flower.app import (
+    BASE,
+    BASIS,
+    GRADIENT,
+    GRADIENT_QUERY,
+    MERGES,
+    gradient_shares,
+    make_client_app,
+    run_server,
+    to_arrays,
+)
 from lorafair.keys import merge_indices, unpack_pairs
 from tests.flower.test_app_client_rules import JOB, POISONED, InProcessGrid, factors_in
 from tests.helpers import tiny_args, tiny_config
@@ -156,3 +166,56 @@ def test_fed_sb_stops_with_one_line_naming_a_node_that_fails_or_replies_malforme
                                         r"array '.+' is float32, the global model's is float64\); the start is cut"):
         run_server(tiny_config(tmp_path / "malformed", *JOB, "--server.method", "fed_sb"),
                    InProcessGrid(single_precision, 3), timeout=60)
+
+
+@pytest.mark.parametrize("method", ["frlora", "fed_sb"])
+def test_a_resumed_flower_run_takes_the_start_again_and_ends_as_fit(tmp_path, method):
+    """A new Flower run resumes round 2's checkpoint with fresh nodes: FRLoRA's nodes get the checkpoint's frozen
+    weights once (no start merge: they hold it), Fed-SB's nodes send their gradient again (the basis is not
+    checkpointed, as under fit), and round 3 is fit's."""
+    args = [*JOB, "--server.method", method]
+    assert main(["fit", *tiny_args(tmp_path / "fit", *args)]) == 0
+    cfg = tiny_config(tmp_path / "flower", *args, "--federation.rounds", "2")
+    run_server(cfg, InProcessGrid(make_client_app(lambda _: cfg), 3), timeout=60)
+    cfg = tiny_config(tmp_path / "flower", *args)
+    grid = InProcessGrid(make_client_app(lambda _: cfg), 3)
+    flower = run_server(cfg, grid, timeout=60)
+    fit = json.loads((tmp_path / "fit" / "results.json").read_text())
+    assert [r["round"] for r in flower["rounds"]] == [1, 2, 3]
+    for ours, reference in zip(flower["rounds"], fit["rounds"], strict=True):
+        assert ours["train_loss"] == reference["train_loss"]
+        assert ours["accuracy"] == reference["accuracy"]
+
+    (message_1, _), (message_2, _) = grid.of_type(MessageType.TRAIN)  # round 3: clients 1 and 2
+    if method == "frlora":
+        base = load_checkpoint(tmp_path / "fit" / "checkpoints" / "round_00002.ckpt")["base"]
+        for message in (message_1, message_2):
+            assert merge_indices(message.content[MERGES].to_torch_state_dict()) == []
+            for name, weight in message.content[BASE].to_torch_state_dict().items():
+                torch.testing.assert_close(weight, base[name], rtol=0, atol=0)
+    else:
+        assert len([message for message, _ in grid.exchanges if message.metadata.message_type == GRADIENT_QUERY]) == 3
+
+
+@pytest.mark.parametrize(("records", "problem"), [
+    ({GRADIENT: {"layer": torch.ones(2, 3, dtype=torch.float64)}}, None),
+    ({GRADIENT: {"layer": torch.ones(3, 2, dtype=torch.float64)}}, "malformed reply: array 'layer' has shape (3, 2)"),
+    ({GRADIENT: {"other": torch.ones(2, 3, dtype=torch.float64)}}, "malformed reply: array 'layer' is missing"),
+    ({"arrays": {"layer": torch.ones(2, 3, dtype=torch.float64)}},
+     "malformed reply: its records are ['arrays', 'metrics'], not 'lorafair.gradient' and 'metrics'"),
+    ({GRADIENT: {"layer": torch.full((2, 3), float("nan"), dtype=torch.float64)}},
+     "malformed reply: the gradient of layer is not finite"),
+], ids=["fit", "shape", "layer", "record", "nan"])
+def test_a_gradient_reply_is_read_only_when_it_holds_one_finite_float64_gradient_per_layer(records, problem):
+    query = Message(RecordDict(), message_type=GRADIENT_QUERY, dst_node_id=11)
+    template = {"layer": ((2, 3), "float64")}
+    content = RecordDict({name: to_arrays(tensors) for name, tensors in records.items()})
+    content["metrics"] = MetricRecord({"num-examples": 7})
+    shares, found = gradient_shares(Message(content, reply_to=query), template, 7, 60)
+    assert found is None if problem is None else found.startswith(problem)
+    assert (found is None) == (shares.keys() == {"layer"})
+    if problem is None:  # the same reply from a node with another client's count
+        content["metrics"] = MetricRecord({"num-examples": 6})
+        assert gradient_shares(Message(content, reply_to=query), template, 7, 60) == (
+            {}, "malformed reply: example count 6 is not the client's 7")
+        assert gradient_shares(None, template, 7, 60) == ({}, "no reply within 60 s")
