@@ -15,7 +15,9 @@ In the checkpoint and transport layout the pair stays (A, B) = (R A0, B0): the c
 R the trainable tensor, `ClientRule.core`), B is frozen, and the server averages A, which is R_bar A0. What travels
 is R, r^2 numbers a layer each way: every client holds A0.
 
-Clients of different ranks are refused: the start is one SVD at one rank.
+Clients of different ranks are refused: the start is one SVD at one rank. Under `lorafair flower` each node takes its
+client's gradient and sends it to the server, which cuts the start from their sum, and every message carries A0 (the
+messages hold A and B whole; the byte counts stay R's); `LoraStrategy`, which makes no such exchange, refuses Fed-SB.
 """
 
 from __future__ import annotations

@@ -12,7 +12,9 @@ A_bar = sum p_k A_k and B_bar = sum p_k B_k, adds the change of the averaged pro
 and every client restarts from (A0, B0). The merge travels as factors of rank 2r, [B_bar, B0] @ [A_bar; -A0], never
 as an out x in matrix; it needs only the weighted sums of A and B (secure aggregation could carry it).
 
-Clients of different ranks are refused: the start is the SVD at one rank.
+Clients of different ranks are refused: the start is the SVD at one rank. Under `lorafair flower` the start reaches
+each node as the run's first merge, (A0, -B0) of rank r, never as dense weights; `LoraStrategy`, which makes no start,
+refuses FRLoRA.
 """
 
 from __future__ import annotations

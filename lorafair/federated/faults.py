@@ -12,7 +12,8 @@ LORAFAIR_POISON=ROUND:CLIENT[,ROUND:CLIENT...] turns the update of that client i
 diverged client's would be, so the server's dropping of bad updates can be tested end to end.
 
 LORAFAIR_CLIENT_ERROR=ROUND:CLIENT[,...] makes that client's Flower ClientApp raise in that round, as a node that
-fails mid-round: Flower turns it into an error reply and the round goes on with the others.
+fails mid-round: Flower turns it into an error reply and the round goes on with the others. Round 0 is the gradient
+exchange before round 1 (Fed-SB), which needs every client: the run stops.
 """
 
 from __future__ import annotations

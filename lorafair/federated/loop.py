@@ -317,12 +317,19 @@ class FederatedTrainer:
             for name, share in self.client.weight_gradient(client, self.global_state, batches).items():
                 gradient[name] += share * (client.num_samples / total)
         self.transport.sum_over_ranks(list(gradient.values()))
-        fresh, start, self.basis = self.global_state.lora, {}, {}
+        return self.cut_gradient_start(gradient)
+
+    def cut_gradient_start(self, gradient: dict[str, torch.Tensor]) -> GlobalState:
+        """The start LoRA-SB cuts from each layer's sample-weighted mean `gradient` G over every client
+        (`gradient_start`), in the dtypes of the run's initial LoRA and head: A = R0 A0, B = B0, A0 kept in
+        `basis`, contiguous (the SVD returns a transposed view), as it travels to a Flower node, so that training
+        over it rounds alike there."""
+        fresh, start, self.basis = self.initial_state.lora, {}, {}
         for name, summed in gradient.items():
             R0, A0, B0 = gradient_start(summed, self.cfg.lora.r, self.model.scaling, self.cfg.client.lr)
-            self.basis[name] = A0.to(fresh[name][0])
+            self.basis[name] = A0.to(fresh[name][0]).contiguous()
             start[name] = ((R0 @ A0).to(fresh[name][0]), B0.to(fresh[name][1]))
-        return self.state_of(start, self.global_state.extra)
+        return self.state_of(start, self.initial_state.extra)
 
     def state_of(self, lora: dict, extra: dict) -> GlobalState:
         """A global state whose lower-rank clients start from the leading components of `lora` (a fresh LoRA)."""

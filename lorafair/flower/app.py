@@ -7,10 +7,18 @@ nodes: the same sampling, server role (bad-update policy and aggregation), evalu
 checkpoints and resume. Messages carry the named tensors of `lorafair.keys` in ArrayRecords. A node whose
 reply is an error (it failed mid-round) is left out of the round and named in results.json.
 
-FLoRA and FedEx-LoRA merge into the frozen weights. The server keeps the run's merges; a node keeps its frozen
-weights and the count of merges it applied in its node state, and each message carries the merges its node has not
-confirmed yet, so a node that sat out rounds catches up exactly. A resumed run sends each node the checkpoint's
-frozen weights once.
+FLoRA, FedEx-LoRA and FRLoRA merge into the frozen weights. The server keeps the run's merges; a node keeps its
+frozen weights and the count of merges it applied in its node state, and each message carries the merges its node
+has not confirmed yet, so a node that sat out rounds catches up exactly. FRLoRA's start (each layer's top-r SVD taken
+out of its frozen weight) is the run's first merge, (A0, -B0) of rank r, and every message carries (A0, B0), which
+each node restarts from. A resumed run sends each node the checkpoint's frozen weights once.
+
+Fed-SB's start is cut from the clients' gradient: before round 1 (and again on resume: the basis is not
+checkpointed) the server sends every node one `GRADIENT_QUERY` message with the run's fresh LoRA; the node replies
+with its client's gradient of the loss at each adapted layer's frozen weight (float64), and the server weights the
+replies by sample count, sums them in client order and cuts the start as `fit` does. The start needs every client:
+a node that fails or replies malformed there stops the run with one line naming it. Every round's message then
+carries the fixed rows A0 (`BASIS`), over which the node trains the core R of A = R A0.
 
 Each message's config carries the round's client rule (`lorafair.flower.records.rule_to_config`): a node trains the
 factors it names (RoLoRA: A in odd rounds, B in even ones) and uploads only those it sends. Where clients keep
@@ -25,8 +33,8 @@ scores and exports as `fit` does.
 Where the method's clients prune their own rank (HetLoRA with prune_gamma below 1), a node trains with the method's
 penalty, decides the rank it keeps (`lorafair.federated.loop.prune_update`), uploads its update at that rank and
 announces it (`RANK`); the server takes a reply at the announced rank, no higher than the client's, and lowers the
-client's rank once the round keeps its update, as `fit` does. FRLoRA and Fed-SB are refused
-(`lorafair.flower.strategy.flower_refusal`): a node takes no SVD start and trains no fixed basis.
+client's rank once the round keeps its update, as `fit` does. So every method runs here; `LoraStrategy`, whose nodes
+are a user's own ClientApp, refuses those four (`lorafair.flower.strategy.strategy_refusal`).
 
     lorafair flower --config demo                   # simulation engine, one process
     flwr run flower-app SUPERLINK                   # deployment engine (docs/federation.md)
@@ -72,7 +80,7 @@ from lorafair.federated.state import (
     kept_tensors,
 )
 from lorafair.flower.records import KEPT_ROUND, hold_pending, own_tensors, rule_of_config, rule_to_config
-from lorafair.flower.strategy import flower_refusal, screen_reply
+from lorafair.flower.strategy import screen_reply
 from lorafair.keys import Pairs, merge_indices, merge_kind, pack, pack_pairs, pair_key, unpack, unpack_pairs
 from lorafair.models.build import build_model
 from lorafair.seeds import fresh_lora, seeded_generator
@@ -83,6 +91,11 @@ how many merges it applied."""
 RANK = "lora-rank"
 """The config entry of a message (the client's LoRA rank) and, where clients prune their own rank, the metric of a
 train reply (the rank the node kept: its update's)."""
+GRADIENT_QUERY, GRADIENT, INIT_BATCHES = f"{MessageType.QUERY}.gradient", "lorafair.gradient", "lorafair.init-batches"
+"""A start cut from the clients' gradient (Fed-SB): the message type of the server's one request to every node before
+round 1, the record of a node's reply (layer -> its gradient) and the config key of how many batches it takes."""
+BASIS = "lorafair.basis"
+"""Message record, where clients train the core of A (Fed-SB): layer -> the fixed rows A0 it trains over."""
 DEFAULT_TIMEOUT = 600.0
 """Seconds the server waits for the nodes to connect and for a round's replies."""
 NO_GLOBAL_MODEL = ("not available under Flower: each client keeps its own {kept}, which never reaches the server, so "
@@ -173,8 +186,8 @@ def catch_up(trainer: LocalTrainer, pristine: dict[str, torch.Tensor], msg: Mess
 
 def train(cfg: FitConfig, msg: Message, context: Context) -> Message:
     """Train this node's client from the global state in `msg` (with what it keeps of its own) by the round's client
-    rule (and its method's penalty, where it prunes its own rank); reply with the factors it uploads and its
-    statistics (and the rank it kept), and hold what it keeps."""
+    rule (over the message's fixed rows A0, where it trains A's core; with its method's penalty, where it prunes its
+    own rank); reply with the factors it uploads and its statistics (and the rank it kept), and hold what it keeps."""
     role, client, _ = node_role(cfg, int(context.node_config["partition-id"]))
     if method_class(cfg.server.method).merges:
         catch_up(role.trainer, role.pristine, msg, context)
@@ -182,8 +195,11 @@ def train(cfg: FitConfig, msg: Message, context: Context) -> Message:
     rule, round_index = rule_of_config(config), int(config["server-round"])
     start = node_start(role, msg, context)
     faults.maybe_raise_in_client(round_index, client.id)
+    device = role.trainer.fabric.device
+    basis = ({name: rows.to(device) for name, rows in msg.content[BASIS].to_torch_state_dict().items()}
+             if BASIS in msg.content else None)
     rank, method = int(config[RANK]), role.method
-    result = role.trainer.train(client, start, round_index, rank, factors=rule.trains,
+    result = role.trainer.train(client, start, round_index, rank, factors=rule.trains, basis=basis,
                                 penalty=method.client_penalty if method.self_prunes else None, local=rule.local)
     kept_rank = {RANK: prune_update(method, result, start, rank)} if method.self_prunes else {}
     if rule.personal:
@@ -211,6 +227,19 @@ def evaluate(cfg: FitConfig, msg: Message, context: Context) -> Message:
                    reply_to=msg)
 
 
+def gradient(cfg: FitConfig, msg: Message, context: Context) -> Message:
+    """This node's client's share of a start cut from the gradient (Fed-SB): the gradient of the loss at each adapted
+    layer's frozen weight, for the model the message carries, on the config's number of batches of its own data
+    (`LocalTrainer.weight_gradient`, float64), with its example count; the server weights the shares by it and sums
+    them. LORAFAIR_CLIENT_ERROR's round 0 makes this step fail."""
+    role, client, _ = node_role(cfg, int(context.node_config["partition-id"]))
+    faults.maybe_raise_in_client(0, client.id)
+    start = GlobalState.from_tensors(msg.content["arrays"].to_torch_state_dict())
+    shares = role.trainer.weight_gradient(client, start, int(msg.content["config"][INIT_BATCHES]))
+    metrics = MetricRecord({"num-examples": client.num_samples})
+    return Message(RecordDict({GRADIENT: to_arrays(shares), "metrics": metrics}), reply_to=msg)
+
+
 def make_client_app(config_of: Callable[[Context], FitConfig]) -> ClientApp:
     app = ClientApp()
 
@@ -227,6 +256,10 @@ def make_client_app(config_of: Callable[[Context], FitConfig]) -> ClientApp:
         partition = MetricRecord({"partition-id": int(context.node_config["partition-id"])})
         return Message(RecordDict({"metrics": partition}), reply_to=msg)
 
+    @app.query(GRADIENT_QUERY.split(".")[1])
+    def _gradient(msg: Message, context: Context) -> Message:
+        return gradient(config_of(context), msg, context)
+
     return app
 
 
@@ -238,7 +271,6 @@ class FlowerRoundLoop(FederatedTrainer):
         if cfg.federation.setting != "federated":
             raise UserError(f"federation.setting {cfg.federation.setting} is a bound for `lorafair fit` and "
                             f"`lorafair compare`; Flower runs federated methods only")
-        refuse_unsupported(cfg)
         super().__init__(cfg, launch_fabric(cfg), export=export_final)
         self.grid, self.timeout = grid, timeout
         self.node_of: dict[int, int] = {}
@@ -270,10 +302,50 @@ class FlowerRoundLoop(FederatedTrainer):
             raise UserError(f"{self.cfg.server.method} cannot resume under Flower: what each client keeps of its own "
                             f"lives in its node's state, which a new Flower run starts empty; start the run afresh "
                             f"(another out_dir, or --overwrite true) or resume it with lorafair fit")
-        if self.merged:
+        if self.merged and first > 1:
             self.resumed_base = self.model.base_state()
         self.node_of = partition_nodes(self.grid, len(self.data.clients), self.timeout)
+        aggregator = self.server.aggregator
+        if aggregator.starts_from_weights and first == 1:  # the merge `start_from_weights` made, the nodes' first
+            self.merges = [{name: (lora_a, -lora_b) for name, (lora_a, lora_b) in self.global_state.lora.items()}]
+        if aggregator.starts_from_gradient:  # on resume too, as in fit: the basis is not checkpointed
+            self.initial_state = self.cut_gradient_start(self.gradient_of_nodes(aggregator.init_batches))
+            if first == 1:
+                self.global_state = self.initial_state
         return first
+
+    def start_from_gradient(self, batches: int) -> GlobalState:
+        """Nothing yet: the gradient comes from the nodes, known once they have connected (`start_or_resume`, which
+        takes it at the run's fresh LoRA, kept as the initial state until then)."""
+        return self.global_state
+
+    def gradient_of_nodes(self, batches: int) -> dict[str, torch.Tensor]:
+        """The sample-weighted mean over every client of the gradient of the loss at each adapted layer's frozen
+        weight, each client's share taken by its node (`gradient`) on `batches` batches of its data at the run's
+        fresh LoRA, summed in client order as `fit` sums them. The start needs every client: a node that fails,
+        does not answer or replies malformed stops the run with one UserError naming it."""
+        clients = [client.id for client in self.data.clients]
+        content = {"arrays": to_arrays(self.initial_state.tensors()), "config": ConfigRecord({INIT_BATCHES: batches})}
+        replies = self.grid.send_and_receive([Message(RecordDict(content), message_type=GRADIENT_QUERY,
+                                                      dst_node_id=self.node_of[client]) for client in clients],
+                                             timeout=self.timeout)
+        client_of = {node: client for client, node in self.node_of.items()}
+        by_client = {client_of[reply.metadata.src_node_id]: reply for reply in replies}
+        weights = self.model.frozen_weights()
+        template = {name: (tuple(weight.shape), "float64") for name, weight in weights.items()}
+        total = sum(self.participants[client].num_samples for client in clients)
+        gradient = {name: torch.zeros(weight.shape, dtype=torch.float64, device=self.fabric.device)
+                    for name, weight in weights.items()}
+        for client in clients:
+            count = self.participants[client].num_samples
+            shares, problem = gradient_shares(by_client.get(client), template, count, self.timeout)
+            if problem is not None:
+                raise UserError(f"{self.cfg.server.method}'s start: client {client} (node {self.node_of[client]}) "
+                                f"gave no gradient ({problem}); the start is cut from every client's gradient, so the "
+                                "run cannot start: fix or restart that node and run again")
+            for name, share in shares.items():
+                gradient[name] += share.to(self.fabric.device) * (count / total)
+        return gradient
 
     def train_clients(self, round_index: int, sampled: list[int],
                       steps: int | None = None) -> tuple[list[ClientResult], dict[str, int], float]:
@@ -338,6 +410,8 @@ class FlowerRoundLoop(FederatedTrainer):
                        if key not in kept_keys(self.global_state, rule)}
             config[KEPT_ROUND] = self.kept_rounds.get(client, 0)
         content = RecordDict({"arrays": to_arrays(tensors), "config": ConfigRecord(config)})
+        if rule.core:
+            content[BASIS] = to_arrays(self.basis)
         if method_class(self.cfg.server.method).merges:
             if client not in self.merges_applied and self.resumed_base:
                 content[BASE] = to_arrays(self.resumed_base)
@@ -442,13 +516,6 @@ def kept_keys(state: GlobalState, rule: ClientRule) -> set[str]:
     return keys | (set(pack("extra", state.extra)) if rule.keeps_extra else set())
 
 
-def refuse_unsupported(cfg: FitConfig) -> None:
-    """One UserError where the config's method cannot run under Flower yet (`flower_refusal`)."""
-    refusal = flower_refusal(cfg.server.method, aggregator_options(cfg.server, cfg.seed))
-    if refusal is not None:
-        raise UserError(refusal)
-
-
 def partition_nodes(grid: Grid, num_clients: int, timeout: float) -> dict[int, int]:
     """client (partition) id -> node id, asked of every node once all `num_clients` have connected."""
     deadline = time.monotonic() + timeout
@@ -516,6 +583,30 @@ def result_of(client: int, reply: Message, held: dict[str, torch.Tensor]) -> Cli
                         steps=int(metrics["steps"]), skipped_images=int(metrics["skipped-images"]))
 
 
+def gradient_shares(reply: Message | None, template: dict[str, tuple[tuple[int, ...], str]], count: int,
+                    timeout: float) -> tuple[dict[str, torch.Tensor], str | None]:
+    """(layer -> gradient, None) of a node's reply to the gradient request; ({}, what is wrong with it) if it is
+    missing, an error, or not one finite float64 gradient per adapted layer of the frozen weight's shape with the
+    client's example count `count`."""
+    if reply is None:
+        return {}, f"no reply within {timeout:.0f} s"
+    if reply.has_error():
+        return {}, " ".join(reply.error.reason.split())[:200]
+    content = reply.content
+    problem = screen_reply(content, template, "num-examples", count)
+    if problem is None and (GRADIENT not in content.array_records or "metrics" not in content.metric_records):
+        problem = f"its records are {sorted(content)}, not '{GRADIENT}' and 'metrics'"
+    elif problem is None and content["metrics"]["num-examples"] != count:
+        problem = f"example count {content['metrics']['num-examples']} is not the client's {count}"
+    if problem is not None:
+        return {}, f"malformed reply: {problem}"
+    shares = content[GRADIENT].to_torch_state_dict()
+    unfit = next((name for name, share in shares.items() if not torch.isfinite(share).all()), None)
+    if unfit is not None:
+        return {}, f"malformed reply: the gradient of {unfit} is not finite"
+    return shares, None
+
+
 def pending_merges(tensors: dict[str, torch.Tensor], applied: int) -> list[Pairs]:
     """The merges keyed `merge/<index>/<layer>/<A|B>` that a node with `applied` merges has not applied, in order;
     a gap is an error (the node's frozen weights would drift from the server's)."""
@@ -567,7 +658,6 @@ def keep_ray_local() -> None:
 def simulate(cfg: FitConfig) -> dict[str, Any]:
     """`lorafair flower`: the job on Flower's simulation engine, one SuperNode per client; returns results.json.
     Ray listens on 127.0.0.1 only (keep_ray_local)."""
-    refuse_unsupported(cfg)
     keep_ray_local()
     from flwr.simulation import run_simulation
 

@@ -14,8 +14,8 @@ the strategy folds only the uploaded ones, as `lorafair fit` does. A kept factor
 it out, a reply that holds it is dropped, and there is no global model to evaluate on the server (`start` refuses
 an `evaluate_fn`): Flower's federated evaluation scores each node's own model instead. Refused (`strategy_refusal`):
 a method whose LoRA starts from the SVD of the frozen weights or of a gradient, one whose clients prune their own
-rank, and one whose clients train a local adapter of their own; `lorafair flower` (`lorafair.flower.app`) runs the
-last two, its own ClientApp doing the clients' part.
+rank, and one whose clients train a local adapter of their own; `lorafair flower` (`lorafair.flower.app`) runs all
+four, its own ServerApp and ClientApp making the start before round 1 and doing the clients' part.
 """
 
 from __future__ import annotations
@@ -55,34 +55,26 @@ from lorafair.keys import PEFT_A, PEFT_B, Pairs, peft_partner, unpack_peft
 from lorafair.seeds import derive_seed, fresh_lora, seeded_generator
 
 
-def flower_refusal(method: str, options: dict[str, Any] | None = None) -> str | None:
-    """Why `method` cannot run under `lorafair flower` yet, from its traits, or None: lorafair's Flower nodes do not
-    start LoRA from the SVD of their frozen weights or of a gradient. (Clients that keep tensors of their own, train
-    other factors from round to round, prune their own rank or train a local adapter run: the messages carry the
-    round's rule and the nodes keep what is theirs in their node state.)"""
+def strategy_refusal(method: str, options: dict[str, Any] | None = None) -> str | None:
+    """Why `LoraStrategy` cannot run `method`, from its traits and client rule, or None: a start made before round 1
+    (the SVD of the frozen weights or of the clients' gradient), rank self-pruning or a local adapter, which lorafair's
+    own ServerApp and ClientApp (`lorafair flower`) do and the strategy's rounds, answered by a user's ClientApp, do
+    not."""
     aggregator = build_aggregator(method, **(options or {}))
     if aggregator.starts_from_weights:
-        return (f"{method} cannot run under Flower yet: its LoRA starts from the SVD of the frozen weights, taken out "
-                "of them, which lorafair's Flower nodes do not do; run it with lorafair fit")
+        return (f"{method} cannot run in LoraStrategy: its LoRA starts from the SVD of the frozen weights, taken out "
+                "of them on every node before round 1, which the strategy does not send; run it with lorafair flower "
+                "(lorafair's own ServerApp and ClientApp) or lorafair fit")
     if aggregator.starts_from_gradient:
-        return (f"{method} cannot run under Flower yet: its LoRA starts from the SVD of a gradient every client "
-                "takes before round 1, an exchange lorafair's Flower nodes do not make; run it with lorafair fit")
-    return None
-
-
-def strategy_refusal(method: str, options: dict[str, Any] | None = None) -> str | None:
-    """Why `LoraStrategy` cannot run `method`, or None: what `lorafair flower` refuses (`flower_refusal`), and a
-    method whose clients prune their own rank or train a local adapter, whose nodes need lorafair's ClientApp."""
-    refusal = flower_refusal(method, options)
-    if refusal is not None:
-        return refusal
-    aggregator = build_aggregator(method, **(options or {}))
+        return (f"{method} cannot run in LoraStrategy: its LoRA starts from the SVD of a gradient every client "
+                "takes before round 1, an exchange the strategy does not make; run it with lorafair flower "
+                "(lorafair's own ServerApp and ClientApp) or lorafair fit")
     if aggregator.self_prunes:
-        return (f"{method} with rank self-pruning (server.prune_gamma below 1) cannot run with LoraStrategy: its "
+        return (f"{method} with rank self-pruning (server.prune_gamma below 1) cannot run in LoraStrategy: its "
                 "clients add a penalty to their loss and lower their own rank, which only lorafair's own ClientApp "
                 "does; run it with lorafair flower, or leave prune_gamma at 1")
     if aggregator.client_rule(1).local or aggregator.client_rule(2).local:
-        return (f"{method} cannot run with LoraStrategy: its clients train a local adapter of their own before the "
+        return (f"{method} cannot run in LoraStrategy: its clients train a local adapter of their own before the "
                 "shared pair and mix the two per input at evaluation, which only lorafair's own ClientApp does; run "
                 "it with lorafair flower")
     return None

@@ -12,7 +12,7 @@ import torch
 from lorafair.aggregation import ClientRule, ClientUpdate, build_aggregator, core_of, gradient_start
 from lorafair.cli import main
 from lorafair.config import ConfigError
-from lorafair.flower.strategy import flower_refusal
+from lorafair.flower.strategy import strategy_refusal
 from tests.helpers import parse_fit_args, tiny_args
 
 SHAPES = {"blocks.0.attn.proj": (12, 10), "blocks.0.mlp.fc2": (12, 17), "blocks.1.attn.proj": (9, 10)}
@@ -106,7 +106,7 @@ def test_a_rule_that_sends_a_core_of_an_a_it_does_not_upload_is_refused():
         ClientRule(trains="B", sends="B", core=True)
 
 
-def test_fed_sb_is_refused_at_mixed_ranks_with_4_bit_weights_under_flower_and_with_a_bad_option(tmp_path, capsys):
+def test_fed_sb_is_refused_at_mixed_ranks_with_4_bit_weights_in_lora_strategy_and_with_a_bad_option(tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"^lora\.client_ranks: fed_sb takes no clients of different ranks"):
         parse_fit_args(tiny_args(tmp_path, "--server.method", "fed_sb", "--lora.client_ranks", "[2, 4]"))
     with pytest.raises(ConfigError, match=r"^server\.init_batches: must be an integer >= 1, got 0"):
@@ -114,6 +114,8 @@ def test_fed_sb_is_refused_at_mixed_ranks_with_4_bit_weights_under_flower_and_wi
     assert main(["fit", "--config", "demo_text", "--model.load_in_4bit", "true", "--server.method", "fed_sb"]) == 2
     assert ("model.load_in_4bit: fed_sb starts from the gradient of the loss at the frozen weights, which 4-bit "
             "weights do not have") in capsys.readouterr().err
-    assert flower_refusal("fed_sb") == ("fed_sb cannot run under Flower yet: its LoRA starts from the SVD of a "
-                                        "gradient every client takes before round 1, an exchange lorafair's Flower "
-                                        "nodes do not make; run it with lorafair fit")
+    # lorafair flower makes the gradient exchange (tests/flower/test_app_starts.py); LoraStrategy does not
+    assert strategy_refusal("fed_sb") == ("fed_sb cannot run in LoraStrategy: its LoRA starts from the SVD of a "
+                                          "gradient every client takes before round 1, an exchange the strategy does "
+                                          "not make; run it with lorafair flower (lorafair's own ServerApp and "
+                                          "ClientApp) or lorafair fit")

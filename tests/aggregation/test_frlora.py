@@ -14,7 +14,7 @@ from lorafair.aggregation import ClientUpdate, build_aggregator, svd_start
 from lorafair.config import ConfigError
 from lorafair.federated.launch import launch_fabric
 from lorafair.federated.loop import FederatedTrainer
-from lorafair.flower.strategy import flower_refusal
+from lorafair.flower.strategy import strategy_refusal
 from tests.helpers import Spy, parse_fit_args, tiny_args, tiny_config
 
 SHAPES = {"blocks.0.attn.proj": (12, 10), "blocks.0.mlp.fc2": (12, 17), "blocks.1.attn.proj": (12, 10)}
@@ -59,12 +59,14 @@ def test_the_server_merges_the_change_of_the_averaged_product_and_sends_the_star
     assert out.bytes_down == merge_values * 8
 
 
-def test_frlora_is_refused_at_mixed_ranks_and_under_flower(tmp_path):
+def test_frlora_is_refused_at_mixed_ranks_and_in_lora_strategy(tmp_path):
     with pytest.raises(ConfigError, match=r"^lora\.client_ranks: frlora takes no clients of different ranks"):
         parse_fit_args(tiny_args(tmp_path, "--server.method", "frlora", "--lora.client_ranks", "[2, 4]"))
-    assert flower_refusal("frlora") == ("frlora cannot run under Flower yet: its LoRA starts from the SVD of the "
-                                        "frozen weights, taken out of them, which lorafair's Flower nodes do not do; "
-                                        "run it with lorafair fit")
+    # lorafair flower sends the start as the first merge (tests/flower/test_app_starts.py); LoraStrategy does not
+    assert strategy_refusal("frlora") == ("frlora cannot run in LoraStrategy: its LoRA starts from the SVD of the "
+                                          "frozen weights, taken out of them on every node before round 1, which the "
+                                          "strategy does not send; run it with lorafair flower (lorafair's own "
+                                          "ServerApp and ClientApp) or lorafair fit")
 
 
 def test_in_a_run_the_frozen_weight_plus_the_start_is_the_merged_model_of_each_round(tmp_path):

@@ -19,7 +19,7 @@ from lorafair.federated.checkpoints import load_checkpoint
 from lorafair.federated.launch import launch_fabric
 from lorafair.federated.loop import FederatedTrainer
 from lorafair.fit import fit
-from lorafair.flower.strategy import flower_refusal, strategy_refusal
+from lorafair.flower.strategy import strategy_refusal
 from tests.helpers import Spy, parse_fit_args, tiny_args, tiny_config
 
 SHAPES = {"blocks.0.attn.proj": (12, 10), "blocks.0.mlp.fc2": (12, 17), "blocks.1.attn.proj": (12, 10)}
@@ -180,11 +180,11 @@ def test_bad_pruning_options_are_refused_by_the_config(tmp_path, flag, value, me
     assert str(refused.value) == message
 
 
-def test_pruning_runs_under_lorafair_flower_and_is_refused_by_lora_strategy_alone():
-    assert flower_refusal("hetlora") is None and flower_refusal("hetlora", {"prune_gamma": 0.5}) is None
+def test_lora_strategy_refuses_pruning_alone_and_names_lorafair_flower():
+    """lorafair flower prunes (tests/flower/test_app_node_state.py); LoraStrategy takes HetLoRA only without it."""
     assert strategy_refusal("hetlora") is None
     refusal = strategy_refusal("hetlora", {"prune_gamma": 0.5})
-    assert refusal.startswith("hetlora with rank self-pruning (server.prune_gamma below 1) cannot run with "
+    assert refusal.startswith("hetlora with rank self-pruning (server.prune_gamma below 1) cannot run in "
                               "LoraStrategy") and "run it with lorafair flower" in refusal
 
 

@@ -29,10 +29,12 @@ FAILING = "2:1"
 
 
 @pytest.mark.parametrize("method", [["--server.method", "flora"],
-                                    ["--server.method", "lorafair", "--lora.client_ranks", "[2, 4, 1]"]],
-                         ids=["flora", "lorafair-mixed-ranks"])
+                                    ["--server.method", "lorafair", "--lora.client_ranks", "[2, 4, 1]"],
+                                    ["--server.method", "frlora"]],
+                         ids=["flora", "lorafair-mixed-ranks", "frlora"])
 def test_flower_simulation_equals_fit(tmp_path, monkeypatch, method):
-    """FLoRA restarts from fresh LoRA and merges; LoRA-FAIR at ranks 2, 4, 1 sends each client its rank's pair."""
+    """FLoRA restarts from fresh LoRA and merges; LoRA-FAIR at ranks 2, 4, 1 sends each client its rank's pair;
+    FRLoRA's nodes take the start as the run's first merge (client 3 with round 1's, in round 2)."""
     monkeypatch.setenv("LORAFAIR_POISON", FAILING)
     assert main(["fit", *tiny_args(tmp_path / "fit", *method)]) == 0
     monkeypatch.delenv("LORAFAIR_POISON")

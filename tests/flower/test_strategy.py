@@ -87,8 +87,7 @@ def train_round(strategy, server_round, arrays, updates, nodes):
 
 
 FLOWER_METHODS = [method for method in registered_methods() if strategy_refusal(method) is None]
-"""The methods LoraStrategy runs: all but those whose LoRA starts from an SVD and the one whose clients train a local
-adapter."""
+"""The methods LoraStrategy runs: all but those it refuses (`strategy_refusal`)."""
 
 
 @pytest.mark.parametrize("method", FLOWER_METHODS)
@@ -287,7 +286,7 @@ def test_merging_methods_are_refused_under_client_side_differential_privacy():
 def test_lora_strategy_refuses_feddpa_and_names_lorafair_flower():
     """A LoraStrategy's nodes are the user's own ClientApp, which trains no local adapter: FedDPA stops with one line
     naming the Flower path that runs it (`lorafair flower`, whose ClientApp does)."""
-    message = ("feddpa cannot run with LoraStrategy: its clients train a local adapter of their own before the shared "
+    message = ("feddpa cannot run in LoraStrategy: its clients train a local adapter of their own before the shared "
                "pair and mix the two per input at evaluation, which only lorafair's own ClientApp does; run it with "
                "lorafair flower")
     with pytest.raises(ValueError) as refused:
