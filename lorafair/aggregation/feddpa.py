@@ -44,7 +44,6 @@ class FedDPA(Aggregator):
 
     name: ClassVar[str] = "feddpa"
     display_name: ClassVar[str] = "FedDPA"
-    needs: ClassVar[str] = "averages"
     sums_only: ClassVar[bool] = True
     mixed_ranks: ClassVar[bool] = False
     global_model: ClassVar[str] = (

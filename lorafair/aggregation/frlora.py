@@ -31,7 +31,6 @@ from lorafair.aggregation.updates import GroupResult, LayerGroup
 class FRLoRA(Aggregator):
     name: ClassVar[str] = "frlora"
     display_name: ClassVar[str] = "FRLoRA"
-    needs: ClassVar[str] = "averages"
     sums_only: ClassVar[bool] = True
     merges: ClassVar[bool] = True
     mixed_ranks: ClassVar[bool] = False

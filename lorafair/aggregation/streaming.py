@@ -7,10 +7,11 @@
 
 What a round keeps is what its method declares (`Aggregator.needs`), of the factors its clients upload this round
 (`ClientRule.sends`; a factor they do not upload is the template's in the answer):
-- "averages" (FFA-LoRA, FedSA-LoRA, RoLoRA, FedSVD, FRLoRA, Fed-SB): the weight sum and the weighted sums of A and of B.
-- "ideal" (FedIT, FlexLoRA, LoRA-FAIR, FLoRA-NA): those, plus the ideal update per layer group, on the path the
-  cost model picks for K clients: factored (each client's factors in its slot; fewer numbers than a dense dW below
-  the crossover) or dense (sum w_k B_k A_k, out x in whatever K; factors wait in a small chunk and are folded in
+- "averages" (FFA-LoRA, FedSA-LoRA, RoLoRA, FedSVD, Fed-SB): the weight sum and the weighted sums of A and of B; B_bar
+  A_bar is then the ideal update itself (one factor is shared, or the server never sees the product).
+- "ideal" (FedIT, FlexLoRA, LoRA-FAIR, FLoRA-NA, FRLoRA, FedDPA): those, plus the ideal update per layer group, on the
+  path the cost model picks for K clients: factored (each client's factors in its slot; fewer numbers than a dense dW
+  below the crossover) or dense (sum w_k B_k A_k, out x in whatever K; factors wait in a small chunk and are folded in
   one batched product).
 - "factors" (FLoRA, FedEx-LoRA, HetLoRA): every client's factors in its slot, because the download carries them all
   (HetLoRA: because its weights are each client's own norm).

@@ -210,3 +210,16 @@ def test_ffa_lora_returns_the_shared_A_bit_for_bit(dtype):
     out = build_aggregator("ffa_lora").aggregate(updates)
     for name in SHAPES:
         assert torch.equal(out.lora[name][0], updates[0].lora[name][0])
+
+
+@pytest.mark.parametrize("method", ["feddpa", "frlora"])
+def test_methods_averaging_both_trained_factors_log_the_averaging_bias_of_the_dense_reference(method):
+    """FedDPA's shared pair and FRLoRA's pair are both trained by every client and averaged factor by factor, as
+    FedIT's: B_bar A_bar is not the ideal update, and cos_avg must say by how much (not 1 by construction, as for a
+    method whose averaged product is exact)."""
+    updates = make_updates()
+    out = fold(method, {}, updates).finish()
+    cosines = [dense_cosine(updates, name) for name in SHAPES]
+    assert max(cosines) < 0.999
+    assert out.metrics["cos_avg_mean"] == pytest.approx(sum(cosines) / len(cosines), rel=1e-9)
+    assert out.metrics["cos_avg_min"] == pytest.approx(min(cosines), rel=1e-9)
