@@ -196,8 +196,10 @@ class Aggregator:
                                                   + merge_bytes) for rank in up})
 
     def _combine_checked(self, groups: list[LayerGroup]) -> list[GroupResult]:
-        """`combine_groups`, plus the averaging bias every method logs. Finite inputs can still overflow (float32
-        with huge entries): that becomes a ValueError naming the layer instead of NaN in the result."""
+        """`combine_groups`, plus the averaging bias (cos_avg, and each lower rank's cos_rank) every method logs
+        unless its clients keep a factor of their own: the server's copy of that factor is not theirs, so the ideal
+        update it would compare with is not the clients'. Finite inputs can still overflow (float32 with huge
+        entries): that becomes a ValueError naming the layer instead of NaN in the result."""
         advice = f"the factors are too large for {groups[0].A_bar.dtype} (aggregate in float64 or check the clients)"
         try:
             results = self.combine_groups(groups)
@@ -205,12 +207,14 @@ class Aggregator:
             names = [name for group in groups for name in group.names]
             raise ValueError(f"{self.name}: linear algebra failed on layers {names} ({error}); "
                              f"with finite inputs this means {advice}") from error
+        ideal_known = not self.client_rule(groups[0].round_index).keeps
         for group, result in zip(groups, results, strict=True):
-            result.metrics = {"cos_avg": group.cosine_to_ideal(group.B_bar, group.A_bar), **result.metrics}
             if result.lora is not None:
                 result.by_rank = {rank: result.by_rank.get(rank, result.lora) for rank in group.lower_ranks}
-            for rank, pair in result.by_rank.items():  # how close each rank's starting pair points to dW
-                result.metrics[f"cos_rank{rank}"] = group.cosine_to_ideal(*reversed(ranks.leading(pair, rank)))
+            if ideal_known:
+                result.metrics = {"cos_avg": group.cosine_to_ideal(group.B_bar, group.A_bar), **result.metrics}
+                for rank, pair in result.by_rank.items():  # how close each rank's starting pair points to dW
+                    result.metrics[f"cos_rank{rank}"] = group.cosine_to_ideal(*reversed(ranks.leading(pair, rank)))
             lower = [factor for pair in result.by_rank.values() for factor in pair]
             for batched in (*(result.lora or ()), *(result.merge or ()), *lower, *result.metrics.values()):
                 finite = torch.isfinite(batched).reshape(len(group.names), -1).all(-1)

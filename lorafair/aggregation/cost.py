@@ -25,7 +25,7 @@ PATHS = ("factored", "dense")
 
 @dataclass(frozen=True)
 class IdealUse:
-    """What a method's finish asks of dW, besides the cos_avg metric every method logs."""
+    """What a method's finish asks of dW, besides the cos_avg metric (counted for every method)."""
 
     products: int = 0
     """dW X or dW^T Y with r columns (a cosine metric of the pair sent counts one)."""

@@ -5,7 +5,9 @@ classifier's head) are averaged as every method averages them.
 
 The answer's B is the template's, untouched (the server never sees a B): a client restarts from A_bar with its own
 B in its place. `lorafair fit` makes the global model, the one it scores and exports, of A_bar and the sample-weighted
-mean of the B every client holds, and scores each client's own model (A_bar, B_k) on its own domain.
+mean of the B every client holds, and scores each client's own model (A_bar, B_k) on its own domain. No cos_avg is
+logged: the server's "B_k" is its own copy, not the client's, so its ideal update sum p_k B_k A_k is not the clients'
+(it would read 0 in round 1, B = 0, and 1 after).
 
 Clients of different ranks are refused: A_bar over zero-padded lower-rank A would shrink the rows past their rank.
 """

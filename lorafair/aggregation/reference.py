@@ -118,10 +118,10 @@ def _fedsa_lora(layer: _Layer) -> tuple[Factors, None]:
 
 
 def _rolora(layer: _Layer, round_index: int = 1) -> tuple[Factors, None]:
-    """The factor trained this round averaged (A in odd rounds, B in even ones), the other the shared one."""
+    """The factor trained this round averaged (B in odd rounds, A in even ones), the other the shared one."""
     if round_index % 2 == 1:
-        return (layer.A_bar, layer.Bs[layer.template]), None
-    return (layer.As[layer.template], layer.B_bar), None
+        return (layer.As[layer.template], layer.B_bar), None
+    return (layer.A_bar, layer.Bs[layer.template]), None
 
 
 def _fedsvd(layer: _Layer, round_index: int = 1, svd_period: int = 1,

@@ -1,13 +1,17 @@
 """RoLoRA (Chen et al., "Robust Federated Finetuning of LLMs via Alternating Optimization of LoRA", arXiv
-2502.01755): the factors alternate by round. In odd rounds clients train and upload A only, B frozen at the shared
-value; in even rounds B only, A frozen. The server averages the factor that was sent and keeps the other:
+2502.01755): the factors alternate by round. In odd rounds clients train and upload B only, A frozen at the shared
+value; in even rounds A only, B frozen. The server averages the factor that was sent and keeps the other:
 
-    odd:  A' = sum p_k A_k,  B' = B    and  sum p_k B A_k = B A'  exactly
-    even: B' = sum p_k B_k,  A' = A    and  sum p_k B_k A = B' A  exactly
+    odd:  B' = sum p_k B_k,  A' = A    and  sum p_k B_k A = B' A  exactly
+    even: A' = sum p_k A_k,  B' = B    and  sum p_k B A_k = B A'  exactly
 
 so the averaged pair is the ideal update with no aggregation error, and each client uploads (and downloads) one
 factor a round. Every client starts a round from the server's pair (`Aggregator.refusal` checks that the frozen
 factor came back unchanged).
+
+B goes first because runs start LoRA the standard way, A random and B = 0: with B = 0 the gradient of the loss with
+respect to A is zero (it passes through B), so a round that trains A alone cannot move the product B A. The
+alternation therefore starts from the up-projection B, as alternating LoRA does from a zero start.
 
 Clients of different ranks are refused: the average of zero-padded lower-rank factors is no longer exact.
 """
@@ -29,8 +33,9 @@ class RoLoRA(Aggregator):
     mixed_ranks: ClassVar[bool] = False
 
     def client_rule(self, round_index: int) -> ClientRule:
-        """Odd rounds: train and upload A (B frozen); even rounds: B (A frozen)."""
-        factor = "A" if round_index % 2 == 1 else "B"
+        """Odd rounds: train and upload B (A frozen); even rounds: A (B frozen). B first: at the start B = 0, so A
+        alone would get no gradient."""
+        factor = "B" if round_index % 2 == 1 else "A"
         return ClientRule(trains=factor, sends=factor)
 
     def combine(self, group: LayerGroup) -> GroupResult:

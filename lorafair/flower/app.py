@@ -21,7 +21,7 @@ a node that fails or replies malformed there stops the run with one line naming 
 carries the fixed rows A0 (`BASIS`), over which the node trains the core R of A = R A0.
 
 Each message's config carries the round's client rule (`lorafair.flower.records.rule_to_config`): a node trains the
-factors it names (RoLoRA: A in odd rounds, B in even ones) and uploads only those it sends. Where clients keep
+factors it names (RoLoRA: B in odd rounds, A in even ones) and uploads only those it sends. Where clients keep
 tensors of their own, they never travel: a node keeps them in its node state (`own_tensors`, `hold_pending`),
 starting from the run's initial ones, and after each evaluated round every node scores its own model on its domain's
 test set (an evaluate message), the run's personalised scores. Where they are factors or the head (FedSA-LoRA: B),

@@ -6,7 +6,7 @@ Merges (FLoRA, FedEx-LoRA) travel in a second ArrayRecord keyed `{index}/L.lora_
 merges of the run, so a client that missed rounds applies exactly the ones it has not seen, in order.
 
 The round's client rule (`lorafair.aggregation.ClientRule`: the factors clients train, upload and keep) travels in
-the message's ConfigRecord (`rule_to_config`), so a client trains what the server folds (RoLoRA: A in odd rounds, B
+the message's ConfigRecord (`rule_to_config`), so a client trains what the server folds (RoLoRA: B in odd rounds, A
 in even ones) and the settings of the local adapter clients train besides (FedDPA); where clients keep tensors of their
 own (FedSA-LoRA: B; FedDPA: its local adapter), the config also names the last round whose update of this node the
 server kept (`KEPT_ROUND`), so a node whose update was dropped goes back to what it held.

@@ -8,7 +8,7 @@ dropped and the others re-weighted, or the run stopped) and, for the methods tha
 that sat out rounds catches up exactly before it trains.
 
 Each message's config carries the round's client rule (`lorafair.flower.records.rule_to_config`): the factors the
-clients train and upload this round (RoLoRA: A in odd rounds, B in even ones, round 1 being the first) and those each
+clients train and upload this round (RoLoRA: B in odd rounds, A in even ones, round 1 being the first) and those each
 keeps as its own (FedSA-LoRA: B). A reply holds the uploaded factors (a frozen one may come back too, unchanged);
 the strategy folds only the uploaded ones, as `lorafair fit` does. A kept factor never travels: the messages leave
 it out, a reply that holds it is dropped, and there is no global model to evaluate on the server (`start` refuses

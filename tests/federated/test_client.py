@@ -72,7 +72,7 @@ def test_a_client_rule_refuses_factors_that_would_be_lost_or_both_kept_and_avera
     assert ClientRule(trains="B", sends="B").frozen == "A" and not ClientRule(trains="B", sends="B").personal
     fedsa = build_aggregator("fedsa_lora").client_rule(7)
     assert (fedsa.trains, fedsa.sends, fedsa.keeps, fedsa.frozen, fedsa.personal) == ("AB", "A", "B", "", True)
-    assert [build_aggregator("rolora").client_rule(t).trains for t in (1, 2, 3, 4)] == ["A", "B", "A", "B"]
+    assert [build_aggregator("rolora").client_rule(t).trains for t in (1, 2, 3, 4)] == ["B", "A", "B", "A"]
     assert build_aggregator("ffa_lora").client_rule(5) == ClientRule(trains="B", sends="B")
     assert build_aggregator("fedit").client_rule(5) == ClientRule()
 
@@ -86,7 +86,7 @@ def test_rolora_averages_the_factor_of_the_round_and_the_pair_is_the_exact_mean_
     other than the server, or the answer is not the ideal update."""
     generator = torch.Generator().manual_seed(round_index)
     server = server_state(generator)
-    trained = "A" if round_index % 2 else "B"
+    trained = "B" if round_index % 2 else "A"
     updates = trained_from(server, generator, trained)
     out = build_aggregator("rolora").aggregate(updates, like=server, round_index=round_index)
     position = "AB".index(trained)
@@ -104,11 +104,11 @@ def test_rolora_averages_the_factor_of_the_round_and_the_pair_is_the_exact_mean_
     assert out.bytes_up == out.bytes_down == (sent + 3 * 4) * 8  # one factor and the head, each way
 
 
-@pytest.mark.parametrize(("round_index", "changed"), [(1, "B"), (2, "A")])
+@pytest.mark.parametrize(("round_index", "changed"), [(1, "A"), (2, "B")])
 def test_rolora_refuses_a_client_that_changed_the_frozen_factor(round_index, changed):
     generator = torch.Generator().manual_seed(0)
     server = server_state(generator)
-    updates = trained_from(server, generator, "A" if round_index % 2 else "B")
+    updates = trained_from(server, generator, "B" if round_index % 2 else "A")
     A, B = updates[2].lora["blocks.0.mlp.fc2"]
     updates[2].lora["blocks.0.mlp.fc2"] = (A + 1e-6, B) if changed == "A" else (A, B + 1e-6)
     with pytest.raises(ValueError, match=rf"^rolora: client 2 sent a different {changed} than client 0 for layer "
@@ -134,6 +134,9 @@ def test_fedsa_lora_averages_A_and_never_touches_B():
     torch.testing.assert_close(out.extra["head.weight"], weighted_mean([u.extra["head.weight"] for u in updates]))
     A_bytes = sum(RANK * fan_in for _, fan_in in SHAPES.values()) * 8
     assert out.bytes_up == out.bytes_down == A_bytes + 3 * 4 * 8
+    # the server's B is not the clients': no cosine to an ideal update it cannot form
+    assert not [key for key in out.metrics if key.startswith(("cos_avg", "cos_rank"))]
+    assert "cos_avg_mean" in build_aggregator("fedit").aggregate(updates, like=server).metrics
 
     state = build_aggregator("fedsa_lora").start(server, clients=len(updates))
     # the weight sum, the count, the count per lower rank (RANK of them), the A sums and the head sum
@@ -144,7 +147,7 @@ def test_fedsa_lora_averages_A_and_never_touches_B():
 def test_methods_that_average_one_factor_alone_refuse_clients_of_other_ranks(method, tmp_path):
     generator = torch.Generator().manual_seed(2)
     server = server_state(generator)
-    updates = trained_from(server, generator, "A")
+    updates = trained_from(server, generator, "B")  # RoLoRA's round 1 freezes A
     updates[1].lora = {name: (A[:1], B[:, :1]) for name, (A, B) in updates[1].lora.items()}
     with pytest.raises(ValueError, match=rf"^{method}: client 1 has LoRA rank 1 in layer 'blocks\.0\.attn\.proj', "
                                          r"not the global 2; .* takes no clients of other ranks"):
@@ -264,7 +267,7 @@ def test_a_dropped_fedsa_lora_update_leaves_its_client_holding_what_it_held(tmp_
 
 
 def test_rolora_trains_and_uploads_one_factor_a_round_from_the_servers_pair_and_aggregates_exactly(tmp_path):
-    """Round 1 trains A with the server's B, round 2 B with the server's A; every client starts from the server's
+    """Round 1 trains B with the server's A, round 2 A with the server's B; every client starts from the server's
     pair, never another client's; the global pair's product is the clients' mean product, by dense products by hand;
     a round uploads one factor, so two rounds send one FedIT round's factors (and two heads)."""
     cfg = tiny_config(tmp_path, "--server.method", "rolora")
@@ -272,7 +275,7 @@ def test_rolora_trains_and_uploads_one_factor_a_round_from_the_servers_pair_and_
     server = {name: pair for name, pair in trainer.initial_state.lora.items()}
     head = (10 * 32 + 10) * 4
     for round_index, record in enumerate(results["rounds"], start=1):
-        trained = "A" if round_index % 2 else "B"
+        trained = "B" if round_index % 2 else "A"
         position, frozen = "AB".index(trained), 1 - "AB".index(trained)
         updates = []
         for client in record["clients"]:
@@ -281,7 +284,7 @@ def test_rolora_trains_and_uploads_one_factor_a_round_from_the_servers_pair_and_
             end = spy.end[round_index, client]
             for name, pair in end.items():
                 assert torch.equal(pair[frozen], server[name][frozen])  # the frozen factor never moved
-                assert not torch.equal(pair[position], server[name][position]) or round_index == 1
+                assert not torch.equal(pair[position], server[name][position])  # the trained one did
             updates.append((spy.weights[client], end))
         total = sum(weight for weight, _ in updates)
         answer = spy.answers[round_index]
@@ -292,12 +295,21 @@ def test_rolora_trains_and_uploads_one_factor_a_round_from_the_servers_pair_and_
             assert torch.equal(answer[name][frozen], server[name][frozen])
         assert record["bytes_up"] == record["bytes_down"] == lora_bytes(answer, trained) + head
         server = answer
-    # round 1's A barely moves: B = 0 gives A no gradient, so only weight decay touches it; round 2's B does move
-    assert any(not torch.equal(pair[1], trainer.initial_state.lora[name][1]) for name, pair in server.items())
 
     fedit = fit(tiny_config(tmp_path / "fedit", "--server.method", "fedit", "--federation.rounds", "1"))
     assert sum(r["bytes_up"] for r in results["rounds"]) == fedit["rounds"][0]["bytes_up"] + head
     assert "personalised" not in results and "personalised" not in results["rounds"][-1]
+
+
+def test_rolora_moves_the_lora_product_in_round_1_from_the_standard_start(tmp_path):
+    """From A random and B = 0, A alone gets no gradient: a first round that trained A would leave the product
+    B A = 0 and log cos_avg 0. Round 1 trains B, so the checkpoint's global pair has a nonzero product (the factors
+    as saved, multiplied here), and averaging the trained factor alone is exact (cos_avg 1)."""
+    results = fit(tiny_config(tmp_path, "--server.method", "rolora", "--federation.rounds", "1"))
+    saved = load_checkpoint(tmp_path / "checkpoints" / "round_00001.ckpt")
+    for name, pair in saved["lora"].items():
+        assert (pair["B"].double() @ pair["A"].double()).norm() > 1e-6, name
+    assert results["rounds"][0]["aggregation"]["cos_avg_mean"] == pytest.approx(1.0, abs=1e-5)
 
 
 def test_feddpa_clients_keep_their_own_local_adapter_upload_only_the_global_pair_and_are_scored_mixed(tmp_path):

@@ -91,9 +91,9 @@ def test_rolora_nodes_train_the_factor_the_message_names_and_equal_fit(tmp_path,
     fit, flower, grid = run_both(tmp_path, monkeypatch, "rolora")
     for ours, reference in zip(flower["rounds"], fit["rounds"], strict=True):
         assert ours["accuracy"] == pytest.approx(reference["accuracy"], abs=1e-12)
-    for message, reply in grid.of_type(MessageType.TRAIN):  # round 1 is odd: A, as in fit
+    for message, reply in grid.of_type(MessageType.TRAIN):  # round 1 is odd: B, as in fit
         config = message.content["config"]
-        factor = "A" if config["server-round"] % 2 else "B"
+        factor = "B" if config["server-round"] % 2 else "A"
         assert (config["lorafair.trains"], config["lorafair.sends"]) == (factor, factor)
         assert factors_in(message.content["arrays"]) == {"A", "B"}  # a node that sat out gets the whole pair
         assert factors_in(reply.content["arrays"]) == {factor}  # only the trained factor travels up

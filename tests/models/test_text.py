@@ -71,10 +71,11 @@ def test_every_method_runs_the_text_demo(text_run, tmp_path, method):
         assert results["rounds"][0]["bytes_up"] == _lora_bytes(3, modules, 8)
     if method == "ffa_lora":  # B only: r x fan_out per module
         assert results["rounds"][0]["bytes_up"] == _lora_bytes(3, [(0, fan_out) for _, fan_out in modules], 8)
-    if method in ("fedsa_lora", "rolora"):  # A only in round 1 (r x fan_in per module); RoLoRA B only in round 2
+    if method == "fedsa_lora":  # A only (r x fan_in per module)
         assert results["rounds"][0]["bytes_up"] == _lora_bytes(3, [(fan_in, 0) for fan_in, _ in modules], 8)
-    if method == "rolora":
-        assert results["rounds"][1]["bytes_up"] == _lora_bytes(3, [(0, fan_out) for _, fan_out in modules], 8)
+    if method == "rolora":  # B only in round 1 (r x fan_out per module), A only in round 2
+        assert results["rounds"][0]["bytes_up"] == _lora_bytes(3, [(0, fan_out) for _, fan_out in modules], 8)
+        assert results["rounds"][1]["bytes_up"] == _lora_bytes(3, [(fan_in, 0) for fan_in, _ in modules], 8)
     if method == "fed_sb":  # the r x r core of A only: r^2 per module, as an A of fan_in r and no B
         assert results["rounds"][0]["bytes_up"] == _lora_bytes(3, [(8, 0) for _ in modules], 8)
     # each client's own model, scored on its own domain, where clients keep factors of their own
