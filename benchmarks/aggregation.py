@@ -116,6 +116,10 @@ def peak_bytes(call: Callable[[], object]) -> int:
 
 SWEEP_CLIENTS = (6, 30, 100, 300, 1000)
 SWEEP_VARIANTS = [(method, options) for method, options in VARIANTS if options.get("objective") != "column_cosine"]
+SWEEP_VARIANTS += [("fedsa_lora", {}), ("rolora", {}), ("feddpa", {})]
+"""The sweep's methods: the grid's (but LoRA-FAIR's column cosine) and those whose server step is a plain average of
+the factors they upload (FedSA-LoRA: A; RoLoRA: the round's factor; FedDPA: the shared pair), which have no dense
+reference of their own and are timed against the floors only."""
 SUBSET_FROM_CLIENTS = 1000
 SUBSET = ("blocks.0.attn.proj", "blocks.0.mlp.fc2")
 
