@@ -22,7 +22,7 @@ demo: install
 
 test: install
 	$(BIN)/ruff check lorafair tests benchmarks scripts
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15
 
 lint: install
 	$(BIN)/ruff check lorafair tests benchmarks scripts
@@ -32,3 +32,4 @@ bench: install
 	$(BIN)/python benchmarks/aggregation.py
 	$(BIN)/python benchmarks/data_loading.py
 	$(BIN)/python benchmarks/shapes_generation.py
+	$(BIN)/python benchmarks/round_time.py

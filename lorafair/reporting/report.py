@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import matplotlib.style
 import torch
 from matplotlib.figure import Figure
@@ -123,6 +124,12 @@ def _method_rank(method: str) -> int:
     """Position in the registration order, then the bounds (also picks the colour); unknown methods go last."""
     methods = comparable()
     return methods.index(method) if method in methods else len(methods)
+
+
+def _colour(rank: int) -> tuple[float, ...]:
+    """A line's colour by its rank: the ten strong hues of matplotlib's tab20 first, then their ten light ones, so
+    that up to twenty rows (every method and both bounds) get colours of their own."""
+    return matplotlib.colormaps["tab20"](2 * (rank % 10) + (rank // 10) % 2)
 
 
 def method_name(method: str) -> str:
@@ -619,7 +626,7 @@ def plot_accuracy_vs_round(rows: list[Row], path: Path) -> None:
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.subplots()
     for index, row in enumerate(rows):
-        color = f"C{(index if row.setting else _method_rank(row.method)) % 10}"
+        color = _colour(index if row.setting else _method_rank(row.method))
         curves = [(*round_curve(row), row.label, "--" if row.is_bound else "-")]
         if any(run.personalised is not None for run in row.runs):
             curves.append((*round_curve(row, personalised=True), f"{row.label}, personalised", ":"))
@@ -668,7 +675,7 @@ def plot_sweep(rows: list[Row], path: Path) -> None:
         xs = [position[json.dumps(row.setting[0][1])] for row in method_rows]
         stats = [Stat.of([100 * run.final["mean_accuracy"] for run in row.runs]) for row in method_rows]
         ax.errorbar(xs, [s.mean for s in stats], yerr=[s.std or 0 for s in stats], marker="o", capsize=3,
-                    color=f"C{_method_rank(method) % 10}", label=method_name(method))
+                    color=_colour(_method_rank(method)), label=method_name(method))
     ax.set_xticks(range(len(values)), [format_value(json.loads(text)) for text in values])
     ax.set_xlabel(key)
     ax.set_ylabel(f"Final average {score_name(rows)} (%)")
