@@ -16,7 +16,7 @@ import json
 import statistics
 import sys
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from lorafair.aggregation import display_name
-from lorafair.config import BASELINE, BOUNDS, comparable, metric_name
+from lorafair.config import BASELINE, BOUNDS, ServerConfig, comparable, metric_name
 from lorafair.errors import UserError
 from lorafair.federated.run_folder import (
     CONFIG_NAME,
@@ -156,7 +156,8 @@ def load_runs(directory: Path) -> tuple[list[Run], list[str], list[str]]:
             continue
         method = results.get("method") or config.get("server", {}).get("method", "?")
         runs.append(Run(folder=folder, method=method, seed=int(results.get("seed", config.get("seed", 0))),
-                        config=flatten_config(config), rounds=results.get("rounds", []), final=results["final"],
+                        config=with_option_defaults(flatten_config(config)), rounds=results.get("rounds", []),
+                        final=results["final"],
                         start=results.get("start"), personalised=results.get(PERSONALISED)))
     # a run's export (<run>/final/) holds a config.yaml too, but it is no run of its own
     started = ({path.parent for path in directory.rglob(CONFIG_NAME)} - {path.parent for path in results_files}
@@ -164,6 +165,18 @@ def load_runs(directory: Path) -> tuple[list[Run], list[str], list[str]]:
     incomplete += [f"{folder.relative_to(directory).as_posix()}: started, no round finished" for folder in
                    sorted(started)]
     return runs, incomplete, bad
+
+
+OPTION_DEFAULTS = {f"server.{option.name}": option.default for option in fields(ServerConfig)
+                   if option.name != "method"}
+"""Each method option's default: what a run recorded before the option existed ran with (options are added with
+the method that uses them, and a method ignores the options of others)."""
+
+
+def with_option_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's flattened config with the method options it does not record at their defaults, so that runs made
+    before a method was added compare as the same setting as the runs made after."""
+    return {**OPTION_DEFAULTS, **config}
 
 
 def group_rows(runs: list[Run]) -> list[Row]:
@@ -461,12 +474,13 @@ def _personalised_section(rows: list[Row], domains: list[str], setting_keys: lis
     if not own:
         return []
     columns = [*domains, "Average"]
-    return ["", "## Personalised top-1 accuracy (%)", "",
+    return ["", f"## Personalised {score_name(rows)} (%)", "",
             *_stats_table(own, setting_keys, columns, [personalised_stats(row, domains) for row in own], max),
-            "", "Each client's own model (the global model's shared factors with the factors the client keeps "
-            "of its own) on its own domain's test split after the last round, for the methods whose clients "
-            "keep factors of their own; a domain's score is the mean over its clients. The local bound, each "
-            "client alone, for reference. Best per column in bold, bounds left out."]
+            "", "Each client's own model (the global model's shared factors with what the client keeps of its "
+            "own: factors, or a local adapter mixed in per input) on its own domain's test split after the last "
+            "round, for the methods whose clients keep something of their own; a domain's score is the mean over "
+            "its clients. The local bound, each client alone, for reference. Best per column in bold, bounds left "
+            "out."]
 
 
 def _eval_loss_section(rows: list[Row], domains: list[str], setting_keys: list[str]) -> list[str]:

@@ -190,6 +190,32 @@ def test_a_sweep_gets_one_row_per_value_and_an_accuracy_vs_value_plot(tmp_path: 
         assert image.format == "PNG"
 
 
+def test_runs_recorded_before_a_method_option_existed_share_the_setting_of_runs_at_its_default(tmp_path) -> None:
+    """FedIT's runs record no init_batches (written before Fed-SB added it); Fed-SB's record the default 4: one row
+    each, no setting column. A Fed-SB run at 8 is a setting of its own."""
+    for method, batches in (("fedit", None), ("fed_sb", 4)):
+        for seed in REPORT_SEEDS:
+            write_run(tmp_path / method / f"seed{seed}", method, seed)
+            if batches is not None:
+                path = tmp_path / method / f"seed{seed}" / "results.json"
+                results = json.loads(path.read_text())
+                results["config"]["server"]["init_batches"] = batches
+                path.write_text(json.dumps(results))
+    report(tmp_path)
+    header, rows = markdown_rows((tmp_path / "comparison.md").read_text(), "## Top-1 accuracy (%)")
+    assert header[1] == REPORT_DOMAINS[0] and [row[0] for row in rows] == ["FedIT", "Fed-SB"]
+
+    write_run(tmp_path / "fed_sb-8" / "seed0", "fed_sb", 0)
+    path = tmp_path / "fed_sb-8" / "seed0" / "results.json"
+    results = json.loads(path.read_text())
+    results["config"]["server"]["init_batches"] = 8
+    path.write_text(json.dumps(results))
+    report(tmp_path)
+    header, rows = markdown_rows((tmp_path / "comparison.md").read_text(), "## Top-1 accuracy (%)")
+    assert header[:2] == ["Method", "server.init_batches"]
+    assert [row[:2] for row in rows] == [["FedIT", "4"], ["Fed-SB", "4"], ["Fed-SB", "8"]]
+
+
 def test_no_finished_run_is_a_user_error(tmp_path: Path, capsys) -> None:
     write_run(tmp_path / "fedit" / "seed0", "fedit", 0, finished=False)
     with pytest.raises(UserError, match="no finished run"):
