@@ -133,13 +133,15 @@ def test_fedsa_lora_nodes_keep_their_own_b_which_never_travels_and_score_their_o
     assert not torch.equal(held[0][key], held[1][key]) and not torch.equal(held[1][key], held[2][key])
 
 
-def test_a_flower_run_whose_clients_keep_factors_does_not_resume(tmp_path):
-    """A new Flower run's nodes start with empty states: resuming would silently restart every client's own B."""
-    args = [*JOB, "--server.method", "fedsa_lora"]
+@pytest.mark.parametrize("method", ["fedsa_lora", "feddpa"])
+def test_a_flower_run_whose_clients_keep_state_of_their_own_does_not_resume(tmp_path, method):
+    """A new Flower run's nodes start with empty states: resuming would silently restart every client's own B
+    (FedSA-LoRA) or local adapter (FedDPA)."""
+    args = [*JOB, "--server.method", method]
     assert main(["fit", *tiny_args(tmp_path, *args, "--federation.rounds", "1")]) == 0
     cfg = tiny_config(tmp_path, *args)
     grid = InProcessGrid(make_client_app(lambda _: cfg), 3)
-    with pytest.raises(UserError, match="fedsa_lora cannot resume under Flower: what each client keeps of its own "
+    with pytest.raises(UserError, match=f"{method} cannot resume under Flower: what each client keeps of its own "
                                         "lives in its node's state"):
         run_server(cfg, grid, timeout=60)
     assert grid.exchanges == []

@@ -22,7 +22,6 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from lorafair.cli import main
-from lorafair.errors import UserError
 from lorafair.federated.checkpoints import list_checkpoints, load_checkpoint
 from lorafair.federated.state import is_local
 from lorafair.flower.app import RANK, FlowerRoundLoop, make_client_app, run_server, to_arrays
@@ -243,15 +242,3 @@ def test_feddpa_nodes_keep_their_local_adapter_which_never_travels_and_score_bot
     capsys.readouterr()
     assert main(["export", "--run", run, "--client", "0"]) == 2  # refused, as fit's run refuses it
     assert "mix a local adapter of their own with the global one" in capsys.readouterr().err
-
-
-def test_a_flower_run_whose_clients_keep_a_local_adapter_does_not_resume(tmp_path):
-    """Each node's local adapter lives in its node state, which a new Flower run starts empty."""
-    assert main(["fit", *tiny_args(tmp_path, *FEDDPA_JOB, "--federation.rounds", "1")]) == 0
-    cfg = tiny_config(tmp_path, *FEDDPA_JOB)
-    grid = InProcessGrid(make_client_app(lambda _: cfg), 3)
-    with pytest.raises(UserError, match="feddpa cannot resume under Flower: what each client keeps of its own "
-                                        "lives in its node's state"):
-        run_server(cfg, grid, timeout=60)
-    assert grid.exchanges == []
-
