@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,16 +24,22 @@ from pathlib import Path
 import torch
 
 from lorafair.aggregation.registry import BUILT_IN
+from lorafair.config import FitConfig
 from lorafair.config_parse import parse_fit_config
+from lorafair.errors import UserError
 from lorafair.federated.launch import launch_fabric
 from lorafair.federated.loop import FederatedTrainer
 
 
-def time_round(config: str, method: str, out_dir: Path) -> dict[str, float | int]:
-    """Seconds to build the trainer and to run round 1 of `config` under `method` (its train and aggregate parts),
-    and the round's bytes per client."""
-    cfg = parse_fit_config(["--config", config, "--server.method", method, "--out_dir", str(out_dir),
-                            "--federation.rounds", "2", "--federation.eval_every", "2", "--export", "false"])
+def round_config(config: str, method: str, out_dir: Path) -> FitConfig:
+    """The config's job under `method`, two rounds, evaluated at round 2 only, written to `out_dir`."""
+    return parse_fit_config(["--config", config, "--server.method", method, "--out_dir", str(out_dir),
+                             "--federation.rounds", "2", "--federation.eval_every", "2", "--export", "false"])
+
+
+def time_round(cfg: FitConfig) -> dict[str, float | int]:
+    """Seconds to build the trainer and to run round 1 of `cfg` (its train and aggregate parts), and the round's
+    bytes per client."""
     start = time.perf_counter()
     trainer = FederatedTrainer(cfg, launch_fabric(cfg, tensorboard=False))
     trainer.start_or_resume()
@@ -55,8 +62,14 @@ def main() -> None:
     methods = [method for method in args.methods.split(",") if method != "fedit"]
     rows: dict[str, dict[str, float | int]] = {}
     with tempfile.TemporaryDirectory() as folder:
-        for index, method in enumerate(["fedit", *methods, "fedit"]):
-            row = time_round(args.config, method, Path(folder) / f"{index}-{method}")
+        try:  # every config checked before the first run is timed
+            configs = [round_config(args.config, method, Path(folder) / f"{index}-{method}")
+                       for index, method in enumerate(["fedit", *methods, "fedit"])]
+        except UserError as err:
+            parser.exit(2, f"round_time: {err}\n")
+        for index, cfg in enumerate(configs):
+            method = cfg.server.method
+            row = time_round(cfg)
             key = "fedit (last)" if method == "fedit" and index > 0 else method
             rows[key] = row
             print(f"{key:14s} round {row['round_seconds']:7.2f} s (train {row['train_seconds']:.2f} s, aggregate "
@@ -73,4 +86,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # nothing to keep: the runs live in a temporary folder
+        print("round_time: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
