@@ -214,8 +214,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.sweep:
         skip_above = {label: int(k) for label, k in (item.split("=") for item in args.skip_above.split(",") if item)}
-        rows = sweep([int(k) for k in args.clients.split(",")], [m for m in args.methods.split(",") if m],
-                     skip_above)
+        methods = [m for m in args.methods.split(",") if m]
+        labels = [method + (f"[{options['objective']}]" if "objective" in options else "")
+                  for method, options in SWEEP_VARIANTS]
+        unknown = sorted(set(methods) - set(labels))
+        if unknown:
+            parser.error(f"--methods: {', '.join(unknown)} not in the sweep; choose from {', '.join(labels)}")
+        rows = sweep([int(k) for k in args.clients.split(",")], methods, skip_above)
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             machine = {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
